@@ -1,0 +1,1 @@
+"""The sppjit command line (typer)."""

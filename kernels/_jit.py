@@ -1,0 +1,66 @@
+"""The one decorator every kernel uses, and the typed constants kernels compute with.
+
+numba freezes module-level globals as compile-time constants. Python ints above 2**63 and
+mixed int64/uint64 arithmetic are the classic traps (numba promotes int64 op uint64 to
+float64), so every bit constant a kernel touches is re-declared here as ``np.uint64``.
+"""
+
+import os
+
+import numba
+import numpy as np
+
+from sppjit import bits as B
+
+# SPPJIT_NUMBA_CACHE=0 turns the on-disk cache off (read-only installs, debugging).
+NUMBA_CACHE = os.environ.get("SPPJIT_NUMBA_CACHE", "1") not in ("0", "false", "no")
+
+
+def kernel(*args, **kwargs):
+    """``numba.njit`` with sppjit's defaults: cached, GIL released, no bounds checks."""
+    kwargs.setdefault("cache", NUMBA_CACHE)
+    kwargs.setdefault("nogil", True)
+    return numba.njit(*args, **kwargs)
+
+
+def inline(fn):
+    """A small helper always inlined into its callers (walk steps, bit tests)."""
+    return numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True)(fn)
+
+
+U0 = np.uint64(0)
+U1 = np.uint64(1)
+U_PAGE_SHIFT = np.uint64(B.PAGE_SHIFT)
+U_PAGE_OFFSET = np.uint64(B.PAGE_SIZE - 1)
+U_PT_INDEX_MASK = np.uint64(B.PT_ENTRIES - 1)
+U_SUBPAGE_SHIFT = np.uint64(B.SUBPAGE_SHIFT)
+U_SUBPAGE_INDEX_MASK = np.uint64(B.SUBPAGES_PER_PAGE - 1)
+U_R = np.uint64(B.VMX_EPT_READABLE_MASK)
+U_W = np.uint64(B.VMX_EPT_WRITABLE_MASK)
+U_X = np.uint64(B.VMX_EPT_EXECUTABLE_MASK)
+U_RWX = np.uint64(B.VMX_EPT_RWX_MASK)
+U_MT_SHIFT = np.uint64(B.VMX_EPT_MT_EPTE_SHIFT)
+U_PS = np.uint64(B.PT_PAGE_SIZE_MASK)
+U_SPP = np.uint64(B.PT64_SPP_MASK)
+U_ADDR = np.uint64(B.PT64_BASE_ADDR_MASK)
+U_ADDR_RSVD = np.uint64(B.EPT_ADDR_RESERVED_MASK)
+U_NONLEAF_RSVD_L4 = np.uint64(0xF8)  # bits 7:3 of a level-4 EPT entry
+U_NONLEAF_RSVD = np.uint64(0x78)  # bits 6:3 of a level-3/2 EPT entry pointing to a table
+U_EPT_NONLEAF = np.uint64(B.EPT_NONLEAF_FLAGS)
+U_EPT_LEAF = np.uint64(B.EPT_LEAF_FLAGS)
+U_MMIO_SPTE = np.uint64(B.VMX_EPT_MISCONFIG_WX_VALUE)
+U_SPPT_PRESENT = np.uint64(B.SPPT_PRESENT_MASK)
+U_SPPT_NONLEAF_RSVD = np.uint64(B.SPPT_NONLEAF_RESERVED_MASK)
+U_SPPT_LEAF_RSVD = np.uint64(B.SPPT_LEAF_RESERVED_MASK)
+U_FULL_VECTOR = np.uint64(B.FULL_SPP_VECTOR)
+U_TABLE_POOL_HPA = np.uint64(B.TABLE_POOL_HPA)
+U_GUEST_RAM_HPA = np.uint64(B.GUEST_RAM_HPA)
+U_REMAP_HPA = np.uint64(B.REMAP_HPA)
+U_PHYS_LIMIT = np.uint64(1 << B.MAXPHYADDR)
+U_SEC_EPT = np.uint64(B.SECONDARY_EXEC_ENABLE_EPT)
+U_SEC_SPP = np.uint64(B.SECONDARY_EXEC_ENABLE_SPP)
+U_PROC_ACTIVATE_SECONDARY = np.uint64(B.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS)
+U_QUAL_GLA = np.uint64(B.EPT_VIOLATION_GLA_VALID | B.EPT_VIOLATION_GLA_TRANSLATED)
+U_QUAL_RWX_SHIFT = np.uint64(B.EPT_VIOLATION_RWX_SHIFT)
+U_QUAL_SPP_MISS = np.uint64(B.SPPT_INDUCED_EXIT_TYPE)
+FULL_ACCESS_U32 = np.uint32(B.FULL_SPP_ACCESS)

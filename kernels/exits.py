@@ -1,0 +1,80 @@
+"""KVM's VM-exit handlers for the exits an access can cause (semantics sections 3 and 5).
+
+``kvm_handle_exit`` is what happens between a VM exit and the guest's retry: it classifies the
+exit the way KVM's handlers do (handle_ept_violation -> tdp_page_fault / fast_page_fault,
+handle_ept_misconfig, handle_spp), changes the state, and says whether the guest resumes.
+"""
+
+import numpy as np
+
+from sppjit import bits as B
+
+from ._jit import U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, FULL_ACCESS_U32, kernel
+from .layout import CF_GRANULARITY, CF_PROFILE, GRAN_PAGE, PROFILE_V12
+from .mmu import (
+    RESUME,
+    access_map_of,
+    ept_leaf,
+    kvm_install_mmio,
+    kvm_map_gfn,
+    map_to_vector,
+    memslot_of,
+    sppt_setup_structure,
+)
+
+_U_MISS = np.uint64(B.SPPT_INDUCED_EXIT_TYPE)
+
+
+@kernel
+def kvm_exit_spp_code(st):
+    return B.KVM_EXIT_SPP_V12 if st.cfg[CF_PROFILE] == PROFILE_V12 else B.KVM_EXIT_SPP_V4
+
+
+@kernel
+def kvm_handle_exit(st, v, reason, qual, gpa, kind):
+    """Handle one exit of vCPU ``v`` at ``gpa``.
+
+    Returns (exit kind, KVM_EXIT_* code or 0, outcome): the outcome is RESUME when KVM resolved
+    the exit and the guest retries, else the terminal outcome of the access.
+    """
+    gfn = gpa >> U_PAGE_SHIFT
+    if reason == B.EXIT_REASON_EPT_MISCONFIG:
+        # KVM's only misconfigured entries are its MMIO entries: handle_ept_misconfig emulates
+        # the access as MMIO in userspace.
+        return B.EXIT_KIND_MMIO, B.KVM_EXIT_MMIO, B.OUTCOME_MMIO
+    if reason == B.EXIT_REASON_SPP:
+        if (qual & _U_MISS) != U0:
+            # v4 handle_spp: build the path for this vCPU only, leaf = the stored map.
+            m = access_map_of(st, gfn)
+            root = st.sppt_root[v]
+            if root >= 0:
+                sppt_setup_structure(st, root, gfn, map_to_vector(m))
+            return B.EXIT_KIND_SPP_MISS, 0, RESUME
+        # WARN_ON and KVM_EXIT_UNKNOWN with hardware_exit_reason = 66.
+        return B.EXIT_KIND_SPP_MISCONFIG, B.KVM_EXIT_UNKNOWN, B.OUTCOME_SPP_MISCONFIG
+
+    # EPT violation (48)
+    t, i, level = ept_leaf(st, gfn)
+    if level == 0:
+        s = memslot_of(st, gfn)
+        if s < 0:
+            kvm_install_mmio(st, gfn)
+            return B.EXIT_KIND_MMIO, B.KVM_EXIT_MMIO, B.OUTCOME_MMIO
+        kvm_map_gfn(st, gfn, s)
+        return B.EXIT_KIND_EPT_FAULT, 0, RESUME
+    e = st.tables[t, i]
+    if kind == B.ACCESS_WRITE and (e & U_W) == U0:
+        if st.cfg[CF_GRANULARITY] == GRAN_PAGE:
+            if access_map_of(st, gfn) != FULL_ACCESS_U32:
+                return B.EXIT_KIND_WRITE_PROTECT, B.KVM_EXIT_MEMORY_FAULT, B.OUTCOME_WRITE_PROTECT_VIOLATION
+        elif (e & U_SPP) != U0:
+            # fast_page_fault: a write fault on an SPTE with the SPP bit is a sub-page
+            # violation: KVM_EXIT_SPP; the instruction is skipped, the write dropped.
+            return B.EXIT_KIND_SPP_VIOLATION, kvm_exit_spp_code(st), B.OUTCOME_SPP_VIOLATION
+        # A page KVM itself left write-protected: make it writable and retry.
+        st.tables[t, i] = e | U_W
+        return B.EXIT_KIND_WP_FAULT, 0, RESUME
+    # A read or fetch refused by a present leaf (only a hand-poked entry does that): KVM's
+    # fault path re-installs the leaf's R and X.
+    st.tables[t, i] = e | U_R | U_X
+    return B.EXIT_KIND_EPT_FAULT, 0, RESUME

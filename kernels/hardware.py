@@ -1,0 +1,191 @@
+"""The processor's side, compiled: the EPT walk, the SPP eligibility test and the SPPT walk.
+
+``hardware_check`` is the complete check of one page piece, the compiled twin of
+sppjit.reference.hardware_check (which is the oracle). As a side effect it fills the region
+caches that ``fast_allowed`` uses; those caches hold only table indices reached by a complete,
+valid walk, and every state change that could make one stale resets it (kernels.mmu,
+sppjit.vm), so results never depend on them.
+"""
+
+import numpy as np
+
+from sppjit import bits as B
+
+from ._jit import (
+    U0,
+    U1,
+    U_ADDR_RSVD,
+    U_MT_SHIFT,
+    U_NONLEAF_RSVD,
+    U_NONLEAF_RSVD_L4,
+    U_PAGE_SHIFT,
+    U_PROC_ACTIVATE_SECONDARY,
+    U_PS,
+    U_QUAL_GLA,
+    U_QUAL_RWX_SHIFT,
+    U_QUAL_SPP_MISS,
+    U_R,
+    U_RWX,
+    U_SEC_SPP,
+    U_SPP,
+    U_SPPT_LEAF_RSVD,
+    U_SPPT_NONLEAF_RSVD,
+    U_SPPT_PRESENT,
+    U_SUBPAGE_INDEX_MASK,
+    U_SUBPAGE_SHIFT,
+    U_W,
+    inline,
+    kernel,
+)
+from .layout import CF_SUBPAGE_CHECK, CHECK_FIRST
+from .mmu import hpa_table, level_index
+
+_I_PROC = B.VMCS_COL_PROC
+_I_SEC = B.VMCS_COL_SECONDARY
+_I_EPTP = B.VMCS_COL_EPTP
+_I_SPPTP = B.VMCS_COL_SPPTP
+_U_WB = np.uint64(B.MEMTYPE_WB)
+_U_MT_MASK = np.uint64(7)
+_U_511 = np.uint64(511)
+_U_EVEN = np.uint64(0x5555555555555555)
+
+
+@inline
+def access_allowed(cum, kind):
+    """Whether cumulative R/W/X permits an access of ``kind`` (0 read, 1 write, 2 fetch)."""
+    return ((cum >> np.uint64(kind)) & U1) != U0
+
+
+@inline
+def ept_misconfigured(e, level, is_leaf):
+    """EPT misconfiguration of a present entry (SDM 28.2.3.1, the cases KVM can produce)."""
+    rwx = e & U_RWX
+    if (rwx & U_R) == U0 and (rwx & U_W) != U0:
+        return True  # write without read
+    if (e & U_ADDR_RSVD) != U0:
+        return True
+    if is_leaf:
+        mt = (e >> U_MT_SHIFT) & _U_MT_MASK
+        return mt == np.uint64(2) or mt == np.uint64(3) or mt == np.uint64(7)
+    if level == 4:
+        return (e & U_NONLEAF_RSVD_L4) != U0
+    return (e & U_NONLEAF_RSVD) != U0
+
+
+@inline
+def subpage_mask(first, last, check):
+    """SPP-vector bits that must be 1 for a write to bytes first..last of one page."""
+    lo = (first >> U_SUBPAGE_SHIFT) & U_SUBPAGE_INDEX_MASK
+    hi = lo if check == CHECK_FIRST else (last >> U_SUBPAGE_SHIFT) & U_SUBPAGE_INDEX_MASK
+    # bits 2lo .. 2hi (inclusive) of the even positions
+    span = np.uint64(2) * (hi - lo) + U1
+    ones = (U1 << span) - U1 if span < np.uint64(64) else ~U0
+    return (ones << (np.uint64(2) * lo)) & _U_EVEN
+
+
+@inline
+def spp_enabled(st, v):
+    if (st.vmcs[v, _I_PROC] & U_PROC_ACTIVATE_SECONDARY) == U0:
+        return False
+    return (st.vmcs[v, _I_SEC] & U_SEC_SPP) != U0
+
+
+@inline
+def ept_violation_qual(kind, cum):
+    return (U1 << np.uint64(kind)) | (cum << U_QUAL_RWX_SHIFT) | U_QUAL_GLA
+
+
+@kernel
+def hardware_check(st, v, first, last, kind):
+    """Check bytes first..last (one page) for vCPU ``v``: (0, 0) if allowed, else (reason, qual)."""
+    gfn = first >> U_PAGE_SHIFT
+    region = np.int64(gfn >> np.uint64(9))
+    cacheable = region < st.ept_cache.shape[0]
+    t = hpa_table(st, st.vmcs[v, _I_EPTP])
+    cum = U_RWX
+    leaf = U0
+    level = 0
+    for lvl in range(4, 0, -1):
+        if t < 0:  # a pointer outside the table pool reads as zeros: not present
+            return B.EXIT_REASON_EPT_VIOLATION, ept_violation_qual(kind, U0)
+        e = st.tables[t, level_index(first, lvl)]
+        if (e & U_RWX) == U0:
+            return B.EXIT_REASON_EPT_VIOLATION, ept_violation_qual(kind, U0)
+        is_leaf = lvl == 1 or (lvl <= 3 and (e & U_PS) != U0)
+        if ept_misconfigured(e, lvl, is_leaf):
+            return B.EXIT_REASON_EPT_MISCONFIG, U0
+        if is_leaf:
+            if cacheable and lvl == 2:
+                st.ept_cache[region] = (t << 4) | 8 | np.int64(cum)
+            leaf = e
+            level = lvl
+            cum &= e & U_RWX
+            break
+        cum &= e & U_RWX
+        t = hpa_table(st, e)
+        if lvl == 2 and cacheable and t >= 0:
+            st.ept_cache[region] = (t << 4) | np.int64(cum)
+    if access_allowed(cum, kind):
+        return 0, U0
+    if (
+        kind == B.ACCESS_WRITE
+        and level == 1
+        and (leaf & U_SPP) != U0
+        and (cum & U_R) != U0
+        and spp_enabled(st, v)
+    ):
+        s = hpa_table(st, st.vmcs[v, _I_SPPTP])
+        for lvl in range(4, 1, -1):
+            e = U0 if s < 0 else st.tables[s, level_index(first, lvl)]
+            if (e & U_SPPT_PRESENT) == U0:
+                return B.EXIT_REASON_SPP, U_QUAL_SPP_MISS
+            if (e & U_SPPT_NONLEAF_RSVD) != U0:
+                return B.EXIT_REASON_SPP, U0
+            s = hpa_table(st, e)
+        if cacheable and s >= 0:
+            st.sppt_cache[v, region] = s
+        vec = U0 if s < 0 else st.tables[s, level_index(first, 1)]
+        if (vec & U_SPPT_LEAF_RSVD) != U0:
+            return B.EXIT_REASON_SPP, U0
+        need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
+        if (vec & need) == need:
+            return 0, U0
+    return B.EXIT_REASON_EPT_VIOLATION, ept_violation_qual(kind, cum)
+
+
+@inline
+def fast_allowed(st, v, first, last, kind):
+    """True when the region caches prove the piece is allowed; False means "do the full check".
+
+    Exactly the allowed cases of hardware_check along cached walks; it never decides an exit.
+    """
+    gfn = first >> U_PAGE_SHIFT
+    region = np.int64(gfn >> np.uint64(9))
+    if region >= st.ept_cache.shape[0]:
+        return False
+    c = st.ept_cache[region]
+    if c < 0:
+        return False
+    t = c >> 4
+    if (c & 8) != 0:
+        e = st.tables[t, (gfn >> np.uint64(9)) & _U_511]
+        if (e & U_PS) == U0:
+            return False
+    else:
+        e = st.tables[t, gfn & _U_511]
+    # Only well-formed RAM leaves take the fast path (readable, WB, no reserved address bits).
+    if (e & U_R) == U0 or ((e >> U_MT_SHIFT) & _U_MT_MASK) != _U_WB or (e & U_ADDR_RSVD) != U0:
+        return False
+    cum = np.uint64(c & 7) & e
+    if access_allowed(cum, kind):
+        return True
+    if (cum & U_R) == U0 or kind != B.ACCESS_WRITE or (c & 8) != 0 or (e & U_SPP) == U0 or not spp_enabled(st, v):
+        return False
+    s = st.sppt_cache[v, region]
+    if s < 0:
+        return False
+    vec = st.tables[s, gfn & _U_511]
+    if (vec & U_SPPT_LEAF_RSVD) != U0:
+        return False
+    need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
+    return (vec & need) == need

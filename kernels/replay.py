@@ -1,0 +1,109 @@
+"""The batch replay kernel: semantics section 6 over arrays, with a cached fast path.
+
+One call replays rows ``start..n-1`` of a batch and stops early, with a status, when the table
+pool or the exit log might not have room for the next access (the control plane grows or
+flushes them and calls again from that row), or when a VM entry fails. Every access goes
+through ``fast_allowed`` first; anything it cannot prove allowed takes the full
+``hardware_check`` / ``kvm_handle_exit`` loop, exactly as the reference engine does.
+"""
+
+import numpy as np
+
+from sppjit import bits as B
+
+from ._jit import U0, U1, U_PAGE_OFFSET, U_PAGE_SHIFT, kernel
+from .exits import kvm_handle_exit
+from .hardware import fast_allowed, hardware_check
+from .layout import CT_ACCESSES, CT_EXIT_KIND, CT_EXITS, CT_KIND, CT_OUTCOME, SC_NTABLES, SC_NVCPUS
+from .mmu import RESUME, serve_requests
+
+STATUS_DONE = 0
+STATUS_NEED_TABLES = 1
+STATUS_NEED_LOG = 2
+STATUS_ENTRY_FAILED = 3
+STATUS_LIVELOCK = 4
+
+# At most this many exits on one piece before the model calls it a livelock (a model bug or a
+# hand-poked state no KVM handler can repair): the worst legitimate case is 4.
+MAX_EXITS_PER_PIECE = 8
+LOG_MARGIN = 2 * MAX_EXITS_PER_PIECE + 2
+
+_I_REASON = B.VMCS_COL_EXIT_REASON
+_I_QUAL = B.VMCS_COL_EXIT_QUAL
+_I_GPA = B.VMCS_COL_GPA
+
+
+def table_margin(vcpus: int) -> int:
+    """Tables one access may allocate: two pieces, each an EPT path (3) and SPPT paths (3 per
+    vCPU, or one 2 MiB block in v12), plus slack."""
+    return 2 * (3 + 3 * max(vcpus, 1)) + 8
+
+
+@kernel
+def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_reason, log, counters, touched):
+    """Replay rows start.. of one batch. Returns (status, row to resume from, detail)."""
+    n = gpa.shape[0]
+    margin = 2 * (3 + 3 * max(st.scal[SC_NVCPUS], 1)) + 8
+    touched_bits = np.uint64(touched.shape[0]) << np.uint64(3)
+    for r in range(start, n):
+        if st.tables.shape[0] - st.scal[SC_NTABLES] < margin:
+            return STATUS_NEED_TABLES, r, 0
+        if log.row.shape[0] - log.n[0] < LOG_MARGIN:
+            return STATUS_NEED_LOG, r, 0
+        v = np.int64(vcpu[r])
+        if st.requests[v] != 0:
+            rc = serve_requests(st, v)
+            if rc != 0:
+                return STATUS_ENTRY_FAILED, r, v * 16 + rc
+        k = np.int64(kind[r])
+        first = gpa[r]
+        last = first + np.uint64(size[r]) - U1
+        counters[CT_ACCESSES] += 1
+        counters[CT_KIND + k] += 1
+        out = B.OUTCOME_ALLOWED
+        nexits = 0
+        reason_last = 0
+        while True:
+            plast = min(last, first | U_PAGE_OFFSET)
+            gfn = first >> U_PAGE_SHIFT
+            if gfn < touched_bits:
+                touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
+            if not fast_allowed(st, v, first, plast, k):
+                tries = 0
+                while True:
+                    reason, qual = hardware_check(st, v, first, plast, k)
+                    if reason == 0:
+                        break
+                    st.vmcs[v, _I_REASON] = np.uint64(reason)
+                    st.vmcs[v, _I_QUAL] = qual
+                    st.vmcs[v, _I_GPA] = first
+                    ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
+                    j = log.n[0]
+                    log.row[j] = row0 + r
+                    log.vcpu[j] = v
+                    log.gpa[j] = first
+                    log.reason[j] = reason
+                    log.qual[j] = qual
+                    log.kind[j] = ek
+                    log.user[j] = user
+                    log.n[0] = j + 1
+                    counters[CT_EXIT_KIND + ek] += 1
+                    nexits += 1
+                    reason_last = reason
+                    if res != RESUME:
+                        out = res
+                        break
+                    tries += 1
+                    if tries > MAX_EXITS_PER_PIECE:
+                        return STATUS_LIVELOCK, r, v
+                if out != B.OUTCOME_ALLOWED:
+                    break
+            if plast == last:
+                break
+            first = plast + U1
+        outcome[r] = out
+        exits[r] = nexits
+        exit_reason[r] = reason_last
+        counters[CT_OUTCOME + out] += 1
+        counters[CT_EXITS] += nexits
+    return STATUS_DONE, n, 0

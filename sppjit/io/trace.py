@@ -1,0 +1,300 @@
+"""Read an access trace as a lazy stream of checked, typed batches.
+
+A trace may be longer than memory, so it is never read whole: every source becomes an iterator
+of record batches, each checked and turned into the numpy arrays the kernels take, with the
+original columns kept for the outputs.
+"""
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from sppjit.errors import InputError
+from sppjit.io.columns import BadValue, int_column, type_problem
+from sppjit.io.formats import (
+    ARROW_FILE_MAGIC,
+    ARROW_STREAM_MARKER,
+    PARQUET_MAGIC,
+    cannot_read,
+    read_magic,
+)
+from sppjit.io.space import GPA_LIMIT
+
+TRACE_COLUMNS = ("gpa", "size", "vcpu", "kind", "seq")
+KIND_READ, KIND_WRITE, KIND_FETCH = 0, 1, 2
+DEFAULT_SIZE = 8
+DEFAULT_VCPU = 0
+DEFAULT_KIND = KIND_WRITE
+MAX_ACCESS_SIZE = 4096
+MAX_VCPU = 0xFFFF
+
+SCHEMA_VERSION = "1"
+_VERSION_KEY = b"sppjit.schema_version"
+
+
+def schema_metadata() -> dict[bytes, bytes]:
+    """The metadata sppjit puts on every table it writes, so readers can refuse newer ones."""
+    return {_VERSION_KEY: SCHEMA_VERSION.encode()}
+
+
+@dataclass
+class TraceBatch:
+    """One checked batch of accesses: typed arrays for the kernels, the input for the outputs."""
+
+    gpa: np.ndarray  # uint64, C-contiguous
+    size: np.ndarray  # uint16, 1..MAX_ACCESS_SIZE
+    vcpu: np.ndarray  # uint16
+    kind: np.ndarray  # uint8: KIND_READ, KIND_WRITE or KIND_FETCH
+    record_batch: pa.RecordBatch  # the input columns, unchanged
+    first_row: int  # 0-based row of the whole trace at which this batch starts
+
+    def __len__(self) -> int:
+        return len(self.gpa)
+
+
+class TraceReader:
+    """An iterator of TraceBatch over one trace, read lazily in bounded memory.
+
+    ``schema`` is the input's schema, ``num_rows`` the trace length when the format records it
+    (None for a stream), ``path`` the file or directory read (None for in-memory sources) and
+    ``rows_seen`` the rows handed out so far. Iterating raises InputError at the first bad row.
+    """
+
+    def __init__(self, batches: Iterable[pa.RecordBatch], schema: pa.Schema, *,
+                 num_rows: int | None, path: str | None, label: str, batch_size: int,
+                 vcpus: int | None):
+        self.schema = schema
+        self.num_rows = num_rows
+        self.path = path
+        self.rows_seen = 0
+        self._label = label
+        self._vcpus = vcpus
+        self._batches = _rebatch(batches, batch_size)
+
+    def __iter__(self) -> "TraceReader":
+        return self
+
+    def __next__(self) -> TraceBatch:
+        try:
+            record_batch = next(self._batches)
+        except (pa.ArrowException, OSError) as exc:
+            # Truncation or corruption past the header shows up only while reading.
+            raise cannot_read("trace", self._label, exc) from None
+        batch = _check_batch(record_batch, self.rows_seen, self._vcpus)
+        self.rows_seen += len(batch)
+        return batch
+
+
+def open_trace(source, *, batch_size: int = 1 << 20, vcpus: int | None = None) -> TraceReader:
+    """Open a trace for streaming, checking its schema now and its values batch by batch.
+
+    ``source`` is a path (Arrow IPC file or stream, Parquet file, or a directory of Parquet
+    files), a pyarrow Table, RecordBatch or RecordBatchReader, any object exporting an Arrow
+    C stream, or a dict of column name -> numpy array or list. Batches hold at most
+    ``batch_size`` rows. With ``vcpus``, a vcpu index outside the VM is an error.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if vcpus is not None and vcpus < 1:
+        raise ValueError(f"vcpus must be positive, got {vcpus}")
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None:
+        schema, batches, num_rows = _open_path(path, batch_size)
+        label = path
+    else:
+        schema, batches, num_rows = _open_object(source)
+        label = f"the {type(source).__name__}"
+    _check_schema(schema)
+    return TraceReader(batches, schema, num_rows=num_rows, path=path, label=label,
+                       batch_size=batch_size, vcpus=vcpus)
+
+
+# ----------------------------------------------------------------------------------- sources
+
+_Opened = tuple[pa.Schema, Iterable[pa.RecordBatch], int | None]
+
+
+def _open_path(path: str, batch_size: int) -> _Opened:
+    """Open a trace file or Parquet directory, telling the format by its magic bytes."""
+    if os.path.isdir(path):
+        return _open_dataset(path, batch_size)
+    magic = read_magic(path, "trace")
+    if not magic:
+        raise cannot_read("trace", path, "the file is empty")
+    try:
+        if magic.startswith(PARQUET_MAGIC):
+            parquet = pq.ParquetFile(path, memory_map=True)
+            return (parquet.schema_arrow,
+                    parquet.iter_batches(batch_size=batch_size, columns=None),
+                    parquet.metadata.num_rows)
+        # Memory-mapped IPC hands out zero-copy views of the file.
+        if magic.startswith(ARROW_FILE_MAGIC):
+            reader = ipc.open_file(pa.memory_map(path))
+            num_rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+            return (reader.schema,
+                    (reader.get_batch(i) for i in range(reader.num_record_batches)),
+                    num_rows)
+        stream = ipc.open_stream(pa.memory_map(path))
+        return stream.schema, stream, None
+    except (pa.ArrowException, OSError) as exc:
+        if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, ARROW_STREAM_MARKER)):
+            raise cannot_read("trace", path, exc) from None
+        # Whatever pyarrow says about a CSV read as a stream would only confuse.
+        raise cannot_read("trace", path, "not an Arrow IPC file or stream, nor a Parquet "
+                                         "file") from None
+
+
+def _open_dataset(path: str, batch_size: int) -> _Opened:
+    """A directory of Parquet files, read in the natural order of their names.
+
+    Discovery sorts names as text, so pyarrow's own "part-10" would come before "part-2";
+    trace order is simulation order, hence the explicit natural sort.
+    """
+    try:
+        found = ds.dataset(path, format="parquet")
+        if not found.files:
+            raise InputError(f"trace: {path} holds no Parquet files")
+        files = sorted(found.files, key=_natural_key)
+        dataset = ds.dataset(files, format="parquet", filesystem=found.filesystem)
+        num_rows = dataset.count_rows()
+    except (pa.ArrowException, OSError) as exc:
+        raise cannot_read("trace", path, exc) from None
+
+    def scan() -> Iterator[pa.RecordBatch]:
+        # Deferred so that a corrupt file is reported while iterating, like the other formats.
+        yield from dataset.to_batches(batch_size=batch_size)
+
+    return dataset.schema, scan(), num_rows
+
+
+def _natural_key(name: str) -> list:
+    """Sort key that orders digit runs by value: part-2 before part-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _open_object(source) -> _Opened:
+    """An in-memory trace: Arrow objects as they are, a dict of columns via pa.table."""
+    if isinstance(source, pa.Table):
+        return source.schema, source.to_batches(), source.num_rows
+    if isinstance(source, pa.RecordBatch):
+        return source.schema, [source], source.num_rows
+    if isinstance(source, pa.RecordBatchReader):
+        return source.schema, source, None
+    if isinstance(source, Mapping):
+        try:
+            table = pa.table({str(name): values for name, values in source.items()})
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise InputError(f"trace: cannot build a table from the given columns: "
+                             f"{str(exc).splitlines()[0]}") from None
+        return table.schema, table.to_batches(), table.num_rows
+    if hasattr(source, "__arrow_c_stream__"):  # polars, DuckDB, nanoarrow and friends
+        reader = pa.RecordBatchReader.from_stream(source)
+        return reader.schema, reader, None
+    raise TypeError(f"cannot read a trace from {type(source).__name__}: give a path, a pyarrow "
+                    "Table, RecordBatch or RecordBatchReader, or a dict of columns")
+
+
+def _rebatch(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Batches of at most ``batch_size`` rows, copying only to merge small ones.
+
+    Large batches are sliced (zero-copy); consecutive batches smaller than ``batch_size`` are
+    merged so that a trace written in tiny batches does not pay the per-batch cost each time.
+    Empty batches are dropped.
+    """
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if pending and pending_rows + batch.num_rows > batch_size:
+            yield _merge(pending)
+            pending, pending_rows = [], 0
+        start = 0
+        while batch.num_rows - start >= batch_size:
+            yield batch.slice(start, batch_size)
+            start += batch_size
+        if start < batch.num_rows:
+            pending.append(batch.slice(start) if start else batch)
+            pending_rows += batch.num_rows - start
+    if pending:
+        yield _merge(pending)
+
+
+def _merge(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    """One batch from several (a lone batch passes through without a copy)."""
+    if len(batches) == 1:
+        return batches[0]
+    table = pa.Table.from_batches(batches, schema=batches[0].schema).combine_chunks()
+    return table.to_batches()[0]
+
+
+# ----------------------------------------------------------------------------------- checks
+
+def _check_schema(schema: pa.Schema) -> None:
+    """Refuse a trace whose schema cannot be right, before any batch is read."""
+    version = (schema.metadata or {}).get(_VERSION_KEY)
+    if version is not None and version != SCHEMA_VERSION.encode():
+        raise InputError(f"trace: schema version {version.decode(errors='replace')} is not "
+                         f"supported (this sppjit reads {SCHEMA_VERSION})")
+    for name in TRACE_COLUMNS:
+        count = len(schema.get_all_field_indices(name))
+        if count > 1:
+            raise InputError(f"trace: column '{name}' appears {count} times")
+        if count and (problem := type_problem(name, schema.field(name).type)):
+            raise InputError(f"trace: {problem}")
+    if "gpa" not in schema.names:
+        raise InputError("trace: column 'gpa' is missing")
+
+
+def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> TraceBatch:
+    """Typed arrays of one batch; InputError for the earliest bad row over all columns."""
+    problems: list[BadValue] = []
+    rows = batch.num_rows
+
+    def column(name: str, dtype: type[np.integer], default: int, lo: int, hi: int,
+               must: str) -> np.ndarray | None:
+        if batch.schema.get_field_index(name) < 0:
+            return np.full(rows, default, dtype)
+        try:
+            return int_column(batch.column(name), name=name, dtype=dtype, lo=lo, hi=hi,
+                              must=must, first_row=first_row)
+        except BadValue as bad:
+            problems.append(bad)
+            return None
+
+    gpa = column("gpa", np.uint64, 0, 0, (1 << 64) - 1, "")
+    size = column("size", np.uint16, DEFAULT_SIZE, 1, MAX_ACCESS_SIZE,
+                  f"(must be 1..{MAX_ACCESS_SIZE})")
+    if vcpus is None:
+        vcpu = column("vcpu", np.uint16, DEFAULT_VCPU, 0, MAX_VCPU, f"(must be 0..{MAX_VCPU})")
+    else:
+        vcpu = column("vcpu", np.uint16, DEFAULT_VCPU, 0, vcpus - 1,
+                      f"but the VM has {vcpus} vCPU{'s' if vcpus != 1 else ''}")
+    kind = column("kind", np.uint8, DEFAULT_KIND, KIND_READ, KIND_FETCH,
+                  "(must be 0 read, 1 write, 2 fetch)")
+    column("seq", np.uint64, 0, 0, (1 << 64) - 1, "")  # passed through, but never null
+    if gpa is not None and size is not None:
+        _check_end(gpa, size, first_row, problems)
+    if problems:
+        raise InputError("trace: " + min(problems, key=lambda bad: bad.row).message)
+    return TraceBatch(gpa=gpa, size=size, vcpu=vcpu, kind=kind, record_batch=batch,
+                      first_row=first_row)
+
+
+def _check_end(gpa: np.ndarray, size: np.ndarray, first_row: int,
+               problems: list[BadValue]) -> None:
+    """Every access must end inside the 48-bit guest-physical space (gpa + size <= 2**48)."""
+    if not len(gpa) or int(gpa.max()) <= GPA_LIMIT - MAX_ACCESS_SIZE:
+        return  # the common case: one pass, no temporary arrays
+    beyond = gpa > GPA_LIMIT - size.astype(np.uint64)
+    if beyond.any():
+        row = first_row + int(np.argmax(beyond))
+        problems.append(BadValue(row, f"access at row {row} ends beyond the 48-bit "
+                                      "guest-physical space"))

@@ -1,0 +1,239 @@
+"""Replay driver: feeds trace batches to an engine and assembles results, exit log and summary.
+
+Both engines fill the same arrays (outcome, exits, exit_reason per access; the exit log;
+counters; the touched-page bitmap), so everything downstream of them is shared.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from . import bits as B
+from .errors import InputError, VmEntryError
+from .io.trace import TraceBatch, open_trace, schema_metadata
+from .kernels import layout as L
+from .kernels.mmu import ENTRY_FAILURE_MESSAGES
+from .reference import ModelLivelock, replay_access
+from .stats import page_counts
+
+ENGINES = ("jit", "reference")
+SCHEMA_VERSION = 1
+EXIT_LOG_CAPACITY = 1 << 16
+
+RESULT_FIELDS = [
+    pa.field("outcome", pa.uint8(), nullable=False),
+    pa.field("exits", pa.uint8(), nullable=False),
+    pa.field("exit_reason", pa.uint16(), nullable=False),
+]
+EXIT_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("vcpu", pa.uint16(), nullable=False),
+        pa.field("gpa", pa.uint64(), nullable=False),
+        pa.field("reason", pa.uint16(), nullable=False),
+        pa.field("qualification", pa.uint64(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("userspace_exit", pa.uint16(), nullable=False),
+    ],
+    metadata=schema_metadata(),
+)
+_KIND_NAMES = pa.array(B.EXIT_KIND_NAMES, type=pa.string())
+
+
+def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
+    """The first ``n`` rows of an exit log as an Arrow batch (copies: the log is reused)."""
+    kinds = pa.DictionaryArray.from_arrays(pa.array(log.kind[:n].astype(np.int8)), _KIND_NAMES)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(log.row[:n].copy()),
+            pa.array(log.vcpu[:n].copy()),
+            pa.array(log.gpa[:n].copy()),
+            pa.array(log.reason[:n].copy()),
+            pa.array(log.qual[:n].copy()),
+            kinds.cast(pa.string()),
+            pa.array(log.user[:n].copy()),
+        ],
+        schema=EXIT_SCHEMA,
+    )
+
+
+@dataclass
+class ReplayResult:
+    table: pa.Table
+    exits: pa.Table
+    summary: dict
+
+
+@dataclass
+class Replay:
+    """One replay of a trace on a VM: runs batches, keeps the counters, streams the exit log."""
+
+    vm: object
+    engine: str = "jit"
+    on_exits: Callable[[pa.RecordBatch], None] | None = None
+    counters: np.ndarray = field(default_factory=lambda: np.zeros(L.CT_LEN, dtype=np.int64))
+    rows: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        top = max(b + n for b, n in self.vm.config.memslots)
+        self.touched = np.zeros(-(-top // 8), dtype=np.uint8)
+        self._touched_high: set[int] = set()  # reference engine: gfns above the bitmap
+        self._log = L.empty_exit_log(EXIT_LOG_CAPACITY)
+        self._exit_batches: list[pa.RecordBatch] = []
+
+    # ---------------------------------------------------------------- exit log
+    def _flush_log(self) -> None:
+        n = int(self._log.n[0])
+        if n:
+            rb = exit_batch(self._log, n)
+            if self.on_exits is not None:
+                self.on_exits(rb)
+            else:
+                self._exit_batches.append(rb)
+            self._log.n[0] = 0
+
+    def exit_table(self) -> pa.Table:
+        self._flush_log()
+        return pa.Table.from_batches(self._exit_batches, schema=EXIT_SCHEMA)
+
+    # ---------------------------------------------------------------- batches
+    def run(self, batch: TraceBatch) -> pa.RecordBatch:
+        """Replay one batch; returns its rows with outcome, exits and exit_reason appended."""
+        n = len(batch)
+        outcome = np.zeros(n, dtype=np.uint8)
+        exits = np.zeros(n, dtype=np.uint8)
+        reason = np.zeros(n, dtype=np.uint16)
+        t0 = time.perf_counter()
+        if self.engine == "jit":
+            self._run_jit(batch, outcome, exits, reason)
+        else:
+            self._run_reference(batch, outcome, exits, reason)
+        self.seconds += time.perf_counter() - t0
+        self.rows += n
+        self._flush_log()
+        rb = batch.record_batch
+        arrays = list(rb.columns) + [pa.array(outcome), pa.array(exits), pa.array(reason)]
+        fields = list(rb.schema) + RESULT_FIELDS
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=schema_metadata()))
+
+    def _run_jit(self, batch, outcome, exits, reason) -> None:
+        from .kernels.replay import (
+            STATUS_DONE,
+            STATUS_ENTRY_FAILED,
+            STATUS_LIVELOCK,
+            STATUS_NEED_LOG,
+            STATUS_NEED_TABLES,
+            replay_batch,
+            table_margin,
+        )
+
+        vm = self.vm
+        row = 0
+        while True:
+            with vm.mmu_lock:
+                status, row, detail = replay_batch(
+                    vm.state, batch.gpa, batch.size, batch.vcpu, batch.kind, np.int64(batch.first_row),
+                    np.int64(row), outcome, exits, reason, self._log, self.counters, self.touched,
+                )
+                if status == STATUS_NEED_TABLES:
+                    vm.ensure_tables(table_margin(vm.vcpus) * 64)
+            if status == STATUS_DONE:
+                return
+            if status == STATUS_NEED_LOG:
+                self._flush_log()
+            elif status == STATUS_ENTRY_FAILED:
+                v, code = divmod(int(detail), 16)
+                raise VmEntryError(f"vCPU {v}: VM entry failed: {ENTRY_FAILURE_MESSAGES[code]}")
+            elif status == STATUS_LIVELOCK:
+                raise ModelLivelock(f"row {batch.first_row + row}: the guest keeps faulting")
+
+    def _run_reference(self, batch, outcome, exits, reason) -> None:
+        from .kernels.replay import table_margin
+
+        vm, c, log = self.vm, self.counters, []
+        touched: set[int] = set()
+        bits = self.touched.shape[0] * 8
+        for i in range(len(batch)):
+            vm.ensure_tables(table_margin(vm.vcpus))
+            gpa, size = int(batch.gpa[i]), int(batch.size[i])
+            vcpu, kind = int(batch.vcpu[i]), int(batch.kind[i])
+            row = batch.first_row + i
+            with vm.mmu_lock:
+                out, n, last = replay_access(vm, row, gpa, size, vcpu, kind, log, touched)
+            outcome[i], exits[i], reason[i] = out, n, last
+            c[L.CT_ACCESSES] += 1
+            c[L.CT_KIND + kind] += 1
+            c[L.CT_OUTCOME + out] += 1
+            c[L.CT_EXITS] += n
+        for gfn in touched:
+            if gfn < bits:
+                self.touched[gfn >> 3] |= np.uint8(1 << (gfn & 7))
+        for rec in log:
+            self.counters[L.CT_EXIT_KIND + rec.kind] += 1
+            j = int(self._log.n[0])
+            if j == self._log.row.shape[0]:
+                self._flush_log()
+                j = 0
+            self._log.row[j], self._log.vcpu[j], self._log.gpa[j] = rec.row, rec.vcpu, rec.gpa
+            self._log.reason[j], self._log.qual[j] = rec.reason, rec.qualification
+            self._log.kind[j], self._log.user[j] = rec.kind, rec.userspace_exit
+            self._log.n[0] = j + 1
+
+    # ---------------------------------------------------------------- summary
+    def summary(self, input_info: dict | None = None) -> dict:
+        c = self.counters
+        counts = {
+            "accesses": int(c[L.CT_ACCESSES]),
+            "reads": int(c[L.CT_KIND + B.ACCESS_READ]),
+            "writes": int(c[L.CT_KIND + B.ACCESS_WRITE]),
+            "fetches": int(c[L.CT_KIND + B.ACCESS_FETCH]),
+        }
+        for code, name in enumerate(B.OUTCOME_NAMES):
+            counts[name.lower()] = int(c[L.CT_OUTCOME + code])
+        exits = {"total": int(c[L.CT_EXITS])}
+        for code, name in enumerate(B.EXIT_KIND_NAMES):
+            exits[name] = int(c[L.CT_EXIT_KIND + code])
+        pages = {"touched": int(np.unpackbits(self.touched).sum())}
+        pages.update(page_counts(self.vm.state))
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "sppjit_version": __version__,
+            "engine": self.engine,
+            "config": self.vm.config.as_dict(),
+            "input": dict(input_info or {}, rows=self.rows),
+            "counts": counts,
+            "exits": exits,
+            "pages": pages,
+            "tlb_flushes": int(self.vm.state.scal[L.SC_TLB_FLUSHES]),
+            "seconds": self.seconds,
+            "accesses_per_second": self.rows / self.seconds if self.seconds > 0 else 0.0,
+        }
+
+
+def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+    """Replay ``source`` batch by batch, yielding the per-access result batches."""
+    session = Replay(vm, engine)
+    for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
+        yield session.run(batch)
+
+
+def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20) -> ReplayResult:
+    """Replay a whole trace and keep every result in memory (see replay_batches for streams)."""
+    session = Replay(vm, engine)
+    reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
+    batches = [session.run(batch) for batch in reader]
+    if batches:
+        table = pa.Table.from_batches(batches)
+    else:
+        table = pa.table({f.name: pa.array([], type=f.type) for f in list(reader.schema) + RESULT_FIELDS})
+    info = {"path": getattr(reader, "path", None)}
+    return ReplayResult(table=table, exits=session.exit_table(), summary=session.summary(info))

@@ -1,0 +1,362 @@
+"""The VM and its KVM control plane: init/set/get SPP, the ioctl entry point, vCPUs and VMCS.
+
+A ``VM`` owns a kernels.layout.State (plain arrays) and serialises every change to it with
+KVM's two locks: ``slots_lock`` (a mutex, outside) and ``mmu_lock`` (inside). The rules that
+change tables live once, compiled, in kernels.mmu; this module validates, takes the locks,
+makes room in the table pool, and turns kernel return values into errno.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import bits as B
+from .errors import InputError, SppError
+
+from .kernels import layout as L
+from .kernels import mmu as K
+
+DEFAULT_TABLE_CAPACITY = 1024
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> int:
+    if value not in allowed:
+        raise InputError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return allowed.index(value)
+
+
+def _parse_memslots(memory, memslots) -> list[tuple[int, int]]:
+    from .io.sizes import parse_size
+
+    if memslots is not None:
+        slots = [(int(b), int(n)) for b, n in memslots]
+    else:
+        size = parse_size(memory)
+        slots = [(0, size // B.PAGE_SIZE)]
+    if not slots:
+        raise InputError("the VM needs at least one memslot")
+    for i, (base, npages) in enumerate(slots):
+        if npages <= 0 or base < 0:
+            raise InputError(f"memslot {i}: base_gfn must be >= 0 and npages > 0")
+        if (base + npages) << B.PAGE_SHIFT > 1 << B.GPA_BITS:
+            raise InputError(f"memslot {i} ends beyond the 48-bit guest-physical space")
+    ordered = sorted(range(len(slots)), key=lambda i: slots[i][0])
+    for a, b in zip(ordered, ordered[1:]):
+        if slots[a][0] + slots[a][1] > slots[b][0]:
+            raise InputError(f"memslots {a} and {b} overlap")
+    return slots
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Every setting that shapes a VM's behaviour (recorded in each summary)."""
+
+    memslots: tuple[tuple[int, int], ...]
+    vcpus: int
+    profile: str
+    hugepages: bool
+    subpage_check: str
+    granularity: str
+    spp_supported: bool
+    nested: bool
+
+    def as_dict(self) -> dict:
+        return {
+            "memslots": [{"slot": i, "base_gfn": b, "npages": n} for i, (b, n) in enumerate(self.memslots)],
+            "memory_bytes": sum(n for _, n in self.memslots) * B.PAGE_SIZE,
+            "vcpus": self.vcpus,
+            "profile": self.profile,
+            "hugepages": self.hugepages,
+            "subpage_check": self.subpage_check,
+            "granularity": self.granularity,
+            "spp_supported": self.spp_supported,
+            "nested": self.nested,
+        }
+
+
+class Vmcs:
+    """One vCPU's VMCS, read and written by field encoding (bits.VMCS_FIELDS)."""
+
+    def __init__(self, vm: "VM", index: int):
+        self._vm = vm
+        self._index = index
+
+    @staticmethod
+    def _column(field: int) -> int:
+        try:
+            return B.VMCS_FIELDS.index(field)
+        except ValueError:
+            raise InputError(f"VMCS field {field:#x} is not modelled by sppjit") from None
+
+    def read(self, field: int) -> int:
+        if field == B.SPPT_POINTER_HIGH:
+            return int(self._vm.state.vmcs[self._index, B.VMCS_COL_SPPTP]) >> 32
+        return int(self._vm.state.vmcs[self._index, self._column(field)])
+
+    def write(self, field: int, value: int) -> None:
+        """Write a field as a hypervisor would; the next VM entry of this vCPU re-checks it."""
+        if field == B.EPT_POINTER:
+            raise InputError("EPT_POINTER is managed by KVM's MMU and cannot be written")
+        col = self._column(field)
+        with self._vm.mmu_lock:
+            self._vm.state.vmcs[self._index, col] = np.uint64(value & 0xFFFFFFFFFFFFFFFF)
+            self._vm.state.requests[self._index] |= L.REQ_ENTRY_CHECK
+            self._vm.invalidate_caches()
+
+    def as_dict(self) -> dict[str, int]:
+        return {B.VMCS_FIELD_NAMES[f]: self.read(f) for f in B.VMCS_FIELDS}
+
+
+class Vcpu:
+    def __init__(self, vm: "VM", index: int):
+        self.index = index
+        self.vmcs = Vmcs(vm, index)
+        self._vm = vm
+
+    @property
+    def requests(self) -> int:
+        return int(self._vm.state.requests[self.index])
+
+    @property
+    def sppt_root(self) -> int | None:
+        """mmu->sppt_root as a host-physical address, None while INVALID_PAGE."""
+        idx = int(self._vm.state.sppt_root[self.index])
+        return None if idx < 0 else B.TABLE_POOL_HPA + idx * B.PAGE_SIZE
+
+
+class VM:
+    """A simulated KVM guest with EPT and SPP (profile v4) or the page-granular baseline."""
+
+    def __init__(
+        self,
+        memory: str | int = "4GiB",
+        vcpus: int = 1,
+        profile: str = "v4",
+        hugepages: bool = False,
+        subpage_check: str = "all",
+        granularity: str = "spp",
+        spp_supported: bool = True,
+        nested: bool = False,
+        memslots: Iterable[tuple[int, int]] | None = None,
+    ):
+        if not 1 <= int(vcpus) <= 1024:
+            raise InputError(f"vcpus must be 1..1024, not {vcpus}")
+        cfg = np.zeros(L.CF_LEN, dtype=np.int64)
+        cfg[L.CF_PROFILE] = _choice("profile", profile, L.PROFILES)
+        if profile != "v4":
+            raise InputError("profile v12 is not implemented yet (issue: the whole control plane)")
+        cfg[L.CF_GRANULARITY] = _choice("granularity", granularity, L.GRANULARITIES)
+        cfg[L.CF_SUBPAGE_CHECK] = _choice("subpage_check", subpage_check, L.SUBPAGE_CHECKS)
+        cfg[L.CF_HUGEPAGES] = int(bool(hugepages))
+        cfg[L.CF_SPP_SUPPORTED] = int(bool(spp_supported))
+        cfg[L.CF_NESTED] = int(bool(nested))
+        slots = _parse_memslots(memory, memslots)
+        self.config = VmConfig(
+            memslots=tuple(slots),
+            vcpus=int(vcpus),
+            profile=profile,
+            hugepages=bool(hugepages),
+            subpage_check=subpage_check,
+            granularity=granularity,
+            spp_supported=bool(spp_supported),
+            nested=bool(nested),
+        )
+        self.slots_lock = threading.Lock()  # kvm->slots_lock (a mutex)
+        self.mmu_lock = threading.RLock()  # kvm->mmu_lock
+        self.state = L.empty_state(int(vcpus), slots, DEFAULT_TABLE_CAPACITY, cfg)
+        st = self.state
+        root = K.alloc_table(st, L.TABLE_EPT, 4)
+        st.scal[L.SC_EPT_ROOT] = root
+        st.vmcs[:, B.VMCS_COL_PROC] = B.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS
+        st.vmcs[:, B.VMCS_COL_SECONDARY] = B.SECONDARY_EXEC_ENABLE_EPT
+        st.vmcs[:, B.VMCS_COL_EPTP] = B.construct_eptp(B.TABLE_POOL_HPA + root * B.PAGE_SIZE)
+        self._vcpus = [Vcpu(self, i) for i in range(int(vcpus))]
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def vcpus(self) -> int:
+        return self.config.vcpus
+
+    def vcpu(self, i: int) -> Vcpu:
+        return self._vcpus[i]
+
+    @property
+    def spp_active(self) -> bool:
+        return bool(self.state.scal[L.SC_SPP_ACTIVE])
+
+    @property
+    def page_limit(self) -> int:
+        """Pages one set/get call may carry (SUBPAGE_MAX_BITMAP in v4)."""
+        return B.SUBPAGE_MAX_BITMAP
+
+    def invalidate_caches(self) -> None:
+        """Forget every cached walk (after any change made outside the replay kernels)."""
+        self.state.ept_cache.fill(L.CACHE_INVALID)
+        self.state.sppt_cache.fill(L.CACHE_INVALID)
+
+    def ensure_tables(self, extra: int) -> None:
+        """Grow the table pool so that ``extra`` more tables fit (indices, hence addresses, stay)."""
+        st = self.state
+        used = int(st.scal[L.SC_NTABLES])
+        cap = st.tables.shape[0]
+        if cap - used >= extra:
+            return
+        new_cap = max(2 * cap, used + extra)
+        tables = np.zeros((new_cap, B.PT_ENTRIES), dtype=np.uint64)
+        tables[:used] = st.tables[:used]
+        kind = np.zeros(new_cap, dtype=np.uint8)
+        kind[:used] = st.table_kind[:used]
+        level = np.zeros(new_cap, dtype=np.uint8)
+        level[:used] = st.table_level[:used]
+        self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
+
+    def _tables_for_pages(self, npages: int) -> int:
+        return npages * (3 + 3 * self.vcpus) + 8
+
+    def memslot_of(self, gfn: int) -> int:
+        return int(K.memslot_of(self.state, np.uint64(gfn)))
+
+    # ------------------------------------------------------------------ SPP control plane
+    def _kvm_init_spp(self) -> int:
+        """kvm_mmu_init_spp: 0, or -ENODEV without hardware support."""
+        st = self.state
+        if not self.config.spp_supported:
+            return -B.ENODEV
+        with self.slots_lock, self.mmu_lock:
+            if st.scal[L.SC_SPP_ACTIVE]:
+                return 0
+            st.maps.fill(B.FULL_SPP_ACCESS)
+            if self.config.granularity == "spp":
+                self.ensure_tables(self.vcpus)
+                st = self.state
+                for v in range(self.vcpus):
+                    st.sppt_root[v] = K.alloc_table(st, L.TABLE_SPPT, 4)
+                    st.requests[v] |= L.REQ_LOAD_CR3
+            st.scal[L.SC_SPP_ACTIVE] = 1
+            self.invalidate_caches()
+        return 0
+
+    def init_spp(self) -> int:
+        """KVM_INIT_SPP: create the access maps and an SPPT root per vCPU. Returns 0."""
+        r = self._kvm_init_spp()
+        if r < 0:
+            raise SppError(-r, "init_spp: the CPU model has no SPP")
+        return r
+
+    def _check_range(self, npages: int) -> None:
+        if not self.spp_active:
+            raise SppError(B.ENODEV, "SPP is not initialised (call init_spp first)")
+        if npages <= 0 or npages > self.page_limit:
+            raise SppError(B.EINVAL, f"npages must be 1..{self.page_limit}, not {npages}")
+
+    def _kvm_set_subpages(self, base_gfn: int, maps: np.ndarray) -> int:
+        """The locked set; returns the pages applied (fewer on a gfn with no memslot)."""
+        n = len(maps)
+        with self.slots_lock, self.mmu_lock:
+            self.ensure_tables(self._tables_for_pages(n))
+            done = int(K.kvm_set_subpages(self.state, np.uint64(base_gfn), maps, n))
+            if done:
+                self.state.scal[L.SC_TLB_FLUSHES] += 1  # kvm_flush_remote_tlbs after the update
+            self.invalidate_caches()
+        return done
+
+    def set_subpages(self, base_gfn: int, maps: Sequence[int] | np.ndarray) -> int:
+        """KVM_SUBPAGES_SET_ACCESS: one u32 map per page from ``base_gfn``. Returns npages.
+
+        Raises SppError: ENODEV before init, EINVAL for 0 or too many pages, EFAULT at the first
+        gfn without a memslot (the pages before it stay applied, as in v4).
+        """
+        arr = np.asarray(maps, dtype=np.int64)
+        if arr.ndim != 1 or ((arr < 0) | (arr > 0xFFFFFFFF)).any():
+            raise InputError("maps must be a sequence of u32 values")
+        self._check_range(len(arr))
+        done = self._kvm_set_subpages(int(base_gfn), arr.astype(np.uint32))
+        if done < len(arr):
+            raise SppError(B.EFAULT, f"gfn {int(base_gfn) + done:#x} is in no memslot")
+        return done
+
+    def get_subpages(self, base_gfn: int, npages: int) -> np.ndarray:
+        """KVM_SUBPAGES_GET_ACCESS: the stored maps of ``npages`` gfns as a uint32 array."""
+        self._check_range(int(npages))
+        out = np.empty(int(npages), dtype=np.uint32)
+        with self.slots_lock, self.mmu_lock:
+            done = int(K.kvm_get_subpages(self.state, np.uint64(base_gfn), out, int(npages)))
+        if done < npages:
+            raise SppError(B.EFAULT, f"gfn {int(base_gfn) + done:#x} is in no memslot")
+        return out
+
+    def protect(self, gfns: np.ndarray, maps: np.ndarray) -> int:
+        """Apply (gfn, map) pairs as init_spp plus set_subpages calls over runs of consecutive
+        gfns of at most the profile's page limit. Returns the number of set calls."""
+        from .io.protect import runs
+
+        if not self.spp_active:
+            self.init_spp()
+        calls = 0
+        for base, values in runs(np.asarray(gfns, dtype=np.uint64), np.asarray(maps, dtype=np.uint32), self.page_limit):
+            self.set_subpages(int(base), values)
+            calls += 1
+        return calls
+
+    # ------------------------------------------------------------------ raw access (tests, hvmi)
+    def poke_sppt(self, gpa: int, level: int, value: int, vcpu: int = 0) -> None:
+        """Write one raw SPPT entry of ``vcpu``'s tree on ``gpa``'s path (the path must exist).
+
+        hvmi's IntSetSPPPageProtection writes raw leaves this way; with reserved bits it is how
+        misconfigurations are made. A non-leaf value must keep pointing at a table.
+        """
+        with self.mmu_lock:
+            st = self.state
+            t = int(st.sppt_root[vcpu])
+            if t < 0:
+                raise InputError("SPP is not initialised")
+            for lvl in range(4, level, -1):
+                e = int(st.tables[t, B.level_index(gpa, lvl)])
+                if not e & B.SPPT_PRESENT_MASK:
+                    raise InputError(f"no SPPT level-{lvl - 1} table on the path of {gpa:#x}")
+                t = (e & B.PT64_BASE_ADDR_MASK & ~B.EPT_ADDR_RESERVED_MASK) - B.TABLE_POOL_HPA >> B.PAGE_SHIFT
+            if level > 1 and value & B.SPPT_PRESENT_MASK:
+                target = (value & B.PT64_BASE_ADDR_MASK & ~B.EPT_ADDR_RESERVED_MASK) - B.TABLE_POOL_HPA >> B.PAGE_SHIFT
+                if not 0 <= target < st.scal[L.SC_NTABLES] or st.table_kind[target] != L.TABLE_SPPT:
+                    raise InputError("a present non-leaf SPPT entry must point at an SPPT table")
+            st.tables[t, B.level_index(gpa, level)] = np.uint64(value)
+            self.invalidate_caches()
+
+    def poke_ept_leaf(self, gpa: int, value: int) -> None:
+        """Overwrite the present EPT leaf that maps ``gpa`` (tests: W=1 with bit 61 and the like)."""
+        with self.mmu_lock:
+            t, i, level = K.ept_leaf(self.state, np.uint64(gpa >> B.PAGE_SHIFT))
+            if level == 0:
+                raise InputError(f"{gpa:#x} is not mapped by a present EPT leaf")
+            self.state.tables[t, i] = np.uint64(value)
+            self.invalidate_caches()
+
+    # ------------------------------------------------------------------ ioctl ABI
+    def ioctl(self, request: int, arg=None) -> int:
+        """The VM-fd ioctls of the series, kernel style: a count or 0 on success, -errno else."""
+        from .abi import vm_ioctl
+
+        return vm_ioctl(self, request, arg)
+
+    # ------------------------------------------------------------------ replay and inspection
+    def replay(self, trace, engine: str = "jit", **kwargs):
+        """Replay a trace on this VM's state; returns a sppjit.replay.ReplayResult."""
+        from .replay import replay
+
+        return replay(self, trace, engine=engine, **kwargs)
+
+    def replay_batches(self, reader, engine: str = "jit", **kwargs):
+        """Replay a stream of record batches, yielding result batches (bounded memory)."""
+        from .replay import replay_batches
+
+        return replay_batches(self, reader, engine=engine, **kwargs)
+
+    def walk(self, gpa: int, vcpu: int = 0) -> dict:
+        """The EPT and SPPT entries on ``gpa``'s path as the hardware walks them, decoded."""
+        from .walk import walk
+
+        return walk(self, gpa, vcpu)
