@@ -1,1 +1,174 @@
-"""The sppjit command line (typer)."""
+"""The sppjit command line (typer): ``sppjit replay``, ``sppjit generate``, ``sppjit inspect``.
+
+Each command lives in its own module under sppjit/commands/ and is mounted here. Errors are
+mapped to exit codes in ONE place, ``SppjitGroup.main``, which both the ``sppjit`` entry point
+and typer's CliRunner go through:
+
+- bad usage or bad input (sppjit.InputError, SppError, VmEntryError, a click/typer usage
+  error): one line ``sppjit: error: <message>`` on standard error, exit code 2;
+- an interrupt (Ctrl-C): ``sppjit: interrupted``, exit code 130 (outputs are rolled back by
+  the commands themselves, so no partial file is left);
+- an operating-system error (disk full, permission denied while writing): one line
+  ``sppjit: error: ...``, exit code 1;
+- anything else is a bug: one line ``sppjit: internal error: <type>: <message>``, exit code 1,
+  with the traceback only when the environment sets SPPJIT_DEBUG=1.
+
+This module and the command modules import only typer and the standard library at load time
+(numpy, numba and pyarrow are imported inside the command functions), so ``sppjit --help``
+and ``sppjit --version`` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated, Any, Sequence
+
+import typer
+from typer.core import TyperGroup
+
+from sppjit import __version__
+from sppjit.commands import generate as _generate
+from sppjit.commands import inspect as _inspect
+from sppjit.commands import replay as _replay
+from sppjit.errors import ERRNO_NAMES, InputError, SppError, VmEntryError
+
+PROG = "sppjit"
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _one_line(text: str) -> str:
+    """Messages are printed as exactly one line: join the lines of a multi-line message."""
+    parts = [part.strip() for part in str(text).splitlines() if part.strip()]
+    return " ".join(parts)
+
+
+def _fail(prefix: str, message: str) -> None:
+    sys.stderr.write(f"{PROG}: {prefix}: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def _interrupted() -> None:
+    sys.stderr.write(f"{PROG}: interrupted\n")
+    sys.stderr.flush()
+
+
+def _usage_message(exc: Any) -> str:
+    """A click usage error as one line, naming the command and how to get its help."""
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        path = ctx.command_path
+        return f"{message} (see '{path} --help')"
+    return message
+
+
+def _user_error_message(exc: BaseException) -> str:
+    if isinstance(exc, SppError):
+        name = ERRNO_NAMES.get(exc.errno, f"errno {exc.errno}")
+        return f"{exc.strerror} ({name})"
+    return str(exc)
+
+
+class SppjitGroup(TyperGroup):
+    """The root command: runs click in non-standalone mode and maps every outcome to an exit
+    code here, the single place where errors become messages."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        code = self._run(args, prog_name or PROG, complete_var, extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args, prog_name, complete_var, extra) -> int:
+        try:
+            result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors (BadParameter, ...)
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                # A command given no arguments shows its help (with rich installed, the help
+                # was already printed while the error was built).
+                if text := exc.format_message():
+                    sys.stdout.write(text.rstrip("\n") + "\n")
+                return EXIT_USAGE
+            _fail("error", _usage_message(exc))
+            return EXIT_USAGE
+        except (InputError, SppError, VmEntryError) as exc:
+            _fail("error", _user_error_message(exc))
+            return EXIT_USAGE
+        except (KeyboardInterrupt, typer.Abort):
+            _interrupted()
+            return EXIT_INTERRUPTED
+        except OSError as exc:
+            # The environment, not sppjit: a full disk, a permission denied on write, ...
+            if os.environ.get("SPPJIT_DEBUG") == "1":
+                traceback.print_exc()
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            _fail("error", f"{exc.strerror or exc}{where}")
+            return EXIT_INTERNAL
+        except Exception as exc:  # a bug: say so in one line, traceback on request
+            debug = os.environ.get("SPPJIT_DEBUG") == "1"
+            if debug:
+                traceback.print_exc()
+            _fail("internal error", f"{type(exc).__name__}: {exc}"
+                                    + ("" if debug else " (SPPJIT_DEBUG=1 shows the traceback)"))
+            return EXIT_INTERNAL
+        if result == EXIT_INTERRUPTED:
+            # typer turns a KeyboardInterrupt raised inside a command into Exit(130).
+            _interrupted()
+            return EXIT_INTERRUPTED
+        return result if isinstance(result, int) else EXIT_OK
+
+
+app = typer.Typer(
+    name=PROG,
+    cls=SppjitGroup,
+    help="Simulate Intel EPT sub-page write permission (SPP) as the KVM series defines it: "
+         "replay guest memory-access traces against EPT and SPP tables, generate seeded "
+         "scenarios, and inspect saved VM states.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"{PROG} {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version_callback, is_eager=True,
+                     help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Simulate Intel EPT sub-page write permission (SPP) as the KVM series (v4) defines it."""
+
+
+app.command("replay", no_args_is_help=True, help=_replay.HELP,
+            epilog=_replay.EPILOG)(_replay.replay)
+app.command("generate", no_args_is_help=True, help=_generate.HELP,
+            epilog=_generate.EPILOG)(_generate.generate)
+app.command("inspect", no_args_is_help=True, help=_inspect.HELP,
+            epilog=_inspect.EPILOG)(_inspect.inspect)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``sppjit`` entry point: run the app and exit with its code."""
+    command = typer.main.get_command(app)
+    command.main(args=argv, prog_name=PROG, standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ mixed int64/uint64 arithmetic are the classic traps (numba promotes int64 op uin
 float64), so every bit constant a kernel touches is re-declared here as ``np.uint64``.
 """
 
+import hashlib
 import os
 
 import numba
@@ -12,20 +13,67 @@ import numpy as np
 
 from sppjit import bits as B
 
-# SPPJIT_NUMBA_CACHE=0 turns the on-disk cache off (read-only installs, debugging).
-NUMBA_CACHE = os.environ.get("SPPJIT_NUMBA_CACHE", "1") not in ("0", "false", "no")
+
+
+def _prepare_cache() -> bool:
+    """Whether kernels may use numba's on-disk cache, after dropping a stale one.
+
+    numba keys a cached function on its own file only, but our kernels inline helpers from
+    other modules and freeze sppjit.bits constants: a change there would leave stale machine
+    code behind. So the cache is stamped with a digest of every file the kernels compile from,
+    and wiped when that digest changes. SPPJIT_NUMBA_CACHE=0 turns caching off; so does a
+    read-only install (numba would otherwise write to a shared user directory).
+    """
+    if os.environ.get("SPPJIT_NUMBA_CACHE", "1").lower() in ("0", "false", "no"):
+        return False
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return True  # the user chose where the cache lives; numba's own rules apply
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(f for f in os.listdir(here) if f.endswith(".py"))
+    h = hashlib.sha256()
+    for name in sources:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    with open(B.__file__, "rb") as f:
+        h.update(f.read())
+    h.update(numba.__version__.encode())
+    digest = h.hexdigest()
+    cache_dir = os.path.join(here, "__pycache__")
+    stamp = os.path.join(cache_dir, "sppjit-kernels.sha256")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK):
+            return False
+        with open(stamp) as f:
+            if f.read().strip() == digest:
+                return True
+    except OSError:
+        pass
+    try:
+        for name in os.listdir(cache_dir):
+            if name.endswith((".nbi", ".nbc")):
+                os.remove(os.path.join(cache_dir, name))
+        with open(stamp, "w") as f:
+            f.write(digest)
+    except OSError:
+        return False
+    return True
+
+
+NUMBA_CACHE = _prepare_cache()
 
 
 def kernel(*args, **kwargs):
     """``numba.njit`` with sppjit's defaults: cached, GIL released, no bounds checks."""
     kwargs.setdefault("cache", NUMBA_CACHE)
     kwargs.setdefault("nogil", True)
+    kwargs.setdefault("_nrt", False)
     return numba.njit(*args, **kwargs)
 
 
 def inline(fn):
     """A small helper always inlined into its callers (walk steps, bit tests)."""
-    return numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True)(fn)
+    return numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True, _nrt=False)(fn)
 
 
 U0 = np.uint64(0)

@@ -9,7 +9,7 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, FULL_ACCESS_U32, kernel
+from ._jit import U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, FULL_ACCESS_U32, inline, kernel
 from .layout import CF_GRANULARITY, CF_PROFILE, GRAN_PAGE, PROFILE_V12
 from .mmu import (
     RESUME,
@@ -25,12 +25,12 @@ from .mmu import (
 _U_MISS = np.uint64(B.SPPT_INDUCED_EXIT_TYPE)
 
 
-@kernel
+@inline
 def kvm_exit_spp_code(st):
     return B.KVM_EXIT_SPP_V12 if st.cfg[CF_PROFILE] == PROFILE_V12 else B.KVM_EXIT_SPP_V4
 
 
-@kernel
+@inline
 def kvm_handle_exit(st, v, reason, qual, gpa, kind):
     """Handle one exit of vCPU ``v`` at ``gpa``.
 

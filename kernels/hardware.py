@@ -95,7 +95,7 @@ def ept_violation_qual(kind, cum):
     return (U1 << np.uint64(kind)) | (cum << U_QUAL_RWX_SHIFT) | U_QUAL_GLA
 
 
-@kernel
+@inline
 def hardware_check(st, v, first, last, kind):
     """Check bytes first..last (one page) for vCPU ``v``: (0, 0) if allowed, else (reason, qual)."""
     gfn = first >> U_PAGE_SHIFT

@@ -101,7 +101,7 @@ def hpa_table(st, hpa):
     return idx
 
 
-@kernel
+@inline
 def alloc_table(st, kind, level):
     """A zeroed table from the pool; the caller made sure the pool has room."""
     idx = st.scal[SC_NTABLES]
@@ -113,6 +113,14 @@ def alloc_table(st, kind, level):
 
 
 @inline
+def is_shadow_present(e):
+    """KVM's is_shadow_present_pte for EPT: some of R/W/X set, and not an MMIO entry (whose
+    W-without-R pattern is a misconfiguration by design)."""
+    rwx = e & U_RWX
+    return rwx != U0 and not ((rwx & U_R) == U0 and (rwx & U_W) != U0)
+
+
+@inline
 def invalidate_region(st, gfn):
     r = np.int64(gfn >> np.uint64(9))
     if r < st.ept_cache.shape[0]:
@@ -120,7 +128,7 @@ def invalidate_region(st, gfn):
 
 
 # ------------------------------------------------------------------ memslots and access maps
-@kernel
+@inline
 def memslot_of(st, gfn):
     """The memslot holding ``gfn``, -1 for none (MMIO)."""
     for s in range(st.slot_base.shape[0]):
@@ -136,7 +144,7 @@ def map_slot(st, slot, gfn):
     return st.slot_map_off[slot] + np.int64(gfn - st.slot_base[slot])
 
 
-@kernel
+@inline
 def access_map_of(st, gfn):
     """The stored u32 map of ``gfn``; FULL when SPP is off or the gfn has no memslot."""
     if st.scal[SC_SPP_ACTIVE] == 0:
@@ -159,7 +167,7 @@ def map_to_vector(m):
     return x
 
 
-@kernel
+@inline
 def region_fits_memslot(st, slot, gfn):
     """Whether the whole 2 MiB-aligned region of ``gfn`` lies in ``slot``."""
     first = gfn & ~np.uint64(511)
@@ -167,7 +175,7 @@ def region_fits_memslot(st, slot, gfn):
     return first >= base and first + np.uint64(512) - base <= st.slot_npages[slot]
 
 
-@kernel
+@inline
 def region_has_protected_gfn(st, slot, gfn):
     """Whether any gfn of the 2 MiB region of ``gfn`` (inside ``slot``) has map != FULL."""
     if st.scal[SC_SPP_ACTIVE] == 0:
@@ -181,7 +189,7 @@ def region_has_protected_gfn(st, slot, gfn):
 
 
 # ------------------------------------------------------------------ EPT (KVM's view, from its root)
-@kernel
+@inline
 def ept_table_for(st, gfn, level, create):
     """Pool index of the EPT table holding ``gfn``'s entry at ``level``.
 
@@ -209,18 +217,18 @@ def ept_table_for(st, gfn, level, create):
     return t
 
 
-@kernel
+@inline
 def ept_leaf(st, gfn):
     """(table, index, level) of the present RAM leaf mapping ``gfn``; level 0 if none.
 
-    MMIO entries (present-looking but not readable) do not count as RAM leaves.
+    MMIO entries (W|X without R) do not count as RAM leaves.
     """
     gpa = gfn << U_PAGE_SHIFT
     t = st.scal[SC_EPT_ROOT]
     for lvl in range(4, 0, -1):
         i = level_index(gpa, lvl)
         e = st.tables[t, i]
-        if (e & U_R) == U0:
+        if not is_shadow_present(e):
             return t, np.int64(i), 0
         if lvl == 1 or (lvl <= 3 and (e & U_PS) != U0):
             return t, np.int64(i), lvl
@@ -230,7 +238,7 @@ def ept_leaf(st, gfn):
     return -1, np.int64(0), 0
 
 
-@kernel
+@inline
 def zap_leaf(st, t, i, gfn):
     """Remove one EPT leaf (KVM drop_spte); the region's cache entry is stale afterwards."""
     st.tables[t, i] = U0
@@ -238,7 +246,7 @@ def zap_leaf(st, t, i, gfn):
 
 
 # ------------------------------------------------------------------ SPPT
-@kernel
+@inline
 def sppt_setup_structure(st, root, gfn, vector):
     """kvm_mmu_setup_spp_structure: build the path of ``gfn`` under ``root`` and write its leaf."""
     gpa = gfn << U_PAGE_SHIFT
@@ -257,7 +265,7 @@ def sppt_setup_structure(st, root, gfn, vector):
     st.tables[t, level_index(gpa, 1)] = vector
 
 
-@kernel
+@inline
 def sppt_setup_all_vcpus(st, gfn, vector):
     """v4: every vCPU has its own SPPT; set_subpages and the fault path build them all."""
     for v in range(st.scal[SC_NVCPUS]):
@@ -279,7 +287,7 @@ def protect_leaf(st, e, m):
     return (e & ~U_SPP) | U_W
 
 
-@kernel
+@inline
 def kvm_map_gfn(st, gfn, slot):
     """The EPT fault path (tdp_page_fault + v4 8/9 lazy SPP): map a RAM gfn, protect it."""
     huge = st.cfg[CF_HUGEPAGES] != 0 and region_fits_memslot(st, slot, gfn)
@@ -308,7 +316,7 @@ def kvm_map_gfn(st, gfn, slot):
     st.tables[t, i] = e
 
 
-@kernel
+@inline
 def kvm_install_mmio(st, gfn):
     """No memslot: KVM caches the gfn as MMIO with a misconfigured (W|X, no R) entry."""
     t = ept_table_for(st, gfn, 1, True)
@@ -318,7 +326,7 @@ def kvm_install_mmio(st, gfn):
     st.scal[SC_MMIO_PAGES] += 1
 
 
-@kernel
+@inline
 def kvm_set_subpages(st, base_gfn, access_maps, npages):
     """kvm_mmu_set_subpages (v4) for ``npages`` gfns from ``base_gfn``.
 
@@ -344,7 +352,7 @@ def kvm_set_subpages(st, base_gfn, access_maps, npages):
     return npages
 
 
-@kernel
+@inline
 def kvm_get_subpages(st, base_gfn, out, npages):
     """kvm_mmu_get_subpages: copy the maps; returns k < npages at the first gfn with no memslot."""
     for k in range(npages):
@@ -357,7 +365,7 @@ def kvm_get_subpages(st, base_gfn, out, npages):
 
 
 # ------------------------------------------------------------------ vCPU requests, VM entry
-@kernel
+@inline
 def serve_requests(st, v):
     """Serve vCPU ``v``'s pending requests before it enters the guest; run the entry checks.
 

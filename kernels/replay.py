@@ -40,6 +40,44 @@ def table_margin(vcpus: int) -> int:
 
 
 @kernel
+def slow_piece(st, v, first, plast, k, row, log, counters):
+    """Bytes first..plast of one page through the full check / exit / retry loop.
+
+    Kept out of line: inlining the whole exit machinery into replay_batch's loop costs the
+    fast path an order of magnitude (register pressure and lost memory-level parallelism).
+    Returns (exits taken, last exit reason, outcome, ok) with ok False on a livelock.
+    """
+    nexits = 0
+    reason_last = 0
+    tries = 0
+    while True:
+        reason, qual = hardware_check(st, v, first, plast, k)
+        if reason == 0:
+            return nexits, reason_last, B.OUTCOME_ALLOWED, True
+        st.vmcs[v, _I_REASON] = np.uint64(reason)
+        st.vmcs[v, _I_QUAL] = qual
+        st.vmcs[v, _I_GPA] = first
+        ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
+        j = log.n[0]
+        log.row[j] = row
+        log.vcpu[j] = v
+        log.gpa[j] = first
+        log.reason[j] = reason
+        log.qual[j] = qual
+        log.kind[j] = ek
+        log.user[j] = user
+        log.n[0] = j + 1
+        counters[CT_EXIT_KIND + ek] += 1
+        nexits += 1
+        reason_last = reason
+        if res != RESUME:
+            return nexits, reason_last, res, True
+        tries += 1
+        if tries > MAX_EXITS_PER_PIECE:
+            return nexits, reason_last, B.OUTCOME_ALLOWED, False
+
+
+@kernel
 def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_reason, log, counters, touched):
     """Replay rows start.. of one batch. Returns (status, row to resume from, detail)."""
     n = gpa.shape[0]
@@ -69,33 +107,12 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
             if not fast_allowed(st, v, first, plast, k):
-                tries = 0
-                while True:
-                    reason, qual = hardware_check(st, v, first, plast, k)
-                    if reason == 0:
-                        break
-                    st.vmcs[v, _I_REASON] = np.uint64(reason)
-                    st.vmcs[v, _I_QUAL] = qual
-                    st.vmcs[v, _I_GPA] = first
-                    ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
-                    j = log.n[0]
-                    log.row[j] = row0 + r
-                    log.vcpu[j] = v
-                    log.gpa[j] = first
-                    log.reason[j] = reason
-                    log.qual[j] = qual
-                    log.kind[j] = ek
-                    log.user[j] = user
-                    log.n[0] = j + 1
-                    counters[CT_EXIT_KIND + ek] += 1
-                    nexits += 1
-                    reason_last = reason
-                    if res != RESUME:
-                        out = res
-                        break
-                    tries += 1
-                    if tries > MAX_EXITS_PER_PIECE:
-                        return STATUS_LIVELOCK, r, v
+                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, log, counters)
+                if not ok:
+                    return STATUS_LIVELOCK, r, v
+                if ne > 0:
+                    nexits += ne
+                    reason_last = rl
                 if out != B.OUTCOME_ALLOWED:
                     break
             if plast == last:

@@ -14,6 +14,13 @@ def _table_index(entries: np.ndarray) -> np.ndarray:
     return ((entries & _ADDR) - np.uint64(B.TABLE_POOL_HPA)) >> np.uint64(B.PAGE_SHIFT)
 
 
+def _shadow_present(e: np.ndarray) -> np.ndarray:
+    """Some of R/W/X set and not an MMIO entry (W without R), as kernels.mmu.is_shadow_present."""
+    rwx = e & np.uint64(B.VMX_EPT_RWX_MASK)
+    mmio = ((rwx & np.uint64(B.VMX_EPT_READABLE_MASK)) == 0) & ((rwx & np.uint64(B.VMX_EPT_WRITABLE_MASK)) != 0)
+    return (rwx != 0) & ~mmio
+
+
 def ept_leaves(st, gfns: np.ndarray):
     """KVM's view of the EPT for many gfns at once: (leaf entry, level, cumulative RWX).
 
@@ -32,7 +39,7 @@ def ept_leaves(st, gfns: np.ndarray):
         idx = (gpa >> np.uint64(B.PAGE_SHIFT + 9 * (lvl - 1))) & np.uint64(511)
         e = np.zeros(n, dtype=np.uint64)
         e[alive] = st.tables[table[alive], idx[alive]]
-        present = alive & ((e & np.uint64(B.VMX_EPT_READABLE_MASK)) != 0)
+        present = alive & _shadow_present(e)
         cum = np.where(present, cum & e & np.uint64(7), cum)
         is_leaf = present & ((lvl == 1) | ((lvl <= 3) & ((e & np.uint64(B.PT_PAGE_SIZE_MASK)) != 0)))
         leaf = np.where(is_leaf, e, leaf)
@@ -63,11 +70,10 @@ def page_counts(st) -> dict[str, int]:
     kinds = st.table_kind[:used]
     levels = st.table_level[:used]
     tables = st.tables[:used]
-    r = np.uint64(B.VMX_EPT_READABLE_MASK)
     l1 = tables[(kinds == L.TABLE_EPT) & (levels == 1)]
     l2 = tables[(kinds == L.TABLE_EPT) & (levels == 2)]
-    mapped_4k = int(np.count_nonzero(l1 & r))
-    mapped_2m = int(np.count_nonzero((l2 & r != 0) & (l2 & np.uint64(B.PT_PAGE_SIZE_MASK) != 0)))
+    mapped_4k = int(np.count_nonzero(_shadow_present(l1)))
+    mapped_2m = int(np.count_nonzero(_shadow_present(l2) & (l2 & np.uint64(B.PT_PAGE_SIZE_MASK) != 0)))
     prot = protected_gfns(st)
     _, level, cum = ept_leaves(st, prot)
     writable = (level > 0) & ((cum & np.uint64(B.VMX_EPT_WRITABLE_MASK)) != 0)

@@ -84,5 +84,6 @@ def walk(vm, gpa: int, vcpu: int = 0) -> dict:
     slot = vm.memslot_of(out["gfn"])
     out["memslot"] = None if slot < 0 else slot
     if slot >= 0 and st.scal[L.SC_SPP_ACTIVE]:
-        out["access_map"] = f"{int(vm.state.maps[st.slot_map_off[slot] + out['gfn'] - st.slot_base[slot]]):#010x}"
+        index = int(st.slot_map_off[slot]) + out["gfn"] - int(st.slot_base[slot])
+        out["access_map"] = f"{int(st.maps[index]):#010x}"
     return out

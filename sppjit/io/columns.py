@@ -76,16 +76,17 @@ def int_column(
 def _check_range(values: np.ndarray, name: str, lo: int, hi: int, must: str,
                  first_row: int) -> None:
     """Raise BadValue for the first value outside ``lo..hi`` (negative ones said as such)."""
-    if values.size == 0:
+    info = np.iinfo(values.dtype)
+    check_lo, check_hi = lo > info.min, hi < info.max  # bounds the type itself cannot break
+    if values.size == 0 or not (check_lo or check_hi):
         return
     # min/max are one cheap pass each and allocate nothing: the usual, valid case ends here.
-    if int(values.min()) >= lo and int(values.max()) <= hi:
+    if (not check_lo or int(values.min()) >= lo) and (not check_hi or int(values.max()) <= hi):
         return
-    info = np.iinfo(values.dtype)
     bad = np.zeros(values.shape, dtype=bool)
-    if lo > info.min:
+    if check_lo:
         bad |= values < lo
-    if hi < info.max:
+    if check_hi:
         bad |= values > hi
     index = int(np.argmax(bad))
     value, row = int(values[index]), first_row + index
@@ -120,7 +121,6 @@ def _parse_strings(column: pa.Array, name: str, first_row: int) -> pa.Array:
                                 "too large for 64 bits")
         values.append(value)
     return pa.array(values, pa.uint64())
-
 
 
 def table_columns(table: pa.Table, specs: list[tuple[str, type[np.integer], int, int, str]],

@@ -34,7 +34,9 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise InputError(f"--memory: size must be positive, got '{text}'")
     if size % PAGE_SIZE:
-        raise InputError(f"--memory: size '{text}' ({size} bytes) is not a multiple of 4096 (one page)")
+        raise InputError(f"--memory: size '{text}' ({size} bytes) is not a multiple of 4096 "
+                         "(one page)")
     if size > GPA_LIMIT:
-        raise InputError(f"--memory: size '{text}' exceeds the 48-bit guest-physical space (256 TiB)")
+        raise InputError(f"--memory: size '{text}' exceeds the 48-bit guest-physical space "
+                         "(256 TiB)")
     return size

@@ -17,7 +17,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from sppjit.errors import InputError
-from sppjit.io.columns import BadValue, int_column, type_problem
+from sppjit.io.columns import UINT64_MAX, BadValue, int_column, type_problem
 from sppjit.io.formats import (
     ARROW_FILE_MAGIC,
     ARROW_STREAM_MARKER,
@@ -269,7 +269,7 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> Tr
             problems.append(bad)
             return None
 
-    gpa = column("gpa", np.uint64, 0, 0, (1 << 64) - 1, "")
+    gpa = column("gpa", np.uint64, 0, 0, UINT64_MAX, "")
     size = column("size", np.uint16, DEFAULT_SIZE, 1, MAX_ACCESS_SIZE,
                   f"(must be 1..{MAX_ACCESS_SIZE})")
     if vcpus is None:
@@ -279,7 +279,7 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> Tr
                       f"but the VM has {vcpus} vCPU{'s' if vcpus != 1 else ''}")
     kind = column("kind", np.uint8, DEFAULT_KIND, KIND_READ, KIND_FETCH,
                   "(must be 0 read, 1 write, 2 fetch)")
-    column("seq", np.uint64, 0, 0, (1 << 64) - 1, "")  # passed through, but never null
+    column("seq", np.uint64, 0, 0, UINT64_MAX, "")  # passed through, but never null
     if gpa is not None and size is not None:
         _check_end(gpa, size, first_row, problems)
     if problems:

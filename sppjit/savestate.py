@@ -1,0 +1,146 @@
+"""Save a VM's state to one .npz file and load it back as an equal VM.
+
+The file holds every array of the kernels.layout.State (the table pool only up to the tables
+in use, scal[SC_NTABLES]) and a JSON document with the format version and the VmConfig. It is
+written to a temporary name and renamed, so a failed save leaves nothing behind; it is read
+with allow_pickle=False, so loading a file runs no code from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import zipfile
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+from .kernels import layout as L
+
+FORMAT = "sppjit-state"
+FORMAT_VERSION = 1
+_META = "__meta__"
+# State fields indexed by table-pool entry: saved only up to the tables in use.
+_POOL_FIELDS = ("tables", "table_kind", "table_level")
+
+
+def state_arrays(vm) -> dict[str, np.ndarray]:
+    """The arrays that define ``vm``: every State field, the pool cut to the tables in use.
+
+    Two VMs are equal when their configs are equal and these arrays are (capacity aside)."""
+    st = vm.state
+    used = int(st.scal[L.SC_NTABLES])
+    arrays = {}
+    for name in L.State._fields:
+        value = getattr(st, name)
+        arrays[name] = value[:used] if name in _POOL_FIELDS else value
+    return arrays
+
+
+def save_state(vm, path: str | os.PathLike) -> None:
+    """Write ``vm``'s state and config to ``path`` (.npz), atomically."""
+    path = os.fspath(path)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sppjit_version": __version__,
+        "config": dataclasses.asdict(vm.config),
+    }
+    arrays = {name: np.ascontiguousarray(value) for name, value in state_arrays(vm).items()}
+    arrays[_META] = np.array(json.dumps(meta))
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with vm.mmu_lock, open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)  # a file object: numpy adds no ".npz" to the name
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def load_state(path: str | os.PathLike):
+    """Read a file written by save_state and return an equal VM (its table pool may have
+    more spare capacity). Raises InputError for a missing, corrupt or foreign file."""
+    from .vm import VM
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"state: no such file: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"state: {path} is a directory")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"state: {path} is not an sppjit state file (an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if _META not in data.files:
+                raise InputError(f"state: {path} is not an sppjit state file")
+            meta = json.loads(str(data[_META]))
+            arrays = {name: data[name] for name in data.files if name != _META}
+    except InputError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"state: cannot read {path}: {reason}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"state: {path} is not an sppjit state file")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"state: {path} has format version {meta.get('format_version')}; "
+                         f"this sppjit reads {FORMAT_VERSION}")
+    try:
+        config = meta["config"]
+        vm = VM(
+            vcpus=config["vcpus"],
+            profile=config["profile"],
+            hugepages=config["hugepages"],
+            subpage_check=config["subpage_check"],
+            granularity=config["granularity"],
+            spp_supported=config["spp_supported"],
+            nested=config["nested"],
+            memslots=[tuple(slot) for slot in config["memslots"]],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"state: {path} has a damaged config ({exc})") from None
+    # The region caches hold table-pool indices, which the saved pool keeps: they stay valid.
+    vm.state = _restore(vm.state, arrays, path)
+    return vm
+
+
+def _restore(fresh: L.State, arrays: dict[str, np.ndarray], path: str) -> L.State:
+    """A State from the saved arrays, checked field by field against a fresh VM's."""
+    fields = {}
+    for name in L.State._fields:
+        if name not in arrays:
+            raise InputError(f"state: {path} lacks the array '{name}'")
+        saved, like = arrays[name], getattr(fresh, name)
+        if saved.dtype != like.dtype:
+            raise InputError(f"state: {path}: array '{name}' has dtype {saved.dtype}, "
+                             f"expected {like.dtype}")
+        if name not in _POOL_FIELDS and saved.shape != like.shape:
+            raise InputError(f"state: {path}: array '{name}' has shape {saved.shape}, "
+                             f"expected {like.shape} for this config")
+        fields[name] = saved
+    used = int(fields["scal"][L.SC_NTABLES])
+    pool = fields["tables"]
+    if (pool.ndim != 2 or pool.shape[1:] != fresh.tables.shape[1:] or pool.shape[0] != used
+            or fields["table_kind"].shape != (used,)
+            or fields["table_level"].shape != (used,)):
+        raise InputError(f"state: {path}: the table pool does not match its "
+                         f"{used} tables in use")
+    capacity = max(used, fresh.tables.shape[0])
+    for name in _POOL_FIELDS:
+        saved = fields[name]
+        grown = np.zeros((capacity,) + saved.shape[1:], dtype=saved.dtype)
+        grown[:used] = saved
+        fields[name] = grown
+    for name in L.State._fields:
+        if name not in _POOL_FIELDS:
+            fields[name] = np.array(fields[name], copy=True)  # writable, owned
+    if not np.array_equal(fields["cfg"], fresh.cfg):
+        raise InputError(f"state: {path}: its settings array does not match its config")
+    return L.State(**fields)

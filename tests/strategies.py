@@ -1,0 +1,520 @@
+"""Hypothesis strategies for sppjit's exactness tests: VMs, protections, raw pokes and traces.
+
+A drawn ``Scenario`` is plain data (tuples of ints and strings), so hypothesis prints and
+shrinks it well, and ``Runner`` applies it to a VM through the public API only. Runners keep
+the literal calls they made, which ``reproducer`` turns into a stand-alone Python snippet.
+
+What is generated, and why:
+
+- VMs (``vm_specs``): 1..3 memslots (at most 8192 pages in all) with gaps (sometimes none)
+  between them, bases 512-aligned (so huge pages fit) or not, 1..8 vCPUs, huge pages on/off,
+  subpage_check all/first, granularity spp/page, profile v4; sometimes a tiny initial table
+  pool so that the pool grows in the middle of set_subpages calls and replays.
+- An address space (``spaces``): a few *hot* RAM gfns (memslot edges, 2 MiB-region edges,
+  pairs of neighbours) that the protections and most accesses aim at, so that pages repeat and
+  protected pages are hit; plus MMIO gfns in the gaps, just above the last memslot, and far
+  away (below 2**48 bytes, outside the region caches).
+- Operations between replays (``ops``): ``init`` (KVM_INIT_SPP), ``set`` (KVM_SUBPAGES_SET_ACCESS
+  of 1..64 pages inside one memslot: zero maps, FULL maps, random maps, a few sub-pages
+  cleared, runs of sub-pages cleared; clustered around hot gfns or anywhere in a slot), and raw
+  pokes: clear a level-4/3/2 SPPT entry (SPPT miss), set an odd bit of a leaf vector or a
+  reserved bit of a non-leaf entry (SPPT misconfiguration), write a raw even-bit vector, and
+  rewrite an EPT leaf (clear W; clear W and set bit 61; set W). A poke is applied only where
+  the path exists (checked by walking the tables first); otherwise it is skipped on both VMs.
+- Traces (``traces``): 1..300 reads, writes and fetches of 1..4096 bytes (crossing sub-pages
+  and pages), mostly at hot gfns, some anywhere in a memslot, some MMIO.
+- A scenario (``scenarios``) is a VM plus 1..3 phases; each phase applies its operations, then
+  replays its trace on the state the previous phase left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from hypothesis import strategies as st
+
+from sppjit import bits as B
+from sppjit.errors import InputError, SppError, VmEntryError
+
+FULL = B.FULL_SPP_ACCESS
+PAGES_PER_2M = 512
+MAX_TOTAL_PAGES = 8192
+GFN_TOP = (1 << B.GPA_BITS) >> B.PAGE_SHIFT  # first gfn beyond the 48-bit space
+MAX_TRACE = 300
+
+
+# ------------------------------------------------------------------------------------ data
+@dataclass(frozen=True)
+class VmSpec:
+    memslots: tuple[tuple[int, int], ...]
+    vcpus: int = 1
+    hugepages: bool = False
+    subpage_check: str = "all"
+    granularity: str = "spp"
+    table_capacity: int | None = None  # None: sppjit.vm.DEFAULT_TABLE_CAPACITY
+
+    def kwargs(self) -> dict:
+        return dict(
+            memslots=[tuple(s) for s in self.memslots],
+            vcpus=self.vcpus,
+            profile="v4",
+            hugepages=self.hugepages,
+            subpage_check=self.subpage_check,
+            granularity=self.granularity,
+        )
+
+    def build(self):
+        import sppjit.vm as vm_module
+
+        if self.table_capacity is None:
+            return vm_module.VM(**self.kwargs())
+        saved = vm_module.DEFAULT_TABLE_CAPACITY
+        vm_module.DEFAULT_TABLE_CAPACITY = self.table_capacity
+        try:
+            return vm_module.VM(**self.kwargs())
+        finally:
+            vm_module.DEFAULT_TABLE_CAPACITY = saved
+
+    def slot_of(self, gfn: int) -> int:
+        for i, (base, n) in enumerate(self.memslots):
+            if base <= gfn < base + n:
+                return i
+        return -1
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where a scenario's accesses and protections go."""
+
+    memslots: tuple[tuple[int, int], ...]
+    hot: tuple[int, ...]  # RAM gfns (inside memslots)
+    mmio: tuple[int, ...]  # gfns in no memslot
+
+
+# Operations are tuples, first item the name:
+#   ("init",)
+#   ("set", base_gfn, maps)                        maps: tuple of u32
+#   ("sppt_clear", gfns, vcpu, level)              level 4..2: SPPT miss on the next write
+#   ("sppt_leaf_odd", gfns, vcpu, bit)             odd bit 1..63 of the leaf: misconfiguration
+#   ("sppt_nonleaf_rsvd", gfns, vcpu, level, bit)  reserved bit of a level 4..2 entry
+#   ("sppt_leaf", gfns, vcpu, access_map)          raw leaf = the vector of an access map
+#   ("ept_leaf", gfns, how)                        how: "clear_w", "spp_clear_w", "set_w"
+# A poke's gfns are candidates: it goes to the first whose SPPT path / EPT leaf exists.
+# A trace is a tuple of (gpa, size, vcpu, kind) rows.
+
+
+@dataclass(frozen=True)
+class Phase:
+    ops: tuple = ()
+    trace: tuple = ()
+    batch_size: int = 1 << 20  # used by the batching test for one of the two runs
+
+
+@dataclass(frozen=True)
+class Scenario:
+    vm: VmSpec
+    phases: tuple[Phase, ...] = field(default_factory=tuple)
+
+
+def trace_arrays(rows) -> dict[str, np.ndarray]:
+    """A trace as the dict of numpy columns sppjit reads."""
+    rows = list(rows)
+    return {
+        "gpa": np.array([r[0] for r in rows], dtype=np.uint64),
+        "size": np.array([r[1] for r in rows], dtype=np.uint16),
+        "vcpu": np.array([r[2] for r in rows], dtype=np.uint16),
+        "kind": np.array([r[3] for r in rows], dtype=np.uint8),
+    }
+
+
+# ------------------------------------------------------------------------------------ VMs
+@st.composite
+def memslot_layouts(draw) -> tuple[tuple[int, int], ...]:
+    nslots = draw(st.integers(1, 3))
+    cursor = draw(st.one_of(st.just(0), st.integers(0, 4096), st.integers(0, 1 << 18)))
+    budget = MAX_TOTAL_PAGES
+    slots = []
+    for i in range(nslots):
+        if draw(st.booleans()):
+            cursor = -(-cursor // PAGES_PER_2M) * PAGES_PER_2M  # 2 MiB-aligned base
+        left = budget - (nslots - i - 1)
+        npages = draw(
+            st.one_of(
+                st.sampled_from([n for n in (1, 2, 511, 512, 513, 1024, 1536, 2048) if n <= left]),
+                st.integers(1, left),
+            )
+        )
+        slots.append((cursor, npages))
+        budget -= npages
+        gap = draw(st.one_of(st.just(0), st.integers(1, 16), st.integers(1, 4096)))
+        cursor += npages + gap
+    return tuple(slots)
+
+
+@st.composite
+def vm_specs(draw, max_vcpus: int = 8) -> VmSpec:
+    return VmSpec(
+        memslots=draw(memslot_layouts()),
+        vcpus=draw(st.integers(1, max_vcpus)),
+        hugepages=draw(st.sampled_from([False, False, True])),
+        subpage_check=draw(st.sampled_from(["all", "first"])),
+        granularity=draw(st.sampled_from(["spp", "spp", "page"])),
+        table_capacity=draw(st.one_of(st.none(), st.integers(1, 24))),
+    )
+
+
+# ------------------------------------------------------------------------------------ space
+@st.composite
+def ram_gfns(draw, memslots) -> int:
+    """A gfn inside a memslot, often at an edge (slot, 2 MiB region)."""
+    base, n = draw(st.sampled_from(memslots))
+    candidates = [base, base + n - 1, base + n // 2]
+    for edge in range(-(-base // PAGES_PER_2M) * PAGES_PER_2M, base + n, PAGES_PER_2M):
+        candidates += [edge - 1, edge]
+        if len(candidates) > 12:
+            break
+    candidates = sorted({g for g in candidates if base <= g < base + n})
+    return draw(st.one_of(st.sampled_from(candidates), st.integers(base, base + n - 1)))
+
+
+@st.composite
+def mmio_gfns(draw, memslots) -> int:
+    """A gfn in no memslot: a gap, just above the top, or far away (beyond the caches)."""
+    ordered = sorted(memslots)
+    choices = []
+    for (b0, n0), (b1, _) in zip(ordered, ordered[1:]):
+        if b0 + n0 < b1:
+            choices.append(st.integers(b0 + n0, b1 - 1))
+    if ordered[0][0] > 0:
+        choices.append(st.integers(0, ordered[0][0] - 1))
+    top = ordered[-1][0] + ordered[-1][1]
+    choices.append(st.integers(top, top + 1024))
+    choices.append(st.integers(top, GFN_TOP - 2))
+    return draw(st.one_of(*choices))
+
+
+@st.composite
+def spaces(draw, memslots) -> Space:
+    hot = draw(st.lists(ram_gfns(memslots), min_size=1, max_size=4))
+    if draw(st.booleans()):  # a pair of neighbours, so page-crossing accesses go protected->protected
+        g = hot[0]
+        nb = g + 1 if any(b <= g + 1 < b + n for b, n in memslots) else g - 1
+        if any(b <= nb < b + n for b, n in memslots):
+            hot.append(nb)
+    mmio = draw(st.lists(mmio_gfns(memslots), min_size=0, max_size=3))
+    return Space(memslots=memslots, hot=tuple(dict.fromkeys(hot)), mmio=tuple(dict.fromkeys(mmio)))
+
+
+# ------------------------------------------------------------------------------------ protections
+def access_maps() -> st.SearchStrategy[int]:
+    return st.one_of(
+        st.just(0),
+        st.just(FULL),
+        st.integers(0, FULL),
+        # a hook on a few fields: FULL with some sub-pages write-protected
+        st.sets(st.integers(0, 31), min_size=1, max_size=4).map(lambda s: FULL & ~sum(1 << i for i in s)),
+        # a run of protected sub-pages
+        st.tuples(st.integers(0, 31), st.integers(1, 32)).map(lambda t: FULL & ~(((1 << t[1]) - 1) << t[0]) & FULL),
+    )
+
+
+@st.composite
+def set_ops(draw, space: Space) -> tuple:
+    if draw(st.integers(0, 3)) < 3:  # clustered around a hot gfn
+        g = draw(st.sampled_from(space.hot))
+        base_slot, n_slot = next((b, n) for b, n in space.memslots if b <= g < b + n)
+        base = max(base_slot, g - draw(st.integers(0, 3)))
+    else:  # anywhere in a slot
+        base_slot, n_slot = draw(st.sampled_from(space.memslots))
+        base = draw(st.integers(base_slot, base_slot + n_slot - 1))
+    limit = min(B.SUBPAGE_MAX_BITMAP, base_slot + n_slot - base)
+    npages = draw(st.one_of(st.integers(1, min(4, limit)), st.integers(1, limit)))
+    if draw(st.booleans()):
+        maps = (draw(access_maps()),) * npages  # one map for the whole run
+    else:
+        maps = tuple(draw(st.lists(access_maps(), min_size=npages, max_size=npages)))
+    return ("set", base, maps)
+
+
+def vcpu_ids(vcpus: int) -> st.SearchStrategy[int]:
+    """vCPU indices, vCPU 0 more often (so pokes and accesses meet on one vCPU's SPPT)."""
+    if vcpus == 1:
+        return st.just(0)
+    return st.one_of(st.just(0), st.integers(0, vcpus - 1))
+
+
+@st.composite
+def poke_ops(draw, space: Space, vcpus: int) -> tuple:
+    k = draw(st.integers(0, len(space.hot) - 1))
+    g = space.hot[k:] + space.hot[:k]  # candidates: the first with a path is poked
+    v = draw(vcpu_ids(vcpus))
+    what = draw(st.sampled_from(["sppt_clear", "sppt_clear", "sppt_leaf_odd", "sppt_nonleaf_rsvd", "sppt_leaf", "ept_leaf"]))
+    if what == "sppt_clear":
+        return (what, g, v, draw(st.sampled_from([2, 2, 3, 4])))
+    if what == "sppt_leaf_odd":
+        return (what, g, v, 2 * draw(st.integers(0, 31)) + 1)
+    if what == "sppt_nonleaf_rsvd":
+        bit = draw(st.one_of(st.integers(1, 11), st.integers(B.MAXPHYADDR, 51), st.integers(52, 63)))
+        return (what, g, v, draw(st.sampled_from([2, 3, 4])), bit)
+    if what == "sppt_leaf":
+        return (what, g, v, draw(access_maps()))
+    return (what, g, draw(st.sampled_from(["clear_w", "spp_clear_w", "set_w"])))
+
+
+def ops(space: Space, vcpus: int, pokes: bool = True) -> st.SearchStrategy[tuple]:
+    choices = [st.just(("init",)), set_ops(space), set_ops(space)]
+    if pokes:
+        choices += [poke_ops(space, vcpus)] * 3
+    return st.one_of(*choices)
+
+
+# ------------------------------------------------------------------------------------ traces
+OFFSETS = st.one_of(
+    st.sampled_from([0, 1, 127, 128, 255, 2048, 4000, 4088, 4095]),
+    st.integers(0, 31).map(lambda i: i * B.SUBPAGE_SIZE),
+    st.integers(0, B.PAGE_SIZE - 1),
+)
+SIZES = st.one_of(
+    st.sampled_from([1, 2, 4, 8, 16, 64, 128, 129, 256, 4096]),
+    st.integers(1, 16),
+    st.integers(1, 4096),
+)
+KINDS = st.sampled_from([B.ACCESS_READ, B.ACCESS_WRITE, B.ACCESS_WRITE, B.ACCESS_WRITE, B.ACCESS_FETCH])
+
+
+@st.composite
+def accesses(draw, space: Space, vcpus: int) -> tuple[int, int, int, int]:
+    # Mostly hot pages; "ram" = anywhere in a memslot; MMIO gfns when the space has some.
+    pool = list(space.hot) * 4 + ["ram"] + list(space.mmio)
+    gfn = draw(st.sampled_from(pool))
+    if gfn == "ram":
+        gfn = draw(ram_gfns(space.memslots))
+    gpa = gfn * B.PAGE_SIZE + draw(OFFSETS)
+    size = min(draw(SIZES), (1 << B.GPA_BITS) - gpa)
+    return (gpa, size, draw(vcpu_ids(vcpus)), draw(KINDS))
+
+
+@st.composite
+def traces(draw, space: Space, vcpus: int, max_size: int = MAX_TRACE) -> tuple:
+    """1..max_size accesses; the length is drawn first, so long traces are common (a plain
+    st.lists averages a handful of elements) and shrinking shortens them."""
+    n = draw(st.one_of(st.integers(1, min(20, max_size)), st.integers(1, max_size)))
+    return tuple(draw(st.lists(accesses(space, vcpus), min_size=n, max_size=n)))
+
+
+# ------------------------------------------------------------------------------------ scenarios
+@st.composite
+def scenarios(draw, max_phases: int = 3, pokes: bool = True, max_trace: int = MAX_TRACE,
+              batch_sizes: bool = False, max_total: int = 2 * MAX_TRACE) -> Scenario:
+    """A VM and 1..max_phases phases of operations and traces (at most max_total accesses in
+    all: hypothesis bounds the data one example may draw)."""
+    spec = draw(vm_specs())
+    space = draw(spaces(spec.memslots))
+    nphases = draw(st.integers(1, max_phases))
+    phases = []
+    budget = max_total
+    for p in range(nphases):
+        op_list = []
+        if p == 0 and draw(st.integers(0, 7)) < 7:  # shrinks towards "SPP on before the trace"
+            op_list.append(("init",))
+            op_list += draw(st.lists(set_ops(space), min_size=1, max_size=3))
+        # (no pokes before the first trace: nothing is mapped yet, so no path to poke exists)
+        op_list += draw(st.lists(ops(space, spec.vcpus, pokes and p > 0), max_size=4))
+        batch = draw(st.integers(1, 50)) if batch_sizes else 1 << 20
+        trace = draw(traces(space, spec.vcpus, max(1, min(max_trace, budget - (nphases - p - 1)))))
+        budget -= len(trace)
+        phases.append(Phase(ops=tuple(op_list), trace=trace, batch_size=batch))
+    return Scenario(vm=spec, phases=tuple(phases))
+
+
+# ------------------------------------------------------------------------------------ running
+def _sppt_path(vm, gpa: int, vcpu: int) -> dict[int, int]:
+    """{level: entry} of the SPPT path of ``gpa`` in ``vcpu``'s tree (mmu->sppt_root), as far
+    as it exists; level 1 (the leaf vector) only when levels 4..2 are all present."""
+    st_ = vm.state
+    root = int(st_.sppt_root[vcpu])
+    out: dict[int, int] = {}
+    if root < 0:
+        return out
+    t = root
+    ntables = int(st_.scal[0])
+    for level in (4, 3, 2):
+        e = int(st_.tables[t, B.level_index(gpa, level)])
+        out[level] = e
+        if not e & B.SPPT_PRESENT_MASK:
+            return out
+        t = ((e & B.PT64_BASE_ADDR_MASK & ~B.EPT_ADDR_RESERVED_MASK) - B.TABLE_POOL_HPA) >> B.PAGE_SHIFT
+        if not 0 <= t < ntables:
+            return out
+    out[1] = int(st_.tables[t, B.level_index(gpa, 1)])
+    return out
+
+
+def _ept_leaf(vm, gpa: int) -> int | None:
+    """The present RAM leaf (4 KiB or huge) mapping ``gpa``, None if there is none."""
+    st_ = vm.state
+    t = int(st_.scal[1])  # SC_EPT_ROOT
+    ntables = int(st_.scal[0])
+    for level in (4, 3, 2, 1):
+        e = int(st_.tables[t, B.level_index(gpa, level)])
+        if not e & B.VMX_EPT_READABLE_MASK:
+            return None
+        if level == 1 or e & B.PT_PAGE_SIZE_MASK:
+            return e
+        t = ((e & B.PT64_BASE_ADDR_MASK) - B.TABLE_POOL_HPA) >> B.PAGE_SHIFT
+        if not 0 <= t < ntables:
+            return None
+    return None
+
+
+def _poke_one(vm, op, gfn: int) -> str | None:
+    """The literal poke call of ``op`` aimed at ``gfn`` on this VM's state (None: no path)."""
+    name = op[0]
+    gpa = gfn << B.PAGE_SHIFT
+    if name == "ept_leaf":
+        how = op[2]
+        e = _ept_leaf(vm, gpa)
+        if e is None:
+            return None
+        if how == "clear_w":
+            value = e & ~B.VMX_EPT_WRITABLE_MASK
+        elif how == "spp_clear_w":
+            value = (e & ~B.VMX_EPT_WRITABLE_MASK) | B.PT64_SPP_MASK
+        else:
+            value = e | B.VMX_EPT_WRITABLE_MASK
+        return f"vm.poke_ept_leaf({gpa:#x}, {value:#x})"
+    vcpu = op[2]
+    path = _sppt_path(vm, gpa, vcpu)
+    if name == "sppt_clear":
+        level = op[3]
+        if not path.get(level, 0) & B.SPPT_PRESENT_MASK:
+            return None
+        return f"vm.poke_sppt({gpa:#x}, {level}, 0, vcpu={vcpu})"
+    if name == "sppt_nonleaf_rsvd":
+        level, bit = op[3], op[4]
+        if not path.get(level, 0) & B.SPPT_PRESENT_MASK:
+            return None
+        return f"vm.poke_sppt({gpa:#x}, {level}, {path[level] | (1 << bit):#x}, vcpu={vcpu})"
+    if 1 not in path:
+        return None
+    if name == "sppt_leaf_odd":
+        return f"vm.poke_sppt({gpa:#x}, 1, {path[1] | (1 << op[3]):#x}, vcpu={vcpu})"
+    if name == "sppt_leaf":
+        return f"vm.poke_sppt({gpa:#x}, 1, {B.access_map_to_vector(op[3]):#x}, vcpu={vcpu})"
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def _poke_call(vm, op) -> str | None:
+    """A poke goes to the first of its candidate gfns (op[1]) whose path exists on this VM's
+    current state; None when none has one (the poke is skipped, on both VMs alike)."""
+    for gfn in op[1]:
+        call = _poke_one(vm, op, gfn)
+        if call is not None:
+            return call
+    return None
+
+
+def op_call(vm, op) -> str | None:
+    """The literal API call of an operation on ``vm`` now (None: a poke with no path)."""
+    if op[0] == "init":
+        return "vm.init_spp()"
+    if op[0] == "set":
+        maps = op[2]
+        if len(set(maps)) == 1:
+            return f"vm.set_subpages({op[1]:#x}, [{maps[0]:#x}] * {len(maps)})"
+        return f"vm.set_subpages({op[1]:#x}, [{', '.join(f'{m:#x}' for m in maps)}])"
+    return _poke_call(vm, op)
+
+
+def run_call(vm, call: str):
+    """Run one literal call on ``vm``: ("ok", value) or ("raised", type, errno, message)."""
+    try:
+        value = eval(call, {"__builtins__": {}}, {"vm": vm})  # our own literal calls only
+    except (SppError, InputError, VmEntryError) as exc:
+        return ("raised", type(exc).__name__, getattr(exc, "errno", None), str(exc))
+    return ("ok", value)
+
+
+@dataclass
+class PhaseResult:
+    result: object = None  # ReplayResult
+    error: tuple | None = None  # (type name, message) when the replay raised
+
+
+class Runner:
+    """One VM driven through a scenario's phases with one engine and batch size."""
+
+    def __init__(self, spec: VmSpec, engine: str, batch_size: int | None = None):
+        self.vm = spec.build()
+        self.engine = engine
+        self.batch_size = batch_size  # None: each phase's own batch_size
+
+    def apply_ops(self, phase: Phase) -> list:
+        """Apply the phase's operations: [(literal call, run_call result)], skipped pokes left out."""
+        out = []
+        for op in phase.ops:
+            call = op_call(self.vm, op)
+            if call is not None:
+                out.append((call, run_call(self.vm, call)))
+        return out
+
+    def replay(self, phase: Phase) -> PhaseResult:
+        from sppjit.reference import ModelLivelock
+        from sppjit.replay import replay
+
+        res = PhaseResult()
+        batch = phase.batch_size if self.batch_size is None else self.batch_size
+        try:
+            res.result = replay(self.vm, trace_arrays(phase.trace), engine=self.engine, batch_size=batch)
+        except (ModelLivelock, VmEntryError, InputError) as exc:
+            res.error = (type(exc).__name__, str(exc))
+        return res
+
+
+def state_arrays(vm) -> dict[str, np.ndarray]:
+    """Everything the two engines must leave identical in a VM's state."""
+    st_ = vm.state
+    n = int(st_.scal[0])  # SC_NTABLES
+    return {
+        "tables": st_.tables[:n],
+        "table_kind": st_.table_kind[:n],
+        "table_level": st_.table_level[:n],
+        "vmcs": st_.vmcs,
+        "requests": st_.requests,
+        "maps": st_.maps,
+        "sppt_root": st_.sppt_root,
+        "scal": st_.scal,
+    }
+
+
+def reproducer(scn: Scenario, calls_per_phase: list[list[str]], runs=(("reference", 1 << 20), ("jit", 1 << 20)),
+               log_capacity: int | None = None) -> str:
+    """A stand-alone snippet that replays ``scn`` on two VMs (``runs``: engine and batch size of
+    each, None for the phase's own batch size) and prints whether they agree."""
+    spec = scn.vm
+    lines = ["import numpy as np", "import sppjit", "import sppjit.vm, sppjit.replay", "from sppjit.replay import replay", ""]
+    if spec.table_capacity is not None:
+        lines.append(f"sppjit.vm.DEFAULT_TABLE_CAPACITY = {spec.table_capacity}")
+    if log_capacity is not None:
+        lines.append(f"sppjit.replay.EXIT_LOG_CAPACITY = {log_capacity}")
+    kw = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs().items())
+    lines.append(f"vms = [sppjit.VM({kw}) for _ in range(2)]")
+    lines.append("def T(rows):")
+    lines.append("    g, s, v, k = zip(*rows)")
+    lines.append("    return dict(gpa=np.array(g, np.uint64), size=np.array(s, np.uint16), "
+                 "vcpu=np.array(v, np.uint16), kind=np.array(k, np.uint8))")
+    for p, (phase, calls) in enumerate(zip(scn.phases, calls_per_phase)):
+        rows = ", ".join(f"({g:#x}, {s}, {v}, {k})" for g, s, v, k in phase.trace)
+        lines.append(f"# phase {p}")
+        lines.append(f"trace = T([{rows}])")
+        lines.append("res = []")
+        concrete = [(e, phase.batch_size if b is None else b) for e, b in runs]
+        lines.append(f"for vm, (engine, batch) in zip(vms, {concrete!r}):")
+        for c in calls:
+            lines.append(f"    {c}")
+        lines.append("    res.append(replay(vm, trace, engine=engine, batch_size=batch))")
+        lines.append("a, b = res")
+        lines.append("print(a.table.equals(b.table), a.exits.equals(b.exits))")
+        lines.append("print(a.exits.to_pylist()); print(b.exits.to_pylist())")
+    return "\n".join(lines) + "\n"
