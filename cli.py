@@ -1,4 +1,4 @@
-"""The sppjit command line (typer): ``sppjit replay``, ``sppjit generate``, ``sppjit inspect``.
+"""The sppjit command line (typer): ``sppjit replay``, ``generate``, ``inspect`` and ``bench``.
 
 Each command lives in its own module under sppjit/commands/ and is mounted here. Errors are
 mapped to exit codes in ONE place, ``SppjitGroup.main``, which both the ``sppjit`` entry point
@@ -29,6 +29,7 @@ import typer
 from typer.core import TyperGroup
 
 from sppjit import __version__
+from sppjit.commands import bench as _bench
 from sppjit.commands import generate as _generate
 from sppjit.commands import inspect as _inspect
 from sppjit.commands import replay as _replay
@@ -162,6 +163,7 @@ app.command("generate", no_args_is_help=True, help=_generate.HELP,
             epilog=_generate.EPILOG)(_generate.generate)
 app.command("inspect", no_args_is_help=True, help=_inspect.HELP,
             epilog=_inspect.EPILOG)(_inspect.inspect)
+app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

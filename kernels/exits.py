@@ -10,24 +10,19 @@ import numpy as np
 from sppjit import bits as B
 
 from ._jit import U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, FULL_ACCESS_U32, inline, kernel
-from .layout import CF_GRANULARITY, CF_PROFILE, GRAN_PAGE, PROFILE_V12
-from .mmu import (
+from .layout import CF_GRANULARITY, GRAN_PAGE
+from .mmu import (  # noqa: F401  (kvm_exit_spp_code: re-exported, it lives in the v4/v12 seam)
     RESUME,
     access_map_of,
     ept_leaf,
+    handle_spp_miss,
+    kvm_exit_spp_code,
     kvm_install_mmio,
     kvm_map_gfn,
-    map_to_vector,
     memslot_of,
-    sppt_setup_structure,
 )
 
 _U_MISS = np.uint64(B.SPPT_INDUCED_EXIT_TYPE)
-
-
-@inline
-def kvm_exit_spp_code(st):
-    return B.KVM_EXIT_SPP_V12 if st.cfg[CF_PROFILE] == PROFILE_V12 else B.KVM_EXIT_SPP_V4
 
 
 @inline
@@ -44,11 +39,8 @@ def kvm_handle_exit(st, v, reason, qual, gpa, kind):
         return B.EXIT_KIND_MMIO, B.KVM_EXIT_MMIO, B.OUTCOME_MMIO
     if reason == B.EXIT_REASON_SPP:
         if (qual & _U_MISS) != U0:
-            # v4 handle_spp: build the path for this vCPU only, leaf = the stored map.
-            m = access_map_of(st, gfn)
-            root = st.sppt_root[v]
-            if root >= 0:
-                sppt_setup_structure(st, root, gfn, map_to_vector(m))
+            # handle_spp: v4 builds this vCPU's path, v12 fills the 2 MiB block (kernels.mmu).
+            handle_spp_miss(st, v, gfn)
             return B.EXIT_KIND_SPP_MISS, 0, RESUME
         # WARN_ON and KVM_EXIT_UNKNOWN with hardware_exit_reason = 66.
         return B.EXIT_KIND_SPP_MISCONFIG, B.KVM_EXIT_UNKNOWN, B.OUTCOME_SPP_MISCONFIG
@@ -69,7 +61,9 @@ def kvm_handle_exit(st, v, reason, qual, gpa, kind):
                 return B.EXIT_KIND_WRITE_PROTECT, B.KVM_EXIT_MEMORY_FAULT, B.OUTCOME_WRITE_PROTECT_VIOLATION
         elif (e & U_SPP) != U0:
             # fast_page_fault: a write fault on an SPTE with the SPP bit is a sub-page
-            # violation: KVM_EXIT_SPP; the instruction is skipped, the write dropped.
+            # violation: KVM_EXIT_SPP (28 in v4, 29 in v12). v4 skips the instruction; v12
+            # reports its length and lets userspace decide, and sppjit's userspace skips it:
+            # in both profiles the write is dropped.
             return B.EXIT_KIND_SPP_VIOLATION, kvm_exit_spp_code(st), B.OUTCOME_SPP_VIOLATION
         # A page KVM itself left write-protected: make it writable and retry.
         st.tables[t, i] = e | U_W

@@ -28,10 +28,12 @@ from ._jit import (
     U_PT_INDEX_MASK,
     U_PHYS_LIMIT,
     U_R,
+    U_REMAP_HPA,
     U_RWX,
     U_SEC_EPT,
     U_SEC_SPP,
     U_SPP,
+    U_FULL_VECTOR,
     U_SPPT_PRESENT,
     U_TABLE_POOL_HPA,
     U_W,
@@ -43,12 +45,16 @@ from .layout import (
     CACHE_INVALID,
     CF_GRANULARITY,
     CF_HUGEPAGES,
+    CF_PROFILE,
     GRAN_PAGE,
+    PROFILE_V12,
     REQ_LOAD_CR3,
     SC_EPT_ROOT,
     SC_MMIO_PAGES,
     SC_NTABLES,
     SC_NVCPUS,
+    SC_REMAP_NEXT,
+    SC_SHARED_SPPT_ROOT,
     SC_SPP_ACTIVE,
     SC_TLB_FLUSHES,
     TABLE_EPT,
@@ -247,6 +253,22 @@ def zap_leaf(st, t, i, gfn):
 
 # ------------------------------------------------------------------ SPPT
 @inline
+def sppt_relink(st, e, lvl):
+    """v12: an SPPT entry of ``lvl`` whose present bit spp_flush_sppt cleared still holds the
+    address of its level-1 table; kvm_spp_setup_structure re-sets bit 0 instead of allocating.
+
+    Returns the pool index of that table, -1 when ``e`` is not such an entry (v4 never re-uses:
+    its non-present entries are zeros, or hand-poked values that must not be trusted).
+    """
+    if st.cfg[CF_PROFILE] != PROFILE_V12 or lvl != 2:
+        return -1
+    n = hpa_table(st, e)
+    if n < 0 or st.table_kind[n] != TABLE_SPPT or st.table_level[n] != 1:
+        return -1
+    return n
+
+
+@inline
 def sppt_setup_structure(st, root, gfn, vector):
     """kvm_mmu_setup_spp_structure: build the path of ``gfn`` under ``root`` and write its leaf."""
     gpa = gfn << U_PAGE_SHIFT
@@ -255,7 +277,9 @@ def sppt_setup_structure(st, root, gfn, vector):
         i = level_index(gpa, lvl)
         e = st.tables[t, i]
         if (e & U_SPPT_PRESENT) == U0:
-            n = alloc_table(st, TABLE_SPPT, lvl - 1)
+            n = sppt_relink(st, e, lvl)
+            if n < 0:
+                n = alloc_table(st, TABLE_SPPT, lvl - 1)
             st.tables[t, i] = table_hpa(n) | U_SPPT_PRESENT
             t = n
         else:
@@ -274,26 +298,161 @@ def sppt_setup_all_vcpus(st, gfn, vector):
             sppt_setup_structure(st, root, gfn, vector)
 
 
-# ------------------------------------------------------------------ protection of one leaf
+# ------------------------------------------------------------------ the v4 / v12 seam
+# Every rule in which profile v4 (the seed, RESEND v4 Aug 2019) and profile v12 (May 2020)
+# differ is one of the functions below, named after the v12 function that changed it
+# (semantics.md section 4; research 4.6). The page-granular baseline (section 5) is the same
+# in both profiles: it is a monitor's page tracking, not the SPP series. The control-plane
+# half of the seam (KVM_INIT_SPP vs KVM_ENABLE_CAP, the uAPI struct, the page limit) is in
+# sppjit.vm (_kvm_init_spp / _spp_init) and sppjit.abi.
 @inline
-def protect_leaf(st, e, m):
-    """The 4 KiB leaf ``e`` after applying map ``m`` (v4 set / lazy path; page mode)."""
-    if st.cfg[CF_GRANULARITY] == GRAN_PAGE:
+def is_v12(st):
+    return st.cfg[CF_PROFILE] == PROFILE_V12
+
+
+@inline
+def spp_granular(st):
+    """SPP at 128-byte granularity (not the page-granular baseline)."""
+    return st.cfg[CF_GRANULARITY] != GRAN_PAGE
+
+
+@inline
+def kvm_exit_spp_code(st):
+    """The KVM_EXIT_* of a sub-page write violation: KVM_EXIT_SPP is 28 in v4, 29 in v12."""
+    return B.KVM_EXIT_SPP_V12 if st.cfg[CF_PROFILE] == PROFILE_V12 else B.KVM_EXIT_SPP_V4
+
+
+@inline
+def check_spp_protection(st, slot, gfn):
+    """Whether the EPT fault path may map ``gfn`` with a 2 MiB leaf (the region fits its slot).
+
+    v4: always (huge pages silently leave protected gfns writable, v4 8/9). v12
+    check_spp_protection, and the page baseline (KVM's page_track check): not when any gfn of
+    the 2 MiB region is protected.
+    """
+    if is_v12(st) or not spp_granular(st):
+        return not region_has_protected_gfn(st, slot, gfn)
+    return True
+
+
+@inline
+def kvm_spp_mark_protection(st, gfn, e, m):
+    """The 4 KiB leaf ``e`` of ``gfn`` after KVM applies map ``m`` (set path, and the fault path
+    for m != FULL).
+
+    Page baseline: W off for a protected page, W on for FULL.
+    v4 (kvm_mmu_set_subpages / the lazy path): m != FULL -> W off, bit 61 on, and the SPPT leaf
+    built at once in every vCPU's tree; FULL -> bit 61 off and W on.
+    v12 kvm_spp_mark_protection: m != FULL -> W off, bit 61 on; FULL -> bit 61 off and W off
+    too: v12 write-protects the SPTE (spte_write_protect) and leaves it so, the next write
+    takes one wp_fault exit that sets W (research 4.6; the brief's reading). v12 never builds
+    SPPT entries here: the next eligible write misses and handle_spp fills the block.
+    """
+    if not spp_granular(st):
         if m != FULL_ACCESS_U32:
             return e & ~U_W
         return e | U_W
+    if is_v12(st):
+        if m != FULL_ACCESS_U32:
+            return (e & ~U_W) | U_SPP
+        return e & ~(U_W | U_SPP)
     if m != FULL_ACCESS_U32:
+        sppt_setup_all_vcpus(st, gfn, map_to_vector(m))
         return (e & ~U_W) | U_SPP
     return (e & ~U_SPP) | U_W
 
 
 @inline
+def spp_zap_huge_on_set(st, m):
+    """Whether set zaps a 2 MiB leaf over a gfn getting map ``m`` (so it re-faults at 4 KiB):
+    v12 and the page baseline for m != FULL; v4 never (it logs "No EPT entry" only)."""
+    if m == FULL_ACCESS_U32:
+        return False
+    return is_v12(st) or not spp_granular(st)
+
+
+@inline
+def spp_flush_sppt(st, gfn):
+    """v12 spp_flush_sppt: clear bit 0 of the level-2 SPPT entry covering ``gfn`` in the shared
+    tree (its address bits stay), so the next eligible write there takes an SPPT miss.
+
+    v4 builds SPPT leaves eagerly instead: nothing to flush. Clearing a present non-leaf entry
+    makes every vCPU's cached level-1 table of the region stale: their cache rows are reset.
+    """
+    if not is_v12(st) or not spp_granular(st):
+        return
+    root = st.scal[SC_SHARED_SPPT_ROOT]
+    if root < 0:
+        return
+    gpa = gfn << U_PAGE_SHIFT
+    t = root
+    for lvl in range(4, 2, -1):
+        e = st.tables[t, level_index(gpa, lvl)]
+        if (e & U_SPPT_PRESENT) == U0:
+            return
+        t = hpa_table(st, e)
+        if t < 0:
+            return
+    i = level_index(gpa, 2)
+    e = st.tables[t, i]
+    if (e & U_SPPT_PRESENT) != U0:
+        st.tables[t, i] = e & ~U_SPPT_PRESENT
+        r = np.int64(gfn >> np.uint64(9))
+        if r < st.sppt_cache.shape[1]:
+            for v in range(st.sppt_cache.shape[0]):
+                st.sppt_cache[v, r] = CACHE_INVALID
+
+
+@inline
+def handle_spp_miss(st, v, gfn):
+    """handle_spp for an SPPT miss of vCPU ``v`` on ``gfn``.
+
+    v4: build the path of this gfn in this vCPU's tree only, leaf = the stored map's vector.
+    v12: under mmu_lock, fill the leaves of every gfn of the 2 MiB block whose map != FULL, in
+    the shared tree (an invalidated level-2 entry is re-linked to its table). Leaves of FULL
+    gfns are left as they are: v12 sets up only != FULL gfns, and a FULL gfn never has bit 61
+    (v12 set and the fault path clear it), so the hardware never reads those leaves. One
+    guard where v12 is silent: if the faulting gfn itself reads FULL (bit 61 set by hand, or
+    the memslot-free quirk cleared spp_active), its own leaf is set to FULL_SPP_VECTOR too, so
+    the guest's retry completes instead of missing forever.
+    """
+    if not is_v12(st):
+        m = access_map_of(st, gfn)
+        root = st.sppt_root[v]
+        if root >= 0:
+            sppt_setup_structure(st, root, gfn, map_to_vector(m))
+        return
+    root = st.scal[SC_SHARED_SPPT_ROOT]
+    if root < 0:
+        return
+    first = gfn & ~np.uint64(511)
+    for k in range(512):
+        g = first + np.uint64(k)
+        m = access_map_of(st, g)
+        if m != FULL_ACCESS_U32:
+            sppt_setup_structure(st, root, g, map_to_vector(m))
+    if access_map_of(st, gfn) == FULL_ACCESS_U32:
+        sppt_setup_structure(st, root, gfn, U_FULL_VECTOR)
+
+
+@inline
+def kvm_spp_free_memslot(st):
+    """v12 kvm_spp_free_memslot frees the slot's maps and clears spp_active for the whole VM
+    (a quirk of the posting). Returns 1 when that switched SPP off. v4 only frees the maps.
+    The page baseline is not the SPP series: no quirk there either."""
+    if is_v12(st) and spp_granular(st) and st.scal[SC_SPP_ACTIVE] != 0:
+        st.scal[SC_SPP_ACTIVE] = 0
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------ EPT fault, MMIO, set/get
+@inline
 def kvm_map_gfn(st, gfn, slot):
-    """The EPT fault path (tdp_page_fault + v4 8/9 lazy SPP): map a RAM gfn, protect it."""
+    """The EPT fault path (tdp_page_fault + lazy SPP): map a RAM gfn, protect it."""
     huge = st.cfg[CF_HUGEPAGES] != 0 and region_fits_memslot(st, slot, gfn)
-    if huge and st.cfg[CF_GRANULARITY] == GRAN_PAGE:
-        # Page tracking never maps a tracked gfn with a huge leaf (KVM's page_track check).
-        huge = not region_has_protected_gfn(st, slot, gfn)
+    if huge:
+        huge = check_spp_protection(st, slot, gfn)
     if huge:
         t = ept_table_for(st, gfn, 2, True)
         i = level_index(gfn << U_PAGE_SHIFT, 2)
@@ -310,9 +469,7 @@ def kvm_map_gfn(st, gfn, slot):
     if st.scal[SC_SPP_ACTIVE] != 0:
         m = st.maps[map_slot(st, slot, gfn)]
         if m != FULL_ACCESS_U32:
-            e = protect_leaf(st, e, m)
-            if st.cfg[CF_GRANULARITY] != GRAN_PAGE:
-                sppt_setup_all_vcpus(st, gfn, map_to_vector(m))
+            e = kvm_spp_mark_protection(st, gfn, e, m)
     st.tables[t, i] = e
 
 
@@ -326,33 +483,37 @@ def kvm_install_mmio(st, gfn):
     st.scal[SC_MMIO_PAGES] += 1
 
 
-@inline
+@kernel
 def kvm_set_subpages(st, base_gfn, access_maps, npages):
-    """kvm_mmu_set_subpages (v4) for ``npages`` gfns from ``base_gfn``.
+    """kvm_mmu_set_subpages (v4) / kvm_spp_set_permission (v12) for ``npages`` gfns.
 
     Returns the number of gfns applied: npages on success, k < npages when gfn base+k has no
-    memslot (-EFAULT; the k earlier gfns stay applied: no rollback).
+    memslot (-EFAULT; the k earlier gfns stay applied: no rollback, in both profiles).
+    v12's order: (1) spp_flush_sppt over the gfns, (2) store the maps, (3) mark the EPT
+    leaves; marking a gfn reads only its own map, so storing each map right after marking
+    it (v4's order) gives the same state. v4: spp_flush_sppt does nothing.
     """
-    page_mode = st.cfg[CF_GRANULARITY] == GRAN_PAGE
+    done = npages
     for k in range(npages):
+        if memslot_of(st, base_gfn + np.uint64(k)) < 0:
+            done = k
+            break
+    for k in range(done):
+        spp_flush_sppt(st, base_gfn + np.uint64(k))
+    for k in range(done):
         gfn = base_gfn + np.uint64(k)
         s = memslot_of(st, gfn)
-        if s < 0:
-            return k
         m = np.uint32(access_maps[k])
         t, i, level = ept_leaf(st, gfn)
         if level == 1:
-            st.tables[t, i] = protect_leaf(st, st.tables[t, i], m)
-            if m != FULL_ACCESS_U32 and not page_mode:
-                sppt_setup_all_vcpus(st, gfn, map_to_vector(m))
-        elif level == 2 and page_mode and m != FULL_ACCESS_U32:
-            # The baseline re-faults the region at 4 KiB so the page can be write-protected.
+            st.tables[t, i] = kvm_spp_mark_protection(st, gfn, st.tables[t, i], m)
+        elif level == 2 and spp_zap_huge_on_set(st, m):
             zap_leaf(st, t, i, gfn)
         st.maps[map_slot(st, s, gfn)] = m
-    return npages
+    return done
 
 
-@inline
+@kernel
 def kvm_get_subpages(st, base_gfn, out, npages):
     """kvm_mmu_get_subpages: copy the maps; returns k < npages at the first gfn with no memslot."""
     for k in range(npages):
@@ -362,6 +523,100 @@ def kvm_get_subpages(st, base_gfn, out, npages):
             return k
         out[k] = st.maps[map_slot(st, s, gfn)]
     return npages
+
+
+# ------------------------------------------------------------------ host side: MMU notifiers, memslots
+@inline
+def invalidate_span(st, gfn, lvl):
+    """Reset the EPT region cache of every 2 MiB region under one entry of ``lvl`` at ``gfn``."""
+    if lvl <= 2:
+        invalidate_region(st, gfn)
+        return
+    r0 = np.int64(gfn >> np.uint64(9)) & ~np.int64((1 << (9 * (lvl - 2))) - 1)
+    r1 = min(r0 + np.int64(1 << (9 * (lvl - 2))), np.int64(st.ept_cache.shape[0]))
+    for r in range(r0, r1):
+        st.ept_cache[r] = CACHE_INVALID
+
+
+@inline
+def zap_range(st, gfn0, npages, remap):
+    """Walk the EPT leaves over gfns gfn0 .. gfn0+npages-1 (skipping absent subtrees).
+
+    ``remap`` False: the MMU-notifier invalidate (kvm_unmap_hva_range): every present leaf goes,
+    a huge leaf covering any of the range whole, MMIO entries too. ``remap`` True: change_pte
+    (kvm_set_pte_rmapp): each 4 KiB RAM leaf gets the next host page (REMAP_HPA + 4096 k),
+    loses W, and gets bit 61 back when SPP (granularity spp) is active and its map != FULL;
+    a huge leaf touched is zapped; MMIO entries are left alone. Returns the entries changed.
+    """
+    changed = 0
+    gfn = gfn0
+    end = gfn0 + np.uint64(npages)
+    while gfn < end:
+        t = st.scal[SC_EPT_ROOT]
+        gpa = gfn << U_PAGE_SHIFT
+        span = np.uint64(1)
+        for lvl in range(4, 0, -1):
+            span = np.uint64(1) << np.uint64(9 * (lvl - 1))
+            i = level_index(gpa, lvl)
+            e = st.tables[t, i]
+            if (e & U_RWX) == U0:
+                break
+            if lvl == 1 or (lvl <= 3 and (e & U_PS) != U0):
+                if not remap:
+                    st.tables[t, i] = U0
+                    invalidate_span(st, gfn, lvl)
+                    changed += 1
+                elif is_shadow_present(e):
+                    if lvl > 1:
+                        st.tables[t, i] = U0
+                        invalidate_span(st, gfn, lvl)
+                    else:
+                        k = np.uint64(st.scal[SC_REMAP_NEXT])
+                        st.scal[SC_REMAP_NEXT] += 1
+                        n = ((e & ~U_ADDR) | (U_REMAP_HPA + (k << U_PAGE_SHIFT))) & ~U_W
+                        if spp_granular(st) and access_map_of(st, gfn) != FULL_ACCESS_U32:
+                            n |= U_SPP
+                        st.tables[t, i] = n
+                    changed += 1
+                break
+            t = hpa_table(st, e)
+            if t < 0:
+                break
+        gfn = (gfn | (span - np.uint64(1))) + np.uint64(1)
+    return changed
+
+
+@kernel
+def kvm_zap_range(st, gfn0, npages):
+    """MMU-notifier invalidate of ``npages`` gfns from ``gfn0``; the SPPT is untouched (level-1
+    SPPT pages have no rmaps). The next access faults and the lazy path re-applies protection
+    from the stored maps. Returns the EPT entries removed."""
+    return zap_range(st, gfn0, npages, False)
+
+
+@kernel
+def kvm_remap_range(st, gfn0, npages):
+    """MMU-notifier change_pte over ``npages`` gfns from ``gfn0`` (v4 9/9, v12 08/11: the same
+    in both profiles). A later write to an unprotected remapped page takes one wp_fault exit
+    that sets W again. Returns the EPT entries changed."""
+    return zap_range(st, gfn0, npages, True)
+
+
+@kernel
+def kvm_delete_memslot(st, slot):
+    """Delete memslot ``slot``: zap its EPT leaves, free its maps (slot_npages = 0 marks the slot
+    deleted; its gfns are MMIO from now on), and kvm_spp_free_memslot (v12: spp_active = 0).
+
+    Returns (EPT entries removed, 1 if SPP was switched off by the v12 quirk else 0).
+    """
+    base = st.slot_base[slot]
+    n = st.slot_npages[slot]
+    changed = zap_range(st, base, n, False)
+    off = st.slot_map_off[slot]
+    for k in range(np.int64(n)):
+        st.maps[off + k] = FULL_ACCESS_U32
+    st.slot_npages[slot] = U0
+    return changed, kvm_spp_free_memslot(st)
 
 
 # ------------------------------------------------------------------ vCPU requests, VM entry

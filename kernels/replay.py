@@ -83,21 +83,39 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
     n = gpa.shape[0]
     margin = 2 * (3 + 3 * max(st.scal[SC_NVCPUS], 1)) + 8
     touched_bits = np.uint64(touched.shape[0]) << np.uint64(3)
+    # Room in the table pool and the exit log changes only on the slow path: track it in
+    # locals so the fast path pays two register compares per access.
+    tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
+    log_free = log.row.shape[0] - log.n[0]
+    # Counters are kept in registers and written back at every return.
+    n_acc = 0
+    n_read = 0
+    n_write = 0
+    n_fetch = 0
+    n_exits = 0
+    n_out1 = 0
+    n_out2 = 0
+    n_out3 = 0
+    n_out4 = 0
+    status = STATUS_DONE
+    stop = n
+    detail = 0
     for r in range(start, n):
-        if st.tables.shape[0] - st.scal[SC_NTABLES] < margin:
-            return STATUS_NEED_TABLES, r, 0
-        if log.row.shape[0] - log.n[0] < LOG_MARGIN:
-            return STATUS_NEED_LOG, r, 0
+        if tables_free < margin:
+            status, stop = STATUS_NEED_TABLES, r
+            break
+        if log_free < LOG_MARGIN:
+            status, stop = STATUS_NEED_LOG, r
+            break
         v = np.int64(vcpu[r])
         if st.requests[v] != 0:
             rc = serve_requests(st, v)
             if rc != 0:
-                return STATUS_ENTRY_FAILED, r, v * 16 + rc
-        k = np.int64(kind[r])
+                status, stop, detail = STATUS_ENTRY_FAILED, r, v * 16 + rc
+                break
+        k = kind[r]
         first = gpa[r]
         last = first + np.uint64(size[r]) - U1
-        counters[CT_ACCESSES] += 1
-        counters[CT_KIND + k] += 1
         out = B.OUTCOME_ALLOWED
         nexits = 0
         reason_last = 0
@@ -106,10 +124,13 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
             gfn = first >> U_PAGE_SHIFT
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
-            if not fast_allowed(st, v, first, plast, k):
-                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, log, counters)
+            if not fast_allowed(st, v, first, plast, np.int64(k)):
+                ne, rl, out, ok = slow_piece(st, v, first, plast, np.int64(k), row0 + r, log, counters)
+                tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
+                log_free = log.row.shape[0] - log.n[0]
                 if not ok:
-                    return STATUS_LIVELOCK, r, v
+                    status, stop, detail = STATUS_LIVELOCK, r, v
+                    break
                 if ne > 0:
                     nexits += ne
                     reason_last = rl
@@ -118,9 +139,36 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
             if plast == last:
                 break
             first = plast + U1
+        if status == STATUS_LIVELOCK:
+            break
         outcome[r] = out
         exits[r] = nexits
         exit_reason[r] = reason_last
-        counters[CT_OUTCOME + out] += 1
-        counters[CT_EXITS] += nexits
-    return STATUS_DONE, n, 0
+        n_acc += 1
+        if k == B.ACCESS_WRITE:
+            n_write += 1
+        elif k == B.ACCESS_READ:
+            n_read += 1
+        else:
+            n_fetch += 1
+        if out != B.OUTCOME_ALLOWED:
+            if out == B.OUTCOME_SPP_VIOLATION:
+                n_out1 += 1
+            elif out == B.OUTCOME_WRITE_PROTECT_VIOLATION:
+                n_out2 += 1
+            elif out == B.OUTCOME_MMIO:
+                n_out3 += 1
+            else:
+                n_out4 += 1
+        n_exits += nexits
+    counters[CT_ACCESSES] += n_acc
+    counters[CT_KIND + B.ACCESS_READ] += n_read
+    counters[CT_KIND + B.ACCESS_WRITE] += n_write
+    counters[CT_KIND + B.ACCESS_FETCH] += n_fetch
+    counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += n_out1
+    counters[CT_OUTCOME + B.OUTCOME_WRITE_PROTECT_VIOLATION] += n_out2
+    counters[CT_OUTCOME + B.OUTCOME_MMIO] += n_out3
+    counters[CT_OUTCOME + B.OUTCOME_SPP_MISCONFIG] += n_out4
+    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] += n_acc - n_out1 - n_out2 - n_out3 - n_out4
+    counters[CT_EXITS] += n_exits
+    return status, stop, detail

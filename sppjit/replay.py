@@ -86,7 +86,6 @@ class Replay:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         top = max(b + n for b, n in self.vm.config.memslots)
         self.touched = np.zeros(-(-top // 8), dtype=np.uint8)
-        self._touched_high: set[int] = set()  # reference engine: gfns above the bitmap
         self._log = L.empty_exit_log(EXIT_LOG_CAPACITY)
         self._exit_batches: list[pa.RecordBatch] = []
 
@@ -108,6 +107,9 @@ class Replay:
     # ---------------------------------------------------------------- batches
     def run(self, batch: TraceBatch) -> pa.RecordBatch:
         """Replay one batch; returns its rows with outcome, exits and exit_reason appended."""
+        for f in RESULT_FIELDS:
+            if f.name in batch.record_batch.schema.names:
+                raise InputError(f"trace: column '{f.name}' is reserved for the replay's results")
         n = len(batch)
         outcome = np.zeros(n, dtype=np.uint8)
         exits = np.zeros(n, dtype=np.uint8)
@@ -208,7 +210,7 @@ class Replay:
             "schema_version": SCHEMA_VERSION,
             "sppjit_version": __version__,
             "engine": self.engine,
-            "config": self.vm.config.as_dict(),
+            "config": dict(self.vm.config.as_dict(), engine=self.engine),
             "input": dict(input_info or {}, rows=self.rows),
             "counts": counts,
             "exits": exits,

@@ -90,6 +90,16 @@ class Space:
     memslots: tuple[tuple[int, int], ...]
     hot: tuple[int, ...]  # RAM gfns (inside memslots)
     mmio: tuple[int, ...]  # gfns in no memslot
+    palette: tuple[int, ...] = (0,)  # access maps the protections mostly use
+    edges: tuple[int, ...] = (0, 4096)  # in-page offsets where the palette's write permission changes
+
+
+def map_edges(maps) -> tuple[int, ...]:
+    """Byte offsets 128*i (1..31) where sub-page i-1 and i of some map differ, plus 0 and 4096."""
+    edges = {0, B.PAGE_SIZE}
+    for m in maps:
+        edges |= {i * B.SUBPAGE_SIZE for i in range(1, B.SUBPAGES_PER_PAGE) if (m >> i & 1) != (m >> (i - 1) & 1)}
+    return tuple(sorted(edges))
 
 
 # Operations are tuples, first item the name:
@@ -99,7 +109,7 @@ class Space:
 #   ("sppt_leaf_odd", gfns, vcpu, bit)             odd bit 1..63 of the leaf: misconfiguration
 #   ("sppt_nonleaf_rsvd", gfns, vcpu, level, bit)  reserved bit of a level 4..2 entry
 #   ("sppt_leaf", gfns, vcpu, access_map)          raw leaf = the vector of an access map
-#   ("ept_leaf", gfns, how)                        how: "clear_w", "spp_clear_w", "set_w"
+#   ("ept_leaf", gfns, how)                        how: a key of EPT_LEAF_POKES
 # A poke's gfns are candidates: it goes to the first whose SPPT path / EPT leaf exists.
 # A trace is a tuple of (gpa, size, vcpu, kind) rows.
 
@@ -203,10 +213,26 @@ def spaces(draw, memslots) -> Space:
         if any(b <= nb < b + n for b, n in memslots):
             hot.append(nb)
     mmio = draw(st.lists(mmio_gfns(memslots), min_size=0, max_size=3))
-    return Space(memslots=memslots, hot=tuple(dict.fromkeys(hot)), mmio=tuple(dict.fromkeys(mmio)))
+    palette = tuple(draw(st.lists(access_maps(), min_size=1, max_size=3)))
+    return Space(memslots=memslots, hot=tuple(dict.fromkeys(hot)), mmio=tuple(dict.fromkeys(mmio)),
+                 palette=palette, edges=map_edges(palette))
 
 
 # ------------------------------------------------------------------------------------ protections
+_W, _R, _X = B.VMX_EPT_WRITABLE_MASK, B.VMX_EPT_READABLE_MASK, B.VMX_EPT_EXECUTABLE_MASK
+_MT = B.VMX_EPT_MT_MASK
+# Raw rewrites of a present EPT leaf (hvmi-style pokes; each is one KVM or hardware corner).
+EPT_LEAF_POKES = {
+    "clear_w": lambda e: e & ~_W,  # a write takes wp_fault (FULL map) or a sub-page check
+    "spp_clear_w": lambda e: (e & ~_W) | B.PT64_SPP_MASK,  # bit 61 with no SPPT leaf built
+    "set_w": lambda e: e | _W,  # EPT allows the write: bit 61 is ignored
+    "x_only": lambda e: (e & ~(_R | _W)) | _X,  # present, but reads and writes fault
+    "not_present": lambda e: e & ~(_R | _W | _X),  # re-faulted by the next access
+    "uc": lambda e: e & ~_MT,  # memory type UC: valid, but off the cached fast path
+    "w_without_r": lambda e: (e & ~_R) | _W,  # an EPT misconfiguration
+}
+
+
 def access_maps() -> st.SearchStrategy[int]:
     return st.one_of(
         st.just(0),
@@ -221,19 +247,23 @@ def access_maps() -> st.SearchStrategy[int]:
 
 @st.composite
 def set_ops(draw, space: Space) -> tuple:
-    if draw(st.integers(0, 3)) < 3:  # clustered around a hot gfn
+    if draw(st.integers(0, 3)) < 3:  # clustered: a run that covers a hot gfn
         g = draw(st.sampled_from(space.hot))
         base_slot, n_slot = next((b, n) for b, n in space.memslots if b <= g < b + n)
-        base = max(base_slot, g - draw(st.integers(0, 3)))
+        delta = draw(st.integers(0, min(3, g - base_slot)))
+        base = g - delta
+        limit = min(B.SUBPAGE_MAX_BITMAP, base_slot + n_slot - base)
+        npages = draw(st.one_of(st.integers(delta + 1, min(delta + 4, limit)), st.integers(delta + 1, limit)))
     else:  # anywhere in a slot
         base_slot, n_slot = draw(st.sampled_from(space.memslots))
         base = draw(st.integers(base_slot, base_slot + n_slot - 1))
-    limit = min(B.SUBPAGE_MAX_BITMAP, base_slot + n_slot - base)
-    npages = draw(st.one_of(st.integers(1, min(4, limit)), st.integers(1, limit)))
+        limit = min(B.SUBPAGE_MAX_BITMAP, base_slot + n_slot - base)
+        npages = draw(st.one_of(st.integers(1, min(4, limit)), st.integers(1, limit)))
+    one_map = st.one_of(st.sampled_from(space.palette), access_maps())
     if draw(st.booleans()):
-        maps = (draw(access_maps()),) * npages  # one map for the whole run
+        maps = (draw(one_map),) * npages  # one map for the whole run
     else:
-        maps = tuple(draw(st.lists(access_maps(), min_size=npages, max_size=npages)))
+        maps = tuple(draw(st.lists(one_map, min_size=npages, max_size=npages)))
     return ("set", base, maps)
 
 
@@ -259,7 +289,7 @@ def poke_ops(draw, space: Space, vcpus: int) -> tuple:
         return (what, g, v, draw(st.sampled_from([2, 3, 4])), bit)
     if what == "sppt_leaf":
         return (what, g, v, draw(access_maps()))
-    return (what, g, draw(st.sampled_from(["clear_w", "spp_clear_w", "set_w"])))
+    return (what, g, draw(st.sampled_from(sorted(EPT_LEAF_POKES))))
 
 
 def ops(space: Space, vcpus: int, pokes: bool = True) -> st.SearchStrategy[tuple]:
@@ -283,6 +313,19 @@ SIZES = st.one_of(
 KINDS = st.sampled_from([B.ACCESS_READ, B.ACCESS_WRITE, B.ACCESS_WRITE, B.ACCESS_WRITE, B.ACCESS_FETCH])
 
 
+BACK = st.one_of(st.sampled_from([0, 1, 8, 127, 128, 129, 256]), st.integers(0, 4096))
+FORWARD = st.sampled_from([0, 1, 2, 8, 127, 128, 129])
+
+
+@st.composite
+def edge_ranges(draw, edges) -> tuple[int, int]:
+    """(offset, size) of an access that ends at, or just past, an edge of the write permission."""
+    e = draw(st.sampled_from(edges))
+    back = min(draw(BACK), e)
+    size = max(1, min(back + draw(FORWARD), B.PAGE_SIZE))
+    return e - back if back else e, size
+
+
 @st.composite
 def accesses(draw, space: Space, vcpus: int) -> tuple[int, int, int, int]:
     # Mostly hot pages; "ram" = anywhere in a memslot; MMIO gfns when the space has some.
@@ -290,8 +333,9 @@ def accesses(draw, space: Space, vcpus: int) -> tuple[int, int, int, int]:
     gfn = draw(st.sampled_from(pool))
     if gfn == "ram":
         gfn = draw(ram_gfns(space.memslots))
-    gpa = gfn * B.PAGE_SIZE + draw(OFFSETS)
-    size = min(draw(SIZES), (1 << B.GPA_BITS) - gpa)
+    offset, size = draw(st.one_of(st.tuples(OFFSETS, SIZES), edge_ranges(space.edges)))
+    gpa = gfn * B.PAGE_SIZE + offset
+    size = min(size, (1 << B.GPA_BITS) - gpa)
     return (gpa, size, draw(vcpu_ids(vcpus)), draw(KINDS))
 
 
@@ -319,8 +363,10 @@ def scenarios(draw, max_phases: int = 3, pokes: bool = True, max_trace: int = MA
         if p == 0 and draw(st.integers(0, 7)) < 7:  # shrinks towards "SPP on before the trace"
             op_list.append(("init",))
             op_list += draw(st.lists(set_ops(space), min_size=1, max_size=3))
-        # (no pokes before the first trace: nothing is mapped yet, so no path to poke exists)
+        # No pokes before the first trace: nothing is mapped yet, so no path to poke exists.
         op_list += draw(st.lists(ops(space, spec.vcpus, pokes and p > 0), max_size=4))
+        if pokes and p > 0:
+            op_list += draw(st.lists(poke_ops(space, spec.vcpus), max_size=2))
         batch = draw(st.integers(1, 50)) if batch_sizes else 1 << 20
         trace = draw(traces(space, spec.vcpus, max(1, min(max_trace, budget - (nphases - p - 1)))))
         budget -= len(trace)
@@ -351,14 +397,21 @@ def _sppt_path(vm, gpa: int, vcpu: int) -> dict[int, int]:
     return out
 
 
+def _shadow_present(e: int) -> bool:
+    """Some of R/W/X set, and not KVM's MMIO pattern (W without R)."""
+    rwx = e & B.VMX_EPT_RWX_MASK
+    return rwx != 0 and not (rwx & B.VMX_EPT_WRITABLE_MASK and not rwx & B.VMX_EPT_READABLE_MASK)
+
+
 def _ept_leaf(vm, gpa: int) -> int | None:
-    """The present RAM leaf (4 KiB or huge) mapping ``gpa``, None if there is none."""
+    """The present RAM leaf (4 KiB or huge) mapping ``gpa`` (what vm.poke_ept_leaf rewrites),
+    None if there is none."""
     st_ = vm.state
     t = int(st_.scal[1])  # SC_EPT_ROOT
     ntables = int(st_.scal[0])
     for level in (4, 3, 2, 1):
         e = int(st_.tables[t, B.level_index(gpa, level)])
-        if not e & B.VMX_EPT_READABLE_MASK:
+        if not _shadow_present(e):
             return None
         if level == 1 or e & B.PT_PAGE_SIZE_MASK:
             return e
@@ -377,12 +430,7 @@ def _poke_one(vm, op, gfn: int) -> str | None:
         e = _ept_leaf(vm, gpa)
         if e is None:
             return None
-        if how == "clear_w":
-            value = e & ~B.VMX_EPT_WRITABLE_MASK
-        elif how == "spp_clear_w":
-            value = (e & ~B.VMX_EPT_WRITABLE_MASK) | B.PT64_SPP_MASK
-        else:
-            value = e | B.VMX_EPT_WRITABLE_MASK
+        value = EPT_LEAF_POKES[how](e)
         return f"vm.poke_ept_leaf({gpa:#x}, {value:#x})"
     vcpu = op[2]
     path = _sppt_path(vm, gpa, vcpu)

@@ -1,0 +1,55 @@
+"""``sppjit bench``: the benchmark harness (seeded scenarios, all figures from one run)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sppjit.errors import InputError
+
+SCENARIO_NAMES = ("uniform", "hotset", "sequential", "fault-storm", "guarded")
+
+HELP = (
+    "Measure replay speed on seeded synthetic scenarios.\n\n"
+    "For each scenario, in one run: the JIT engine over the whole trace (after compilation, "
+    "which is timed separately), the reference engine on a sample of the same trace, and a "
+    "numpy pass that only reads the gpa column (the memory-streaming limit), with their "
+    "ratios. Accesses per second are per core: the replay is serial."
+)
+EPILOG = "Example: sppjit bench --accesses 10000000 --scenario hotset --json bench.json"
+
+
+def bench(
+    accesses: Annotated[int, typer.Option(
+        "--accesses", metavar="N", min=1, help="Accesses per scenario.")] = 10_000_000,
+    scenario: Annotated[list[str] | None, typer.Option(
+        "--scenario", metavar="NAME",
+        help=f"Scenario to run (repeatable): {', '.join(SCENARIO_NAMES)}. Default: all.")] = None,
+    reference_sample: Annotated[int, typer.Option(
+        "--reference-sample", metavar="N", min=1,
+        help="Accesses replayed by the reference engine (it is ~1000x slower).")] = 20_000,
+    seed: Annotated[int, typer.Option("--seed", metavar="S", min=0, help="Random seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", metavar="N", min=1, help="Rows per replay batch.")] = 1 << 20,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", metavar="FILE", help="Also write the figures as JSON.")] = None,
+) -> None:
+    names = tuple(scenario) if scenario else SCENARIO_NAMES
+    for name in names:
+        if name not in SCENARIO_NAMES:
+            raise InputError(f"--scenario: unknown scenario {name!r} (one of {', '.join(SCENARIO_NAMES)})")
+    if json_out is not None:
+        from sppjit.io.output import check_output_path
+
+        check_output_path(json_out, option="--json")
+
+    from sppjit.bench import format_bench, run_bench
+
+    result = run_bench(names, accesses=accesses, reference_sample=reference_sample, seed=seed,
+                       batch_size=batch_size)
+    typer.echo(format_bench(result))
+    if json_out is not None:
+        from sppjit.io.output import write_json_atomic
+
+        write_json_atomic(json_out, result)
