@@ -28,6 +28,11 @@ class Scenario:
     protect_gfn: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     protect_access: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint32))
     description: str = ""
+    # Byte-range protection (the hook form), when the scenario protects structures rather
+    # than pages: protect_gfn/protect_access then hold the same protection as access maps.
+    hook_gpa: np.ndarray | None = None
+    hook_length: np.ndarray | None = None
+    hook_name: list[str] | None = None
 
     def columns(self) -> dict[str, np.ndarray]:
         return {"gpa": self.gpa, "size": self.size, "vcpu": self.vcpu, "kind": self.kind}
@@ -118,12 +123,82 @@ def guarded(accesses: int, seed: int = 0, vcpus: int = 2) -> Scenario:
     )
 
 
+# Kernel structures VM-introspection tools guard with SPP (hvmi: token privileges, the HAL
+# dispatch table, the WMI logger's GetCpuClock pointer, ...), with typical sizes in bytes.
+_KERNEL_STRUCTURES = (
+    ("token_privileges", 24),
+    ("hal_dispatch_table", 96),
+    ("wmi_get_cpu_clock", 8),
+    ("cred", 168),
+    ("idt_entry", 16),
+    ("syscall_table_slot", 8),
+    ("lstar_shadow", 8),
+)
+
+
+def kernel_guard(accesses: int, seed: int = 0, vcpus: int = 4, structures: int = 2000) -> Scenario:
+    """Small kernel structures guarded as byte ranges (hooks), with writes that hit them and
+    writes that hit their neighbours (same sub-page, same page), from several vCPUs.
+
+    Several structures share a page; ranges never cross a page. Of the accesses, ~20% are
+    reads, and of the writes ~25% hit a structure, ~45% its page outside it (half of those in
+    a hooked sub-page: the irrelevant exits SPP still takes) and ~30% other kernel memory.
+    """
+    from sppjit.io.protect import ByteRanges, ranges_to_maps
+
+    rng = np.random.default_rng(seed)
+    region = 64 * MiB // B.PAGE_SIZE  # the guest kernel's data, from 1 GiB up
+    base = GiB // B.PAGE_SIZE
+    pages = np.sort(rng.choice(region, max(1, structures // 3), replace=False)).astype(np.uint64)
+    kinds = rng.integers(0, len(_KERNEL_STRUCTURES), structures)
+    length = np.array([_KERNEL_STRUCTURES[k][1] for k in kinds], dtype=np.uint32)
+    page = pages[rng.integers(0, pages.shape[0], structures)]
+    offset = (rng.integers(0, B.PAGE_SIZE, structures) // 8 * 8).astype(np.uint64)
+    offset = np.minimum(offset, np.uint64(B.PAGE_SIZE) - length.astype(np.uint64))
+    hook_gpa = ((np.uint64(base) + page) << np.uint64(B.PAGE_SHIFT)) + offset
+    names = [f"{_KERNEL_STRUCTURES[k][0]}#{i}" for i, k in enumerate(kinds)]
+
+    pick = rng.integers(0, structures, accesses)
+    what = rng.random(accesses)
+    size = rng.choice(np.array([1, 2, 4, 8], dtype=np.uint16), accesses)
+    # default: anywhere in the kernel region
+    gpa = ((np.uint64(base) + rng.integers(0, region, accesses).astype(np.uint64)) << np.uint64(B.PAGE_SHIFT))
+    gpa += rng.integers(0, B.PAGE_SIZE // 8, accesses).astype(np.uint64) << np.uint64(3)
+    hit = what < 0.25
+    inside = rng.integers(0, 1 << 16, accesses).astype(np.uint64) % length[pick].astype(np.uint64)
+    gpa[hit] = hook_gpa[pick[hit]] + inside[hit]
+    near = (what >= 0.25) & (what < 0.70)
+    page_start = hook_gpa[pick] & ~np.uint64(B.PAGE_SIZE - 1)
+    gpa[near] = page_start[near] + (rng.integers(0, B.PAGE_SIZE // 8, near.sum()).astype(np.uint64) << np.uint64(3))
+    gpa &= ~(size.astype(np.uint64) - np.uint64(1))  # naturally aligned, so no page crossing
+    kind = np.where(rng.random(accesses) < 0.2, B.ACCESS_READ, B.ACCESS_WRITE).astype(np.uint8)
+    vcpu = rng.integers(0, vcpus, accesses, dtype=np.uint16)
+
+    maps = ranges_to_maps(ByteRanges(gpa=hook_gpa, length=length, name=names))
+    return Scenario(
+        "kernel-guard",
+        gpa=gpa,
+        size=size,
+        vcpu=vcpu,
+        kind=kind,
+        memory=4 * GiB,
+        vcpus=vcpus,
+        protect_gfn=maps.gfn,
+        protect_access=maps.access,
+        description="kernel structures hooked as byte ranges; writes on them and their neighbours",
+        hook_gpa=hook_gpa,
+        hook_length=length,
+        hook_name=names,
+    )
+
+
 SCENARIOS = {
     "uniform": uniform,
     "hotset": hotset,
     "sequential": sequential,
     "fault-storm": fault_storm,
     "guarded": guarded,
+    "kernel-guard": kernel_guard,
 }
 
 

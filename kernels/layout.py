@@ -14,10 +14,10 @@ SC_NTABLES = 0  # table-pool entries in use
 SC_EPT_ROOT = 1  # pool index of the EPT level-4 table
 SC_SPP_ACTIVE = 2  # kvm->arch.spp_active (page mode: write tracking active)
 SC_NVCPUS = 3
-SC_REMAP_NEXT = 4  # next host page handed out by a remap
+SC_REMAP_NEXT = 4  # next host page handed out by a remap (hpa REMAP_HPA + 4096 * it)
 SC_MMIO_PAGES = 5  # MMIO entries KVM installed (first access to a gfn with no memslot)
-SC_TLB_FLUSHES = 6
-SC_SHARED_SPPT_ROOT = 7  # v12: pool index of the shared SPPT root, -1 before enable
+SC_TLB_FLUSHES = 6  # served LOAD_CR3 requests + set/zap/remap/delete calls that changed state
+SC_SHARED_SPPT_ROOT = 7  # v12: pool index of the shared SPPT root (kvm->arch.sppt_root), -1 before enable
 SC_LEN = 8
 
 # Indices into State.cfg (int64): settings fixed at VM creation.
@@ -45,6 +45,7 @@ TABLE_SPPT = 2
 
 # Pending vCPU requests (bit mask in State.requests).
 REQ_LOAD_CR3 = 1  # v4 KVM_REQ_LOAD_CR3 / v12 KVM_REQ_LOAD_MMU_PGD: load SPPTP and the control
+REQ_LOAD_MMU_PGD = REQ_LOAD_CR3  # v12's name for the same request
 REQ_ENTRY_CHECK = 2  # the VMCS was written from outside: re-run the VM-entry checks
 
 # Region caches: -1 means "walk the tables"; see kernels/replay.py.
@@ -60,9 +61,10 @@ State = namedtuple(
         "cfg",  # int64[CF_LEN]
         "vmcs",  # uint64[vcpus, VMCS_NFIELDS], columns as bits.VMCS_FIELDS
         "requests",  # uint8[vcpus]
-        "sppt_root",  # int64[vcpus]: pool index of each vCPU's SPPT root (mmu->sppt_root), -1 invalid
+        "sppt_root",  # int64[vcpus]: pool index of each vCPU's SPPT root (mmu->sppt_root), -1 invalid;
+        #              v12: every entry is the shared root scal[SC_SHARED_SPPT_ROOT]
         "slot_base",  # uint64[slots]: base gfn
-        "slot_npages",  # uint64[slots]: 0 for a deleted slot
+        "slot_npages",  # uint64[slots]: 0 for a deleted slot (vm.delete_memslot)
         "slot_map_off",  # int64[slots]: offset of the slot's access maps in `maps`
         "maps",  # uint32[sum npages]: KVM's subpage_wp_info, FULL_SPP_ACCESS = unprotected
         "ept_cache",  # int64[regions]: per 2 MiB region, the table holding its EPT leaves

@@ -20,6 +20,7 @@ from .io.trace import TraceBatch, open_trace, schema_metadata
 from .kernels import layout as L
 from .kernels.mmu import ENTRY_FAILURE_MESSAGES
 from .reference import ModelLivelock, replay_access
+from .hooks import HookIndex
 from .stats import page_counts
 
 ENGINES = ("jit", "reference")
@@ -77,6 +78,7 @@ class Replay:
     vm: object
     engine: str = "jit"
     on_exits: Callable[[pa.RecordBatch], None] | None = None
+    hooks: HookIndex | None = None  # byte-range protection: exits get relevant / hook
     counters: np.ndarray = field(default_factory=lambda: np.zeros(L.CT_LEN, dtype=np.int64))
     rows: int = 0
     seconds: float = 0.0
@@ -88,12 +90,17 @@ class Replay:
         self.touched = np.zeros(-(-top // 8), dtype=np.uint8)
         self._log = L.empty_exit_log(EXIT_LOG_CAPACITY)
         self._exit_batches: list[pa.RecordBatch] = []
+        self._batch: TraceBatch | None = None  # the batch whose exits the log holds
 
     # ---------------------------------------------------------------- exit log
     def _flush_log(self) -> None:
         n = int(self._log.n[0])
         if n:
             rb = exit_batch(self._log, n)
+            if self.hooks is not None:
+                b = self._batch
+                i = self._log.row[:n] - b.first_row
+                rb = self.hooks.annotate(rb, b.gpa[i], b.size[i], b.kind[i])
             if self.on_exits is not None:
                 self.on_exits(rb)
             else:
@@ -102,7 +109,13 @@ class Replay:
 
     def exit_table(self) -> pa.Table:
         self._flush_log()
-        return pa.Table.from_batches(self._exit_batches, schema=EXIT_SCHEMA)
+        return pa.Table.from_batches(self._exit_batches, schema=self.exit_schema)
+
+    @property
+    def exit_schema(self) -> pa.Schema:
+        if self.hooks is None:
+            return EXIT_SCHEMA
+        return EXIT_SCHEMA.append(pa.field("relevant", pa.bool_())).append(pa.field("hook", pa.string()))
 
     # ---------------------------------------------------------------- batches
     def run(self, batch: TraceBatch) -> pa.RecordBatch:
@@ -111,6 +124,7 @@ class Replay:
             if f.name in batch.record_batch.schema.names:
                 raise InputError(f"trace: column '{f.name}' is reserved for the replay's results")
         n = len(batch)
+        self._batch = batch
         outcome = np.zeros(n, dtype=np.uint8)
         exits = np.zeros(n, dtype=np.uint8)
         reason = np.zeros(n, dtype=np.uint16)
@@ -206,6 +220,7 @@ class Replay:
             exits[name] = int(c[L.CT_EXIT_KIND + code])
         pages = {"touched": int(np.unpackbits(self.touched).sum())}
         pages.update(page_counts(self.vm.state))
+        extra = {} if self.hooks is None else {"hooks": self.hooks.summary()}
         return {
             "schema_version": SCHEMA_VERSION,
             "sppjit_version": __version__,
@@ -218,19 +233,30 @@ class Replay:
             "tlb_flushes": int(self.vm.state.scal[L.SC_TLB_FLUSHES]),
             "seconds": self.seconds,
             "accesses_per_second": self.rows / self.seconds if self.seconds > 0 else 0.0,
+            **extra,
         }
 
 
-def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None) -> Iterator[pa.RecordBatch]:
     """Replay ``source`` batch by batch, yielding the per-access result batches."""
-    session = Replay(vm, engine)
+    session = Replay(vm, engine, hooks=_hook_index(hooks))
     for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
         yield session.run(batch)
 
 
-def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20) -> ReplayResult:
-    """Replay a whole trace and keep every result in memory (see replay_batches for streams)."""
-    session = Replay(vm, engine)
+def _hook_index(hooks) -> HookIndex | None:
+    if hooks is None or isinstance(hooks, HookIndex):
+        return hooks
+    return HookIndex.from_ranges(hooks)
+
+
+def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None) -> ReplayResult:
+    """Replay a whole trace and keep every result in memory (see replay_batches for streams).
+
+    ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of the
+    contract: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the summary.
+    """
+    session = Replay(vm, engine, hooks=_hook_index(hooks))
     reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
     batches = [session.run(batch) for batch in reader]
     if batches:

@@ -1,14 +1,23 @@
-"""The VM and its KVM control plane: init/set/get SPP, the ioctl entry point, vCPUs and VMCS.
+"""The VM and its KVM control plane: init/set/get SPP, the ioctl entry point, vCPUs and VMCS,
+and the host-side timeline operations (zap, remap, delete_memslot, apply).
 
 A ``VM`` owns a kernels.layout.State (plain arrays) and serialises every change to it with
 KVM's two locks: ``slots_lock`` (a mutex, outside) and ``mmu_lock`` (inside). The rules that
 change tables live once, compiled, in kernels.mmu; this module validates, takes the locks,
 makes room in the table pool, and turns kernel return values into errno.
+
+Profiles: ``v4`` (the seed series) and ``v12`` (its last posting). The control-plane half of
+their differences is here (``init_spp`` -> ``_kvm_init_spp`` for v4's KVM_INIT_SPP or
+``_spp_init`` for v12's KVM_ENABLE_CAP(KVM_CAP_X86_SPP), ``page_limit``, the npages rules of
+``_check_range``) and in sppjit.abi (the uAPI structs); the MMU half is the "v4 / v12 seam"
+section of kernels/mmu.py.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -21,6 +30,13 @@ from .kernels import layout as L
 from .kernels import mmu as K
 
 DEFAULT_TABLE_CAPACITY = 1024
+
+TIMELINE_OPS = ("set_subpages", "zap", "remap", "delete_memslot")
+
+
+class SppQuirkWarning(UserWarning):
+    """A behaviour of the modelled KVM series that sppjit reproduces although it is a bug of the
+    posting (v12: freeing any memslot clears spp_active for the whole VM)."""
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> int:
@@ -147,8 +163,6 @@ class VM:
             raise InputError(f"vcpus must be 1..1024, not {vcpus}")
         cfg = np.zeros(L.CF_LEN, dtype=np.int64)
         cfg[L.CF_PROFILE] = _choice("profile", profile, L.PROFILES)
-        if profile != "v4":
-            raise InputError("profile v12 is not implemented yet (issue: the whole control plane)")
         cfg[L.CF_GRANULARITY] = _choice("granularity", granularity, L.GRANULARITIES)
         cfg[L.CF_SUBPAGE_CHECK] = _choice("subpage_check", subpage_check, L.SUBPAGE_CHECKS)
         cfg[L.CF_HUGEPAGES] = int(bool(hugepages))
@@ -189,9 +203,14 @@ class VM:
         return bool(self.state.scal[L.SC_SPP_ACTIVE])
 
     @property
+    def is_v12(self) -> bool:
+        return self.config.profile == "v12"
+
+    @property
     def page_limit(self) -> int:
-        """Pages one set/get call may carry (SUBPAGE_MAX_BITMAP in v4)."""
-        return B.SUBPAGE_MAX_BITMAP
+        """Pages one set/get call may carry (SUBPAGE_MAX_BITMAP 64 in v4, KVM_SUBPAGE_MAX_PAGES
+        512 in v12)."""
+        return B.KVM_SUBPAGE_MAX_PAGES if self.is_v12 else B.SUBPAGE_MAX_BITMAP
 
     def invalidate_caches(self) -> None:
         """Forget every cached walk (after any change made outside the replay kernels)."""
@@ -215,6 +234,8 @@ class VM:
         self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
 
     def _tables_for_pages(self, npages: int) -> int:
+        if self.is_v12:
+            return 0  # v12 set never builds tables: it flushes, stores, marks and zaps
         return npages * (3 + 3 * self.vcpus) + 8
 
     def memslot_of(self, gfn: int) -> int:
@@ -240,18 +261,77 @@ class VM:
             self.invalidate_caches()
         return 0
 
+    def _spp_init(self) -> int:
+        """v12 spp_init (KVM_ENABLE_CAP(KVM_CAP_X86_SPP)): -EPERM when nested virtualisation is
+        on, -ENODEV without SPP, 0 if already active; else fresh maps, ONE shared SPPT root that
+        every vCPU's mmu->sppt_root points at, and KVM_REQ_LOAD_MMU_PGD on every vCPU (served
+        at its next entry exactly as v4's KVM_REQ_LOAD_CR3: SPPTP, the control, a TLB flush).
+
+        Enabling again after the memslot-free quirk switched SPP off allocates a new root (the
+        maps start FULL again, so the old tree's vectors would be stale).
+        """
+        st = self.state
+        if self.config.nested:
+            return -B.EPERM
+        if not self.config.spp_supported:
+            return -B.ENODEV
+        with self.slots_lock, self.mmu_lock:
+            if st.scal[L.SC_SPP_ACTIVE]:
+                return 0
+            st.maps.fill(B.FULL_SPP_ACCESS)
+            if self.config.granularity == "spp":
+                self.ensure_tables(1)
+                st = self.state
+                root = K.alloc_table(st, L.TABLE_SPPT, 4)
+                st.scal[L.SC_SHARED_SPPT_ROOT] = root
+                st.sppt_root[:] = root
+                st.requests[:] |= L.REQ_LOAD_MMU_PGD
+            st.scal[L.SC_SPP_ACTIVE] = 1
+            self.invalidate_caches()
+        return 0
+
+    def _kvm_check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: v12 answers KVM_SUBPAGE_MAX_PAGES (512) for KVM_CAP_X86_SPP when
+        the CPU model has SPP (0 without it); v4 knows no such capability (0)."""
+        if self.is_v12 and cap == B.KVM_CAP_X86_SPP and self.config.spp_supported:
+            return B.KVM_SUBPAGE_MAX_PAGES
+        return 0
+
+    def _kvm_enable_cap(self, cap: int, flags: int = 0) -> int:
+        """KVM_ENABLE_CAP on the VM fd: -EINVAL for flags != 0 or a capability the profile does
+        not know (v4 has no KVM_CAP_X86_SPP), else spp_init's result."""
+        if flags != 0 or not self.is_v12 or cap != B.KVM_CAP_X86_SPP:
+            return -B.EINVAL
+        return self._spp_init()
+
     def init_spp(self) -> int:
-        """KVM_INIT_SPP: create the access maps and an SPPT root per vCPU. Returns 0."""
-        r = self._kvm_init_spp()
+        """Switch SPP on the profile's way. Returns 0.
+
+        v4: KVM_INIT_SPP (maps and an SPPT root per vCPU). v12: KVM_ENABLE_CAP(KVM_CAP_X86_SPP)
+        (maps and one shared SPPT root). Raises SppError: ENODEV without SPP support, EPERM
+        (v12) with nested virtualisation.
+        """
+        if self.is_v12:
+            r = self._kvm_enable_cap(B.KVM_CAP_X86_SPP)
+        else:
+            r = self._kvm_init_spp()
+        if r == -B.EPERM:
+            raise SppError(B.EPERM, "enable SPP: refused while nested virtualisation is on (v12)")
         if r < 0:
             raise SppError(-r, "init_spp: the CPU model has no SPP")
         return r
 
-    def _check_range(self, npages: int) -> None:
+    def _check_range(self, npages: int) -> bool:
+        """The npages rules of the profile's ioctl; False for v12's "npages == 0 returns 0"."""
         if not self.spp_active:
             raise SppError(B.ENODEV, "SPP is not initialised (call init_spp first)")
+        if self.is_v12:
+            if npages > self.page_limit:
+                raise SppError(B.EINVAL, f"npages must be 0..{self.page_limit}, not {npages}")
+            return npages > 0
         if npages <= 0 or npages > self.page_limit:
             raise SppError(B.EINVAL, f"npages must be 1..{self.page_limit}, not {npages}")
+        return True
 
     def _kvm_set_subpages(self, base_gfn: int, maps: np.ndarray) -> int:
         """The locked set; returns the pages applied (fewer on a gfn with no memslot)."""
@@ -267,13 +347,15 @@ class VM:
     def set_subpages(self, base_gfn: int, maps: Sequence[int] | np.ndarray) -> int:
         """KVM_SUBPAGES_SET_ACCESS: one u32 map per page from ``base_gfn``. Returns npages.
 
-        Raises SppError: ENODEV before init, EINVAL for 0 or too many pages, EFAULT at the first
-        gfn without a memslot (the pages before it stay applied, as in v4).
+        Raises SppError: ENODEV before init, EINVAL for too many pages (v4: also for 0; v12
+        returns 0 for 0 pages), EFAULT at the first gfn without a memslot (the pages before
+        it stay applied, in both profiles).
         """
         arr = np.asarray(maps, dtype=np.int64)
         if arr.ndim != 1 or ((arr < 0) | (arr > 0xFFFFFFFF)).any():
             raise InputError("maps must be a sequence of u32 values")
-        self._check_range(len(arr))
+        if not self._check_range(len(arr)):
+            return 0
         done = self._kvm_set_subpages(int(base_gfn), arr.astype(np.uint32))
         if done < len(arr):
             raise SppError(B.EFAULT, f"gfn {int(base_gfn) + done:#x} is in no memslot")
@@ -281,8 +363,9 @@ class VM:
 
     def get_subpages(self, base_gfn: int, npages: int) -> np.ndarray:
         """KVM_SUBPAGES_GET_ACCESS: the stored maps of ``npages`` gfns as a uint32 array."""
-        self._check_range(int(npages))
         out = np.empty(int(npages), dtype=np.uint32)
+        if not self._check_range(int(npages)):
+            return out
         with self.slots_lock, self.mmu_lock:
             done = int(K.kvm_get_subpages(self.state, np.uint64(base_gfn), out, int(npages)))
         if done < npages:
@@ -301,6 +384,108 @@ class VM:
             self.set_subpages(int(base), values)
             calls += 1
         return calls
+
+    # ------------------------------------------------------------------ host-side timeline operations
+    @staticmethod
+    def _range(gfn, npages, op: str) -> tuple[int, int]:
+        try:
+            g, n = operator.index(gfn), operator.index(npages)
+        except TypeError:
+            raise InputError(f"{op}: gfn and npages must be integers, not {gfn!r} and {npages!r}") from None
+        if g < 0 or n < 1:
+            raise InputError(f"{op}: gfn must be >= 0 and npages >= 1 (gfn {g}, npages {n})")
+        if (g + n) << B.PAGE_SHIFT > 1 << B.GPA_BITS:
+            raise InputError(f"{op}: gfns {g:#x}..{g + n - 1:#x} go beyond the 48-bit guest-physical space")
+        return g, n
+
+    def zap(self, gfn: int, npages: int = 1) -> int:
+        """MMU-notifier invalidate of ``npages`` gfns from ``gfn``: their EPT leaves go (a huge
+        leaf covering any of them whole, MMIO entries too); the SPPT and the stored maps stay.
+        The next access faults and the lazy path re-applies protection from the maps.
+        Returns the EPT entries removed (a TLB flush is counted when that is not 0)."""
+        g, n = self._range(gfn, npages, "zap")
+        with self.slots_lock, self.mmu_lock:
+            changed = int(K.kvm_zap_range(self.state, np.uint64(g), np.int64(n)))
+            if changed:
+                self.state.scal[L.SC_TLB_FLUSHES] += 1
+            self.invalidate_caches()
+        return changed
+
+    def remap(self, gfn: int, npages: int = 1) -> int:
+        """MMU-notifier change_pte over ``npages`` gfns from ``gfn``: every mapped 4 KiB gfn gets
+        a new host page, write-protected, with bit 61 back when its map != FULL (granularity
+        spp, SPP active); a huge leaf touched is zapped; MMIO entries stay. A later write to
+        an unprotected remapped page takes one wp_fault exit that sets W again.
+        Returns the EPT entries changed (a TLB flush is counted when that is not 0)."""
+        g, n = self._range(gfn, npages, "remap")
+        with self.slots_lock, self.mmu_lock:
+            changed = int(K.kvm_remap_range(self.state, np.uint64(g), np.int64(n)))
+            if changed:
+                self.state.scal[L.SC_TLB_FLUSHES] += 1
+            self.invalidate_caches()
+        return changed
+
+    def delete_memslot(self, gfn: int) -> int:
+        """Delete the memslot holding ``gfn``: its EPT leaves are zapped, its maps freed, and its
+        gfns are MMIO from now on. In profile v12 (granularity spp) this also clears
+        spp_active for the whole VM, a quirk of the posting that sppjit reproduces and warns
+        about (SppQuirkWarning). Returns the deleted slot's index."""
+        g, _ = self._range(gfn, 1, "delete_memslot")
+        with self.slots_lock, self.mmu_lock:
+            slot = int(K.memslot_of(self.state, np.uint64(g)))
+            if slot < 0:
+                raise InputError(f"delete_memslot: gfn {g:#x} is in no memslot")
+            changed, quirk = K.kvm_delete_memslot(self.state, np.int64(slot))
+            if changed:
+                self.state.scal[L.SC_TLB_FLUSHES] += 1
+            self.invalidate_caches()
+        if quirk:
+            warnings.warn(
+                f"profile v12: deleting memslot {slot} cleared spp_active for the whole VM "
+                "(kvm_spp_free_memslot); SPP calls now fail with ENODEV until SPP is enabled again",
+                SppQuirkWarning,
+                stacklevel=2,
+            )
+        return slot
+
+    def apply(self, op: dict):
+        """Apply one timeline operation (contract "Timeline"): a mapping with ``op`` one of
+        set_subpages, zap, remap, delete_memslot; ``gfn``; ``npages`` (default 1; ignored by
+        delete_memslot); ``access`` (set_subpages: the u32 map of every page of the range,
+        applied in calls of at most page_limit pages). SPP must be on for set_subpages (no
+        implicit init: v12's memslot quirk must be able to make it fail with ENODEV).
+
+        Returns what the method returns (set_subpages: the pages applied).
+        """
+        try:
+            name = op["op"]
+        except (TypeError, KeyError):
+            raise InputError(f"a timeline operation needs an 'op' key, not {op!r}") from None
+        if name not in TIMELINE_OPS:
+            raise InputError(f"unknown timeline operation {name!r} (one of {', '.join(TIMELINE_OPS)})")
+        if "gfn" not in op:
+            raise InputError(f"{name}: the operation needs a 'gfn'")
+        gfn = op["gfn"]
+        if name == "delete_memslot":
+            return self.delete_memslot(gfn)
+        g, n = self._range(gfn, op.get("npages", 1), name)
+        if name == "zap":
+            return self.zap(g, n)
+        if name == "remap":
+            return self.remap(g, n)
+        access = op.get("access")
+        try:
+            access = operator.index(access)
+        except TypeError:
+            raise InputError(f"set_subpages: 'access' must be a u32 integer, not {access!r}") from None
+        if not 0 <= access <= 0xFFFFFFFF:
+            raise InputError(f"set_subpages: 'access' must be a u32, not {access:#x}")
+        done = 0
+        limit = self.page_limit
+        for start in range(0, n, limit):
+            count = min(limit, n - start)
+            done += self.set_subpages(g + start, np.full(count, access, dtype=np.uint32))
+        return done
 
     # ------------------------------------------------------------------ raw access (tests, hvmi)
     def poke_sppt(self, gpa: int, level: int, value: int, vcpu: int = 0) -> None:

@@ -16,7 +16,7 @@ from sppjit.errors import InputError
 
 # The names of datasets/scenarios.py SCENARIOS, for --help without importing numpy; a test
 # checks the two agree.
-SCENARIO_NAMES = ("uniform", "hotset", "sequential", "fault-storm", "guarded")
+SCENARIO_NAMES = ("uniform", "hotset", "sequential", "fault-storm", "guarded", "kernel-guard")
 WRITE_ROWS = 1 << 20  # rows per written batch (a Parquet row group)
 
 HELP = (
@@ -142,10 +142,16 @@ def _write_protection(made, path: str, fmt: str) -> None:
     import numpy as np
     import pyarrow as pa
 
-    gfn = np.asarray(made.protect_gfn, dtype=np.uint64)
-    access = np.asarray(made.protect_access, dtype=np.uint32)
-    schema = pa.schema([("gfn", pa.uint64()), ("access", pa.uint32())])
-    table = pa.table([pa.array(gfn), pa.array(access)], schema=schema)
+    if made.hook_gpa is not None:
+        # The hook form: byte ranges with names (contract, "Protection").
+        schema = pa.schema([("gpa", pa.uint64()), ("length", pa.uint32()), ("name", pa.string())])
+        table = pa.table([pa.array(made.hook_gpa), pa.array(made.hook_length),
+                          pa.array(made.hook_name, type=pa.string())], schema=schema)
+    else:
+        schema = pa.schema([("gfn", pa.uint64()), ("access", pa.uint32())])
+        table = pa.table([pa.array(np.asarray(made.protect_gfn, dtype=np.uint64)),
+                          pa.array(np.asarray(made.protect_access, dtype=np.uint32))],
+                         schema=schema)
     if fmt in ("parquet", "arrow"):
         from sppjit.io.output import TableWriter
 
@@ -158,7 +164,7 @@ def _write_protection(made, path: str, fmt: str) -> None:
 
             pacsv.write_csv(table, temporary)
             return
-        rows = (json.dumps({"gfn": int(g), "access": int(a)}) for g, a in zip(gfn, access))
+        rows = (json.dumps(row) for row in table.to_pylist())
         with open(temporary, "w", encoding="utf-8") as handle:
             if fmt == "jsonl":
                 for row in rows:

@@ -189,8 +189,13 @@ def run_replay(*, trace: str, protect: str | None = None, memory: str | None = N
             hugepages=hugepages, subpage_check=subpage_check, granularity=granularity,
             memslots=slots)
     protection_info = None
+    hooks = None
     if protection is not None:
         protection_info = _apply_protection(vm, protection, protect)
+        if protection_info["form"] == "byte_ranges":
+            from sppjit.hooks import HookIndex
+
+            hooks = HookIndex.from_ranges(protection)
 
     # ---- replay, writing as we go
     shown = Progress(reader.num_rows, enabled=progress)
@@ -201,6 +206,7 @@ def run_replay(*, trace: str, protect: str | None = None, memory: str | None = N
             input_info={"path": trace, "format": trace_format},
             config_extra={"engine": engine, "protection": protection_info,
                           "memslots_file": memslots},
+            hooks=hooks,
         )
     finally:
         shown.close()
@@ -217,20 +223,19 @@ def run_replay(*, trace: str, protect: str | None = None, memory: str | None = N
 
 
 def _replay_and_write(vm, reader, *, engine, out, exits, summary_path, save_state_path,
-                      progress, hint, input_info, config_extra) -> tuple[dict, list[str]]:
+                      progress, hint, input_info, config_extra, hooks=None) -> tuple[dict, list[str]]:
     from sppjit.io.output import TableWriter, write_json_atomic
-    from sppjit.replay import EXIT_SCHEMA, Replay
+    from sppjit.replay import Replay
 
     with contextlib.ExitStack() as stack:
         outputs = stack.enter_context(Outputs())
         with contextlib.ExitStack() as tables:
-            exit_writer = None
+            session = Replay(vm, engine=engine, on_exits=_discard, hooks=hooks)
             if exits is not None:
                 tables.push(outputs.track(exits))  # before the writer: runs after its exit
                 exit_writer = tables.enter_context(
-                    TableWriter(exits, EXIT_SCHEMA, option="--exits"))
-            session = Replay(vm, engine=engine,
-                             on_exits=exit_writer.write_batch if exit_writer else _discard)
+                    TableWriter(exits, session.exit_schema, option="--exits"))
+                session.on_exits = exit_writer.write_batch
             out_writer = None
             try:
                 for batch in reader:
@@ -442,6 +447,9 @@ def format_summary(summary: dict, written: list[str]) -> str:
         ("exits", _pairs([("total", exits["total"])]
                          + [(name, exits[name]) for name in B.EXIT_KIND_NAMES])),
         ("pages", _pairs((name, value) for name, value in summary["pages"].items())),
+        *([("hooks", f"relevant {summary['hooks']['relevant']:,}  irrelevant "
+                     f"{summary['hooks']['irrelevant']:,}  ({len(summary['hooks']['per_hook']):,} hooks)")]
+          if "hooks" in summary else []),
         ("time", f"{summary['seconds']:.3f} s, "
                  f"{summary['accesses_per_second']:,.0f} accesses/s"),
     ]
