@@ -127,3 +127,106 @@ def format_bench(result: dict) -> str:
             f"{s['jit_over_numpy_stream']:>10.3f} {s['exits']:>10,}"
         )
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- end to end
+E2E_CHUNK = 1 << 20
+
+
+def _write_e2e_traces(directory: str, scenario: str, accesses: int, seed: int) -> dict[str, str]:
+    """The trace as uncompressed Parquet and as an Arrow IPC file, written chunk by chunk (each
+    chunk is the scenario generated with its own derived seed, so memory stays bounded)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .datasets import scenarios as S
+    from .io.trace import schema_metadata
+
+    schema = pa.schema(
+        [("gpa", pa.uint64()), ("size", pa.uint16()), ("vcpu", pa.uint16()), ("kind", pa.uint8())],
+        metadata=schema_metadata(),
+    )
+    paths = {"parquet": os.path.join(directory, "trace.parquet"), "arrow": os.path.join(directory, "trace.arrow")}
+    with pq.ParquetWriter(paths["parquet"], schema, compression="none") as pw, pa.OSFile(
+        paths["arrow"], "wb"
+    ) as sink, pa.ipc.new_file(sink, schema) as aw:
+        done = 0
+        chunk_index = 0
+        while done < accesses:
+            n = min(E2E_CHUNK, accesses - done)
+            sc = S.make(scenario, n, seed * 1_000_003 + chunk_index)
+            cols = sc.columns()
+            rb = pa.record_batch([pa.array(cols[f.name]) for f in schema], schema=schema)
+            pw.write_batch(rb)
+            aw.write_batch(rb)
+            done += n
+            chunk_index += 1
+    return paths
+
+
+def _run_cli(args: list[str]) -> tuple[float, int, str]:
+    """Run ``sppjit`` in a child process: (wall seconds, its own peak RSS in bytes, stdout)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "sppjit.cli", *args], stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not all children's
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sppjit {' '.join(args)} failed: {err.read().decode().strip()}")
+        return wall, usage.ru_maxrss * 1024, out.read().decode()
+
+
+def run_end_to_end(scenario: str = "hotset", accesses: int = 100_000_000, seed: int = 0, workdir: str | None = None) -> dict:
+    """Replay a generated trace from uncompressed Parquet and from Arrow IPC through the
+    command line, once with the summary and exit log only and once with the per-access
+    results too; rows/s (wall clock of the whole command, start-up included) and peak RSS."""
+    import json
+    import tempfile
+
+    result = {"scenario": scenario, "accesses": accesses, "seed": seed, "runs": []}
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="sppjit-e2e-") as d:
+        t = time.perf_counter()
+        paths = _write_e2e_traces(d, scenario, accesses, seed)
+        result["generate_seconds"] = time.perf_counter() - t
+        startup, _, _ = _run_cli(["--version"])
+        result["startup_seconds"] = startup
+        for fmt in ("arrow", "parquet"):
+            for with_results in (False, True):
+                args = ["replay", paths[fmt], "--json", "--no-progress",
+                        "--summary", os.path.join(d, "summary.json"), "--exits", os.path.join(d, "exits.parquet")]
+                if with_results:
+                    args += ["--out", os.path.join(d, "results.parquet")]
+                wall, rss, out = _run_cli(args)
+                summary = json.loads(out)
+                result["runs"].append(
+                    {
+                        "format": fmt,
+                        "outputs": "summary+exits+results" if with_results else "summary+exits",
+                        "wall_seconds": wall,
+                        "rows_per_second": accesses / wall,
+                        "replay_rows_per_second": summary["accesses_per_second"],
+                        "peak_rss_bytes": rss,
+                    }
+                )
+    return result
+
+
+def format_end_to_end(result: dict) -> str:
+    rows = [
+        f"end to end: {result['accesses']:,} rows of {result['scenario']} (generated in "
+        f"{result['generate_seconds']:.1f} s; 'sppjit --version' takes {result['startup_seconds']:.2f} s)",
+        f"{'input':<8} {'outputs':<22} {'wall s':>8} {'rows/s (wall)':>14} {'rows/s (replay)':>16} {'peak RSS':>10}",
+    ]
+    for r in result["runs"]:
+        rows.append(
+            f"{r['format']:<8} {r['outputs']:<22} {r['wall_seconds']:>8.2f} {r['rows_per_second'] / 1e6:>12.1f} M "
+            f"{r['replay_rows_per_second'] / 1e6:>14.1f} M {r['peak_rss_bytes'] / 2**20:>8.0f} MiB"
+        )
+    return "\n".join(rows)

@@ -21,8 +21,9 @@ EPILOG = "Example: sppjit bench --accesses 10000000 --scenario hotset --json ben
 
 
 def bench(
-    accesses: Annotated[int, typer.Option(
-        "--accesses", metavar="N", min=1, help="Accesses per scenario.")] = 10_000_000,
+    accesses: Annotated[int | None, typer.Option(
+        "--accesses", metavar="N", min=1, show_default=False,
+        help="Accesses per scenario [default: 10,000,000; 100,000,000 with --end-to-end].")] = None,
     scenario: Annotated[list[str] | None, typer.Option(
         "--scenario", metavar="NAME",
         help=f"Scenario to run (repeatable): {', '.join(SCENARIO_NAMES)}. Default: all.")] = None,
@@ -34,6 +35,14 @@ def bench(
         "--batch-size", metavar="N", min=1, help="Rows per replay batch.")] = 1 << 20,
     json_out: Annotated[str | None, typer.Option(
         "--json", metavar="FILE", help="Also write the figures as JSON.")] = None,
+    end_to_end: Annotated[bool, typer.Option(
+        "--end-to-end",
+        help="Instead: generate a trace (--accesses, default 100M, first --scenario, default "
+             "hotset) as uncompressed Parquet and Arrow IPC in a temporary directory and replay "
+             "it through the command line, reporting rows/s and peak RSS.")] = False,
+    workdir: Annotated[str | None, typer.Option(
+        "--workdir", metavar="DIR", help="Where --end-to-end writes its traces (needs ~50 bytes "
+             "per row).")] = None,
 ) -> None:
     names = tuple(scenario) if scenario else SCENARIO_NAMES
     for name in names:
@@ -44,9 +53,21 @@ def bench(
 
         check_output_path(json_out, option="--json")
 
+    if end_to_end:
+        from sppjit.bench import format_end_to_end, run_end_to_end
+
+        result = run_end_to_end(names[0] if scenario else "hotset", accesses or 100_000_000,
+                                seed, workdir)
+        typer.echo(format_end_to_end(result))
+        if json_out is not None:
+            from sppjit.io.output import write_json_atomic
+
+            write_json_atomic(json_out, result)
+        return
+
     from sppjit.bench import format_bench, run_bench
 
-    result = run_bench(names, accesses=accesses, reference_sample=reference_sample, seed=seed,
+    result = run_bench(names, accesses=accesses or 10_000_000, reference_sample=reference_sample, seed=seed,
                        batch_size=batch_size)
     typer.echo(format_bench(result))
     if json_out is not None:

@@ -5,6 +5,7 @@ of record batches, each checked and turned into the numpy arrays the kernels tak
 original columns kept for the outputs.
 """
 
+import mmap
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -130,18 +131,15 @@ def _open_path(path: str, batch_size: int) -> _Opened:
         raise cannot_read("trace", path, "the file is empty")
     try:
         if magic.startswith(PARQUET_MAGIC):
-            parquet = pq.ParquetFile(path, memory_map=True)
+            # Buffered reads, not a memory map: a mapped file's pages would stay in this
+            # process's RSS, which must not grow with the trace.
+            parquet = pq.ParquetFile(path, memory_map=False)
             return (parquet.schema_arrow,
                     parquet.iter_batches(batch_size=batch_size, columns=None),
                     parquet.metadata.num_rows)
-        # Memory-mapped IPC hands out zero-copy views of the file.
         if magic.startswith(ARROW_FILE_MAGIC):
-            reader = ipc.open_file(pa.memory_map(path))
-            num_rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-            return (reader.schema,
-                    (reader.get_batch(i) for i in range(reader.num_record_batches)),
-                    num_rows)
-        stream = ipc.open_stream(pa.memory_map(path))
+            return _open_ipc_file(path)
+        stream = ipc.open_stream(pa.OSFile(path, "rb"))
         return stream.schema, stream, None
     except (pa.ArrowException, OSError) as exc:
         if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, ARROW_STREAM_MARKER)):
@@ -149,6 +147,29 @@ def _open_path(path: str, batch_size: int) -> _Opened:
         # Whatever pyarrow says about a CSV read as a stream would only confuse.
         raise cannot_read("trace", path, "not an Arrow IPC file or stream, nor a Parquet "
                                          "file") from None
+
+
+def _open_ipc_file(path: str) -> _Opened:
+    """A memory-mapped Arrow IPC file: zero-copy batches, with the pages of the batches
+    already consumed dropped from the RSS (MADV_DONTNEED on a read-only file mapping: the
+    data stays in the page cache and a later access re-reads it, so nothing is lost)."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    reader = ipc.open_file(pa.py_buffer(mm))
+    count = reader.num_record_batches
+    num_rows = sum(reader.get_batch(i).num_rows for i in range(count))  # metadata only
+    base = pa.py_buffer(mm).address
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for i in range(count):
+            batch = reader.get_batch(i)
+            yield batch
+            ends = [b.address + b.size - base for col in batch.columns for b in col.buffers() if b is not None]
+            done = (max(ends, default=0) // mmap.PAGESIZE) * mmap.PAGESIZE
+            if done and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED, 0, done)
+
+    return reader.schema, batches(), num_rows
 
 
 def _open_dataset(path: str, batch_size: int) -> _Opened:
