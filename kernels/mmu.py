@@ -7,6 +7,13 @@ engine calls them too: what it checks independently is the hardware (sppjit.refe
 Names follow the KVM series: kvm_mmu_set_subpages, the lazy path of tdp_page_fault,
 kvm_mmu_setup_spp_structure, handle_spp. Every function takes the State namedtuple of
 kernels.layout and works on its arrays in place.
+
+Both profiles run through the same functions; every rule in which v4 and v12 differ is one of
+the small functions of the section "the v4 / v12 seam" (check_spp_protection,
+kvm_spp_mark_protection, spp_zap_huge_on_set, spp_flush_sppt, handle_spp_miss,
+kvm_spp_free_memslot, kvm_exit_spp_code, and sppt_relink inside sppt_setup_structure), each
+branching on cfg[CF_PROFILE]. The host-side timeline operations (MMU-notifier zap and
+change_pte, memslot deletion) are kvm_zap_range, kvm_remap_range and kvm_delete_memslot.
 """
 
 import numpy as np

@@ -129,10 +129,13 @@ class Replay:
         exits = np.zeros(n, dtype=np.uint8)
         reason = np.zeros(n, dtype=np.uint16)
         t0 = time.perf_counter()
-        if self.engine == "jit":
-            self._run_jit(batch, outcome, exits, reason)
-        else:
-            self._run_reference(batch, outcome, exits, reason)
+        # One batch is atomic for the control plane: ioctls from other threads wait on
+        # mmu_lock and take effect at a batch boundary, as a running guest sees them.
+        with self.vm.mmu_lock:
+            if self.engine == "jit":
+                self._run_jit(batch, outcome, exits, reason)
+            else:
+                self._run_reference(batch, outcome, exits, reason)
         self.seconds += time.perf_counter() - t0
         self.rows += n
         self._flush_log()

@@ -145,7 +145,7 @@ class Vcpu:
 
 
 class VM:
-    """A simulated KVM guest with EPT and SPP (profile v4) or the page-granular baseline."""
+    """A simulated KVM guest with EPT and SPP (profile v4 or v12) or the page-granular baseline."""
 
     def __init__(
         self,
@@ -218,20 +218,24 @@ class VM:
         self.state.sppt_cache.fill(L.CACHE_INVALID)
 
     def ensure_tables(self, extra: int) -> None:
-        """Grow the table pool so that ``extra`` more tables fit (indices, hence addresses, stay)."""
-        st = self.state
-        used = int(st.scal[L.SC_NTABLES])
-        cap = st.tables.shape[0]
-        if cap - used >= extra:
-            return
-        new_cap = max(2 * cap, used + extra)
-        tables = np.zeros((new_cap, B.PT_ENTRIES), dtype=np.uint64)
-        tables[:used] = st.tables[:used]
-        kind = np.zeros(new_cap, dtype=np.uint8)
-        kind[:used] = st.table_kind[:used]
-        level = np.zeros(new_cap, dtype=np.uint8)
-        level[:used] = st.table_level[:used]
-        self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
+        """Grow the table pool so that ``extra`` more tables fit (indices, hence addresses, stay).
+
+        Takes mmu_lock (re-entrant): a replay thread growing the pool must not copy it while
+        another thread's set_subpages is allocating tables in it."""
+        with self.mmu_lock:
+            st = self.state
+            used = int(st.scal[L.SC_NTABLES])
+            cap = st.tables.shape[0]
+            if cap - used >= extra:
+                return
+            new_cap = max(2 * cap, used + extra)
+            tables = np.zeros((new_cap, B.PT_ENTRIES), dtype=np.uint64)
+            tables[:used] = st.tables[:used]
+            kind = np.zeros(new_cap, dtype=np.uint8)
+            kind[:used] = st.table_kind[:used]
+            level = np.zeros(new_cap, dtype=np.uint8)
+            level[:used] = st.table_level[:used]
+            self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
 
     def _tables_for_pages(self, npages: int) -> int:
         if self.is_v12:

@@ -324,7 +324,7 @@ def _bad_range_crossing(d):
 
 def _bad_profile(d):
     _trace(d / "t.parquet", gpa=pa.array([0], pa.uint64()))
-    return ["t.parquet", "--profile", "v12"], "v12"
+    return ["t.parquet", "--profile", "v7"], "v7"
 
 
 def _bad_memory(d):
