@@ -47,6 +47,18 @@ EXIT_SCHEMA = pa.schema(
 _KIND_NAMES = pa.array(B.EXIT_KIND_NAMES, type=pa.string())
 
 
+def _slice(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
+    """Rows start..stop-1 of a batch (views, no copies)."""
+    return TraceBatch(
+        gpa=batch.gpa[start:stop],
+        size=batch.size[start:stop],
+        vcpu=batch.vcpu[start:stop],
+        kind=batch.kind[start:stop],
+        record_batch=batch.record_batch.slice(start, stop - start),
+        first_row=batch.first_row + start,
+    )
+
+
 def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
     """The first ``n`` rows of an exit log as an Arrow batch (copies: the log is reused)."""
     kinds = pa.DictionaryArray.from_arrays(pa.array(log.kind[:n].astype(np.int8)), _KIND_NAMES)
@@ -79,6 +91,7 @@ class Replay:
     engine: str = "jit"
     on_exits: Callable[[pa.RecordBatch], None] | None = None
     hooks: HookIndex | None = None  # byte-range protection: exits get relevant / hook
+    ops: list = field(default_factory=list)  # timeline operations, sorted by "at"
     counters: np.ndarray = field(default_factory=lambda: np.zeros(L.CT_LEN, dtype=np.int64))
     rows: int = 0
     seconds: float = 0.0
@@ -91,6 +104,8 @@ class Replay:
         self._log = L.empty_exit_log(EXIT_LOG_CAPACITY)
         self._exit_batches: list[pa.RecordBatch] = []
         self._batch: TraceBatch | None = None  # the batch whose exits the log holds
+        self.ops = sorted(self.ops, key=lambda op: op["at"])
+        self._next_op = 0
 
     # ---------------------------------------------------------------- exit log
     def _flush_log(self) -> None:
@@ -119,30 +134,49 @@ class Replay:
 
     # ---------------------------------------------------------------- batches
     def run(self, batch: TraceBatch) -> pa.RecordBatch:
-        """Replay one batch; returns its rows with outcome, exits and exit_reason appended."""
+        """Replay one batch; returns its rows with outcome, exits and exit_reason appended.
+
+        Timeline operations due inside the batch split it: the rows before an operation's
+        ``at`` are replayed, the operation is applied, and the replay goes on.
+        """
         for f in RESULT_FIELDS:
             if f.name in batch.record_batch.schema.names:
                 raise InputError(f"trace: column '{f.name}' is reserved for the replay's results")
         n = len(batch)
-        self._batch = batch
         outcome = np.zeros(n, dtype=np.uint8)
         exits = np.zeros(n, dtype=np.uint8)
         reason = np.zeros(n, dtype=np.uint16)
         t0 = time.perf_counter()
-        # One batch is atomic for the control plane: ioctls from other threads wait on
-        # mmu_lock and take effect at a batch boundary, as a running guest sees them.
-        with self.vm.mmu_lock:
-            if self.engine == "jit":
-                self._run_jit(batch, outcome, exits, reason)
-            else:
-                self._run_reference(batch, outcome, exits, reason)
+        start = 0
+        while start < n:
+            self._apply_due_ops(batch.first_row + start)
+            stop = n
+            if self._next_op < len(self.ops):
+                stop = min(n, self.ops[self._next_op]["at"] - batch.first_row)
+            piece = batch if (start, stop) == (0, n) else _slice(batch, start, stop)
+            self._batch = piece
+            # A batch (or the piece between two operations) is atomic for the control plane:
+            # ioctls from other threads wait on mmu_lock and take effect at its boundary, as
+            # a running guest sees them.
+            with self.vm.mmu_lock:
+                if self.engine == "jit":
+                    self._run_jit(piece, outcome[start:stop], exits[start:stop], reason[start:stop])
+                else:
+                    self._run_reference(piece, outcome[start:stop], exits[start:stop], reason[start:stop])
+            self._flush_log()
+            start = stop
         self.seconds += time.perf_counter() - t0
         self.rows += n
-        self._flush_log()
         rb = batch.record_batch
         arrays = list(rb.columns) + [pa.array(outcome), pa.array(exits), pa.array(reason)]
         fields = list(rb.schema) + RESULT_FIELDS
         return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=schema_metadata()))
+
+    def _apply_due_ops(self, row: int) -> None:
+        """Apply the timeline operations whose ``at`` is at or before trace row ``row``."""
+        while self._next_op < len(self.ops) and self.ops[self._next_op]["at"] <= row:
+            self.vm.apply(self.ops[self._next_op])
+            self._next_op += 1
 
     def _run_jit(self, batch, outcome, exits, reason) -> None:
         from .kernels.replay import (
@@ -224,6 +258,9 @@ class Replay:
         pages = {"touched": int(np.unpackbits(self.touched).sum())}
         pages.update(page_counts(self.vm.state))
         extra = {} if self.hooks is None else {"hooks": self.hooks.summary()}
+        if self.ops:
+            # Operations whose row the trace never reaches are not applied.
+            extra["ops"] = {"count": len(self.ops), "applied": self._next_op}
         return {
             "schema_version": SCHEMA_VERSION,
             "sppjit_version": __version__,
@@ -240,9 +277,10 @@ class Replay:
         }
 
 
-def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None) -> Iterator[pa.RecordBatch]:
+def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None,
+                   ops=None) -> Iterator[pa.RecordBatch]:
     """Replay ``source`` batch by batch, yielding the per-access result batches."""
-    session = Replay(vm, engine, hooks=_hook_index(hooks))
+    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
     for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
         yield session.run(batch)
 
@@ -253,13 +291,15 @@ def _hook_index(hooks) -> HookIndex | None:
     return HookIndex.from_ranges(hooks)
 
 
-def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None) -> ReplayResult:
+def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None, ops=None) -> ReplayResult:
     """Replay a whole trace and keep every result in memory (see replay_batches for streams).
 
     ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of the
-    contract: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the summary.
+    contract: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the summary. ``ops`` is
+    a timeline: dicts {"at", "op", "gfn", "npages", "access"} applied before the access at
+    row ``at`` (see VM.apply).
     """
-    session = Replay(vm, engine, hooks=_hook_index(hooks))
+    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
     reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
     batches = [session.run(batch) for batch in reader]
     if batches:

@@ -74,9 +74,13 @@ def replay(
         "--protect", metavar="FILE", rich_help_panel=_INPUT,
         help="Protection applied before the first access (Parquet, Arrow, CSV or JSON): "
              "access maps (columns gfn, access; bit i = sub-page i writable) or byte ranges "
-             "(gpa, length, optional name; none may cross a 4 KiB page). Byte ranges are "
-             "turned into access maps; telling relevant from irrelevant exits per hook is "
-             "not implemented yet.")] = None,
+             "(gpa, length, optional name; none may cross a 4 KiB page). With byte ranges "
+             "the exit log tells relevant from irrelevant protection exits per hook.")] = None,
+    ops: Annotated[str | None, typer.Option(
+        "--ops", metavar="FILE", rich_help_panel=_INPUT,
+        help="Timeline (Parquet, CSV or JSON Lines: at, op, gfn, npages, access): "
+             "set_subpages, zap, remap or delete_memslot, applied before the access at row "
+             "'at'.")] = None,
     memory: Annotated[str | None, typer.Option(
         "--memory", metavar="SIZE", rich_help_panel=_VM, show_default=DEFAULT_MEMORY,
         help="Guest memory as one memslot from gfn 0 (4GiB, 512MiB, 2G, bytes); "
@@ -90,7 +94,8 @@ def replay(
         show_default=str(DEFAULT_VCPUS), help="Number of vCPUs.")] = None,
     profile: Annotated[Profile, typer.Option(
         "--profile", rich_help_panel=_VM, case_sensitive=False,
-        help="KVM SPP series to follow (only v4 is implemented yet).")] = Profile.v4,
+        help="KVM SPP series to follow: v4 (the RESEND v4 of 2019) or v12 (its last "
+             "posting, 2020).")] = Profile.v4,
     hugepages: Annotated[bool, typer.Option(
         "--hugepages", rich_help_panel=_VM,
         help="Back the guest with 2 MiB pages where KVM would.")] = False,
@@ -129,7 +134,7 @@ def replay(
         help="No progress line (it is shown only when standard error is a terminal).")] = False,
 ) -> None:
     run_replay(
-        trace=trace, protect=protect, memory=memory, memslots=memslots, vcpus=vcpus,
+        trace=trace, protect=protect, ops=ops, memory=memory, memslots=memslots, vcpus=vcpus,
         profile=profile.value, hugepages=hugepages, subpage_check=subpage_check.value,
         granularity=granularity.value, engine=engine.value, out=out, exits=exits,
         summary_path=summary, save_state_path=save_state, json_out=json_out,
@@ -144,7 +149,8 @@ def _is_tty(stream) -> bool:
         return False
 
 
-def run_replay(*, trace: str, protect: str | None = None, memory: str | None = None,
+def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None,
+               memory: str | None = None,
                memslots: str | None = None, vcpus: int | None = None, profile: str = "v4",
                hugepages: bool = False, subpage_check: str = "all", granularity: str = "spp",
                engine: str = "jit", out: str | None = None, exits: str | None = None,
@@ -164,7 +170,7 @@ def run_replay(*, trace: str, protect: str | None = None, memory: str | None = N
                                 ("--save-state", save_state_path, False)):
         if path is not None:
             check_output_path(path, option=option, table=table)
-    check_distinct([("TRACE", trace), ("--protect", protect), ("--memslots", memslots),
+    check_distinct([("TRACE", trace), ("--protect", protect), ("--ops", ops), ("--memslots", memslots),
                     ("--out", out), ("--exits", exits), ("--summary", summary_path),
                     ("--save-state", save_state_path)])
     if batch_size is None:
@@ -182,12 +188,17 @@ def run_replay(*, trace: str, protect: str | None = None, memory: str | None = N
     hint = _generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
     slots = read_memslots(memslots) if memslots is not None else None
     protection = read_protection(protect) if protect is not None else None
+    from sppjit.io.ops import read_ops
+
+    timeline = read_ops(ops) if ops is not None else []
 
     from sppjit.vm import VM
 
     vm = VM(memory=memory or DEFAULT_MEMORY, vcpus=vcpus or DEFAULT_VCPUS, profile=profile,
             hugepages=hugepages, subpage_check=subpage_check, granularity=granularity,
             memslots=slots)
+    if timeline:
+        vm.init_spp()  # the VMM enables SPP before its first set, as the protection does
     protection_info = None
     hooks = None
     if protection is not None:
@@ -205,8 +216,8 @@ def run_replay(*, trace: str, protect: str | None = None, memory: str | None = N
             save_state_path=save_state_path, progress=shown, hint=hint,
             input_info={"path": trace, "format": trace_format},
             config_extra={"engine": engine, "protection": protection_info,
-                          "memslots_file": memslots},
-            hooks=hooks,
+                          "memslots_file": memslots, "ops_file": ops},
+            hooks=hooks, timeline=timeline,
         )
     finally:
         shown.close()
@@ -223,14 +234,16 @@ def run_replay(*, trace: str, protect: str | None = None, memory: str | None = N
 
 
 def _replay_and_write(vm, reader, *, engine, out, exits, summary_path, save_state_path,
-                      progress, hint, input_info, config_extra, hooks=None) -> tuple[dict, list[str]]:
+                      progress, hint, input_info, config_extra, hooks=None,
+                      timeline=()) -> tuple[dict, list[str]]:
     from sppjit.io.output import TableWriter, write_json_atomic
     from sppjit.replay import Replay
 
     with contextlib.ExitStack() as stack:
         outputs = stack.enter_context(Outputs())
         with contextlib.ExitStack() as tables:
-            session = Replay(vm, engine=engine, on_exits=_discard, hooks=hooks)
+            session = Replay(vm, engine=engine, on_exits=_discard, hooks=hooks,
+                             ops=list(timeline))
             if exits is not None:
                 tables.push(outputs.track(exits))  # before the writer: runs after its exit
                 exit_writer = tables.enter_context(
