@@ -48,6 +48,8 @@ _U_WB = np.uint64(B.MEMTYPE_WB)
 _U_MT_MASK = np.uint64(7)
 _U_511 = np.uint64(511)
 _U_EVEN = np.uint64(0x5555555555555555)
+_U_FAST_MASK = np.uint64(B.VMX_EPT_READABLE_MASK | B.VMX_EPT_MT_MASK | B.EPT_ADDR_RESERVED_MASK)
+_U_FAST_WANT = np.uint64(B.VMX_EPT_READABLE_MASK | (B.MEMTYPE_WB << B.VMX_EPT_MT_EPTE_SHIFT))
 
 
 @inline
@@ -159,22 +161,24 @@ def fast_allowed(st, v, first, last, kind):
 
     Exactly the allowed cases of hardware_check along cached walks; it never decides an exit.
     """
+    # Unsigned indices throughout: numba then emits no negative-index wraparound code.
     gfn = first >> U_PAGE_SHIFT
-    region = np.int64(gfn >> np.uint64(9))
-    if region >= st.ept_cache.shape[0]:
+    region = gfn >> np.uint64(9)
+    if region >= np.uint64(st.ept_cache.shape[0]):
         return False
     c = st.ept_cache[region]
     if c < 0:
         return False
-    t = c >> 4
+    t = np.uint64(c) >> np.uint64(4)
     if (c & 8) != 0:
-        e = st.tables[t, (gfn >> np.uint64(9)) & _U_511]
+        e = st.tables[t, region & _U_511]
         if (e & U_PS) == U0:
             return False
     else:
         e = st.tables[t, gfn & _U_511]
-    # Only well-formed RAM leaves take the fast path (readable, WB, no reserved address bits).
-    if (e & U_R) == U0 or ((e >> U_MT_SHIFT) & _U_MT_MASK) != _U_WB or (e & U_ADDR_RSVD) != U0:
+    # Only well-formed RAM leaves take the fast path (readable, WB, no reserved address bits):
+    # one mask and one compare.
+    if (e & _U_FAST_MASK) != _U_FAST_WANT:
         return False
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):
@@ -184,7 +188,7 @@ def fast_allowed(st, v, first, last, kind):
     s = st.sppt_cache[v, region]
     if s < 0:
         return False
-    vec = st.tables[s, gfn & _U_511]
+    vec = st.tables[np.uint64(s), gfn & _U_511]
     if (vec & U_SPPT_LEAF_RSVD) != U0:
         return False
     need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
