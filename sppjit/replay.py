@@ -21,6 +21,7 @@ from .kernels import layout as L
 from .kernels.mmu import ENTRY_FAILURE_MESSAGES
 from .reference import ModelLivelock, replay_access
 from .hooks import HookIndex
+from .provenance import BackgroundDigests, generator_info, versions
 from .stats import page_counts
 
 ENGINES = ("jit", "reference")
@@ -242,7 +243,9 @@ class Replay:
             self._log.n[0] = j + 1
 
     # ---------------------------------------------------------------- summary
-    def summary(self, input_info: dict | None = None) -> dict:
+    def summary(self, input_info: dict | None = None, digests: dict | None = None, generator: dict | None = None) -> dict:
+        """The summary JSON of the contract. ``digests`` (input name -> "sha256:...") and
+        ``generator`` (scenario, seed from the trace's metadata) go into its provenance."""
         c = self.counters
         counts = {
             "accesses": int(c[L.CT_ACCESSES]),
@@ -261,18 +264,23 @@ class Replay:
         if self.ops:
             # Operations whose row the trace never reaches are not applied.
             extra["ops"] = {"count": len(self.ops), "applied": self._next_op}
+        provenance = {"versions": versions(), "digests": dict(digests or {}), "generator": dict(generator or {})}
+        info = dict(input_info or {}, rows=self.rows)
+        if generator and "seed" in generator:
+            info["seed"] = generator["seed"]
         return {
             "schema_version": SCHEMA_VERSION,
             "sppjit_version": __version__,
             "engine": self.engine,
             "config": dict(self.vm.config.as_dict(), engine=self.engine),
-            "input": dict(input_info or {}, rows=self.rows),
+            "input": info,
             "counts": counts,
             "exits": exits,
             "pages": pages,
             "tlb_flushes": int(self.vm.state.scal[L.SC_TLB_FLUSHES]),
             "seconds": self.seconds,
             "accesses_per_second": self.rows / self.seconds if self.seconds > 0 else 0.0,
+            "provenance": provenance,
             **extra,
         }
 
@@ -301,10 +309,12 @@ def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=
     """
     session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
     reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
+    digests = BackgroundDigests({"trace": reader.path}) if reader.path else None
     batches = [session.run(batch) for batch in reader]
     if batches:
         table = pa.Table.from_batches(batches)
     else:
         table = pa.table({f.name: pa.array([], type=f.type) for f in list(reader.schema) + RESULT_FIELDS})
-    info = {"path": getattr(reader, "path", None)}
-    return ReplayResult(table=table, exits=session.exit_table(), summary=session.summary(info))
+    info = {"path": reader.path}
+    summary = session.summary(info, digests.result() if digests else None, generator_info(reader.schema))
+    return ReplayResult(table=table, exits=session.exit_table(), summary=summary)

@@ -1,34 +1,42 @@
 """Hypothesis strategies for sppjit's exactness tests: VMs, protections, raw pokes and traces.
 
 A drawn ``Scenario`` is plain data (tuples of ints and strings), so hypothesis prints and
-shrinks it well, and ``Runner`` applies it to a VM through the public API only. Runners keep
-the literal calls they made, which ``reproducer`` turns into a stand-alone Python snippet.
+shrinks it well; ``Runner`` applies it to a VM through the public API only, and turns every
+operation into the literal call it makes, which ``reproducer`` assembles into a stand-alone
+Python snippet.
 
 What is generated, and why:
 
 - VMs (``vm_specs``): 1..3 memslots (at most 8192 pages in all) with gaps (sometimes none)
   between them, bases 512-aligned (so huge pages fit) or not, 1..8 vCPUs, huge pages on/off,
-  subpage_check all/first, granularity spp/page, profile v4; sometimes a tiny initial table
-  pool so that the pool grows in the middle of set_subpages calls and replays.
+  subpage_check all/first, granularity spp/page, profile v4 (2/3) or v12 (1/3); sometimes a
+  tiny initial table pool, so that the pool grows inside set_subpages calls and replays.
 - An address space (``spaces``): a few *hot* RAM gfns (memslot edges, 2 MiB-region edges,
   pairs of neighbours) that the protections and most accesses aim at, so that pages repeat and
-  protected pages are hit; plus MMIO gfns in the gaps, just above the last memslot, and far
-  away (below 2**48 bytes, outside the region caches).
-- Operations between replays (``ops``): ``init`` (KVM_INIT_SPP), ``set`` (KVM_SUBPAGES_SET_ACCESS
-  of 1..64 pages inside one memslot: zero maps, FULL maps, random maps, a few sub-pages
-  cleared, runs of sub-pages cleared; clustered around hot gfns or anywhere in a slot), and raw
-  pokes: clear a level-4/3/2 SPPT entry (SPPT miss), set an odd bit of a leaf vector or a
-  reserved bit of a non-leaf entry (SPPT misconfiguration), write a raw even-bit vector, and
-  rewrite an EPT leaf (clear W; clear W and set bit 61; set W). A poke is applied only where
-  the path exists (checked by walking the tables first); otherwise it is skipped on both VMs.
+  protected pages are hit; MMIO gfns in the gaps, just above the last memslot, and far away
+  (below 2**48 bytes, beyond the region caches); and a palette of access maps whose
+  permission edges (offsets where writable and protected sub-pages meet) the accesses aim at.
+- Operations between replays (``ops``): ``init`` (init_spp), ``set`` (set_subpages of 1..64
+  pages inside one memslot, mostly covering a hot gfn: zero maps, FULL maps, random maps,
+  palette maps, a few sub-pages cleared, runs of sub-pages cleared), host operations (zap,
+  remap, delete_memslot), and raw pokes: clear a level-4/3/2 SPPT entry (SPPT miss), set an
+  odd bit of a leaf vector or a reserved bit of a non-leaf entry (SPPT misconfiguration),
+  write a raw even-bit vector, and rewrite an EPT leaf (``EPT_LEAF_POKES``). A poke goes to
+  the first of its candidate hot gfns whose SPPT path / EPT leaf exists (found by walking the
+  tables the way poke_sppt does, from the vCPU's SPPT root); with none, it is skipped on both
+  VMs alike.
 - Traces (``traces``): 1..300 reads, writes and fetches of 1..4096 bytes (crossing sub-pages
-  and pages), mostly at hot gfns, some anywhere in a memslot, some MMIO.
-- A scenario (``scenarios``) is a VM plus 1..3 phases; each phase applies its operations, then
-  replays its trace on the state the previous phase left.
+  and pages; often ending at or just past a permission edge), mostly at hot gfns, some
+  anywhere in a memslot, some MMIO; vCPU 0 more often than the others.
+- Timelines (``timelines``): 0..3 set_subpages / zap / remap / delete_memslot operations
+  applied in the middle of a replay (replay(ops=...)), at rows 0..len(trace).
+- A scenario (``scenarios``) is a VM plus 1..3 phases; each phase applies its operations,
+  then replays its trace (with its timeline) on the state the previous phase left.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,12 +61,13 @@ class VmSpec:
     subpage_check: str = "all"
     granularity: str = "spp"
     table_capacity: int | None = None  # None: sppjit.vm.DEFAULT_TABLE_CAPACITY
+    profile: str = "v4"
 
     def kwargs(self) -> dict:
         return dict(
             memslots=[tuple(s) for s in self.memslots],
             vcpus=self.vcpus,
-            profile="v4",
+            profile=self.profile,
             hugepages=self.hugepages,
             subpage_check=self.subpage_check,
             granularity=self.granularity,
@@ -110,6 +119,7 @@ def map_edges(maps) -> tuple[int, ...]:
 #   ("sppt_nonleaf_rsvd", gfns, vcpu, level, bit)  reserved bit of a level 4..2 entry
 #   ("sppt_leaf", gfns, vcpu, access_map)          raw leaf = the vector of an access map
 #   ("ept_leaf", gfns, how)                        how: a key of EPT_LEAF_POKES
+#   ("zap", gfn, npages), ("remap", gfn, npages), ("delete_memslot", gfn)
 # A poke's gfns are candidates: it goes to the first whose SPPT path / EPT leaf exists.
 # A trace is a tuple of (gpa, size, vcpu, kind) rows.
 
@@ -119,6 +129,16 @@ class Phase:
     ops: tuple = ()
     trace: tuple = ()
     batch_size: int = 1 << 20  # used by the batching test for one of the two runs
+    timeline: tuple = ()  # (at, op, gfn, npages, access): replay(ops=...) in the middle of the trace
+
+    def timeline_ops(self) -> list[dict]:
+        out = []
+        for at, op, gfn, npages, access in self.timeline:
+            d = {"at": at, "op": op, "gfn": gfn, "npages": npages}
+            if op == "set_subpages":
+                d["access"] = access
+            out.append(d)
+        return out
 
 
 @dataclass(frozen=True)
@@ -163,7 +183,7 @@ def memslot_layouts(draw) -> tuple[tuple[int, int], ...]:
 
 
 @st.composite
-def vm_specs(draw, max_vcpus: int = 8) -> VmSpec:
+def vm_specs(draw, max_vcpus: int = 8, profiles=("v4", "v4", "v12")) -> VmSpec:
     return VmSpec(
         memslots=draw(memslot_layouts()),
         vcpus=draw(st.integers(1, max_vcpus)),
@@ -171,6 +191,7 @@ def vm_specs(draw, max_vcpus: int = 8) -> VmSpec:
         subpage_check=draw(st.sampled_from(["all", "first"])),
         granularity=draw(st.sampled_from(["spp", "spp", "page"])),
         table_capacity=draw(st.one_of(st.none(), st.integers(1, 24))),
+        profile=draw(st.sampled_from(profiles)),
     )
 
 
@@ -292,11 +313,41 @@ def poke_ops(draw, space: Space, vcpus: int) -> tuple:
     return (what, g, draw(st.sampled_from(sorted(EPT_LEAF_POKES))))
 
 
-def ops(space: Space, vcpus: int, pokes: bool = True) -> st.SearchStrategy[tuple]:
+@st.composite
+def host_ops(draw, space: Space) -> tuple:
+    """MMU-notifier and memslot operations (zap, remap, delete_memslot) around hot gfns."""
+    name = draw(st.sampled_from(["zap", "remap", "zap", "remap", "delete_memslot"]))
+    gfn = draw(st.one_of(st.sampled_from(space.hot), ram_gfns(space.memslots)))
+    if name == "delete_memslot":
+        return (name, gfn)
+    gfn = max(0, gfn - draw(st.integers(0, 2)))
+    return (name, gfn, draw(st.one_of(st.integers(1, 4), st.integers(1, 1024))))
+
+
+def ops(space: Space, vcpus: int, pokes: bool = True, host: bool = True) -> st.SearchStrategy[tuple]:
     choices = [st.just(("init",)), set_ops(space), set_ops(space)]
     if pokes:
         choices += [poke_ops(space, vcpus)] * 3
+    if host:
+        choices.append(host_ops(space))
     return st.one_of(*choices)
+
+
+@st.composite
+def timelines(draw, space: Space, nrows: int) -> tuple:
+    """0..3 timeline operations (replay(ops=...)) at rows 0..nrows (nrows: never reached)."""
+    out = []
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, nrows))
+        op = draw(st.sampled_from(["set_subpages", "set_subpages", "zap", "remap", "delete_memslot"]))
+        gfn = draw(st.one_of(st.sampled_from(space.hot), ram_gfns(space.memslots)))
+        npages = draw(st.one_of(st.integers(1, 4), st.integers(1, 600)))
+        if op == "set_subpages":  # stay inside the slot (EFAULT would abort the replay)
+            base, n = next((b, n) for b, n in space.memslots if b <= gfn < b + n)
+            npages = min(npages, base + n - gfn)
+        access = draw(st.one_of(st.sampled_from(space.palette), access_maps())) if op == "set_subpages" else 0
+        out.append((at, op, gfn, npages, access))
+    return tuple(sorted(out, key=lambda t: t[0]))
 
 
 # ------------------------------------------------------------------------------------ traces
@@ -350,10 +401,11 @@ def traces(draw, space: Space, vcpus: int, max_size: int = MAX_TRACE) -> tuple:
 # ------------------------------------------------------------------------------------ scenarios
 @st.composite
 def scenarios(draw, max_phases: int = 3, pokes: bool = True, max_trace: int = MAX_TRACE,
-              batch_sizes: bool = False, max_total: int = 2 * MAX_TRACE) -> Scenario:
+              batch_sizes: bool = False, max_total: int = 2 * MAX_TRACE, host: bool = True,
+              timeline: bool = True, profiles=("v4", "v4", "v12")) -> Scenario:
     """A VM and 1..max_phases phases of operations and traces (at most max_total accesses in
     all: hypothesis bounds the data one example may draw)."""
-    spec = draw(vm_specs())
+    spec = draw(vm_specs(profiles=profiles))
     space = draw(spaces(spec.memslots))
     nphases = draw(st.integers(1, max_phases))
     phases = []
@@ -364,13 +416,14 @@ def scenarios(draw, max_phases: int = 3, pokes: bool = True, max_trace: int = MA
             op_list.append(("init",))
             op_list += draw(st.lists(set_ops(space), min_size=1, max_size=3))
         # No pokes before the first trace: nothing is mapped yet, so no path to poke exists.
-        op_list += draw(st.lists(ops(space, spec.vcpus, pokes and p > 0), max_size=4))
+        op_list += draw(st.lists(ops(space, spec.vcpus, pokes and p > 0, host and p > 0), max_size=4))
         if pokes and p > 0:
             op_list += draw(st.lists(poke_ops(space, spec.vcpus), max_size=2))
         batch = draw(st.integers(1, 50)) if batch_sizes else 1 << 20
         trace = draw(traces(space, spec.vcpus, max(1, min(max_trace, budget - (nphases - p - 1)))))
         budget -= len(trace)
-        phases.append(Phase(ops=tuple(op_list), trace=trace, batch_size=batch))
+        tl = draw(timelines(space, len(trace))) if timeline and draw(st.integers(0, 2)) == 2 else ()
+        phases.append(Phase(ops=tuple(op_list), trace=trace, batch_size=batch, timeline=tl))
     return Scenario(vm=spec, phases=tuple(phases))
 
 
@@ -472,20 +525,27 @@ def op_call(vm, op) -> str | None:
         if len(set(maps)) == 1:
             return f"vm.set_subpages({op[1]:#x}, [{maps[0]:#x}] * {len(maps)})"
         return f"vm.set_subpages({op[1]:#x}, [{', '.join(f'{m:#x}' for m in maps)}])"
+    if op[0] in ("zap", "remap"):
+        return f"vm.{op[0]}({op[1]:#x}, {op[2]})"
+    if op[0] == "delete_memslot":
+        return f"vm.delete_memslot({op[1]:#x})"
     return _poke_call(vm, op)
 
 
 def run_call(vm, call: str):
-    """Run one literal call on ``vm``: ("ok", value) or ("raised", type, errno, message)."""
-    try:
-        value = eval(call, {"__builtins__": {}}, {"vm": vm})  # our own literal calls only
-    except (SppError, InputError, VmEntryError) as exc:
-        return ("raised", type(exc).__name__, getattr(exc, "errno", None), str(exc))
-    return ("ok", value)
+    """Run one literal call on ``vm``: ("ok", value, warnings) or ("raised", type, errno, message)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = eval(call, {"__builtins__": {}}, {"vm": vm})  # our own literal calls only
+        except (SppError, InputError, VmEntryError) as exc:
+            return ("raised", type(exc).__name__, getattr(exc, "errno", None), str(exc))
+    return ("ok", value, tuple(type(w.message).__name__ for w in caught))
 
 
 @dataclass
 class PhaseResult:
+    warnings: tuple = ()  # categories of the warnings the replay raised (SppQuirkWarning)
     result: object = None  # ReplayResult
     error: tuple | None = None  # (type name, message) when the replay raised
 
@@ -513,10 +573,14 @@ class Runner:
 
         res = PhaseResult()
         batch = phase.batch_size if self.batch_size is None else self.batch_size
-        try:
-            res.result = replay(self.vm, trace_arrays(phase.trace), engine=self.engine, batch_size=batch)
-        except (ModelLivelock, VmEntryError, InputError) as exc:
-            res.error = (type(exc).__name__, str(exc))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                res.result = replay(self.vm, trace_arrays(phase.trace), engine=self.engine, batch_size=batch,
+                                    ops=phase.timeline_ops())
+            except (ModelLivelock, VmEntryError, InputError, SppError) as exc:
+                res.error = (type(exc).__name__, str(exc))
+        res.warnings = tuple(type(w.message).__name__ for w in caught)
         return res
 
 
@@ -561,7 +625,8 @@ def reproducer(scn: Scenario, calls_per_phase: list[list[str]], runs=(("referenc
         lines.append(f"for vm, (engine, batch) in zip(vms, {concrete!r}):")
         for c in calls:
             lines.append(f"    {c}")
-        lines.append("    res.append(replay(vm, trace, engine=engine, batch_size=batch))")
+        tl = f", ops={phase.timeline_ops()!r}" if phase.timeline else ""
+        lines.append(f"    res.append(replay(vm, trace, engine=engine, batch_size=batch{tl}))")
         lines.append("a, b = res")
         lines.append("print(a.table.equals(b.table), a.exits.equals(b.exits))")
         lines.append("print(a.exits.to_pylist()); print(b.exits.to_pylist())")

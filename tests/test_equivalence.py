@@ -85,13 +85,14 @@ def assert_states_equal(vm_a, vm_b, where: str) -> None:
 def assert_results_equal(ra, rb, where: str) -> None:
     if (ra.error is None) != (rb.error is None) or ra.error != rb.error:
         raise AssertionError(f"{where}: replay errors differ: {ra.error} vs {rb.error}")
+    assert ra.warnings == rb.warnings, f"{where}: warnings differ: {ra.warnings} vs {rb.warnings}"
     if ra.error is not None:
         return
     a, b = ra.result, rb.result
     assert a.table.equals(b.table), f"{where}: results differ: {_first_difference(a.table, b.table)}"
     assert a.exits.equals(b.exits), f"{where}: exit logs differ: {_first_difference(a.exits, b.exits)}"
-    for key in ("counts", "exits", "pages", "tlb_flushes"):
-        assert a.summary[key] == b.summary[key], f"{where}: summary[{key!r}] differs: {a.summary[key]} vs {b.summary[key]}"
+    for key in ("counts", "exits", "pages", "tlb_flushes", "ops"):
+        assert a.summary.get(key) == b.summary.get(key), f"{where}: summary[{key!r}] differs: {a.summary.get(key)} vs {b.summary.get(key)}"
     assert a.summary["input"]["rows"] == b.summary["input"]["rows"]
 
 

@@ -208,7 +208,9 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
 
             hooks = HookIndex.from_ranges(protection)
 
-    # ---- replay, writing as we go
+    # ---- replay, writing as we go (the inputs are hashed meanwhile, on another thread)
+    from sppjit.provenance import BackgroundDigests
+
     shown = Progress(reader.num_rows, enabled=progress)
     try:
         summary, written = _replay_and_write(
@@ -218,6 +220,8 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
             config_extra={"engine": engine, "protection": protection_info,
                           "memslots_file": memslots, "ops_file": ops},
             hooks=hooks, timeline=timeline,
+            digests=BackgroundDigests({"trace": trace, "protect": protect, "ops": ops,
+                                       "memslots": memslots}),
         )
     finally:
         shown.close()
@@ -235,8 +239,9 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
 
 def _replay_and_write(vm, reader, *, engine, out, exits, summary_path, save_state_path,
                       progress, hint, input_info, config_extra, hooks=None,
-                      timeline=()) -> tuple[dict, list[str]]:
+                      timeline=(), digests=None) -> tuple[dict, list[str]]:
     from sppjit.io.output import TableWriter, write_json_atomic
+    from sppjit.provenance import generator_info
     from sppjit.replay import Replay
 
     with contextlib.ExitStack() as stack:
@@ -266,7 +271,8 @@ def _replay_and_write(vm, reader, *, engine, out, exits, summary_path, save_stat
                 raise
             if session.rows == 0:
                 raise InputError("trace: no rows")
-        summary = session.summary(input_info)
+        summary = session.summary(input_info, digests.result() if digests else None,
+                                  generator_info(reader.schema))
         summary["config"].update(config_extra)
         if save_state_path is not None:
             from sppjit.savestate import save_state
