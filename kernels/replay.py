@@ -11,7 +11,7 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U1, U_PAGE_OFFSET, U_PAGE_SHIFT, kernel
+from ._jit import U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel
 from .exits import kvm_handle_exit
 from .hardware import fast_allowed, hardware_check
 from .layout import CT_ACCESSES, CT_EXIT_KIND, CT_EXITS, CT_KIND, CT_OUTCOME, SC_NTABLES, SC_NVCPUS
@@ -77,6 +77,14 @@ def slow_piece(st, v, first, plast, k, row, log, counters):
             return nexits, reason_last, B.OUTCOME_ALLOWED, False
 
 
+@inline
+def count_access(counters, k, out, nexits):
+    counters[CT_ACCESSES] += 1
+    counters[CT_KIND + k] += 1
+    counters[CT_OUTCOME + out] += 1
+    counters[CT_EXITS] += nexits
+
+
 @kernel
 def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_reason, log, counters, touched):
     """Replay rows start.. of one batch. Returns (status, row to resume from, detail)."""
@@ -87,50 +95,28 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
     # locals so the fast path pays two register compares per access.
     tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
     log_free = log.row.shape[0] - log.n[0]
-    # Counters are kept in registers and written back at every return.
-    n_acc = 0
-    n_read = 0
-    n_write = 0
-    n_fetch = 0
-    n_exits = 0
-    n_out1 = 0
-    n_out2 = 0
-    n_out3 = 0
-    n_out4 = 0
-    status = STATUS_DONE
-    stop = n
-    detail = 0
     for r in range(start, n):
         if tables_free < margin:
-            status, stop = STATUS_NEED_TABLES, r
-            break
+            return STATUS_NEED_TABLES, r, 0
         if log_free < LOG_MARGIN:
-            status, stop = STATUS_NEED_LOG, r
-            break
+            return STATUS_NEED_LOG, r, 0
         v = np.int64(vcpu[r])
         if st.requests[vcpu[r]] != 0:
             rc = serve_requests(st, v)
             if rc != 0:
-                status, stop, detail = STATUS_ENTRY_FAILED, r, v * 16 + rc
-                break
-        k = kind[r]
+                return STATUS_ENTRY_FAILED, r, v * 16 + rc
+        k = np.int64(kind[r])
         first = gpa[r]
         last = first + np.uint64(size[r]) - U1
         gfn = first >> U_PAGE_SHIFT
-        if gfn == (last >> U_PAGE_SHIFT) and fast_allowed(st, v, first, last, np.int64(k)):
+        if gfn == (last >> U_PAGE_SHIFT) and fast_allowed(st, v, first, last, k):
             # The common case, straight-line: one page, allowed by the cached walk.
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
             outcome[r] = B.OUTCOME_ALLOWED
             exits[r] = 0
             exit_reason[r] = 0
-            n_acc += 1
-            if k == B.ACCESS_WRITE:
-                n_write += 1
-            elif k == B.ACCESS_READ:
-                n_read += 1
-            else:
-                n_fetch += 1
+            count_access(counters, k, B.OUTCOME_ALLOWED, 0)
             continue
         out = B.OUTCOME_ALLOWED
         nexits = 0
@@ -140,13 +126,12 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
             gfn = first >> U_PAGE_SHIFT
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
-            if not fast_allowed(st, v, first, plast, np.int64(k)):
-                ne, rl, out, ok = slow_piece(st, v, first, plast, np.int64(k), row0 + r, log, counters)
+            if not fast_allowed(st, v, first, plast, k):
+                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, log, counters)
                 tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
                 log_free = log.row.shape[0] - log.n[0]
                 if not ok:
-                    status, stop, detail = STATUS_LIVELOCK, r, v
-                    break
+                    return STATUS_LIVELOCK, r, v
                 if ne > 0:
                     nexits += ne
                     reason_last = rl
@@ -155,36 +140,8 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
             if plast == last:
                 break
             first = plast + U1
-        if status == STATUS_LIVELOCK:
-            break
         outcome[r] = out
         exits[r] = nexits
         exit_reason[r] = reason_last
-        n_acc += 1
-        if k == B.ACCESS_WRITE:
-            n_write += 1
-        elif k == B.ACCESS_READ:
-            n_read += 1
-        else:
-            n_fetch += 1
-        if out != B.OUTCOME_ALLOWED:
-            if out == B.OUTCOME_SPP_VIOLATION:
-                n_out1 += 1
-            elif out == B.OUTCOME_WRITE_PROTECT_VIOLATION:
-                n_out2 += 1
-            elif out == B.OUTCOME_MMIO:
-                n_out3 += 1
-            else:
-                n_out4 += 1
-        n_exits += nexits
-    counters[CT_ACCESSES] += n_acc
-    counters[CT_KIND + B.ACCESS_READ] += n_read
-    counters[CT_KIND + B.ACCESS_WRITE] += n_write
-    counters[CT_KIND + B.ACCESS_FETCH] += n_fetch
-    counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += n_out1
-    counters[CT_OUTCOME + B.OUTCOME_WRITE_PROTECT_VIOLATION] += n_out2
-    counters[CT_OUTCOME + B.OUTCOME_MMIO] += n_out3
-    counters[CT_OUTCOME + B.OUTCOME_SPP_MISCONFIG] += n_out4
-    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] += n_acc - n_out1 - n_out2 - n_out3 - n_out4
-    counters[CT_EXITS] += n_exits
-    return status, stop, detail
+        count_access(counters, k, out, nexits)
+    return STATUS_DONE, n, 0

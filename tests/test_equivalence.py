@@ -199,10 +199,25 @@ def _hand_made():
         trace=((2100 << 12, 8, 0, w), (2110 << 12, 8, 0, w), (2103 << 12, 8, 2, w), (2101 << 12, 8, 1, w),
                (2101 << 12, 0x100, 2, w), (2101 << 12, 0x100, 0, w)),
     )
+    # Profile v12: set flushes the SPPT (the next write misses and fills the 2 MiB block), a
+    # remap between replays (wp_fault on a FULL page), zap and delete_memslot mid-trace.
+    v12 = S.VmSpec(memslots=((0, 600), (1024, 64)), vcpus=2, hugepages=True, profile="v12")
+    sixth = S.Phase(
+        ops=(("init",), ("set", 40, (0x0F0F0F0F, FULL, 0))),
+        trace=((40 << 12, 8, 0, w), ((40 << 12) + 0x80, 8, 1, w), (41 << 12, 64, 1, w), (42 << 12, 8, 0, r),
+               (1030 << 12, 8, 0, w)),
+    )
+    seventh = S.Phase(
+        ops=(("remap", 40, 3),),
+        trace=((41 << 12, 8, 0, w), (40 << 12, 8, 1, w), (42 << 12, 8, 0, w), (1030 << 12, 8, 1, w),
+               (40 << 12, 8, 0, w)),
+        timeline=((1, "zap", 40, 1, 0), (3, "delete_memslot", 1030, 1, 0), (4, "remap", 0, 600, 0)),
+    )
     return [
         S.Scenario(vm=vm, phases=(first, second)),
         S.Scenario(vm=page, phases=(third,)),
         S.Scenario(vm=huge, phases=(fourth, fifth)),
+        S.Scenario(vm=v12, phases=(sixth, seventh)),
     ]
 
 
@@ -252,6 +267,7 @@ def test_hand_made_scenarios_reach_every_exit_kind():
             assert len(calls) == len(phase.ops), f"a hand-made operation was skipped: {calls}"
             res = runner.replay(phase)
             assert res.error is None, res.error
+            assert res.result.summary.get("ops", {}).get("applied", 0) == len(phase.timeline)
             kinds |= {k for k, n in res.result.summary["exits"].items() if n and k != "total"}
             outcomes |= set(res.result.table.column("outcome").to_pylist())
     assert kinds == set(B.EXIT_KIND_NAMES), sorted(set(B.EXIT_KIND_NAMES) - kinds)

@@ -1,0 +1,497 @@
+"""Compare protection schemes on one trace: page-granular write protection against SPP.
+
+The question a VM-introspection engineer asks before guarding kernel structures: how many VM
+exits will I take with SPP, how many without it, and how many of them are noise? ``compare``
+replays the same trace under several configurations, each on a fresh VM given the same
+protection, and reports them side by side:
+
+- ``page``: page-granular write protection (``granularity="page"``, profile v4), the
+  baseline: every write to a protected page exits to userspace;
+- ``spp_v4`` and ``spp_v12``: SPP as the KVM series v4 and v12 define it (with
+  ``subpage_check="both"``: ``spp_v4_all``, ``spp_v4_first``, ``spp_v12_all``,
+  ``spp_v12_first``).
+
+The trace is read once per configuration with sppjit.io.trace.open_trace, batch by batch, so
+memory stays bounded whatever its length (a one-shot stream given to the Python API is read
+into memory once, since it cannot be read again).
+
+Estimated guest overhead
+------------------------
+Each exit is charged a fixed cost: ``exit_cost_us`` for an exit that KVM hands to userspace
+(kinds ``mmio``, ``spp_violation``, ``write_protect``, ``spp_misconfig``) and
+``kernel_exit_cost_us`` for one KVM resolves itself (``ept_fault``, ``spp_miss``,
+``wp_fault``)::
+
+    overhead_seconds = (exits_to_userspace * exit_cost_us
+                        + exits_in_kernel * kernel_exit_cost_us) * 1e-6
+
+reported in total and per million accesses. The defaults are order-of-magnitude figures for
+an Ice Lake-era host with a current kernel, not measurements of any particular machine:
+
+- ``DEFAULT_EXIT_COST_US = 3.0``: one exit to the userspace VMM and back. That covers the
+  VM exit, KVM's handler, the return from the KVM_RUN ioctl, a trivial userspace handler, the
+  next KVM_RUN and the VM entry: some 9,000 cycles at 3 GHz. Where it comes from: the
+  kvm-unit-tests micro-benchmark ``x86/vmexit.c`` measures exactly this round trip as
+  ``inl_from_qemu`` (a port read handled in QEMU) beside ``inl_from_kernel`` (the same read
+  handled inside KVM); published runs put the userspace round trip at about 3x the in-kernel
+  one (44,826 against 13,518 cycles in the nested vmexit.flat run of Paolo Bonzini's cover
+  letter "[PATCH 00/43] VMX optimizations", kvm list, 2019; nesting makes every exit
+  dearer, the ratio is the point). On AMD, the KVM_RUN ioctl alone for a trivial exit
+  (ioctl entry to return) measures about 2,500 cycles (LKML, December 2020, SVM
+  vmsave/vmload thread: lkml.iu.edu/hypermail/linux/kernel/2012.2/00527.html), before any
+  userspace handling. An introspection tool that receives its events over a socket (KVMI)
+  pays far more per exit: raise ``--exit-cost-us`` for that.
+- ``DEFAULT_KERNEL_EXIT_COST_US = 1.0``: one exit KVM handles in the kernel (hardware
+  world switch plus the EPT-violation or SPP-miss handler). Landau, Ben-Yehuda and Gordon,
+  "SplitX: Split Guest/Hypervisor Execution on Multi-Core" (USENIX WIOV 2011, Table 1)
+  measured the direct world-switch cost alone at about 2,000 cycles on KVM (0.7 us on a
+  2.93 GHz Xeon X5570), with the handler's own work on top; newer cores switch faster but
+  pay for speculative-execution mitigations, so 1 us is kept.
+
+Both are options (``exit_cost_us=``, ``kernel_exit_cost_us=``; ``--exit-cost-us``,
+``--kernel-exit-cost-us``); the document records the figures used.
+
+Hooks (byte-range protection)
+-----------------------------
+With byte ranges, every configuration also counts relevant and irrelevant protection exits
+(sppjit.hooks) and their noise ratio ``irrelevant / (relevant + irrelevant)``, the figure
+hvmi's own SPP statistics give. Per hook, ``relevant`` counts the exits whose write touched
+that hook's bytes (the first such hook, as the exit log names it) and ``irrelevant`` the
+irrelevant exits the hook *caused*: those on its page under page-granular protection, those
+whose checked sub-pages meet the sub-pages it protects under SPP (``subpage_check="first"``:
+the first sub-page the write touches on that page). An irrelevant exit on sub-pages that two
+hooks share counts for both, so per-hook irrelevant counts may add up to more than the total.
+
+Reproducibility: the document records the seed (``sppjit.seed`` in the trace's schema
+metadata, when ``sppjit generate`` wrote it), the full configuration, the sppjit, numba, numpy
+and pyarrow versions, and a SHA-256 of the trace and protection files (a directory: its files
+in sorted order, see ``sha256_path``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from . import bits as B
+from .errors import InputError
+from .hooks import PROTECTION_EXIT_KINDS, HookIndex
+
+SCHEMA_VERSION = 1
+DEFAULT_MEMORY = "4GiB"
+DEFAULT_VCPUS = 1
+DEFAULT_EXIT_COST_US = 3.0
+DEFAULT_KERNEL_EXIT_COST_US = 1.0
+EXIT_COST_SOURCE = (
+    "userspace exit round trip ~3 us (kvm-unit-tests x86/vmexit.c inl_from_qemu vs "
+    "inl_from_kernel, ~3x an in-kernel exit); in-kernel exit ~1 us (SplitX, WIOV 2011: "
+    "~2,000-cycle world switch plus the handler); order-of-magnitude defaults for an Ice "
+    "Lake-era KVM host, not a measurement"
+)
+SUBPAGE_CHECKS = ("all", "first", "both")
+GRANULARITIES = ("page", "spp")
+PROFILES = ("v4", "v12")
+# Exits KVM hands to userspace (a KVM_EXIT_* code, or KVM_EXIT_UNKNOWN for an SPPT
+# misconfiguration); every other kind is resolved in the kernel and the guest retries.
+USERSPACE_EXIT_KINDS = ("mmio", "spp_misconfig", "spp_violation", "write_protect")
+BATCH_JIT = 1 << 20
+BATCH_REFERENCE = 1 << 12
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a comparison: how the same protection is enforced."""
+
+    name: str
+    granularity: str = "spp"
+    profile: str = "v4"
+    subpage_check: str = "all"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "profile": self.profile, "granularity": self.granularity,
+                "subpage_check": self.subpage_check}
+
+
+def default_configs(subpage_check: str = "all") -> list[Config]:
+    """page (the baseline), spp_v4 and spp_v12; with "both", each SPP profile twice."""
+    if subpage_check not in SUBPAGE_CHECKS:
+        raise InputError(f"subpage_check must be one of {', '.join(SUBPAGE_CHECKS)}, "
+                         f"not {subpage_check!r}")
+    checks = ("all", "first") if subpage_check == "both" else (subpage_check,)
+    configs = [Config("page", "page", "v4", checks[0])]
+    for profile in PROFILES:
+        for check in checks:
+            suffix = f"_{check}" if len(checks) > 1 else ""
+            configs.append(Config(f"spp_{profile}{suffix}", "spp", profile, check))
+    return configs
+
+
+def _as_config(value) -> Config:
+    if isinstance(value, Config):
+        config = value
+    elif isinstance(value, dict):
+        unknown = set(value) - {"name", "granularity", "profile", "subpage_check"}
+        if unknown or "name" not in value:
+            raise InputError(f"a configuration is a dict with name, granularity, profile and "
+                             f"subpage_check, not {value!r}")
+        config = Config(**value)
+    else:
+        raise InputError(f"a configuration is a Config or a dict, not {type(value).__name__}")
+    for field, allowed in (("granularity", GRANULARITIES), ("profile", PROFILES),
+                           ("subpage_check", ("all", "first"))):
+        if getattr(config, field) not in allowed:
+            raise InputError(f"configuration {config.name!r}: {field} must be one of "
+                             f"{', '.join(allowed)}, not {getattr(config, field)!r}")
+    return config
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in chunks; for a directory, of its files in sorted
+    order of their relative paths (each contributes its relative path, a NUL byte, its size
+    as 8 little-endian bytes and its bytes). Names starting with "." or "_" are skipped, as
+    the Parquet dataset reader skips them."""
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    if not os.path.isdir(path):
+        _hash_file(digest, path)
+        return digest.hexdigest()
+    found = []
+    for directory, subdirs, files in os.walk(path):
+        subdirs[:] = [d for d in subdirs if not d.startswith((".", "_"))]
+        for name in files:
+            if not name.startswith((".", "_")):
+                full = os.path.join(directory, name)
+                found.append((os.path.relpath(full, path).replace(os.sep, "/"), full))
+    for relative, full in sorted(found):
+        digest.update(relative.encode() + b"\0" + os.path.getsize(full).to_bytes(8, "little"))
+        _hash_file(digest, full)
+    return digest.hexdigest()
+
+
+def _hash_file(digest, path: str) -> None:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+
+
+# ----------------------------------------------------------------------------- hooks
+
+class NoiseHookIndex(HookIndex):
+    """A HookIndex that also charges every irrelevant protection exit to the hooks that
+    caused it (see the module docstring), for one configuration's granularity and
+    sub-page check."""
+
+    def __init__(self, gpa, length, names, *, granularity: str, subpage_check: str):
+        super().__init__(gpa, length, names)
+        self.irrelevant = np.zeros(len(self.names), dtype=np.int64)
+        if granularity == "page":
+            self.span_lo = self.start & np.uint64(B.PAGE_MASK)
+            self.span_hi = self.span_lo + np.uint64(B.PAGE_SIZE)
+        else:  # the sub-pages ranges_to_maps protects for this hook
+            sub = np.uint64(B.SUBPAGE_SIZE - 1)
+            self.span_lo = self.start & ~sub
+            self.span_hi = (self.end + sub) & ~sub
+        self._first_only = granularity == "spp" and subpage_check == "first"
+
+    @classmethod
+    def for_config(cls, ranges, config: Config) -> "NoiseHookIndex":
+        return cls(ranges.gpa, ranges.length, list(ranges.name),
+                   granularity=config.granularity, subpage_check=config.subpage_check)
+
+    def annotate(self, exits: pa.RecordBatch, row_gpa, row_size, row_kind) -> pa.RecordBatch:
+        out = super().annotate(exits, row_gpa, row_size, row_kind)
+        relevant = out.column("relevant")
+        noise = ~np.asarray(relevant.fill_null(True).to_numpy(zero_copy_only=False), dtype=bool)
+        if not noise.any():
+            return out
+        lo = exits.column("gpa").to_numpy()[noise]
+        if self._first_only:
+            hi = lo + np.uint64(1)  # only the first sub-page the write touches on the page
+        else:
+            page_end = (lo | np.uint64(B.PAGE_SIZE - 1)) + np.uint64(1)
+            end = np.asarray(row_gpa)[noise] + np.asarray(row_size)[noise].astype(np.uint64)
+            hi = np.minimum(end, page_end)
+        page = lo & np.uint64(B.PAGE_MASK)
+        first = np.searchsorted(self.start, page, side="left")
+        stop = np.searchsorted(self.start, page + np.uint64(B.PAGE_SIZE), side="left")
+        for k in range(self._per_page):
+            idx = first + k
+            ok = idx < stop
+            cand = np.where(ok, idx, 0)
+            hit = ok & (self.span_lo[cand] < hi) & (self.span_hi[cand] > lo)
+            np.add.at(self.irrelevant, cand[hit], 1)
+        return out
+
+    def summary(self) -> dict:
+        out = super().summary()
+        for entry, count, start, end in zip(out["per_hook"], self.irrelevant, self.start,
+                                            self.end):
+            entry.update(irrelevant=int(count), gpa=int(start), length=int(end - start))
+        return out
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _load_protection(protection):
+    """(AccessMaps or ByteRanges, the protection facts of the document)."""
+    from .io.protect import AccessMaps, ByteRanges, read_protection
+
+    path = None
+    if isinstance(protection, (str, os.PathLike)):
+        path = os.fspath(protection)
+        protection = read_protection(path)
+    if not isinstance(protection, (AccessMaps, ByteRanges)):
+        raise TypeError(f"protection must be a path, AccessMaps or ByteRanges, not "
+                        f"{type(protection).__name__}")
+    info = {"path": path}
+    if isinstance(protection, AccessMaps):
+        info.update(form="access_maps", pages=int(np.unique(protection.gfn).shape[0]))
+    else:
+        pages = np.asarray(protection.gpa, dtype=np.uint64) >> np.uint64(B.PAGE_SHIFT)
+        info.update(form="byte_ranges", pages=int(np.unique(pages).shape[0]),
+                    ranges=int(len(protection.gpa)))
+    info["sha256"] = sha256_path(path) if path is not None else None
+    return protection, info
+
+
+def protection_maps(protection):
+    """The (gfn, access) maps a protection applies: access maps as they are, byte ranges
+    through hvmi's reference counting (sppjit.io.protect.ranges_to_maps)."""
+    from .io.protect import AccessMaps, ranges_to_maps
+
+    return protection if isinstance(protection, AccessMaps) else ranges_to_maps(protection)
+
+
+def check_in_memslots(gfns, memslots) -> None:
+    """InputError naming the first protected gfn that lies in no memslot."""
+    gfns = np.asarray(gfns, dtype=np.uint64)
+    inside = np.zeros(gfns.shape[0], dtype=bool)
+    for base, npages in memslots:
+        inside |= (gfns >= np.uint64(base)) & (gfns < np.uint64(base + npages))
+    if inside.all():
+        return
+    row = int(np.argmax(~inside))
+    spans = ", ".join(f"{base:#x}..{base + npages - 1:#x}" for base, npages in memslots[:4])
+    more = f" and {len(memslots) - 4} more" if len(memslots) > 4 else ""
+    raise InputError(f"protection: gfn {int(gfns[row]):#x} is outside every memslot "
+                     f"(gfns {spans}{more})")
+
+
+def _trace_source(trace):
+    """(a source open_trace can read once per configuration, the input facts)."""
+    from .io.trace import open_trace
+
+    path = os.fspath(trace) if isinstance(trace, (str, os.PathLike)) else None
+    if path is None and not isinstance(trace, (pa.Table, pa.RecordBatch, dict)):
+        # A stream (RecordBatchReader, an Arrow C stream) is read once: keep it in memory.
+        reader = open_trace(trace)
+        trace = pa.Table.from_batches([b.record_batch for b in reader], schema=reader.schema)
+    schema = open_trace(trace).schema  # checks the schema before any work
+    meta = schema.metadata or {}
+    info = {"path": path}
+    for key in ("seed", "scenario"):
+        raw = meta.get(f"sppjit.{key}".encode())
+        if raw is not None:
+            text = raw.decode(errors="replace")
+            info[key] = int(text) if key == "seed" and text.isdigit() else text
+    info["sha256"] = sha256_path(path) if path is not None else None
+    return trace, info
+
+
+def versions() -> dict:
+    import numba
+
+    return {"sppjit": __version__, "numba": numba.__version__, "numpy": np.__version__,
+            "pyarrow": pa.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _ratio(numerator, denominator, scale=1.0):
+    return numerator * scale / denominator if denominator else None
+
+
+def derive(summary: dict, baseline: dict | None, *, exit_cost_us: float,
+           kernel_exit_cost_us: float) -> dict:
+    """The comparison figures of one configuration's replay summary; ``baseline`` is the
+    page-granular configuration's summary (None: no exits-avoided figures)."""
+    exits, counts = summary["exits"], summary["counts"]
+    kinds = [name for name in B.EXIT_KIND_NAMES]
+    userspace = sum(exits[k] for k in kinds if k in USERSPACE_EXIT_KINDS)
+    kernel = sum(exits[k] for k in kinds if k not in USERSPACE_EXIT_KINDS)
+    protection = sum(exits[k] for k in PROTECTION_EXIT_KINDS)
+    writes, accesses = counts["writes"], counts["accesses"]
+    overhead = (userspace * exit_cost_us + kernel * kernel_exit_cost_us) * 1e-6
+    derived = {
+        "accesses": accesses,
+        "writes": writes,
+        "exits": exits["total"],
+        "exits_per_1000_writes": _ratio(exits["total"], writes, 1000.0),
+        "protection_exits": protection,
+        "protection_exits_per_1000_writes": _ratio(protection, writes, 1000.0),
+        "exits_avoided": None,
+        "net_exits_avoided": None,
+        "exits_to_userspace": userspace,
+        "exits_in_kernel": kernel,
+        "protected_left_writable": summary["pages"]["protected_left_writable"],
+        "sppt_tables": summary["pages"]["sppt_tables"],
+        "sppt_bytes": summary["pages"]["sppt_tables"] * B.PAGE_SIZE,
+        "overhead_seconds": overhead,
+        "overhead_seconds_per_million_accesses": _ratio(overhead, accesses, 1e6),
+        "hooks": None,
+    }
+    if baseline is not None:
+        base = sum(baseline["exits"][k] for k in PROTECTION_EXIT_KINDS)
+        derived["exits_avoided"] = base - protection
+        derived["net_exits_avoided"] = baseline["exits"]["total"] - exits["total"]
+    if "hooks" in summary:
+        relevant, irrelevant = summary["hooks"]["relevant"], summary["hooks"]["irrelevant"]
+        derived["hooks"] = {"relevant": relevant, "irrelevant": irrelevant,
+                            "noise_ratio": _ratio(irrelevant, relevant + irrelevant)}
+    return derived
+
+
+def _check_cost(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number of microseconds, not {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"{name} must be a finite number of microseconds >= 0, not {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- compare
+
+def _discard(batch) -> None:
+    """Exit-log sink: the counters and the hook index keep what the comparison needs."""
+
+
+def compare(trace, protection, *, memory: str | int | None = None,
+            memslots: Iterable[tuple[int, int]] | None = None, vcpus: int = DEFAULT_VCPUS,
+            hugepages: bool = False, configs=None, subpage_check: str = "all",
+            exit_cost_us: float = DEFAULT_EXIT_COST_US,
+            kernel_exit_cost_us: float = DEFAULT_KERNEL_EXIT_COST_US, engine: str = "jit",
+            batch_size: int | None = None,
+            progress: Callable[[str, int], None] | None = None) -> dict:
+    """Replay ``trace`` under several configurations with the same ``protection``; return
+    the comparison document (see the module docstring and ``sppjit compare --help``).
+
+    ``trace``: a path (Parquet file or directory, Arrow IPC file or stream), a pyarrow Table
+    or RecordBatch, a dict of columns, or a stream (read into memory once). ``protection``:
+    a path (access maps or byte ranges) or a sppjit.io.protect.AccessMaps / ByteRanges.
+    ``memory`` (default 4GiB) or ``memslots`` [(base_gfn, npages), ...] give the guest
+    memory. ``configs``: Config objects or dicts {name, granularity, profile, subpage_check};
+    default: ``default_configs(subpage_check)``. The first page-granular configuration is
+    the baseline of ``exits_avoided``. ``progress(config_name, rows_done)`` is called after
+    every batch.
+    """
+    from .io.protect import ByteRanges
+    from .io.trace import open_trace
+    from .replay import Replay
+    from .vm import VM
+
+    if memory is not None and memslots is not None:
+        raise InputError("memory and memslots cannot be given together (memslots defines "
+                         "the memory)")
+    exit_cost_us = _check_cost("exit_cost_us", exit_cost_us)
+    kernel_exit_cost_us = _check_cost("kernel_exit_cost_us", kernel_exit_cost_us)
+    if configs is None:
+        configs = default_configs(subpage_check)
+    configs = [_as_config(c) for c in configs]
+    if not configs:
+        raise InputError("compare needs at least one configuration")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise InputError(f"configuration names must be distinct: {', '.join(names)}")
+    if batch_size is None:
+        batch_size = BATCH_JIT if engine == "jit" else BATCH_REFERENCE
+    slots = [(int(b), int(n)) for b, n in memslots] if memslots is not None else None
+
+    source, input_info = _trace_source(trace)
+    protection, protection_info = _load_protection(protection)
+    maps = protection_maps(protection)
+    ranges = protection if isinstance(protection, ByteRanges) else None
+
+    results = []
+    rows = 0
+    shared = None
+    for config in configs:
+        vm = VM(memory=memory if memory is not None else DEFAULT_MEMORY, memslots=slots,
+                vcpus=vcpus, profile=config.profile, hugepages=hugepages,
+                subpage_check=config.subpage_check, granularity=config.granularity)
+        if shared is None:
+            check_in_memslots(maps.gfn, vm.config.memslots)
+            shared = vm.config.as_dict()
+        vm.protect(maps.gfn, maps.access)
+        hooks = NoiseHookIndex.for_config(ranges, config) if ranges is not None else None
+        session = Replay(vm, engine, on_exits=_discard, hooks=hooks)
+        for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
+            session.run(batch)
+            if progress is not None:
+                progress(config.name, session.rows)
+        rows = session.rows
+        summary = session.summary({"path": input_info["path"]})
+        summary["config"]["protection"] = protection_info
+        results.append((config, summary))
+
+    baseline = next((s for c, s in results if c.granularity == "page"), None)
+    baseline_name = next((c.name for c, _ in results if c.granularity == "page"), None)
+    input_info["rows"] = rows
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "sppjit_version": __version__,
+        "versions": versions(),
+        "input": input_info,
+        "protection": protection_info,
+        "config": {
+            "memslots": shared["memslots"],
+            "memory_bytes": shared["memory_bytes"],
+            "vcpus": shared["vcpus"],
+            "hugepages": shared["hugepages"],
+            "engine": engine,
+            "batch_size": batch_size,
+            "subpage_check": subpage_check,
+            "configs": [c.as_dict() for c in configs],
+        },
+        "exit_cost_us": exit_cost_us,
+        "kernel_exit_cost_us": kernel_exit_cost_us,
+        "exit_cost_source": EXIT_COST_SOURCE,
+        "baseline": baseline_name,
+        "configs": [
+            {**config.as_dict(), "summary": summary,
+             "derived": derive(summary, baseline, exit_cost_us=exit_cost_us,
+                               kernel_exit_cost_us=kernel_exit_cost_us)}
+            for config, summary in results
+        ],
+    }
+
+
+def hooks_table(document: dict) -> pa.Table:
+    """Per hook: ``hook`` (its name), then ``<config>_relevant`` and ``<config>_irrelevant``
+    for every configuration, then the hook's ``gpa`` and ``length``. Byte-range protection
+    only (InputError otherwise)."""
+    configs = document["configs"]
+    if not configs or "hooks" not in configs[0]["summary"]:
+        raise InputError("a per-hook table needs byte-range protection (columns gpa, length)")
+    first = configs[0]["summary"]["hooks"]["per_hook"]
+    columns = {"hook": pa.array([h["name"] for h in first], type=pa.string())}
+    for config in configs:
+        per_hook = config["summary"]["hooks"]["per_hook"]
+        for key in ("relevant", "irrelevant"):
+            columns[f"{config['name']}_{key}"] = pa.array([h[key] for h in per_hook],
+                                                          type=pa.int64())
+    columns["gpa"] = pa.array([h["gpa"] for h in first], type=pa.uint64())
+    columns["length"] = pa.array([h["length"] for h in first], type=pa.uint32())
+    return pa.table(columns)
