@@ -30,6 +30,7 @@ from typer.core import TyperGroup
 
 from sppjit import __version__
 from sppjit.commands import bench as _bench
+from sppjit.commands import compare as _compare
 from sppjit.commands import generate as _generate
 from sppjit.commands import inspect as _inspect
 from sppjit.commands import replay as _replay
@@ -163,6 +164,8 @@ app.command("generate", no_args_is_help=True, help=_generate.HELP,
             epilog=_generate.EPILOG)(_generate.generate)
 app.command("inspect", no_args_is_help=True, help=_inspect.HELP,
             epilog=_inspect.EPILOG)(_inspect.inspect)
+app.command("compare", no_args_is_help=True, help=_compare.HELP,
+            epilog=_compare.EPILOG)(_compare.compare)
 app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
 
 

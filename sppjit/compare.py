@@ -62,18 +62,17 @@ whose checked sub-pages meet the sub-pages it protects under SPP (``subpage_chec
 the first sub-page the write touches on that page). An irrelevant exit on sub-pages that two
 hooks share counts for both, so per-hook irrelevant counts may add up to more than the total.
 
-Reproducibility: the document records the seed (``sppjit.seed`` in the trace's schema
-metadata, when ``sppjit generate`` wrote it), the full configuration, the sppjit, numba, numpy
-and pyarrow versions, and a SHA-256 of the trace and protection files (a directory: its files
-in sorted order, see ``sha256_path``).
+Reproducibility: the document records the seed and scenario (``sppjit.seed`` and
+``sppjit.scenario`` in the trace's schema metadata, when ``sppjit generate`` wrote it) in
+``input``, the full configuration in ``config``, and in ``provenance`` (as every replay
+summary does, sppjit.provenance) the sppjit, numba, numpy, pyarrow and Python versions and the
+SHA-256 digests of the trace and protection files (a directory: its files in sorted order).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import platform
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -104,7 +103,6 @@ PROFILES = ("v4", "v12")
 USERSPACE_EXIT_KINDS = ("mmio", "spp_misconfig", "spp_violation", "write_protect")
 BATCH_JIT = 1 << 20
 BATCH_REFERENCE = 1 << 12
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -152,37 +150,6 @@ def _as_config(value) -> Config:
             raise InputError(f"configuration {config.name!r}: {field} must be one of "
                              f"{', '.join(allowed)}, not {getattr(config, field)!r}")
     return config
-
-
-# ----------------------------------------------------------------------------- hashing
-
-def sha256_path(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in chunks; for a directory, of its files in sorted
-    order of their relative paths (each contributes its relative path, a NUL byte, its size
-    as 8 little-endian bytes and its bytes). Names starting with "." or "_" are skipped, as
-    the Parquet dataset reader skips them."""
-    path = os.fspath(path)
-    digest = hashlib.sha256()
-    if not os.path.isdir(path):
-        _hash_file(digest, path)
-        return digest.hexdigest()
-    found = []
-    for directory, subdirs, files in os.walk(path):
-        subdirs[:] = [d for d in subdirs if not d.startswith((".", "_"))]
-        for name in files:
-            if not name.startswith((".", "_")):
-                full = os.path.join(directory, name)
-                found.append((os.path.relpath(full, path).replace(os.sep, "/"), full))
-    for relative, full in sorted(found):
-        digest.update(relative.encode() + b"\0" + os.path.getsize(full).to_bytes(8, "little"))
-        _hash_file(digest, full)
-    return digest.hexdigest()
-
-
-def _hash_file(digest, path: str) -> None:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -261,7 +228,6 @@ def _load_protection(protection):
         pages = np.asarray(protection.gpa, dtype=np.uint64) >> np.uint64(B.PAGE_SHIFT)
         info.update(form="byte_ranges", pages=int(np.unique(pages).shape[0]),
                     ranges=int(len(protection.gpa)))
-    info["sha256"] = sha256_path(path) if path is not None else None
     return protection, info
 
 
@@ -289,8 +255,10 @@ def check_in_memslots(gfns, memslots) -> None:
 
 
 def _trace_source(trace):
-    """(a source open_trace can read once per configuration, the input facts)."""
+    """(a source open_trace can read once per configuration, its path or None, the
+    generator facts of its schema metadata)."""
     from .io.trace import open_trace
+    from .provenance import generator_info
 
     path = os.fspath(trace) if isinstance(trace, (str, os.PathLike)) else None
     if path is None and not isinstance(trace, (pa.Table, pa.RecordBatch, dict)):
@@ -298,22 +266,7 @@ def _trace_source(trace):
         reader = open_trace(trace)
         trace = pa.Table.from_batches([b.record_batch for b in reader], schema=reader.schema)
     schema = open_trace(trace).schema  # checks the schema before any work
-    meta = schema.metadata or {}
-    info = {"path": path}
-    for key in ("seed", "scenario"):
-        raw = meta.get(f"sppjit.{key}".encode())
-        if raw is not None:
-            text = raw.decode(errors="replace")
-            info[key] = int(text) if key == "seed" and text.isdigit() else text
-    info["sha256"] = sha256_path(path) if path is not None else None
-    return trace, info
-
-
-def versions() -> dict:
-    import numba
-
-    return {"sppjit": __version__, "numba": numba.__version__, "numpy": np.__version__,
-            "pyarrow": pa.__version__, "python": platform.python_version()}
+    return trace, path, generator_info(schema)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -327,7 +280,7 @@ def derive(summary: dict, baseline: dict | None, *, exit_cost_us: float,
     """The comparison figures of one configuration's replay summary; ``baseline`` is the
     page-granular configuration's summary (None: no exits-avoided figures)."""
     exits, counts = summary["exits"], summary["counts"]
-    kinds = [name for name in B.EXIT_KIND_NAMES]
+    kinds = B.EXIT_KIND_NAMES
     userspace = sum(exits[k] for k in kinds if k in USERSPACE_EXIT_KINDS)
     kernel = sum(exits[k] for k in kinds if k not in USERSPACE_EXIT_KINDS)
     protection = sum(exits[k] for k in PROTECTION_EXIT_KINDS)
@@ -384,7 +337,8 @@ def compare(trace, protection, *, memory: str | int | None = None,
             exit_cost_us: float = DEFAULT_EXIT_COST_US,
             kernel_exit_cost_us: float = DEFAULT_KERNEL_EXIT_COST_US, engine: str = "jit",
             batch_size: int | None = None,
-            progress: Callable[[str, int], None] | None = None) -> dict:
+            progress: Callable[[str, int], None] | None = None,
+            inputs: dict[str, str | None] | None = None) -> dict:
     """Replay ``trace`` under several configurations with the same ``protection``; return
     the comparison document (see the module docstring and ``sppjit compare --help``).
 
@@ -395,10 +349,12 @@ def compare(trace, protection, *, memory: str | int | None = None,
     memory. ``configs``: Config objects or dicts {name, granularity, profile, subpage_check};
     default: ``default_configs(subpage_check)``. The first page-granular configuration is
     the baseline of ``exits_avoided``. ``progress(config_name, rows_done)`` is called after
-    every batch.
+    every batch. ``inputs``: further files to record digests of ({"memslots": path}); the
+    trace and protection files are always hashed (on a thread, while the replays run).
     """
     from .io.protect import ByteRanges
     from .io.trace import open_trace
+    from .provenance import BackgroundDigests, versions
     from .replay import Replay
     from .vm import VM
 
@@ -419,21 +375,26 @@ def compare(trace, protection, *, memory: str | int | None = None,
         batch_size = BATCH_JIT if engine == "jit" else BATCH_REFERENCE
     slots = [(int(b), int(n)) for b, n in memslots] if memslots is not None else None
 
-    source, input_info = _trace_source(trace)
+    source, trace_path, generator = _trace_source(trace)
     protection, protection_info = _load_protection(protection)
     maps = protection_maps(protection)
     ranges = protection if isinstance(protection, ByteRanges) else None
-
-    results = []
-    rows = 0
-    shared = None
+    # Configurations are checked (VmConfig) and the protection placed before any replay.
+    vms = []
     for config in configs:
         vm = VM(memory=memory if memory is not None else DEFAULT_MEMORY, memslots=slots,
                 vcpus=vcpus, profile=config.profile, hugepages=hugepages,
                 subpage_check=config.subpage_check, granularity=config.granularity)
-        if shared is None:
+        if not vms:
             check_in_memslots(maps.gfn, vm.config.memslots)
-            shared = vm.config.as_dict()
+        vms.append(vm)
+    shared = vms[0].config.as_dict()
+    digests = BackgroundDigests({"trace": trace_path, "protect": protection_info["path"],
+                                 **(inputs or {})})
+
+    results = []
+    rows = 0
+    for index, (config, vm) in enumerate(zip(configs, vms)):
         vm.protect(maps.gfn, maps.access)
         hooks = NoiseHookIndex.for_config(ranges, config) if ranges is not None else None
         session = Replay(vm, engine, on_exits=_discard, hooks=hooks)
@@ -442,17 +403,21 @@ def compare(trace, protection, *, memory: str | int | None = None,
             if progress is not None:
                 progress(config.name, session.rows)
         rows = session.rows
-        summary = session.summary({"path": input_info["path"]})
+        summary = session.summary({"path": trace_path}, generator=generator)
         summary["config"]["protection"] = protection_info
         results.append((config, summary))
+        vms[index] = None  # a VM's tables are freed once its summary is taken
 
+    provenance = {"versions": versions(), "digests": digests.result(),
+                  "generator": dict(generator)}
+    for _, summary in results:
+        summary["provenance"] = provenance
     baseline = next((s for c, s in results if c.granularity == "page"), None)
     baseline_name = next((c.name for c, _ in results if c.granularity == "page"), None)
-    input_info["rows"] = rows
+    input_info = {"path": trace_path, "rows": rows, **generator}
     return {
         "schema_version": SCHEMA_VERSION,
         "sppjit_version": __version__,
-        "versions": versions(),
         "input": input_info,
         "protection": protection_info,
         "config": {
@@ -469,6 +434,7 @@ def compare(trace, protection, *, memory: str | int | None = None,
         "kernel_exit_cost_us": kernel_exit_cost_us,
         "exit_cost_source": EXIT_COST_SOURCE,
         "baseline": baseline_name,
+        "provenance": provenance,
         "configs": [
             {**config.as_dict(), "summary": summary,
              "derived": derive(summary, baseline, exit_cost_us=exit_cost_us,

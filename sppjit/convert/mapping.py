@@ -196,10 +196,36 @@ def read_mapping(path: str | os.PathLike) -> Mapping:
 
 # ------------------------------------------------------------------- protection by address
 
+_ADDRESS_COLUMNS = ("gpa", "addr", "gfn")
+
+
+def _read_protection_table(path: str) -> pa.Table:
+    """read_table, except that CSV address columns are read as text: pyarrow's CSV reader
+    would take "0xffff888000000000" as an int64 and wrap it negative."""
+    import pyarrow.csv as pacsv
+
+    from sppjit.io.formats import (ARROW_FILE_MAGIC, ARROW_STREAM_MARKER, PARQUET_MAGIC,
+                                   cannot_read, read_magic)
+
+    magic = read_magic(path, "protection")
+    if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, ARROW_STREAM_MARKER)):
+        return read_table(path, "protection")
+    with open(path, "rb") as handle:
+        start = handle.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    if start[:1] in ("[", "{") or not path.lower().endswith((".csv", ".txt")):
+        return read_table(path, "protection")  # JSON keeps big integers as text itself
+    try:
+        options = pacsv.ConvertOptions(column_types={name: pa.string()
+                                                     for name in _ADDRESS_COLUMNS})
+        return pacsv.read_csv(path, convert_options=options)
+    except (pa.ArrowException, OSError) as exc:
+        raise cannot_read("protection", path, exc) from None
+
+
 def _read_virtual_protection(path: str) -> AccessMaps | ByteRanges:
     """A protection file whose addresses are virtual: like sppjit.io.protect.read_protection,
     but addresses may use all 64 bits (kernel addresses such as 0xffff888000000000)."""
-    table = read_table(path, "protection")
+    table = _read_protection_table(path)
     names = set(table.column_names)
     is_maps = {"gfn", "access"} <= names
     is_ranges = {"gpa", "length"} <= names or {"addr", "length"} <= names
