@@ -12,6 +12,7 @@ import bz2
 import contextlib
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
@@ -90,7 +91,8 @@ class Threads:
 class Parser:
     """One input format. ``feed`` parses one line (without its line ending) and appends its
     accesses to ``out`` (none for a line to ignore), or raises BadLine having appended
-    nothing. ``threads`` gives vCPU indices to thread ids, for formats that have them."""
+    nothing. ``threads`` gives vCPU indices to thread ids, for formats that have them.
+    ``parse_chunk`` feeds a list of lines; a format may override it with a faster loop."""
 
     name = "?"
 
@@ -100,6 +102,16 @@ class Parser:
 
     def feed(self, line: str, lineno: int, out: Records) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    def parse_chunk(self, lines: list[str], first_lineno: int, out: Records, bad) -> None:
+        """Feed ``lines`` (the first is line ``first_lineno``); ``bad(lineno, line, error)``
+        is called for each BadLine (it raises, or counts and returns)."""
+        feed = self.feed
+        for lineno, line in enumerate(lines, first_lineno):
+            try:
+                feed(line, lineno, out)
+            except BadLine as error:
+                bad(lineno, line, error)
 
 
 @dataclass
@@ -237,33 +249,27 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
         result.accesses += len(gpa)
         result.vcpus = max(result.vcpus, int(vcpu.max()) + 1)
 
+    def bad(lineno: int, line: str, error: BadLine) -> None:
+        if not skip_bad:
+            raise InputError(f"convert: {label}, line {lineno}: {error}: {shown(line)} "
+                             "(--skip-bad skips such lines)") from None
+        result.bad_lines += 1
+        if result.first_bad_line is None:
+            result.first_bad_line = lineno
+            result.first_bad_reason = str(error)
+
     with contextlib.ExitStack() as stack:
         outputs = stack.enter_context(Outputs())
         lines, label = stack.enter_context(open_lines(source))
         parser = parser_class(threads, label)
         schema = trace_schema(fmt, label, mapper.page_size)
         with TableWriter(out, schema, option="--out") as writer:
-            records = Records()
-            in_chunk = 0
             lineno = 0
-            for lineno, line in enumerate(lines, 1):
-                try:
-                    parser.feed(line, lineno, records)
-                except BadLine as bad:
-                    if not skip_bad:
-                        raise InputError(f"convert: {label}, line {lineno}: {bad}: "
-                                         f"{shown(line)} (--skip-bad skips such lines)"
-                                         ) from None
-                    result.bad_lines += 1
-                    if result.first_bad_line is None:
-                        result.first_bad_line = lineno
-                        result.first_bad_reason = str(bad)
-                in_chunk += 1
-                if in_chunk >= chunk_lines:
-                    flush(records, writer)
-                    records = Records()
-                    in_chunk = 0
-            flush(records, writer)
+            while chunk := list(itertools.islice(lines, chunk_lines)):
+                records = Records()
+                parser.parse_chunk(chunk, lineno + 1, records, bad)
+                lineno += len(chunk)
+                flush(records, writer)
             result.lines = lineno
             if result.accesses == 0:
                 what = f"no accesses in {label}"
