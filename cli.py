@@ -1,4 +1,5 @@
-"""The sppjit command line (typer): ``sppjit replay``, ``generate``, ``inspect`` and ``bench``.
+"""The sppjit command line (typer): ``sppjit replay``, ``compare``, ``generate``, ``convert``,
+``inspect``, ``report`` and ``bench``.
 
 Each command lives in its own module under sppjit/commands/ and is mounted here. Errors are
 mapped to exit codes in ONE place, ``SppjitGroup.main``, which both the ``sppjit`` entry point
@@ -31,6 +32,7 @@ from typer.core import TyperGroup
 from sppjit import __version__
 from sppjit.commands import bench as _bench
 from sppjit.commands import compare as _compare
+from sppjit.commands import convert as _convert
 from sppjit.commands import generate as _generate
 from sppjit.commands import inspect as _inspect
 from sppjit.commands import replay as _replay
@@ -132,8 +134,10 @@ app = typer.Typer(
     name=PROG,
     cls=SppjitGroup,
     help="Simulate Intel EPT sub-page write permission (SPP) as the KVM series defines it: "
-         "replay guest memory-access traces against EPT and SPP tables, generate seeded "
-         "scenarios, and inspect saved VM states.",
+         "replay guest memory-access traces against EPT and SPP tables, compare SPP with "
+         "page-granular protection, convert traces from valgrind, Pin and DynamoRIO, report "
+         "and plot results, generate seeded scenarios, inspect saved VM states, and measure "
+         "speed.",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -155,7 +159,7 @@ def _root(
                      help="Print the version and exit."),
     ] = None,
 ) -> None:
-    """Simulate Intel EPT sub-page write permission (SPP) as the KVM series (v4) defines it."""
+    """Simulate Intel EPT sub-page write permission (SPP) as the KVM series defines it."""
 
 
 app.command("replay", no_args_is_help=True, help=_replay.HELP,
@@ -166,6 +170,8 @@ app.command("inspect", no_args_is_help=True, help=_inspect.HELP,
             epilog=_inspect.EPILOG)(_inspect.inspect)
 app.command("compare", no_args_is_help=True, help=_compare.HELP,
             epilog=_compare.EPILOG)(_compare.compare)
+app.command("convert", no_args_is_help=True, help=_convert.HELP,
+            epilog=_convert.EPILOG)(_convert.convert)
 app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
 
 

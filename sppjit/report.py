@@ -93,10 +93,12 @@ _SUB_PER_PAGE_SHIFT = np.uint64(B.PAGE_SHIFT - B.SUBPAGE_SHIFT)  # 5: 32 sub-pag
 _INT64_MAX = np.iinfo(np.int64).max
 _KIND_VALUES = pa.array(list(KINDS), type=pa.string())
 
-# Per-page sums, in column order (gfn first, first_row / last_row last).
-_PAGE_SUMS = ("accesses", "reads", "writes", "fetches", "exits", *KINDS, "violations",
-              "relevant", "irrelevant")
+# Per-page count columns as accumulated (accesses = reads + writes + fetches at the end).
+_PAGE_SUMS = ("reads", "writes", "fetches", *KINDS, "relevant", "irrelevant", "exits",
+              "violations")
 _P = {name: i for i, name in enumerate(_PAGE_SUMS)}
+_PAGE_COLUMNS = ("accesses", "reads", "writes", "fetches", "exits", *KINDS, "violations",
+                 "relevant", "irrelevant")
 _SUBPAGE_SUMS = ("writes", "violations")
 
 
@@ -221,60 +223,108 @@ def _check_range(values: np.ndarray, hi: int, name: str, src: _Source, first_row
 
 # ============================================================================ grouping
 
-def _group(keys: np.ndarray, sums: np.ndarray, mins: np.ndarray | None = None,
-           maxs: np.ndarray | None = None):
-    """Rows with equal keys merged: (sorted unique keys, summed rows, min rows, max rows)."""
-    if keys.shape[0] == 0:
-        return keys, sums, mins, maxs
-    order = np.argsort(keys, kind="stable")
+def _groups(keys: np.ndarray):
+    """Sort ``keys`` into groups: (unique sorted keys, group of each key, sort order, start of
+    each group in sorted order)."""
+    order = np.argsort(keys)
     k = keys[order]
-    starts = np.flatnonzero(np.concatenate(([True], k[1:] != k[:-1])))
-    out_min = None if mins is None else np.minimum.reduceat(mins[order], starts, axis=0)
-    out_max = None if maxs is None else np.maximum.reduceat(maxs[order], starts, axis=0)
-    return k[starts], np.add.reduceat(sums[order], starts, axis=0), out_min, out_max
+    head = np.ones(k.shape[0], dtype=bool)
+    if k.shape[0]:
+        np.not_equal(k[1:], k[:-1], out=head[1:])
+    inverse = np.empty(k.shape[0], dtype=np.int64)
+    inverse[order] = np.cumsum(head) - 1
+    return k[head], inverse, order, np.flatnonzero(head)
+
+
+def _counts(inverse: np.ndarray, category: np.ndarray, ngroups: int, ncats: int) -> np.ndarray:
+    """counts[c, g]: how many rows of group g have category c (one bincount pass)."""
+    flat = np.bincount(inverse * ncats + category, minlength=ngroups * ncats)
+    return flat.reshape(ngroups, ncats).T
 
 
 class _Grouped:
-    """A running group-by (key -> summed counts, min and max rows) over many batches.
+    """A running group-by (key -> summed count columns, min and max row) over many batches.
 
-    Each batch is grouped on its own; the partial results pile up and are merged into one
-    sorted table once they outgrow it (or COMPACT_ROWS), so the work per row stays logarithmic
-    and memory stays proportional to the distinct keys.
+    Each batch arrives grouped on its own. The parts pile up until they hold half as many keys
+    as the running table (or COMPACT_ROWS); they are then grouped together and merged into the
+    sorted running table with a binary search, so each row is sorted a logarithmic number of
+    times, the merges cost O(1) per row, and memory stays proportional to the distinct keys.
     """
 
-    def __init__(self, nsums: int, extremes: bool = False):
-        self.nsums = nsums
+    def __init__(self, ncols: int, extremes: bool = False):
+        self.ncols = ncols
         self.extremes = extremes
+        self._table = (np.zeros(0, dtype=np.uint64), np.zeros((ncols, 0), dtype=np.int64),
+                       np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         self._parts: list[tuple] = []
         self._pending = 0
-        self._size = 0
 
     def add(self, keys, sums, mins=None, maxs=None) -> None:
+        """A grouped part: unique keys, sums[ncols, len(keys)], and per-key min / max rows.
+
+        Keys already in the running table are added in place at once; the new ones wait."""
         if keys.shape[0] == 0:
             return
-        part = _group(keys, sums, mins, maxs)
-        self._parts.append(part)
-        self._pending += part[0].shape[0]
-        if self._pending > max(self._size, COMPACT_ROWS):
-            self._compact()
+        if not self.extremes:
+            mins = maxs = np.zeros(keys.shape[0], dtype=np.int64)
+        new = self._update(keys, sums, mins, maxs)
+        if new is not None:
+            keys, sums, mins, maxs = keys[new], sums[:, new], mins[new], maxs[new]
+        if keys.shape[0] == 0:
+            return
+        self._parts.append((keys, sums, mins, maxs))
+        self._pending += keys.shape[0]
+        if self._pending > max(self._table[0].shape[0] // 2, COMPACT_ROWS):
+            self._merge(self._combine())
 
-    def _compact(self) -> None:
-        if len(self._parts) > 1:
-            keys = np.concatenate([p[0] for p in self._parts])
-            sums = np.concatenate([p[1] for p in self._parts])
-            mins = np.concatenate([p[2] for p in self._parts]) if self.extremes else None
-            maxs = np.concatenate([p[3] for p in self._parts]) if self.extremes else None
-            self._parts = [_group(keys, sums, mins, maxs)]
-        self._size = self._parts[0][0].shape[0] if self._parts else 0
-        self._pending = 0
+    def _update(self, bkeys, bsums, bmins, bmaxs):
+        """Add the part's rows whose keys the table holds; returns the mask of the others
+        (None: all of them)."""
+        keys, sums, mins, maxs = self._table
+        if keys.shape[0] == 0:
+            return None
+        pos = np.searchsorted(keys, bkeys)
+        found = keys[np.minimum(pos, keys.shape[0] - 1)] == bkeys
+        at = pos[found]  # distinct positions: plain fancy-index updates are exact
+        sums[:, at] += bsums[:, found]
+        mins[at] = np.minimum(mins[at], bmins[found])
+        maxs[at] = np.maximum(maxs[at], bmaxs[found])
+        self._last_pos = pos
+        return ~found
+
+    def _combine(self):
+        """The pending parts as one grouped part."""
+        parts, self._parts, self._pending = self._parts, [], 0
+        if len(parts) == 1:
+            return parts[0]
+        keys, _, order, starts = _groups(np.concatenate([p[0] for p in parts]))
+        sums = np.concatenate([p[1] for p in parts], axis=1)[:, order]
+        merged = np.empty((self.ncols, keys.shape[0]), dtype=np.int64)
+        for c in range(self.ncols):
+            merged[c] = np.add.reduceat(sums[c], starts)
+        mins = np.minimum.reduceat(np.concatenate([p[2] for p in parts])[order], starts)
+        maxs = np.maximum.reduceat(np.concatenate([p[3] for p in parts])[order], starts)
+        return keys, merged, mins, maxs
+
+    def _merge(self, part) -> None:
+        """Merge a grouped part into the sorted running table."""
+        if self._table[0].shape[0] == 0:
+            self._table = part
+            return
+        new = self._update(*part)
+        if new.any():
+            keys, sums, mins, maxs = self._table
+            bkeys, bsums, bmins, bmaxs = part
+            where = self._last_pos[new]
+            self._table = (np.insert(keys, where, bkeys[new]),
+                           np.insert(sums, where, bsums[:, new], axis=1),
+                           np.insert(mins, where, bmins[new]),
+                           np.insert(maxs, where, bmaxs[new]))
 
     def result(self):
-        self._compact()
         if self._parts:
-            return self._parts[0]
-        empty = np.zeros((0, 1), dtype=np.int64)
-        return (np.zeros(0, dtype=np.uint64), np.zeros((0, self.nsums), dtype=np.int64),
-                empty, empty)
+            self._merge(self._combine())
+        return self._table
 
 
 def _expand(q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
@@ -286,12 +336,6 @@ def _expand(q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
     first = np.cumsum(lengths) - lengths
     step = np.arange(total, dtype=np.int64) - np.repeat(first, lengths)
     return np.repeat(q0, lengths) + step.astype(np.uint64)
-
-
-def _one_hot_rows(n: int, column: int | np.ndarray, width: int) -> np.ndarray:
-    out = np.zeros((n, width), dtype=np.int64)
-    out[np.arange(n), column] = 1
-    return out
 
 
 # ============================================================================ the exit log
@@ -428,9 +472,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
     if n == 0:
         raise InputError(f"results: {res.label} has no rows")
     n_epochs = min(epochs, n)
-    ncol = len(_PAGE_SUMS)
-
-    pages = _Grouped(ncol, extremes=True)
+    pages = _Grouped(len(_PAGE_SUMS), extremes=True)
     subpages = _Grouped(len(_SUBPAGE_SUMS))
     ep_accesses = np.zeros(n_epochs, dtype=np.int64)
     ep_writes = np.zeros(n_epochs, dtype=np.int64)
@@ -473,19 +515,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         ep_accesses += np.bincount(epoch, minlength=n_epochs)
         ep_writes += np.bincount(epoch[is_write], minlength=n_epochs)
 
-        # ---- per page: every page an access touches
-        keys = np.concatenate((p0, p1[cross]))
-        sums = np.zeros((keys.shape[0], ncol), dtype=np.int64)
-        both = np.concatenate((kind, kind[cross]))
-        sums[:, _P["accesses"]] = 1
-        sums[:, _P["reads"]] = both == B.ACCESS_READ
-        sums[:, _P["writes"]] = both == B.ACCESS_WRITE
-        sums[:, _P["fetches"]] = both == B.ACCESS_FETCH
-        at = np.concatenate((rows, rows[cross]))
-
-        # ---- per sub-page writes: every sub-page the written bytes touch
-        wq = _expand(gpa[is_write] >> _SUB, (end[is_write] - np.uint64(1)) >> _SUB)
-
+        # ---- the exits of these rows, and the pieces of the protection exits
         if log is not None:
             erow, egpa, ekind, erel = log.take(first + m)
             i = erow - first
@@ -498,46 +528,58 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
                     f"{int(gpa[i[j]]):#x}, {int(size[i[j]])} bytes): the exit log and the "
                     "results are not from the same replay")
             egfn = egpa >> _PAGE
-            esums = np.zeros((erow.shape[0], ncol), dtype=np.int64)
-            esums[:, _P["exits"]] = 1
-            esums[np.arange(erow.shape[0]), _P[KINDS[0]] + ekind] = 1
-            prot = np.isin(ekind, PROTECTION_KINDS)
-            esums[:, _P["violations"]] = prot
-            esums[:, _P["relevant"]] = erel == 1
-            esums[:, _P["irrelevant"]] = erel == 0
-            keys = np.concatenate((keys, egfn))
-            sums = np.concatenate((sums, esums))
-            at_min = np.concatenate((at, np.full(erow.shape[0], _INT64_MAX)))
-            at_max = np.concatenate((at, np.full(erow.shape[0], -1, dtype=np.int64)))
+            prot = (ekind == PROTECTION_KINDS[0]) | (ekind == PROTECTION_KINDS[1])
             exit_kinds_total += np.bincount(ekind, minlength=len(KINDS))
-            relevant_total += int((erel == 1).sum())
-            irrelevant_total += int((erel == 0).sum())
+            relevant_total += int(np.count_nonzero(erel == 1))
+            irrelevant_total += int(np.count_nonzero(erel == 0))
             eepoch = erow * n_epochs // n
-            ep_kinds += np.bincount(ekind * n_epochs + eepoch,
-                                    minlength=len(KINDS) * n_epochs).reshape(len(KINDS), n_epochs)
+            ep_kinds += _counts(eepoch, ekind, n_epochs, len(KINDS))
             ep_exits += np.bincount(eepoch, minlength=n_epochs)
             ep_viol += np.bincount(eepoch[prot], minlength=n_epochs)
             # the faulting piece: from the logged gpa to the end of the access or the page
             vstart = egpa[prot]
-            vend = np.minimum(end[i[prot]], ((egfn[prot] + np.uint64(1)) << _PAGE))
+            vend = np.minimum(end[i[prot]], (egfn[prot] + np.uint64(1)) << _PAGE)
         else:
-            # Without a log: exits on the access's first page; violations from the outcome.
-            sums[:m, _P["exits"]] = nexits
+            # Without a log: exits on the access's first page; violations from the outcome,
+            # on the piece of its first page.
+            erow = np.zeros(0, dtype=np.int64)
+            egfn = np.zeros(0, dtype=np.uint64)
             prot = (outcome == B.OUTCOME_SPP_VIOLATION) | (outcome == B.OUTCOME_WRITE_PROTECT_VIOLATION)
-            sums[:m, _P["violations"]] = prot
-            at_min = at_max = at
             ep_exits += np.bincount(epoch, weights=nexits, minlength=n_epochs).astype(np.int64)
             ep_viol += np.bincount(epoch[prot], minlength=n_epochs)
             vstart = gpa[prot]
             vend = np.minimum(end[prot], (p0[prot] + np.uint64(1)) << _PAGE)
 
-        pages.add(keys, sums, at_min[:, None], at_max[:, None])
+        # ---- per page: every page an access touches, the page of every exit
+        keys = np.concatenate((p0, p1[cross], egfn))
+        at = np.concatenate((rows, rows[cross], erow))  # an exit's row touched its page too
+        gfns, inverse, order, starts = _groups(keys)
+        u, na = gfns.shape[0], m + int(np.count_nonzero(cross))
+        sums = np.zeros((len(_PAGE_SUMS), u), dtype=np.int64)
+        sums[_P["reads"]:_P["fetches"] + 1] = _counts(
+            inverse[:na], np.concatenate((kind, kind[cross])), u, 3)
+        if log is not None:
+            ie = inverse[na:]
+            by_kind = _counts(ie, ekind, u, len(KINDS))
+            sums[_P[KINDS[0]]:_P[KINDS[-1]] + 1] = by_kind
+            sums[_P["exits"]] = by_kind.sum(axis=0)
+            sums[_P["violations"]] = by_kind[PROTECTION_KINDS[0]] + by_kind[PROTECTION_KINDS[1]]
+            if log.hooks:
+                rel = _counts(ie, erel.astype(np.int64) + 1, u, 3)  # null, False, True
+                sums[_P["relevant"]], sums[_P["irrelevant"]] = rel[2], rel[1]
+        else:
+            sums[_P["exits"]] = np.bincount(inverse[:m], weights=nexits, minlength=u)
+            sums[_P["violations"]] = np.bincount(inverse[:m][prot], minlength=u)
+        at = at[order]
+        pages.add(gfns, sums, np.minimum.reduceat(at, starts), np.maximum.reduceat(at, starts))
+
+        # ---- per sub-page: every sub-page written bytes or faulting bytes touch
+        wq = _expand(gpa[is_write] >> _SUB, (end[is_write] - np.uint64(1)) >> _SUB)
         vq = _expand(vstart >> _SUB, (vend - np.uint64(1)) >> _SUB)
-        sq = np.concatenate((wq, vq))
-        ssums = np.zeros((sq.shape[0], 2), dtype=np.int64)
-        ssums[:wq.shape[0], 0] = 1
-        ssums[wq.shape[0]:, 1] = 1
-        subpages.add(sq, ssums)
+        qs, inverse, _, _ = _groups(np.concatenate((wq, vq)))
+        category = np.zeros(inverse.shape[0], dtype=np.int64)
+        category[wq.shape[0]:] = 1
+        subpages.add(qs, _counts(inverse, category, qs.shape[0], 2))
         first += m
 
     if first != n:
@@ -551,7 +593,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
 
     per_page = _page_table(*pages.result(), exit_log=log is not None,
                            hooks=log is not None and log.hooks)
-    per_subpage = _subpage_table(*subpages.result()[:2], exit_log=True)
+    per_subpage = _subpage_table(*subpages.result()[:2])
     epochs_table = _epoch_table(n, n_epochs, ep_accesses, ep_writes, ep_exits, ep_viol,
                                 ep_kinds if log is not None else None)
 
@@ -602,19 +644,23 @@ def _schema_metadata() -> dict[bytes, bytes]:
 def _page_table(keys, sums, mins, maxs, *, exit_log: bool, hooks: bool) -> pa.Table:
     n = keys.shape[0]
     fields, arrays = [pa.field("gfn", pa.uint64(), nullable=False)], [pa.array(keys, pa.uint64())]
-    for name in _PAGE_SUMS:
+    for name in _PAGE_COLUMNS:
         if name in ("relevant", "irrelevant") and not hooks:
             continue
+        if name == "accesses":
+            values = sums[_P["reads"]] + sums[_P["writes"]] + sums[_P["fetches"]]
+        else:
+            values = sums[_P[name]]
         nullable = name in KINDS and not exit_log
         fields.append(pa.field(name, pa.int64(), nullable=nullable))
-        arrays.append(pa.nulls(n, pa.int64()) if nullable else pa.array(sums[:, _P[name]]))
+        arrays.append(pa.nulls(n, pa.int64()) if nullable else pa.array(values))
     fields += [pa.field("first_row", pa.int64(), nullable=False),
                pa.field("last_row", pa.int64(), nullable=False)]
-    arrays += [pa.array(mins[:, 0].astype(np.int64)), pa.array(maxs[:, 0].astype(np.int64))]
+    arrays += [pa.array(mins.astype(np.int64)), pa.array(maxs.astype(np.int64))]
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=_schema_metadata()))
 
 
-def _subpage_table(keys, sums, *, exit_log: bool) -> pa.Table:
+def _subpage_table(keys, sums) -> pa.Table:
     schema = pa.schema([pa.field("gfn", pa.uint64(), nullable=False),
                         pa.field("subpage", pa.uint8(), nullable=False),
                         pa.field("writes", pa.int64(), nullable=False),
@@ -623,7 +669,7 @@ def _subpage_table(keys, sums, *, exit_log: bool) -> pa.Table:
     return pa.Table.from_arrays(
         [pa.array(keys >> _SUB_PER_PAGE_SHIFT, pa.uint64()),
          pa.array((keys & np.uint64(B.SUBPAGES_PER_PAGE - 1)).astype(np.uint8)),
-         pa.array(sums[:, 0]), pa.array(sums[:, 1])], schema=schema)
+         pa.array(sums[0]), pa.array(sums[1])], schema=schema)
 
 
 def _epoch_table(n, n_epochs, accesses, writes, exits, violations, kinds) -> pa.Table:
@@ -923,10 +969,11 @@ def heatmap_matrix(per_subpage: pa.Table, *, top: int = DEFAULT_TOP,
         gfns = np.array([p["gfn"] for p in ranked], dtype=np.uint64)
         totals = np.array([p["violations"] for p in ranked], dtype=np.int64)
     else:
-        keys, sums, _, _ = _group(per_subpage.column("gfn").to_numpy(),
-                                  per_subpage.column("violations").to_numpy()[:, None])
-        keep = sums[:, 0] > 0
-        keys, vals = keys[keep], sums[keep, 0]
+        keys, inverse, _, _ = _groups(per_subpage.column("gfn").to_numpy())
+        vals = np.bincount(inverse, weights=per_subpage.column("violations").to_numpy(),
+                           minlength=keys.shape[0]).astype(np.int64)
+        keep = vals > 0
+        keys, vals = keys[keep], vals[keep]
         order = np.lexsort((keys, -vals))[:top]
         gfns, totals = keys[order], vals[order]
     matrix = np.zeros((gfns.shape[0], B.SUBPAGES_PER_PAGE), dtype=np.int64)

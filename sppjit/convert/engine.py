@@ -178,7 +178,8 @@ def open_lines(source: str) -> Iterator[tuple[Iterator[str], str]]:
         yield _read(text, label), label
     finally:
         if close:
-            text.close()
+            text.close()  # a decompressor does not close the file under it
+            raw.close()
         else:
             text.detach()
 
