@@ -36,6 +36,7 @@ from sppjit.commands import convert as _convert
 from sppjit.commands import generate as _generate
 from sppjit.commands import inspect as _inspect
 from sppjit.commands import replay as _replay
+from sppjit.commands import report as _report
 from sppjit.errors import ERRNO_NAMES, InputError, SppError, VmEntryError
 
 PROG = "sppjit"
@@ -172,6 +173,8 @@ app.command("compare", no_args_is_help=True, help=_compare.HELP,
             epilog=_compare.EPILOG)(_compare.compare)
 app.command("convert", no_args_is_help=True, help=_convert.HELP,
             epilog=_convert.EPILOG)(_convert.convert)
+app.command("report", no_args_is_help=True, help=_report.HELP,
+            epilog=_report.EPILOG)(_report.report)
 app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
 
 

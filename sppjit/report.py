@@ -90,7 +90,6 @@ KIND_COLORS = {
 _PAGE = np.uint64(B.PAGE_SHIFT)
 _SUB = np.uint64(B.SUBPAGE_SHIFT)
 _SUB_PER_PAGE_SHIFT = np.uint64(B.PAGE_SHIFT - B.SUBPAGE_SHIFT)  # 5: 32 sub-pages
-_INT64_MAX = np.iinfo(np.int64).max
 _KIND_VALUES = pa.array(list(KINDS), type=pa.string())
 
 # Per-page count columns as accumulated (accesses = reads + writes + fetches at the end).
@@ -243,54 +242,51 @@ def _counts(inverse: np.ndarray, category: np.ndarray, ngroups: int, ncats: int)
 
 
 class _Grouped:
-    """A running group-by (key -> summed count columns, min and max row) over many batches.
+    """A running group-by (key -> summed count columns, and with ``extremes`` the min and max
+    row) over many batches, in memory proportional to the distinct keys.
 
-    Each batch arrives grouped on its own. The parts pile up until they hold half as many keys
-    as the running table (or COMPACT_ROWS); they are then grouped together and merged into the
-    sorted running table with a binary search, so each row is sorted a logarithmic number of
-    times, the merges cost O(1) per row, and memory stays proportional to the distinct keys.
+    Each batch arrives grouped on its own. Its keys already in the sorted running table are
+    added in place (binary search); the new ones pile up until they hold half as many keys as
+    the table (or COMPACT_ROWS), and are then grouped together and inserted in one pass. Every
+    row is thus sorted a logarithmic number of times and the insertions cost O(1) per row.
     """
 
     def __init__(self, ncols: int, extremes: bool = False):
         self.ncols = ncols
         self.extremes = extremes
-        self._table = (np.zeros(0, dtype=np.uint64), np.zeros((ncols, 0), dtype=np.int64),
-                       np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        self._table: tuple | None = None  # (keys, sums[ncols, n], mins, maxs)
         self._parts: list[tuple] = []
         self._pending = 0
 
     def add(self, keys, sums, mins=None, maxs=None) -> None:
-        """A grouped part: unique keys, sums[ncols, len(keys)], and per-key min / max rows.
-
-        Keys already in the running table are added in place at once; the new ones wait."""
+        """A grouped part: unique sorted keys, sums[ncols, len(keys)], min and max rows."""
         if keys.shape[0] == 0:
             return
-        if not self.extremes:
-            mins = maxs = np.zeros(keys.shape[0], dtype=np.int64)
-        new = self._update(keys, sums, mins, maxs)
-        if new is not None:
-            keys, sums, mins, maxs = keys[new], sums[:, new], mins[new], maxs[new]
-        if keys.shape[0] == 0:
+        part = (keys, sums, mins, maxs) if self.extremes else (keys, sums, None, None)
+        if self._table is None:
+            self._table = part
             return
-        self._parts.append((keys, sums, mins, maxs))
-        self._pending += keys.shape[0]
+        new, _ = self._update(part)
+        if not new.any():
+            return
+        self._parts.append(_select(part, new))
+        self._pending += int(np.count_nonzero(new))
         if self._pending > max(self._table[0].shape[0] // 2, COMPACT_ROWS):
-            self._merge(self._combine())
+            self._insert(self._combine())
 
-    def _update(self, bkeys, bsums, bmins, bmaxs):
-        """Add the part's rows whose keys the table holds; returns the mask of the others
-        (None: all of them)."""
+    def _update(self, part):
+        """Add the part's rows whose keys the table holds; returns (mask of the other rows,
+        their insertion positions)."""
         keys, sums, mins, maxs = self._table
-        if keys.shape[0] == 0:
-            return None
+        bkeys, bsums, bmins, bmaxs = part
         pos = np.searchsorted(keys, bkeys)
         found = keys[np.minimum(pos, keys.shape[0] - 1)] == bkeys
         at = pos[found]  # distinct positions: plain fancy-index updates are exact
         sums[:, at] += bsums[:, found]
-        mins[at] = np.minimum(mins[at], bmins[found])
-        maxs[at] = np.maximum(maxs[at], bmaxs[found])
-        self._last_pos = pos
-        return ~found
+        if self.extremes:
+            mins[at] = np.minimum(mins[at], bmins[found])
+            maxs[at] = np.maximum(maxs[at], bmaxs[found])
+        return ~found, pos
 
     def _combine(self):
         """The pending parts as one grouped part."""
@@ -302,29 +298,40 @@ class _Grouped:
         merged = np.empty((self.ncols, keys.shape[0]), dtype=np.int64)
         for c in range(self.ncols):
             merged[c] = np.add.reduceat(sums[c], starts)
-        mins = np.minimum.reduceat(np.concatenate([p[2] for p in parts])[order], starts)
-        maxs = np.maximum.reduceat(np.concatenate([p[3] for p in parts])[order], starts)
+        mins = maxs = None
+        if self.extremes:
+            mins = np.minimum.reduceat(np.concatenate([p[2] for p in parts])[order], starts)
+            maxs = np.maximum.reduceat(np.concatenate([p[3] for p in parts])[order], starts)
         return keys, merged, mins, maxs
 
-    def _merge(self, part) -> None:
+    def _insert(self, part) -> None:
         """Merge a grouped part into the sorted running table."""
-        if self._table[0].shape[0] == 0:
-            self._table = part
+        new, pos = self._update(part)
+        if not new.any():
             return
-        new = self._update(*part)
-        if new.any():
-            keys, sums, mins, maxs = self._table
-            bkeys, bsums, bmins, bmaxs = part
-            where = self._last_pos[new]
-            self._table = (np.insert(keys, where, bkeys[new]),
-                           np.insert(sums, where, bsums[:, new], axis=1),
-                           np.insert(mins, where, bmins[new]),
-                           np.insert(maxs, where, bmaxs[new]))
+        where = pos[new]
+        keys, sums, mins, maxs = self._table
+        bkeys, bsums, bmins, bmaxs = _select(part, new)
+        self._table = (np.insert(keys, where, bkeys), np.insert(sums, where, bsums, axis=1),
+                       None if mins is None else np.insert(mins, where, bmins),
+                       None if maxs is None else np.insert(maxs, where, bmaxs))
 
     def result(self):
+        """(keys, sums[ncols, n], mins, maxs), sorted by key; mins / maxs None without
+        ``extremes``."""
+        if self._table is None:
+            empty = np.zeros(0, dtype=np.int64)
+            return (np.zeros(0, dtype=np.uint64), np.zeros((self.ncols, 0), dtype=np.int64),
+                    empty, empty)
         if self._parts:
-            self._merge(self._combine())
+            self._insert(self._combine())
         return self._table
+
+
+def _select(part, mask):
+    keys, sums, mins, maxs = part
+    return (keys[mask], sums[:, mask], None if mins is None else mins[mask],
+            None if maxs is None else maxs[mask])
 
 
 def _expand(q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
@@ -814,10 +821,14 @@ def versions() -> dict[str, str | None]:
 
 
 def file_digest(path: str) -> str:
-    """"sha256:<hex>" of a file (the format of the summaries' input digests)."""
-    from .provenance import file_digest as digest
+    """"sha256:<hex>" of a file's bytes, read in 4 MiB chunks."""
+    import hashlib
 
-    return digest(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def report_document(stats: ReportStats, *, results: str | None, exits: str | None,
@@ -994,6 +1005,7 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
     one row per gfn (hex, with its exit count), one column per 128-byte sub-page."""
     import matplotlib as mpl
     from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.ticker import FuncFormatter
 
     require_matplotlib()
     gfns, totals, matrix = heatmap_matrix(per_subpage, top=top, per_page=per_page)
@@ -1010,17 +1022,17 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
             _empty_note(ax, "no protection exits (spp_violation, write_protect) in this replay")
             ax.set_title(title or "Protection exits by sub-page")
             return _save(fig, path)
-        cmap = mpl.colormaps["YlOrRd"].copy()
-        cmap.set_bad("#eeeeee")
+        cmap = mpl.colormaps["YlOrRd"].with_extremes(bad="#eeeeee")
         vmax = int(matrix.max())
         positive = matrix[matrix > 0]
-        norm = (LogNorm(vmin=1, vmax=vmax) if vmax >= 50 * max(int(positive.min()), 1)
-                else Normalize(vmin=0, vmax=vmax))
+        log = vmax >= 1000 * max(int(positive.min()), 1)  # else the few hot cells hide the rest
+        norm = LogNorm(vmin=1, vmax=vmax) if log else Normalize(vmin=0, vmax=vmax)
         shown = np.ma.masked_equal(matrix, 0)
         image = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-        # cell borders
+        # cell borders, while the cells are large enough to show them
         ax.set_xticks(np.arange(-0.5, B.SUBPAGES_PER_PAGE, 1), minor=True)
-        ax.set_yticks(np.arange(-0.5, gfns.shape[0], 1), minor=True)
+        if gfns.shape[0] <= 64:
+            ax.set_yticks(np.arange(-0.5, gfns.shape[0], 1), minor=True)
         ax.grid(which="minor", color="white", linewidth=0.8)
         ax.tick_params(which="minor", length=0)
         for spine in ax.spines.values():
@@ -1030,7 +1042,8 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
         ax.set_yticks(ticks)
         ax.set_yticklabels([f"{int(gfns[i]):#x}  ({int(totals[i]):,})" for i in ticks],
                            fontsize=10 if gfns.shape[0] <= 32 else 8, family="monospace")
-        bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+        bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
+                           format=FuncFormatter(_thousands))
         bar.set_label("protection exits whose faulting bytes touch the sub-page")
         ax.set_title(title or f"Protection exits by sub-page: the {gfns.shape[0]} hottest "
                               f"protected page{'s' if gfns.shape[0] != 1 else ''}")

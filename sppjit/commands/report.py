@@ -89,6 +89,16 @@ def _check_directory(path: str, option: str) -> bool:
     return True
 
 
+def _missing_levels(path: str) -> list[str]:
+    """The directories os.makedirs(path) would create, outermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
 def run_report(*, results: str, exits: str | None = None, summary_path: str | None = None,
                plot: str | None = None, stats: str | None = None,
                epochs: int = DEFAULT_EPOCHS, top: int = DEFAULT_TOP) -> dict:
@@ -136,8 +146,8 @@ def run_report(*, results: str, exits: str | None = None, summary_path: str | No
             outputs = stack.enter_context(Outputs())
             for directory, needed in create.items():
                 if needed:
+                    made_dirs += _missing_levels(directory)
                     os.makedirs(directory, exist_ok=True)
-                    made_dirs.append(directory)
 
             in_dir: dict[str, list[str]] = {d: [] for d in (stats, plot) if d is not None}
 
