@@ -112,3 +112,36 @@ U_QUAL_GLA = np.uint64(B.EPT_VIOLATION_GLA_VALID | B.EPT_VIOLATION_GLA_TRANSLATE
 U_QUAL_RWX_SHIFT = np.uint64(B.EPT_VIOLATION_RWX_SHIFT)
 U_QUAL_SPP_MISS = np.uint64(B.SPPT_INDUCED_EXIT_TYPE)
 FULL_ACCESS_U32 = np.uint32(B.FULL_SPP_ACCESS)
+
+
+# ------------------------------------------------------------------ software prefetch
+# The replay of a random trace is bound by the latency of one cache miss per access (the EPT
+# leaf of a page nobody touched lately). Asking for the leaf of an access a few rows ahead
+# lets those misses overlap. llvm.prefetch is only a hint: it never faults and changes no
+# result, so under NUMBA_DISABLE_JIT it is simply a no-op.
+if numba.config.DISABLE_JIT:
+
+    def prefetch(address):
+        pass
+
+else:
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, address):
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+            ptr = builder.inttoptr(args[0], i8p)
+            # read (0), high temporal locality (3), data cache (1)
+            builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return types.void(address), codegen

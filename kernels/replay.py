@@ -11,7 +11,7 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel
+from ._jit import U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel, prefetch
 from .exits import kvm_handle_exit
 from .hardware import fast_allowed, hardware_check
 from .layout import CT_ACCESSES, CT_EXIT_KIND, CT_EXITS, CT_KIND, CT_OUTCOME, SC_NTABLES, SC_NVCPUS
@@ -28,6 +28,7 @@ STATUS_LIVELOCK = 4
 MAX_EXITS_PER_PIECE = 8
 LOG_MARGIN = 2 * MAX_EXITS_PER_PIECE + 2
 
+_U_511 = np.uint64(511)
 _I_REASON = B.VMCS_COL_EXIT_REASON
 _I_QUAL = B.VMCS_COL_EXIT_QUAL
 _I_GPA = B.VMCS_COL_GPA
@@ -77,6 +78,25 @@ def slow_piece(st, v, first, plast, k, row, log, counters):
             return nexits, reason_last, B.OUTCOME_ALLOWED, False
 
 
+# Rows ahead whose table entries are prefetched: enough to cover a memory latency with the
+# work of the rows in between, few enough that the lines are still cached when used.
+PREFETCH_DISTANCE = 12
+
+
+@inline
+def prefetch_leaf(st, tables_base, regions, gfn):
+    """Hint the cache about the EPT leaf of a later access's page, found through the region
+    cache; nothing when it holds no walk for that region."""
+    region = gfn >> np.uint64(9)
+    if region >= regions:
+        return
+    c = st.ept_cache[region]
+    if c < 0:
+        return
+    index = region & _U_511 if (c & 8) != 0 else gfn & _U_511
+    prefetch(tables_base + ((np.uint64(c) >> np.uint64(4)) * np.uint64(512) + index) * np.uint64(8))
+
+
 @inline
 def count_access(counters, k, out, nexits):
     counters[CT_ACCESSES] += 1
@@ -95,7 +115,14 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
     # locals so the fast path pays two register compares per access.
     tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
     log_free = log.row.shape[0] - log.n[0]
+    tables_base = np.uint64(st.tables.ctypes.data)  # the pool is never reallocated in here
+    regions = np.uint64(st.ept_cache.shape[0])
     for r in range(start, n):
+        ahead = r + PREFETCH_DISTANCE
+        if ahead < n:
+            page_ahead = gpa[ahead] >> U_PAGE_SHIFT
+            if page_ahead != (gpa[ahead - 1] >> U_PAGE_SHIFT):  # runs on one page: once
+                prefetch_leaf(st, tables_base, regions, page_ahead)
         if tables_free < margin:
             return STATUS_NEED_TABLES, r, 0
         if log_free < LOG_MARGIN:

@@ -72,8 +72,13 @@ def run_bench(
     reference_sample: int = 20_000,
     seed: int = 0,
     batch_size: int = 1 << 20,
+    repeat: int = 3,
 ) -> dict:
-    """Run the benchmark; returns a JSON-ready dict (see ``format_bench``)."""
+    """Run the benchmark; returns a JSON-ready dict (see ``format_bench``).
+
+    The JIT figure is the best of ``repeat`` replays (machines are shared and noisy); the
+    reference engine runs once on its sample; the numpy pass is the best of three.
+    """
     from .datasets import scenarios as S
 
     result = {
@@ -87,12 +92,16 @@ def run_bench(
         "reference_sample": reference_sample,
         "seed": seed,
         "batch_size": batch_size,
+        "repeat": repeat,
         "compile_seconds": warm_up(),
         "scenarios": {},
     }
     for name in scenarios:
         sc = S.make(name, accesses, seed)
-        jit_s, summary = _replay_seconds(sc, "jit", len(sc), batch_size)
+        # Best of `repeat` replays, each on a fresh VM (a replay changes its VM's state).
+        jit_s, summary = min(
+            (_replay_seconds(sc, "jit", len(sc), batch_size) for _ in range(repeat)), key=lambda r: r[0]
+        )
         sample = min(reference_sample, len(sc))
         ref_s, _ = _replay_seconds(sc, "reference", sample, batch_size)
         np_s = _numpy_stream(sc.gpa)
@@ -116,7 +125,7 @@ def run_bench(
 def format_bench(result: dict) -> str:
     rows = [
         f"sppjit {result['sppjit_version']} bench: {result['accesses']:,} accesses per scenario, "
-        f"reference on {result['reference_sample']:,}, seed {result['seed']}, "
+        f"reference on {result['reference_sample']:,}, seed {result['seed']}, jit best of {result['repeat']}, "
         f"compile/cache load {result['compile_seconds']:.2f} s",
         f"{'scenario':<12} {'jit M/s':>9} {'ref K/s':>9} {'numpy M/s':>10} {'jit/ref':>9} {'jit/numpy':>10} {'exits':>10}",
     ]

@@ -62,7 +62,7 @@ def _slice(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
 
 def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
     """The first ``n`` rows of an exit log as an Arrow batch (copies: the log is reused)."""
-    kinds = pa.DictionaryArray.from_arrays(pa.array(log.kind[:n].astype(np.int8)), _KIND_NAMES)
+    kinds = _KIND_NAMES.take(pa.array(log.kind[:n]))  # codes -> strings, in C++
     return pa.RecordBatch.from_arrays(
         [
             pa.array(log.row[:n].copy()),
@@ -70,7 +70,7 @@ def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
             pa.array(log.gpa[:n].copy()),
             pa.array(log.reason[:n].copy()),
             pa.array(log.qual[:n].copy()),
-            kinds.cast(pa.string()),
+            kinds,
             pa.array(log.user[:n].copy()),
         ],
         schema=EXIT_SCHEMA,
