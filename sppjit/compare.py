@@ -239,21 +239,6 @@ def protection_maps(protection):
     return protection if isinstance(protection, AccessMaps) else ranges_to_maps(protection)
 
 
-def check_in_memslots(gfns, memslots) -> None:
-    """InputError naming the first protected gfn that lies in no memslot."""
-    gfns = np.asarray(gfns, dtype=np.uint64)
-    inside = np.zeros(gfns.shape[0], dtype=bool)
-    for base, npages in memslots:
-        inside |= (gfns >= np.uint64(base)) & (gfns < np.uint64(base + npages))
-    if inside.all():
-        return
-    row = int(np.argmax(~inside))
-    spans = ", ".join(f"{base:#x}..{base + npages - 1:#x}" for base, npages in memslots[:4])
-    more = f" and {len(memslots) - 4} more" if len(memslots) > 4 else ""
-    raise InputError(f"protection: gfn {int(gfns[row]):#x} is outside every memslot "
-                     f"(gfns {spans}{more})")
-
-
 def _trace_source(trace):
     """(a source open_trace can read once per configuration, its path or None, the
     generator facts of its schema metadata)."""
@@ -352,7 +337,7 @@ def compare(trace, protection, *, memory: str | int | None = None,
     every batch. ``inputs``: further files to record digests of ({"memslots": path}); the
     trace and protection files are always hashed (on a thread, while the replays run).
     """
-    from .io.protect import ByteRanges
+    from .io.protect import ByteRanges, check_in_memslots
     from .io.trace import open_trace
     from .provenance import BackgroundDigests, versions
     from .replay import Replay

@@ -11,10 +11,18 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
+from enum import Enum
 
 from sppjit.errors import InputError
 
 GPA_BITS = 48  # sppjit.bits.GPA_BITS (not imported here: bits pulls in numpy)
+
+
+class Engine(str, Enum):
+    """--engine of the commands that replay."""
+
+    jit = "jit"
+    reference = "reference"
 
 
 def parse_address(text: str, option: str, *, limit_bits: int = GPA_BITS) -> int:

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from sppjit.commands import Outputs, check_distinct, err, format_size
+from sppjit.commands import Engine, Outputs, check_distinct, err, format_size
 from sppjit.errors import InputError
 
 # Mirrors of sppjit.compare's defaults (not imported: that module pulls in numpy); a test
@@ -61,11 +61,6 @@ class SubpageCheck(str, Enum):
     all = "all"
     first = "first"
     both = "both"
-
-
-class Engine(str, Enum):
-    jit = "jit"
-    reference = "reference"
 
 
 def compare(

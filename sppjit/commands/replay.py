@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from sppjit.commands import Outputs, check_distinct, err, format_size
+from sppjit.commands import Engine, Outputs, check_distinct, err, format_size
 from sppjit.errors import InputError
 
 DEFAULT_MEMORY = "4GiB"
@@ -59,11 +59,6 @@ class SubpageCheck(str, Enum):
 class Granularity(str, Enum):
     spp = "spp"
     page = "page"
-
-
-class Engine(str, Enum):
-    jit = "jit"
-    reference = "reference"
 
 
 def replay(
@@ -297,35 +292,19 @@ def _apply_protection(vm, protection, path: str) -> dict:
     """Check every protected page is in a memslot, then init_spp + set_subpages over runs."""
     import numpy as np
 
-    from sppjit.io.protect import AccessMaps, ranges_to_maps
+    from sppjit.io.protect import AccessMaps, check_in_memslots, ranges_to_maps
     from sppjit.io.space import PAGE_SHIFT
 
     if isinstance(protection, AccessMaps):
-        _check_in_memslots(protection.gfn, vm.config.memslots)
+        check_in_memslots(protection.gfn, vm.config.memslots)
         maps, form, extra = protection, "access_maps", {}
     else:
-        _check_in_memslots(protection.gpa >> np.uint64(PAGE_SHIFT), vm.config.memslots)
+        check_in_memslots(protection.gpa >> np.uint64(PAGE_SHIFT), vm.config.memslots)
         maps, form = ranges_to_maps(protection), "byte_ranges"
         extra = {"ranges": int(len(protection.gpa))}
     vm.protect(maps.gfn, maps.access)
     return {"path": path, "form": form, "pages": int(len(maps.gfn)), **extra}
 
-
-def _check_in_memslots(gfns, memslots) -> None:
-    """InputError naming the first protection row whose page is in no memslot."""
-    import numpy as np
-
-    gfns = np.asarray(gfns, dtype=np.uint64)
-    inside = np.zeros(gfns.shape[0], dtype=bool)
-    for base, npages in memslots:
-        inside |= (gfns >= np.uint64(base)) & (gfns < np.uint64(base + npages))
-    if inside.all():
-        return
-    row = int(np.argmax(~inside))
-    spans = ", ".join(f"{base:#x}..{base + npages - 1:#x}" for base, npages in memslots[:4])
-    more = f" and {len(memslots) - 4} more" if len(memslots) > 4 else ""
-    raise InputError(f"protection: gfn {int(gfns[row]):#x} at row {row} is outside every "
-                     f"memslot (gfns {spans}{more})")
 
 
 # ------------------------------------------------------------------------------ trace facts

@@ -147,3 +147,18 @@ def ranges_to_maps(ranges: ByteRanges) -> AccessMaps:
     union = np.bitwise_or.reduceat(protected, starts)
     access = (~union & np.uint64(ACCESS_MAX)).astype(np.uint32)
     return AccessMaps(gfn=pages[starts], access=access)
+
+
+def check_in_memslots(gfns, memslots) -> None:
+    """InputError naming the first protection row whose page is in no memslot."""
+    gfns = np.asarray(gfns, dtype=np.uint64)
+    inside = np.zeros(gfns.shape[0], dtype=bool)
+    for base, npages in memslots:
+        inside |= (gfns >= np.uint64(base)) & (gfns < np.uint64(base + npages))
+    if inside.all():
+        return
+    row = int(np.argmax(~inside))
+    spans = ", ".join(f"{base:#x}..{base + npages - 1:#x}" for base, npages in memslots[:4])
+    more = f" and {len(memslots) - 4} more" if len(memslots) > 4 else ""
+    raise InputError(f"protection: gfn {int(gfns[row]):#x} at row {row} is outside every "
+                     f"memslot (gfns {spans}{more})")
