@@ -35,7 +35,6 @@ from ._jit import (
     U_SUBPAGE_SHIFT,
     U_W,
     inline,
-    kernel,
 )
 from .layout import CF_SUBPAGE_CHECK, CHECK_FIRST
 from .mmu import hpa_table, level_index

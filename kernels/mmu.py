@@ -23,7 +23,6 @@ from sppjit import bits as B
 from ._jit import (
     FULL_ACCESS_U32,
     U0,
-    U1,
     U_ADDR,
     U_EPT_LEAF,
     U_EPT_NONLEAF,
