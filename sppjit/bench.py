@@ -193,28 +193,37 @@ def _run_cli(args: list[str]) -> tuple[float, int, str]:
         return wall, usage.ru_maxrss * 1024, out.read().decode()
 
 
-def run_end_to_end(scenario: str = "hotset", accesses: int = 100_000_000, seed: int = 0, workdir: str | None = None) -> dict:
+def run_end_to_end(
+    scenario: str = "hotset", accesses: int = 100_000_000, seed: int = 0, workdir: str | None = None, repeat: int = 2
+) -> dict:
     """Replay a generated trace from uncompressed Parquet and from Arrow IPC through the
     command line, once with the summary and exit log only and once with the per-access
     results too; rows/s (wall clock of the whole command, start-up included) and peak RSS."""
     import json
     import tempfile
 
-    result = {"scenario": scenario, "accesses": accesses, "seed": seed, "runs": []}
+    result = {"scenario": scenario, "accesses": accesses, "seed": seed, "repeat": repeat, "runs": []}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="sppjit-e2e-") as d:
         t = time.perf_counter()
         paths = _write_e2e_traces(d, scenario, accesses, seed)
         result["generate_seconds"] = time.perf_counter() - t
+        # Write the traces back to disk now, so the replays are not timed against the
+        # write-back of the gigabytes just generated.
+        if hasattr(os, "sync"):
+            os.sync()
         startup, _, _ = _run_cli(["--version"])
         result["startup_seconds"] = startup
         for fmt in ("arrow", "parquet"):
             for with_results in (False, True):
                 args = ["replay", paths[fmt], "--json", "--no-progress",
                         "--summary", os.path.join(d, "summary.json"), "--exits", os.path.join(d, "exits.parquet")]
-                if with_results:
-                    args += ["--out", os.path.join(d, "results.parquet")]
-                wall, rss, out = _run_cli(args)
-                summary = json.loads(out)
+                if with_results:  # results in the input's format
+                    args += ["--out", os.path.join(d, f"results.{fmt}")]
+                # Best wall time of `repeat` runs (the machine is shared); the largest RSS.
+                runs = [_run_cli(args) for _ in range(repeat)]
+                wall = min(r[0] for r in runs)
+                rss = max(r[1] for r in runs)
+                summary = json.loads(min(runs, key=lambda r: r[0])[2])
                 result["runs"].append(
                     {
                         "format": fmt,
@@ -231,7 +240,8 @@ def run_end_to_end(scenario: str = "hotset", accesses: int = 100_000_000, seed: 
 def format_end_to_end(result: dict) -> str:
     rows = [
         f"end to end: {result['accesses']:,} rows of {result['scenario']} (generated in "
-        f"{result['generate_seconds']:.1f} s; 'sppjit --version' takes {result['startup_seconds']:.2f} s)",
+        f"{result['generate_seconds']:.1f} s; 'sppjit --version' takes {result['startup_seconds']:.2f} s; "
+        f"best wall time of {result['repeat']} runs each, largest RSS)",
         f"{'input':<8} {'outputs':<22} {'wall s':>8} {'rows/s (wall)':>14} {'rows/s (replay)':>16} {'peak RSS':>10}",
     ]
     for r in result["runs"]:
