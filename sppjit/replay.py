@@ -107,6 +107,7 @@ class Replay:
         self._batch: TraceBatch | None = None  # the batch whose exits the log holds
         self.ops = sorted(self.ops, key=lambda op: op["at"])
         self._next_op = 0
+        self._scratch = None  # result columns reused by run(keep=False)
 
     # ---------------------------------------------------------------- exit log
     def _flush_log(self) -> None:
@@ -134,19 +135,19 @@ class Replay:
         return EXIT_SCHEMA.append(pa.field("relevant", pa.bool_())).append(pa.field("hook", pa.string()))
 
     # ---------------------------------------------------------------- batches
-    def run(self, batch: TraceBatch) -> pa.RecordBatch:
+    def run(self, batch: TraceBatch, keep: bool = True) -> pa.RecordBatch | None:
         """Replay one batch; returns its rows with outcome, exits and exit_reason appended.
 
         Timeline operations due inside the batch split it: the rows before an operation's
-        ``at`` are replayed, the operation is applied, and the replay goes on.
+        ``at`` are replayed, the operation is applied, and the replay goes on. With ``keep``
+        False nothing is returned and the result columns reuse one buffer (a caller that only
+        wants the exit log and the summary pays for no fresh memory per batch).
         """
         for f in RESULT_FIELDS:
             if f.name in batch.record_batch.schema.names:
                 raise InputError(f"trace: column '{f.name}' is reserved for the replay's results")
         n = len(batch)
-        outcome = np.zeros(n, dtype=np.uint8)
-        exits = np.zeros(n, dtype=np.uint8)
-        reason = np.zeros(n, dtype=np.uint16)
+        outcome, exits, reason = self._result_columns(n, keep)
         t0 = time.perf_counter()
         start = 0
         while start < n:
@@ -168,10 +169,19 @@ class Replay:
             start = stop
         self.seconds += time.perf_counter() - t0
         self.rows += n
+        if not keep:
+            return None
         rb = batch.record_batch
         arrays = list(rb.columns) + [pa.array(outcome), pa.array(exits), pa.array(reason)]
         fields = list(rb.schema) + RESULT_FIELDS
         return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=schema_metadata()))
+
+    def _result_columns(self, n: int, keep: bool):
+        if keep:
+            return np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint16)  # all filled
+        if self._scratch is None or self._scratch[0].shape[0] < n:
+            self._scratch = (np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.zeros(n, np.uint16))
+        return tuple(a[:n] for a in self._scratch)
 
     def _apply_due_ops(self, row: int) -> None:
         """Apply the timeline operations whose ``at`` is at or before trace row ``row``."""

@@ -360,11 +360,11 @@ def test_interrupted_replay_leaves_no_file(tmp_path, monkeypatch):
     original = Replay.run
     calls = []
 
-    def run(self, batch):
+    def run(self, batch, keep=True):
         calls.append(len(batch))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, batch)
+        return original(self, batch, keep)
 
     monkeypatch.setattr(Replay, "run", run)
     result = invoke("replay", "t.parquet", "--batch-size", 8, "--out", "r.parquet",
@@ -399,7 +399,7 @@ def test_internal_error_is_one_line_and_debug_shows_traceback(tmp_path, monkeypa
 
     _trace(tmp_path / "t.parquet", gpa=np.arange(4, dtype=np.uint64))
 
-    def run(self, batch):
+    def run(self, batch, keep=True):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Replay, "run", run)

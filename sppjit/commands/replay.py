@@ -252,7 +252,7 @@ def _replay_and_write(vm, reader, *, engine, out, exits, summary_path, save_stat
             out_writer = None
             try:
                 for batch in reader:
-                    result = session.run(batch)
+                    result = session.run(batch, keep=out is not None)
                     if out is not None:
                         if out_writer is None:  # the schema is the first result's
                             tables.push(outputs.track(out))
