@@ -131,9 +131,11 @@ def _open_path(path: str, batch_size: int) -> _Opened:
         raise cannot_read("trace", path, "the file is empty")
     try:
         if magic.startswith(PARQUET_MAGIC):
-            # Buffered reads, not a memory map: a mapped file's pages would stay in this
-            # process's RSS, which must not grow with the trace.
-            parquet = pq.ParquetFile(path, memory_map=False)
+            # Buffered reads, not a memory map (a mapped file's pages would stay in this
+            # process's RSS), and no pre-buffering (pyarrow would keep every row group's
+            # buffers alive: measured, RSS grew with the trace, 636 MiB at 60 M rows, against
+            # 166 MiB without).
+            parquet = pq.ParquetFile(path, memory_map=False, pre_buffer=False)
             return (parquet.schema_arrow,
                     parquet.iter_batches(batch_size=batch_size, columns=None),
                     parquet.metadata.num_rows)
@@ -172,6 +174,10 @@ def _open_ipc_file(path: str) -> _Opened:
     return reader.schema, batches(), num_rows
 
 
+# Bounded memory for Parquet datasets too: no pre-buffered row groups, one batch read ahead.
+_NO_PRE_BUFFER = ds.ParquetFragmentScanOptions(pre_buffer=False)
+
+
 def _open_dataset(path: str, batch_size: int) -> _Opened:
     """A directory of Parquet files, read in the natural order of their names.
 
@@ -190,7 +196,8 @@ def _open_dataset(path: str, batch_size: int) -> _Opened:
 
     def scan() -> Iterator[pa.RecordBatch]:
         # Deferred so that a corrupt file is reported while iterating, like the other formats.
-        yield from dataset.to_batches(batch_size=batch_size)
+        yield from dataset.to_batches(batch_size=batch_size, fragment_scan_options=_NO_PRE_BUFFER,
+                                      batch_readahead=1, fragment_readahead=1)
 
     return dataset.schema, scan(), num_rows
 
