@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 # Keys of the summary that depend on the run, not on the simulation.
-TIMING = ("seconds", "accesses_per_second")
+TIMING = ("seconds", "compile_seconds", "accesses_per_second")
 
 
 def invoke(*args, env=None):

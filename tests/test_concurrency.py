@@ -74,7 +74,7 @@ def results(session: Replay, batches: list, log: list) -> dict:
     return {
         "table": pa.Table.from_batches(batches),
         "exits": session.exit_table(),
-        "summary": {k: v for k, v in summary.items() if k not in ("seconds", "accesses_per_second")},
+        "summary": {k: v for k, v in summary.items() if k not in ("seconds", "compile_seconds", "accesses_per_second")},
         "log": log,
     }
 

@@ -375,7 +375,7 @@ def outcome_of(vm, op):
 
 
 def comparable_summary(s: dict) -> dict:
-    out = {k: v for k, v in s.items() if k not in ("seconds", "accesses_per_second", "engine")}
+    out = {k: v for k, v in s.items() if k not in ("seconds", "compile_seconds", "accesses_per_second", "engine")}
     out["config"] = {k: v for k, v in s["config"].items() if k != "engine"}
     return out
 

@@ -449,7 +449,9 @@ def format_summary(summary: dict, written: list[str]) -> str:
                      f"{summary['hooks']['irrelevant']:,}  ({len(summary['hooks']['per_hook']):,} hooks)")]
           if "hooks" in summary else []),
         ("time", f"{summary['seconds']:.3f} s, "
-                 f"{summary['accesses_per_second']:,.0f} accesses/s"),
+                 f"{summary['accesses_per_second']:,.0f} accesses/s"
+                 + (f" (kernels compiled or loaded in {summary['compile_seconds']:.1f} s)"
+                    if summary.get("compile_seconds", 0) >= 0.05 else "")),
     ]
     if written:
         rows.append(("wrote", ", ".join(written)))
