@@ -926,3 +926,61 @@ case(
 
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS), "case ids must be unique"
+
+
+# --------------------------------------------------------------------------- running steps
+def trace_of(accesses) -> dict:
+    """The trace (numpy columns) of a list of Access steps."""
+    import numpy as np
+
+    return {
+        "gpa": np.array([a.gpa for a in accesses], dtype=np.uint64),
+        "size": np.array([a.size for a in accesses], dtype=np.uint16),
+        "vcpu": np.array([a.vcpu for a in accesses], dtype=np.uint16),
+        "kind": np.array([a.kind for a in accesses], dtype=np.uint8),
+    }
+
+
+def check(accesses, res, where):
+    """Every access's exits (reason, qualification, kind, userspace exit, gpa, vCPU) and its
+    result row (outcome, exits, exit_reason) as the Access steps expect them."""
+    by_row: dict[int, list] = {}
+    for e in res.exits.to_pylist():
+        by_row.setdefault(e["row"], []).append(e)
+    table = res.table.to_pylist()
+    for i, a in enumerate(accesses):
+        got = [(e["reason"], e["qualification"], e["kind"], e["userspace_exit"], e["gpa"], e["vcpu"])
+               for e in by_row.get(i, [])]
+        want = [(x.reason, x.qualification, x.kind, x.userspace_exit, a.gpa if x.gpa is None else x.gpa, a.vcpu)
+                for x in a.exits]
+        assert got == want, f"{where} access {i} ({a.gpa:#x}): exits\n got  {got}\n want {want}"
+        row = table[i]
+        want_row = (a.outcome, len(a.exits), a.exits[-1].reason if a.exits else 0)
+        assert (row["outcome"], row["exits"], row["exit_reason"]) == want_row, f"{where} access {i}"
+
+
+def run(vm, steps, engine, where=""):
+    """Apply steps in order: Init / SetMaps, accesses (consecutive ones form one replay),
+    or a callable(vm) for operations and checks. Returns the last replay's result."""
+    last, batch = None, []
+
+    def flush():
+        nonlocal last, batch
+        if batch:
+            last = vm.replay(trace_of(batch), engine=engine)
+            check(batch, last, f"[{engine}{where}]")
+            batch = []
+
+    for s in steps:
+        if isinstance(s, Access):
+            batch.append(s)
+            continue
+        flush()
+        if isinstance(s, Init):
+            assert vm.init_spp() == 0
+        elif isinstance(s, SetMaps):
+            assert vm.set_subpages(s.gfn, list(s.maps)) == len(s.maps)
+        else:
+            s(vm)
+    flush()
+    return last

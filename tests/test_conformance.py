@@ -9,10 +9,7 @@ entry) and the per-vCPU SPPT roots.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,30 +17,14 @@ import pytest
 import sppjit
 
 
-def _load_cases():
-    name = "sppjit_tests_conformance_cases"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conformance_cases.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
 
 
-C = _load_cases()
+import conformance_cases as C  # noqa: E402  (tests/ on sys.path: conftest.py)
 ENGINES = ("reference", "jit")
 OUTCOME_KEYS = ("allowed", "spp_violation", "write_protect_violation", "mmio", "spp_misconfig")
 EXIT_KINDS = ("ept_fault", "mmio", "spp_miss", "spp_misconfig", "spp_violation", "write_protect", "wp_fault")
 
 
-def trace_of(accesses) -> dict:
-    return {
-        "gpa": np.array([a.gpa for a in accesses], dtype=np.uint64),
-        "size": np.array([a.size for a in accesses], dtype=np.uint16),
-        "vcpu": np.array([a.vcpu for a in accesses], dtype=np.uint16),
-        "kind": np.array([a.kind for a in accesses], dtype=np.uint8),
-    }
 
 
 POOL_HPA = 0x10_0000_0000  # architecture: table-pool index i lives at this hpa + 4096 * i
@@ -155,7 +136,7 @@ def test_case(case, engine):
     last = None
     for n, g in enumerate(groups(case.steps)):
         if isinstance(g, list):
-            last = vm.replay(trace_of(g), engine=engine)
+            last = vm.replay(C.trace_of(g), engine=engine)
             check_replay(case, g, last, f"{case.id} [{engine}] replay #{n}")
         else:
             apply(vm, g)

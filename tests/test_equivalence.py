@@ -18,10 +18,7 @@ examples per test (default 60; the slow test takes half); the example sequence i
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,18 +30,9 @@ from sppjit import bits as B
 from sppjit.kernels.replay import LOG_MARGIN
 
 
-def _load_strategies():
-    """tests/ is not a package (pytest runs with --import-mode=importlib): load by path."""
-    name = "sppjit_tests_strategies"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("strategies.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
-S = _load_strategies()
+import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
 
 EXAMPLES = int(os.environ.get("SPPJIT_HYPOTHESIS_EXAMPLES", "60"))
 DERANDOMIZE = os.environ.get("SPPJIT_HYPOTHESIS_RANDOM", "0") in ("0", "", "no", "false")

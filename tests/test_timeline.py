@@ -9,10 +9,7 @@ Numbers of the model used below (architecture / bits): guest RAM of gfn g at hos
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,18 +17,9 @@ import pytest
 import sppjit
 
 
-def _load_cases():
-    name = "sppjit_tests_conformance_cases"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conformance_cases.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-C = _load_cases()
+import conformance_cases as C  # noqa: E402  (tests/ on sys.path: conftest.py)
 ENGINES = ("reference", "jit")
 PROFILES = ("v4", "v12")
 FULL = 0xFFFFFFFF
@@ -57,52 +45,10 @@ def first_write(profile):
     return [FAULT_W] if profile == "v4" else [FAULT_W, SPP_MISS]
 
 
-def trace_of(accesses) -> dict:
-    return {
-        "gpa": np.array([a.gpa for a in accesses], dtype=np.uint64),
-        "size": np.array([a.size for a in accesses], dtype=np.uint16),
-        "vcpu": np.array([a.vcpu for a in accesses], dtype=np.uint16),
-        "kind": np.array([a.kind for a in accesses], dtype=np.uint8),
-    }
 
 
-def check(accesses, res, where):
-    by_row: dict[int, list] = {}
-    for e in res.exits.to_pylist():
-        by_row.setdefault(e["row"], []).append(e)
-    table = res.table.to_pylist()
-    for i, a in enumerate(accesses):
-        got = [(e["reason"], e["qualification"], e["kind"], e["userspace_exit"], e["gpa"]) for e in by_row.get(i, [])]
-        want = [(x.reason, x.qualification, x.kind, x.userspace_exit, a.gpa if x.gpa is None else x.gpa)
-                for x in a.exits]
-        assert got == want, f"{where} access {i} ({a.gpa:#x}):\n got  {got}\n want {want}"
-        want_row = (a.outcome, len(a.exits), a.exits[-1].reason if a.exits else 0)
-        assert (table[i]["outcome"], table[i]["exits"], table[i]["exit_reason"]) == want_row, f"{where} access {i}"
 
 
-def run(vm, steps, engine):
-    last, batch = None, []
-
-    def flush():
-        nonlocal last, batch
-        if batch:
-            last = vm.replay(trace_of(batch), engine=engine)
-            check(batch, last, f"[{engine} {vm.config.profile}]")
-            batch = []
-
-    for s in steps:
-        if isinstance(s, C.Access):
-            batch.append(s)
-            continue
-        flush()
-        if isinstance(s, C.Init):
-            assert vm.init_spp() == 0
-        elif isinstance(s, C.SetMaps):
-            assert vm.set_subpages(s.gfn, list(s.maps)) == len(s.maps)
-        else:
-            s(vm)
-    flush()
-    return last
 
 
 def leaf(vm, gpa) -> dict | None:
@@ -131,7 +77,7 @@ def test_zap_refaults_and_reprotects(profile, engine):
     either profile since the SPPT was not touched."""
     vm = sppjit.VM(profile=profile)
     flushes = {}
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0x0000FFFF,)),
         W(sub(G, 0), exits=first_write(profile)),
@@ -158,7 +104,7 @@ def test_zap_huge_leaf_whole_and_mmio(profile, engine):
     """A huge leaf covering any zapped gfn goes whole; an MMIO entry goes too, so the gfn's next
     access is a first MMIO access again (48, not 49)."""
     vm = sppjit.VM(profile=profile, hugepages=True, memslots=[(0, 0x400)])
-    res = run(vm, [
+    res = C.run(vm, [
         R(0x200000, exits=[FAULT_R]),
         R(0x500000, exits=[C.MMIO_FIRST_R], outcome=C.MMIO),
         expect(lambda vm: leaf(vm, 0x3FF000)["level"], 2),
@@ -183,7 +129,7 @@ def test_remap_new_host_page_write_protected(profile, engine):
     the protected one gets bit 61 back and keeps its sub-page permissions; the unprotected one
     takes one wp_fault (48, 0x1AA) that sets W, then writes pass."""
     vm = sppjit.VM(profile=profile)
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0x0000FFFF,)),
         W(sub(G, 0), exits=first_write(profile)),
@@ -210,7 +156,7 @@ def test_remap_resets_bit61_from_the_map(profile, engine):
     that lost bit 61 and got W (poked: R|W|X, WB, ignore-PAT = 0x77) lets every write through;
     remap makes it W=0 + bit 61 again and the sub-page permissions apply."""
     vm = sppjit.VM(profile=profile)
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0x0000FFFF,)),
         W(sub(G, 0), exits=first_write(profile)),
@@ -230,7 +176,7 @@ def test_remap_page_granularity(profile, engine):
     """Page baseline: remap clears W only; a write to the unprotected page is one wp_fault, a
     write to the protected one is the baseline's write_protect exit (39)."""
     vm = sppjit.VM(profile=profile, granularity="page")
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0x0000FFFF,)),
         R(GPA, exits=[FAULT_R]),
@@ -247,7 +193,7 @@ def test_remap_page_granularity(profile, engine):
 @pytest.mark.parametrize("profile", PROFILES)
 def test_remap_zaps_huge_leaf(profile, engine):
     vm = sppjit.VM(profile=profile, hugepages=True)
-    run(vm, [
+    C.run(vm, [
         R(0x200000, exits=[FAULT_R]),
         expect(lambda vm: vm.remap(0x250, 1), 1),
         expect(lambda vm: leaf(vm, 0x200000), None),
@@ -268,7 +214,7 @@ def test_delete_memslot_turns_gfns_mmio(profile, engine):
           outcome=C.SPP_VIOLATION),
         R(0x1200000, exits=[FAULT_R]),
     ]
-    run(vm, steps, engine)
+    C.run(vm, steps, engine)
     before = tlb(vm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -278,7 +224,7 @@ def test_delete_memslot_turns_gfns_mmio(profile, engine):
     assert vm.spp_active == (profile == "v4")
     assert (leaf(vm, 0x1010000), leaf(vm, 0x1200000)) == (None, None)
     assert vm.memslot_of(0x1010) == -1 and vm.memslot_of(0x10) == 0
-    res = run(vm, [
+    res = C.run(vm, [
         W(0x1010000, exits=[C.MMIO_FIRST_W], outcome=C.MMIO),
         R(0x1010000, exits=[C.MMIO_LATER], outcome=C.MMIO),
         R(0x1200000, exits=[C.MMIO_FIRST_R], outcome=C.MMIO),

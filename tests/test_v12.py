@@ -22,13 +22,9 @@ Not modelled (no test): the v5 move of bit 61 to bit 53 across KVM's dirty/acces
 from __future__ import annotations
 
 import errno
-import importlib.util
 import struct
-import sys
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import sppjit
@@ -37,18 +33,9 @@ from sppjit import bits as B
 from sppjit.vm import SppQuirkWarning
 
 
-def _load_cases():
-    name = "sppjit_tests_conformance_cases"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conformance_cases.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-C = _load_cases()
+import conformance_cases as C  # noqa: E402  (tests/ on sys.path: conftest.py)
 ENGINES = ("reference", "jit")
 EPERM, EFAULT, ENODEV, EINVAL, ENOTTY = 1, 14, 19, 22, 25
 FULL = 0xFFFFFFFF
@@ -78,57 +65,10 @@ def spread(m: int) -> int:
     return sum(1 << (2 * i) for i in range(32) if m >> i & 1)
 
 
-def trace_of(accesses) -> dict:
-    return {
-        "gpa": np.array([a.gpa for a in accesses], dtype=np.uint64),
-        "size": np.array([a.size for a in accesses], dtype=np.uint16),
-        "vcpu": np.array([a.vcpu for a in accesses], dtype=np.uint16),
-        "kind": np.array([a.kind for a in accesses], dtype=np.uint8),
-    }
 
 
-def check(accesses, res, where):
-    exits = res.exits.to_pylist()
-    table = res.table.to_pylist()
-    by_row: dict[int, list] = {}
-    for e in exits:
-        by_row.setdefault(e["row"], []).append(e)
-    for i, a in enumerate(accesses):
-        got = [(e["reason"], e["qualification"], e["kind"], e["userspace_exit"], e["gpa"], e["vcpu"])
-               for e in by_row.get(i, [])]
-        want = [(x.reason, x.qualification, x.kind, x.userspace_exit, a.gpa if x.gpa is None else x.gpa, a.vcpu)
-                for x in a.exits]
-        assert got == want, f"{where} access {i} ({a.gpa:#x}): exits\n got  {got}\n want {want}"
-        row = table[i]
-        want_row = (a.outcome, len(a.exits), a.exits[-1].reason if a.exits else 0)
-        assert (row["outcome"], row["exits"], row["exit_reason"]) == want_row, f"{where} access {i}"
 
 
-def run(vm, steps, engine):
-    """Apply steps in order: C.Init / C.SetMaps, accesses (consecutive ones form one replay),
-    or a callable(vm) for operations and checks. Returns the last replay's result."""
-    last, batch = None, []
-
-    def flush():
-        nonlocal last, batch
-        if batch:
-            last = vm.replay(trace_of(batch), engine=engine)
-            check(batch, last, f"[{engine}]")
-            batch = []
-
-    for s in steps:
-        if isinstance(s, C.Access):
-            batch.append(s)
-            continue
-        flush()
-        if isinstance(s, C.Init):
-            assert vm.init_spp() == 0
-        elif isinstance(s, C.SetMaps):
-            assert vm.set_subpages(s.gfn, list(s.maps)) == len(s.maps)
-        else:
-            s(vm)
-    flush()
-    return last
 
 
 def ept_leaf(vm, gpa):
@@ -264,7 +204,7 @@ def test_shared_root_vmcs(engine):
         vm.init_spp()
         assert [vm.vcpu(i).sppt_root for i in range(3)] == want
         assert [vm.vcpu(i).vmcs.read(SPPTP) for i in range(3)] == [0, 0, 0]
-        run(vm, [R(0x5000, vcpu=v, exits=[FAULT_R] if v == 0 else []) for v in range(3)], engine)
+        C.run(vm, [R(0x5000, vcpu=v, exits=[FAULT_R] if v == 0 else []) for v in range(3)], engine)
         assert [vm.vcpu(i).vmcs.read(SPPTP) for i in range(3)] == want
         assert [vm.vcpu(i).vmcs.read(SECONDARY) for i in range(3)] == [0x800002] * 3
         assert int(vm.state.scal[6]) == 3  # SC_TLB_FLUSHES: one per served request
@@ -279,7 +219,7 @@ def test_shared_root_one_tree_for_every_vcpu(engine):
     and vCPU 2 both miss once and the refill serves them all (v4: only vCPU 1 misses, case
     multi_vcpu_miss_on_one_vcpu_only of the conformance table)."""
     vm = sppjit.VM(profile="v12", vcpus=3)
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0,)),
         W(GPA, vcpu=0, exits=[FAULT_W, SPP_MISS, SPP_VIOL_V12], outcome=C.SPP_VIOLATION),
@@ -299,7 +239,7 @@ def test_miss_fills_block(engine):
     protected gfn of the block, so a write to ANOTHER protected gfn of the block takes no miss.
     gfn G+2 is FULL: its leaf is left as it is (a fresh table: 0), it is never consulted."""
     vm = sppjit.VM(profile="v12")
-    res = run(vm, [
+    res = C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0x0000FFFF,)),
         C.SetMaps(G + 1, (0,)),
@@ -327,7 +267,7 @@ def assert_no_sppt(vm):
 def test_v4_builds_at_fault_time(engine):
     """The same steps under v4: the fault path builds every vCPU's SPPT: never a miss."""
     vm = sppjit.VM(profile="v4")
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0x0000FFFF,)),
         C.SetMaps(G + 1, (0,)),
@@ -355,7 +295,7 @@ def test_set_flushes_l2e(engine):
         assert path[2]["present"]
         seen["l1"] = path[2]["address"]
 
-    res = run(vm, [
+    res = C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0x0000FFFF,)),
         W(sub(G, 0), exits=[FAULT_W, SPP_MISS]),
@@ -385,7 +325,7 @@ def test_full_leaves_w_off(engine):
     """v12 set FULL on a protected mapped page: bit 61 off and W off; the next write takes one
     wp_fault (48, 0x1AA: cum R|X) that sets W; later writes pass. v4: W on at once."""
     vm = sppjit.VM(profile="v12")
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0,)),
         W(sub(G, 3), exits=[FAULT_W, SPP_MISS, SPP_VIOL_V12], outcome=C.SPP_VIOLATION),
@@ -396,7 +336,7 @@ def test_full_leaves_w_off(engine):
         W(sub(G, 3)),
     ], engine)
     vm = sppjit.VM(profile="v4")
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(G, (0,)),
         W(sub(G, 3), exits=[FAULT_W, SPP_VIOL_V4], outcome=C.SPP_VIOLATION),
@@ -423,10 +363,10 @@ def test_exit_spp_29_selftest(engine):
     assert vm.ioctl(B.KVM_SUBPAGES_SET_ACCESS, v12_buf(page >> 12, 1, maps=(0,))) == 1
     buf = v12_buf(page >> 12, 1, maps=(0xAB,))
     assert vm.ioctl(B.KVM_SUBPAGES_GET_ACCESS, buf) == 1 and struct.unpack("<QIII", buf)[3] == 0
-    res = run(vm, stores, engine)
+    res = C.run(vm, stores, engine)
     assert res.summary["counts"]["spp_violation"] == 32
     assert vm.ioctl(B.KVM_SUBPAGES_SET_ACCESS, v12_buf(page >> 12, 1, maps=(FULL,))) == 1
-    res = run(vm, again, engine)
+    res = C.run(vm, again, engine)
     assert res.summary["exits"]["spp_violation"] == 0
 
 
@@ -445,11 +385,11 @@ def test_huge_pages_v4_leave_protected_gfns_writable_v12_does_not(engine):
         R(0x400000, exits=[FAULT_R]),
         R(0x5FF000),
     ]
-    res = run(sppjit.VM(profile="v4", hugepages=True), steps(W(0x201000, exits=[FAULT_W])), engine)
+    res = C.run(sppjit.VM(profile="v4", hugepages=True), steps(W(0x201000, exits=[FAULT_W])), engine)
     p = res.summary["pages"]
     assert (p["protected"], p["protected_left_writable"], p["mapped_2m"], p["mapped_4k"]) == (1, 1, 2, 0)
     vm = sppjit.VM(profile="v12", hugepages=True)
-    res = run(vm, steps(W(0x201000, exits=[FAULT_W, SPP_MISS, SPP_VIOL_V12], outcome=C.SPP_VIOLATION)), engine)
+    res = C.run(vm, steps(W(0x201000, exits=[FAULT_W, SPP_MISS, SPP_VIOL_V12], outcome=C.SPP_VIOLATION)), engine)
     p = res.summary["pages"]
     assert (p["protected"], p["protected_left_writable"], p["mapped_2m"], p["mapped_4k"]) == (1, 0, 1, 1)
     assert res.summary["counts"]["spp_violation"] == 1
@@ -462,7 +402,7 @@ def test_huge_leaf_zapped_by_v12_set(engine):
     at 4 KiB (it holds a protected gfn now). A FULL set under a huge leaf changes nothing.
     v4 keeps the leaf (conformance case huge_set_inside_huge_leaf_is_lazy)."""
     vm = sppjit.VM(profile="v12", hugepages=True)
-    res = run(vm, [
+    res = C.run(vm, [
         C.Init(),
         R(0x600000, exits=[FAULT_R]),
         C.SetMaps(0x610, (FULL,)),
@@ -485,7 +425,7 @@ def test_memslot_free_quirk(engine):
     page of the surviving slot is still refused (nothing walks the EPT to undo the marks).
     The deleted slot's gfns are MMIO (48, then 49). Enabling again gives fresh FULL maps."""
     vm = sppjit.VM(profile="v12", memslots=[(0, 0x400), (0x1000, 0x400)])
-    run(vm, [
+    C.run(vm, [
         C.Init(),
         C.SetMaps(0x10, (0,)),
         W(0x10000, exits=[FAULT_W, SPP_MISS, SPP_VIOL_V12], outcome=C.SPP_VIOLATION),
@@ -499,7 +439,7 @@ def test_memslot_free_quirk(engine):
             call()
         assert ei.value.errno == ENODEV
     assert vm.ioctl(B.KVM_SUBPAGES_SET_ACCESS, v12_buf(0x10, 1, maps=(FULL,))) == -ENODEV
-    run(vm, [
+    C.run(vm, [
         W(0x10000, exits=[SPP_VIOL_V12], outcome=C.SPP_VIOLATION),
         R(0x1000000, exits=[C.MMIO_FIRST_R], outcome=C.MMIO),
         R(0x1000000, exits=[C.MMIO_LATER], outcome=C.MMIO),
