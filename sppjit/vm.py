@@ -408,12 +408,7 @@ class VM:
         The next access faults and the lazy path re-applies protection from the maps.
         Returns the EPT entries removed (a TLB flush is counted when that is not 0)."""
         g, n = self._range(gfn, npages, "zap")
-        with self.slots_lock, self.mmu_lock:
-            changed = int(K.kvm_zap_range(self.state, np.uint64(g), np.int64(n)))
-            if changed:
-                self.state.scal[L.SC_TLB_FLUSHES] += 1
-            self.invalidate_caches()
-        return changed
+        return self._mmu_notifier(K.kvm_zap_range, g, n)
 
     def remap(self, gfn: int, npages: int = 1) -> int:
         """MMU-notifier change_pte over ``npages`` gfns from ``gfn``: every mapped 4 KiB gfn gets
@@ -422,8 +417,13 @@ class VM:
         an unprotected remapped page takes one wp_fault exit that sets W again.
         Returns the EPT entries changed (a TLB flush is counted when that is not 0)."""
         g, n = self._range(gfn, npages, "remap")
+        return self._mmu_notifier(K.kvm_remap_range, g, n)
+
+    def _mmu_notifier(self, kernel, gfn: int, npages: int) -> int:
+        """Run an MMU-notifier kernel over a gfn range under KVM's locks; a TLB flush is
+        counted when it changed any entry. Returns the entries changed."""
         with self.slots_lock, self.mmu_lock:
-            changed = int(K.kvm_remap_range(self.state, np.uint64(g), np.int64(n)))
+            changed = int(kernel(self.state, np.uint64(gfn), np.int64(npages)))
             if changed:
                 self.state.scal[L.SC_TLB_FLUSHES] += 1
             self.invalidate_caches()
