@@ -124,7 +124,7 @@ CT_EXIT_KIND = 10  # + exit kind (7 kinds)
 CT_LEN = 17
 
 # The exit log: preallocated columns the kernels append to; ExitLog.n[0] rows are filled.
-ExitLog = namedtuple("ExitLog", ["row", "vcpu", "gpa", "reason", "qual", "kind", "user", "n"])
+ExitLog = namedtuple("ExitLog", ["row", "vcpu", "gpa", "reason", "qual", "kind", "user", "insn_len", "n"])
 
 
 def empty_exit_log(capacity: int) -> ExitLog:
@@ -136,5 +136,6 @@ def empty_exit_log(capacity: int) -> ExitLog:
         qual=np.zeros(capacity, dtype=np.uint64),
         kind=np.zeros(capacity, dtype=np.uint8),
         user=np.zeros(capacity, dtype=np.uint16),
+        insn_len=np.zeros(capacity, dtype=np.uint8),
         n=np.zeros(1, dtype=np.int64),
     )

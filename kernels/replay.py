@@ -32,6 +32,7 @@ _U_511 = np.uint64(511)
 _I_REASON = B.VMCS_COL_EXIT_REASON
 _I_QUAL = B.VMCS_COL_EXIT_QUAL
 _I_GPA = B.VMCS_COL_GPA
+_I_INSN_LEN = B.VMCS_COL_INSN_LEN
 
 
 def table_margin(vcpus: int) -> int:
@@ -41,7 +42,7 @@ def table_margin(vcpus: int) -> int:
 
 
 @kernel
-def slow_piece(st, v, first, plast, k, row, log, counters):
+def slow_piece(st, v, first, plast, k, row, insn, log, counters):
     """Bytes first..plast of one page through the full check / exit / retry loop.
 
     Kept out of line: inlining the whole exit machinery into replay_batch's loop costs the
@@ -58,6 +59,7 @@ def slow_piece(st, v, first, plast, k, row, log, counters):
         st.vmcs[v, _I_REASON] = np.uint64(reason)
         st.vmcs[v, _I_QUAL] = qual
         st.vmcs[v, _I_GPA] = first
+        st.vmcs[v, _I_INSN_LEN] = insn
         ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
         j = log.n[0]
         log.row[j] = row
@@ -67,6 +69,7 @@ def slow_piece(st, v, first, plast, k, row, log, counters):
         log.qual[j] = qual
         log.kind[j] = ek
         log.user[j] = user
+        log.insn_len[j] = insn
         log.n[0] = j + 1
         counters[CT_EXIT_KIND + ek] += 1
         nexits += 1
@@ -106,7 +109,8 @@ def count_access(counters, k, out, nexits):
 
 
 @kernel
-def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_reason, log, counters, touched):
+def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, counters,
+                 touched):
     """Replay rows start.. of one batch. Returns (status, row to resume from, detail)."""
     n = gpa.shape[0]
     margin = 2 * (3 + 3 * max(st.scal[SC_NVCPUS], 1)) + 8
@@ -154,7 +158,7 @@ def replay_batch(st, gpa, size, vcpu, kind, row0, start, outcome, exits, exit_re
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
             if not fast_allowed(st, v, first, plast, k):
-                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, log, counters)
+                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), log, counters)
                 tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
                 log_free = log.row.shape[0] - log.n[0]
                 if not ok:

@@ -122,13 +122,15 @@ class ExitRecord:
     qualification: int
     kind: int
     userspace_exit: int
+    insn_len: int
 
 
 class ModelLivelock(RuntimeError):
     pass
 
 
-def replay_access(vm, row: int, gpa: int, size: int, vcpu: int, kind: int, log: list, touched: set):
+def replay_access(vm, row: int, gpa: int, size: int, vcpu: int, kind: int, log: list, touched: set,
+                  insn_len: int = 0):
     """Replay one access (semantics section 6). Returns (outcome, exits, last exit reason)."""
     st = vm.state
     if st.requests[vcpu]:
@@ -157,12 +159,13 @@ def replay_access(vm, row: int, gpa: int, size: int, vcpu: int, kind: int, log: 
             st.vmcs[vcpu, B.VMCS_COL_EXIT_REASON] = e.reason
             st.vmcs[vcpu, B.VMCS_COL_EXIT_QUAL] = e.qualification
             st.vmcs[vcpu, B.VMCS_COL_GPA] = first
+            st.vmcs[vcpu, B.VMCS_COL_INSN_LEN] = insn_len  # what the trace says, 0 if unknown
             # The same argument types as the replay kernel's call, so both use one compilation.
             exit_kind, user, result = kvm_handle_exit(
                 st, np.int64(vcpu), np.int64(e.reason), np.uint64(e.qualification), np.uint64(first), np.int64(kind)
             )
             exit_kind, user, result = int(exit_kind), int(user), int(result)
-            log.append(ExitRecord(row, vcpu, first, e.reason, e.qualification, exit_kind, user))
+            log.append(ExitRecord(row, vcpu, first, e.reason, e.qualification, exit_kind, user, insn_len))
             exits += 1
             last_reason = e.reason
             if result != RESUME:

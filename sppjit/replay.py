@@ -45,6 +45,7 @@ EXIT_SCHEMA = pa.schema(
         pa.field("qualification", pa.uint64(), nullable=False),
         pa.field("kind", pa.string(), nullable=False),
         pa.field("userspace_exit", pa.uint16(), nullable=False),
+        pa.field("insn_len", pa.uint8(), nullable=False),
     ],
     metadata=schema_metadata(),
 )
@@ -60,6 +61,7 @@ def _slice(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
         kind=batch.kind[start:stop],
         record_batch=batch.record_batch.slice(start, stop - start),
         first_row=batch.first_row + start,
+        insn_len=batch.insn_len[start:stop],
     )
 
 
@@ -75,6 +77,7 @@ def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
             pa.array(log.qual[:n].copy()),
             kinds,
             pa.array(log.user[:n].copy()),
+            pa.array(log.insn_len[:n].copy()),
         ],
         schema=EXIT_SCHEMA,
     )
@@ -193,7 +196,7 @@ class Replay:
             from .kernels.replay import replay_batch
 
             # An empty batch of the same array types: compiles, replays nothing.
-            replay_batch(st, batch.gpa[:0], batch.size[:0], batch.vcpu[:0], batch.kind[:0], np.int64(0),
+            replay_batch(st, batch.gpa[:0], batch.size[:0], batch.vcpu[:0], batch.kind[:0], batch.insn_len[:0], np.int64(0),
                          np.int64(0), outcome[:0], exits[:0], reason[:0], self._log, self.counters, self.touched)
         elif hasattr(replay_access_handlers[0], "compile"):  # numba on
             import numba
@@ -235,7 +238,7 @@ class Replay:
         while True:
             with vm.mmu_lock:
                 status, row, detail = replay_batch(
-                    vm.state, batch.gpa, batch.size, batch.vcpu, batch.kind, np.int64(batch.first_row),
+                    vm.state, batch.gpa, batch.size, batch.vcpu, batch.kind, batch.insn_len, np.int64(batch.first_row),
                     np.int64(row), outcome, exits, reason, self._log, self.counters, self.touched,
                 )
                 if status == STATUS_NEED_TABLES:
@@ -262,7 +265,7 @@ class Replay:
             vcpu, kind = int(batch.vcpu[i]), int(batch.kind[i])
             row = batch.first_row + i
             with vm.mmu_lock:
-                out, n, last = replay_access(vm, row, gpa, size, vcpu, kind, log, touched)
+                out, n, last = replay_access(vm, row, gpa, size, vcpu, kind, log, touched, int(batch.insn_len[i]))
             outcome[i], exits[i], reason[i] = out, n, last
             c[L.CT_ACCESSES] += 1
             c[L.CT_KIND + kind] += 1
@@ -280,6 +283,7 @@ class Replay:
             self._log.row[j], self._log.vcpu[j], self._log.gpa[j] = rec.row, rec.vcpu, rec.gpa
             self._log.reason[j], self._log.qual[j] = rec.reason, rec.qualification
             self._log.kind[j], self._log.user[j] = rec.kind, rec.userspace_exit
+            self._log.insn_len[j] = rec.insn_len
             self._log.n[0] = j + 1
 
     # ---------------------------------------------------------------- summary

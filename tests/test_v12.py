@@ -25,6 +25,7 @@ import errno
 import struct
 import warnings
 
+import numpy as np
 import pytest
 
 import sppjit
@@ -479,3 +480,25 @@ def test_v12_profile_in_config():
     with pytest.raises(sppjit.InputError):
         sppjit.VM(profile="v13")
     assert errno.ENOTTY == ENOTTY
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kvm_exit_spp_carries_the_instruction_length(engine):
+    """v12: KVM_EXIT_SPP (29) reports VM_EXIT_INSTRUCTION_LEN; traces give it per access in the
+    optional insn_len column (0 = unknown), and the exit log carries it."""
+    vm = sppjit.VM(memory="64MiB", profile="v12")
+    vm.init_spp()
+    vm.set_subpages(G, [0])
+    trace = {"gpa": np.array([GPA, GPA + 0x80, GPA + 8], dtype=np.uint64),
+             "insn_len": np.array([3, 7, 0], dtype=np.uint8)}
+    res = vm.replay(trace, engine=engine)
+    rows = [(e["row"], e["kind"], e["userspace_exit"], e["insn_len"]) for e in res.exits.to_pylist()]
+    assert rows == [(0, "ept_fault", 0, 3), (0, "spp_miss", 0, 3), (0, "spp_violation", 29, 3),
+                    (1, "spp_violation", 29, 7), (2, "spp_violation", 29, 0)]
+    assert vm.vcpu(0).vmcs.read(B.VM_EXIT_INSTRUCTION_LEN) == 0  # the last exit's
+
+
+def test_instruction_length_is_checked():
+    vm = sppjit.VM(memory="64MiB", profile="v12")
+    with pytest.raises(sppjit.InputError, match=r"column 'insn_len' has value 16 at row 1"):
+        vm.replay({"gpa": np.array([0, 8], dtype=np.uint64), "insn_len": np.array([1, 16], dtype=np.uint8)})

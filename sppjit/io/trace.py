@@ -28,7 +28,8 @@ from sppjit.io.formats import (
 )
 from sppjit.io.space import GPA_LIMIT
 
-TRACE_COLUMNS = ("gpa", "size", "vcpu", "kind", "seq")
+TRACE_COLUMNS = ("gpa", "size", "vcpu", "kind", "seq", "insn_len")
+MAX_INSN_LEN = 15  # x86 instructions are at most 15 bytes
 KIND_READ, KIND_WRITE, KIND_FETCH = 0, 1, 2
 DEFAULT_SIZE = 8
 DEFAULT_VCPU = 0
@@ -55,6 +56,7 @@ class TraceBatch:
     kind: np.ndarray  # uint8: KIND_READ, KIND_WRITE or KIND_FETCH
     record_batch: pa.RecordBatch  # the input columns, unchanged
     first_row: int  # 0-based row of the whole trace at which this batch starts
+    insn_len: np.ndarray  # uint8: length of the accessing instruction, 0 when unknown
 
     def __len__(self) -> int:
         return len(self.gpa)
@@ -308,12 +310,14 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> Tr
     kind = column("kind", np.uint8, DEFAULT_KIND, KIND_READ, KIND_FETCH,
                   "(must be 0 read, 1 write, 2 fetch)")
     column("seq", np.uint64, 0, 0, UINT64_MAX, "")  # passed through, but never null
+    insn_len = column("insn_len", np.uint8, 0, 0, MAX_INSN_LEN,
+                      f"(an instruction is 1..{MAX_INSN_LEN} bytes; 0 = unknown)")
     if gpa is not None and size is not None:
         _check_end(gpa, size, first_row, problems)
     if problems:
         raise InputError("trace: " + min(problems, key=lambda bad: bad.row).message)
     return TraceBatch(gpa=gpa, size=size, vcpu=vcpu, kind=kind, record_batch=batch,
-                      first_row=first_row)
+                      first_row=first_row, insn_len=insn_len)
 
 
 def _check_end(gpa: np.ndarray, size: np.ndarray, first_row: int,
