@@ -155,6 +155,9 @@ def trace_arrays(rows) -> dict[str, np.ndarray]:
         "size": np.array([r[1] for r in rows], dtype=np.uint16),
         "vcpu": np.array([r[2] for r in rows], dtype=np.uint16),
         "kind": np.array([r[3] for r in rows], dtype=np.uint8),
+        # 0..15, derived from the access so shrinking stays as it was: both engines must
+        # carry it into VM_EXIT_INSTRUCTION_LEN and the exit log alike.
+        "insn_len": np.array([(r[0] ^ r[1]) % 16 for r in rows], dtype=np.uint8),
     }
 
 
