@@ -2,7 +2,7 @@
 
 ``hardware_check`` is the complete check of one page piece, the compiled twin of
 sppjit.reference.hardware_check (which is the oracle). As a side effect it fills the region
-caches that ``fast_allowed`` uses; those caches hold only table indices reached by a complete,
+caches that ``fast_check`` uses; those caches hold only table indices reached by a complete,
 valid walk, and every state change that could make one stale resets it (kernels.mmu,
 sppjit.vm), so results never depend on them.
 """
@@ -154,41 +154,53 @@ def hardware_check(st, v, first, last, kind):
     return B.EXIT_REASON_EPT_VIOLATION, ept_violation_qual(kind, cum)
 
 
-@inline
-def fast_allowed(st, v, first, last, kind):
-    """True when the region caches prove the piece is allowed; False means "do the full check".
+FAST_UNKNOWN = 0  # the caches cannot tell: do the full hardware_check
+FAST_ALLOWED = 1
+FAST_VIOLATION = 2  # an EPT violation (48) whose qualification the cached walk gives
 
-    Exactly the allowed cases of hardware_check along cached walks; it never decides an exit.
+
+@inline
+def fast_check(st, v, first, last, kind):
+    """What hardware_check would answer for bytes first..last of one page, read from the
+    region caches: (FAST_ALLOWED, 0), (FAST_VIOLATION, qualification) or (FAST_UNKNOWN, 0).
+
+    The caches hold only complete, valid walks (hardware_check fills them after checking every
+    entry above the leaf), and the leaf and the SPP vector are read live, so an answer given
+    here is exactly hardware_check's. Anything that could be a fault-in, a misconfiguration or
+    an SPPT miss is FAST_UNKNOWN.
     """
     # Unsigned indices throughout: numba then emits no negative-index wraparound code.
     gfn = first >> U_PAGE_SHIFT
     region = gfn >> np.uint64(9)
     if region >= np.uint64(st.ept_cache.shape[0]):
-        return False
+        return FAST_UNKNOWN, U0
     c = st.ept_cache[region]
     if c < 0:
-        return False
+        return FAST_UNKNOWN, U0
     t = np.uint64(c) >> np.uint64(4)
-    if (c & 8) != 0:
+    huge = (c & 8) != 0
+    if huge:
         e = st.tables[t, region & _U_511]
         if (e & U_PS) == U0:
-            return False
+            return FAST_UNKNOWN, U0
     else:
         e = st.tables[t, gfn & _U_511]
-    # Only well-formed RAM leaves take the fast path (readable, WB, no reserved address bits):
-    # one mask and one compare.
+    # Only well-formed RAM leaves (readable, WB, no reserved address bits: no
+    # misconfiguration possible) are decided here: one mask and one compare.
     if (e & _U_FAST_MASK) != _U_FAST_WANT:
-        return False
+        return FAST_UNKNOWN, U0
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):
-        return True
-    if (cum & U_R) == U0 or kind != B.ACCESS_WRITE or (c & 8) != 0 or (e & U_SPP) == U0 or not spp_enabled(st, v):
-        return False
-    s = st.sppt_cache[v, region]
-    if s < 0:
-        return False
-    vec = st.tables[np.uint64(s), gfn & _U_511]
-    if (vec & U_SPPT_LEAF_RSVD) != U0:
-        return False
-    need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
-    return (vec & need) == need
+        return FAST_ALLOWED, U0
+    if kind == B.ACCESS_WRITE and not huge and (e & U_SPP) != U0 and (cum & U_R) != U0 and spp_enabled(st, v):
+        # SPP-eligible: the vector decides (a missing path or odd bits: the full check).
+        s = st.sppt_cache[v, region]
+        if s < 0:
+            return FAST_UNKNOWN, U0
+        vec = st.tables[np.uint64(s), gfn & _U_511]
+        if (vec & U_SPPT_LEAF_RSVD) != U0:
+            return FAST_UNKNOWN, U0
+        need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
+        if (vec & need) == need:
+            return FAST_ALLOWED, U0
+    return FAST_VIOLATION, ept_violation_qual(kind, cum)

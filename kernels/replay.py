@@ -3,7 +3,7 @@
 One call replays rows ``start..n-1`` of a batch and stops early, with a status, when the table
 pool or the exit log might not have room for the next access (the control plane grows or
 flushes them and calls again from that row), or when a VM entry fails. Every access goes
-through ``fast_allowed`` first; anything it cannot prove allowed takes the full
+through ``fast_check`` first; anything it cannot decide from the caches takes the full
 ``hardware_check`` / ``kvm_handle_exit`` loop, exactly as the reference engine does.
 """
 
@@ -13,7 +13,7 @@ from sppjit import bits as B
 
 from ._jit import U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel, prefetch
 from .exits import kvm_handle_exit
-from .hardware import fast_allowed, hardware_check
+from .hardware import FAST_ALLOWED, FAST_VIOLATION, fast_check, hardware_check
 from .layout import CT_ACCESSES, CT_EXIT_KIND, CT_EXITS, CT_KIND, CT_OUTCOME, SC_NTABLES, SC_NVCPUS
 from .mmu import RESUME, serve_requests
 
@@ -29,6 +29,7 @@ MAX_EXITS_PER_PIECE = 8
 LOG_MARGIN = 2 * MAX_EXITS_PER_PIECE + 2
 
 _U_511 = np.uint64(511)
+_NO_QUAL = np.uint64(0xFFFFFFFFFFFFFFFF)
 _I_REASON = B.VMCS_COL_EXIT_REASON
 _I_QUAL = B.VMCS_COL_EXIT_QUAL
 _I_GPA = B.VMCS_COL_GPA
@@ -42,8 +43,12 @@ def table_margin(vcpus: int) -> int:
 
 
 @kernel
-def slow_piece(st, v, first, plast, k, row, insn, log, counters):
+def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
     """Bytes first..plast of one page through the full check / exit / retry loop.
+
+    ``known_qual`` is the qualification of the EPT violation fast_check already established
+    for the first attempt, or -1 (as uint64: all ones) when the first attempt needs the full
+    hardware_check too.
 
     Kept out of line: inlining the whole exit machinery into replay_batch's loop costs the
     fast path an order of magnitude (register pressure and lost memory-level parallelism).
@@ -53,7 +58,10 @@ def slow_piece(st, v, first, plast, k, row, insn, log, counters):
     reason_last = 0
     tries = 0
     while True:
-        reason, qual = hardware_check(st, v, first, plast, k)
+        if tries == 0 and known_qual != _NO_QUAL:
+            reason, qual = B.EXIT_REASON_EPT_VIOLATION, known_qual
+        else:
+            reason, qual = hardware_check(st, v, first, plast, k)
         if reason == 0:
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
         st.vmcs[v, _I_REASON] = np.uint64(reason)
@@ -139,9 +147,11 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         k = np.int64(kind[r])
         first = gpa[r]
         last = first + np.uint64(size[r]) - U1
-        gfn = first >> U_PAGE_SHIFT
-        if gfn == (last >> U_PAGE_SHIFT) and fast_allowed(st, v, first, last, k):
+        plast = min(last, first | U_PAGE_OFFSET)
+        code, qual = fast_check(st, v, first, plast, k)
+        if code == FAST_ALLOWED and plast == last:
             # The common case, straight-line: one page, allowed by the cached walk.
+            gfn = first >> U_PAGE_SHIFT
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
             outcome[r] = B.OUTCOME_ALLOWED
@@ -153,12 +163,13 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         nexits = 0
         reason_last = 0
         while True:
-            plast = min(last, first | U_PAGE_OFFSET)
             gfn = first >> U_PAGE_SHIFT
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
-            if not fast_allowed(st, v, first, plast, k):
-                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), log, counters)
+            if code != FAST_ALLOWED:
+                known = qual if code == FAST_VIOLATION else _NO_QUAL
+                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known, log,
+                                             counters)
                 tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
                 log_free = log.row.shape[0] - log.n[0]
                 if not ok:
@@ -171,6 +182,8 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             if plast == last:
                 break
             first = plast + U1
+            plast = min(last, first | U_PAGE_OFFSET)
+            code, qual = fast_check(st, v, first, plast, k)
         outcome[r] = out
         exits[r] = nexits
         exit_reason[r] = reason_last
