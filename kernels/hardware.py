@@ -162,7 +162,8 @@ FAST_VIOLATION = 2  # an EPT violation (48) whose qualification the cached walk 
 @inline
 def fast_check(st, v, first, last, kind):
     """What hardware_check would answer for bytes first..last of one page, read from the
-    region caches: (FAST_ALLOWED, 0), (FAST_VIOLATION, qualification) or (FAST_UNKNOWN, 0).
+    region caches: (FAST_ALLOWED, cumulative R/W/X of the walk, or 0 when the SPP vector
+    allowed the write), (FAST_VIOLATION, qualification) or (FAST_UNKNOWN, 0).
 
     The caches hold only complete, valid walks (hardware_check fills them after checking every
     entry above the leaf), and the leaf and the SPP vector are read live, so an answer given
@@ -191,7 +192,7 @@ def fast_check(st, v, first, last, kind):
         return FAST_UNKNOWN, U0
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):
-        return FAST_ALLOWED, U0
+        return FAST_ALLOWED, cum
     if kind == B.ACCESS_WRITE and not huge and (e & U_SPP) != U0 and (cum & U_R) != U0 and spp_enabled(st, v):
         # SPP-eligible: the vector decides (a missing path or odd bits: the full check).
         s = st.sppt_cache[v, region]

@@ -30,6 +30,7 @@ LOG_MARGIN = 2 * MAX_EXITS_PER_PIECE + 2
 
 _U_511 = np.uint64(511)
 _NO_QUAL = np.uint64(0xFFFFFFFFFFFFFFFF)
+_NO_PAGE = np.uint64(0xFFFFFFFFFFFFFFFF)  # no gfn is this large (48-bit guest-physical space)
 _I_REASON = B.VMCS_COL_EXIT_REASON
 _I_QUAL = B.VMCS_COL_EXIT_QUAL
 _I_GPA = B.VMCS_COL_GPA
@@ -128,6 +129,11 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
     log_free = log.row.shape[0] - log.n[0]
     tables_base = np.uint64(st.tables.ctypes.data)  # the pool is never reallocated in here
+    # The last page the fast path allowed and its walk's cumulative R/W/X: an access to the
+    # same page that those rights allow needs no lookup at all (runs of accesses to one page
+    # are the common case). Tables change only in slow_piece, which forgets it.
+    memo_gfn = _NO_PAGE
+    memo_cum = np.uint64(0)
     regions = np.uint64(st.ept_cache.shape[0])
     for r in range(start, n):
         ahead = r + PREFETCH_DISTANCE
@@ -148,10 +154,18 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         first = gpa[r]
         last = first + np.uint64(size[r]) - U1
         plast = min(last, first | U_PAGE_OFFSET)
+        gfn = first >> U_PAGE_SHIFT
+        if gfn == memo_gfn and plast == last and ((memo_cum >> np.uint64(k)) & U1) != np.uint64(0):
+            outcome[r] = B.OUTCOME_ALLOWED  # touched already marked for this page
+            exits[r] = 0
+            exit_reason[r] = 0
+            count_access(counters, k, B.OUTCOME_ALLOWED, 0)
+            continue
         code, qual = fast_check(st, v, first, plast, k)
         if code == FAST_ALLOWED and plast == last:
             # The common case, straight-line: one page, allowed by the cached walk.
-            gfn = first >> U_PAGE_SHIFT
+            memo_gfn = gfn
+            memo_cum = qual
             if gfn < touched_bits:
                 touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
             outcome[r] = B.OUTCOME_ALLOWED
@@ -170,6 +184,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
                 known = qual if code == FAST_VIOLATION else _NO_QUAL
                 ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known, log,
                                              counters)
+                memo_gfn = _NO_PAGE
                 tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
                 log_free = log.row.shape[0] - log.n[0]
                 if not ok:
