@@ -12,6 +12,9 @@ import secrets
 import sys
 from collections.abc import Iterator
 from enum import Enum
+from typing import Annotated
+
+import typer
 
 from sppjit.errors import InputError
 
@@ -23,6 +26,45 @@ class Engine(str, Enum):
 
     jit = "jit"
     reference = "reference"
+
+
+# ---------------------------------------------------------------- options of the replaying commands
+# sppjit replay and sppjit compare describe the trace and the VM the same way: one definition.
+DEFAULT_MEMORY = "4GiB"
+DEFAULT_VCPUS = 1
+DEFAULT_BATCH_JIT = 1 << 20
+DEFAULT_BATCH_REFERENCE = 1 << 12
+PANEL_INPUT = "Inputs"
+PANEL_VM = "Virtual machine"
+PANEL_OUTPUT = "Outputs"
+
+TraceArg = Annotated[str, typer.Argument(
+    metavar="TRACE", show_default=False,
+    help="Trace to replay: Parquet file or directory, or Arrow IPC file or stream.")]
+MemoryOpt = Annotated[str | None, typer.Option(
+    "--memory", metavar="SIZE", rich_help_panel=PANEL_VM, show_default=DEFAULT_MEMORY,
+    help="Guest memory as one memslot from gfn 0 (4GiB, 512MiB, 2G, bytes); "
+         "not with --memslots.")]
+MemslotsOpt = Annotated[str | None, typer.Option(
+    "--memslots", metavar="FILE", rich_help_panel=PANEL_VM,
+    help="Memory layout (CSV, JSON or Parquet: slot, base_gfn, npages); gaps are "
+         "MMIO. Not with --memory.")]
+VcpusOpt = Annotated[int | None, typer.Option(
+    "--vcpus", metavar="N", min=1, max=1024, rich_help_panel=PANEL_VM,
+    show_default=str(DEFAULT_VCPUS), help="Number of vCPUs.")]
+HugepagesOpt = Annotated[bool, typer.Option(
+    "--hugepages", rich_help_panel=PANEL_VM,
+    help="Back the guest with 2 MiB pages where KVM would.")]
+EngineOpt = Annotated[Engine, typer.Option(
+    "--engine", case_sensitive=False,
+    help="jit (compiled) or reference (the plain-Python oracle, slow).")]
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    "--batch-size", metavar="N", min=1,
+    show_default=f"{DEFAULT_BATCH_JIT} (jit), {DEFAULT_BATCH_REFERENCE} (reference)",
+    help="Trace rows per batch.")]
+NoProgressOpt = Annotated[bool, typer.Option(
+    "--no-progress",
+    help="No progress line (it is shown only when standard error is a terminal).")]
 
 
 def parse_address(text: str, option: str, *, limit_bits: int = GPA_BITS) -> int:

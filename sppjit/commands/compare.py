@@ -16,13 +16,29 @@ from typing import Annotated
 
 import typer
 
-from sppjit.commands import Engine, Outputs, check_distinct, err, format_size
+from sppjit.commands import (
+    DEFAULT_VCPUS,
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_VM,
+    BatchSizeOpt,
+    Engine,
+    EngineOpt,
+    HugepagesOpt,
+    MemoryOpt,
+    MemslotsOpt,
+    NoProgressOpt,
+    Outputs,
+    TraceArg,
+    VcpusOpt,
+    check_distinct,
+    err,
+    format_size,
+)
 from sppjit.errors import InputError
 
 # Mirrors of sppjit.compare's defaults (not imported: that module pulls in numpy); a test
 # checks they agree.
-DEFAULT_MEMORY = "4GiB"
-DEFAULT_VCPUS = 1
 DEFAULT_EXIT_COST_US = 3.0
 DEFAULT_KERNEL_EXIT_COST_US = 1.0
 PROGRESS_INTERVAL_S = 0.1
@@ -51,10 +67,7 @@ EPILOG = ("Example: sppjit generate kernel-guard --accesses 1000000 --out t.parq
           "--protect-out hooks.parquet, then sppjit compare t.parquet --protect "
           "hooks.parquet --memory 4GiB --vcpus 4 --hooks-out per-hook.parquet")
 
-_INPUT = "Inputs"
-_VM = "Virtual machine"
 _COST = "Cost model"
-_OUTPUT = "Outputs"
 
 
 class SubpageCheck(str, Enum):
@@ -64,29 +77,18 @@ class SubpageCheck(str, Enum):
 
 
 def compare(
-    trace: Annotated[str, typer.Argument(
-        metavar="TRACE", show_default=False,
-        help="Trace to replay: Parquet file or directory, or Arrow IPC file or stream.")],
+    trace: TraceArg,
     protect: Annotated[str, typer.Option(
-        "--protect", metavar="FILE", show_default=False, rich_help_panel=_INPUT,
+        "--protect", metavar="FILE", show_default=False, rich_help_panel=PANEL_INPUT,
         help="Protection applied before the first access in every configuration (Parquet, "
              "Arrow, CSV or JSON): access maps (gfn, access) or byte ranges (gpa, length, "
              "optional name), which also give relevant and irrelevant exits per hook.")],
-    memory: Annotated[str | None, typer.Option(
-        "--memory", metavar="SIZE", rich_help_panel=_VM, show_default=DEFAULT_MEMORY,
-        help="Guest memory as one memslot from gfn 0; not with --memslots.")] = None,
-    memslots: Annotated[str | None, typer.Option(
-        "--memslots", metavar="FILE", rich_help_panel=_VM,
-        help="Memory layout (CSV, JSON or Parquet: slot, base_gfn, npages); gaps are "
-             "MMIO. Not with --memory.")] = None,
-    vcpus: Annotated[int | None, typer.Option(
-        "--vcpus", metavar="N", min=1, max=1024, rich_help_panel=_VM,
-        show_default=str(DEFAULT_VCPUS), help="Number of vCPUs.")] = None,
-    hugepages: Annotated[bool, typer.Option(
-        "--hugepages", rich_help_panel=_VM,
-        help="Back the guest with 2 MiB pages where KVM would.")] = False,
+    memory: MemoryOpt = None,
+    memslots: MemslotsOpt = None,
+    vcpus: VcpusOpt = None,
+    hugepages: HugepagesOpt = False,
     subpage_check: Annotated[SubpageCheck, typer.Option(
-        "--subpage-check", rich_help_panel=_VM, case_sensitive=False,
+        "--subpage-check", rich_help_panel=PANEL_VM, case_sensitive=False,
         help="SPP checks every sub-page a write touches (all), only its first (first), or "
              "compare both.")] = SubpageCheck.all,
     exit_cost_us: Annotated[float, typer.Option(
@@ -96,28 +98,22 @@ def compare(
         "--kernel-exit-cost-us", metavar="US", min=0.0, rich_help_panel=_COST,
         help="Cost of one exit KVM resolves in the kernel, in "
              "microseconds.")] = DEFAULT_KERNEL_EXIT_COST_US,
-    engine: Annotated[Engine, typer.Option(
-        "--engine", case_sensitive=False,
-        help="jit (compiled) or reference (the plain-Python oracle, slow).")] = Engine.jit,
+    engine: EngineOpt = Engine.jit,
     json_out: Annotated[bool, typer.Option(
-        "--json", rich_help_panel=_OUTPUT,
+        "--json", rich_help_panel=PANEL_OUTPUT,
         help="Print the comparison as JSON on standard output instead of the table.")] = False,
     summary: Annotated[str | None, typer.Option(
-        "--summary", metavar="FILE", rich_help_panel=_OUTPUT,
+        "--summary", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
         help="Write the comparison JSON to FILE.")] = None,
     hooks_out: Annotated[str | None, typer.Option(
-        "--hooks-out", metavar="FILE", rich_help_panel=_OUTPUT,
+        "--hooks-out", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
         help="Per-hook table (.parquet or .arrow; byte-range protection only): hook, then "
              "<config>_relevant and <config>_irrelevant per configuration, gpa, "
              "length. An irrelevant exit counts for every hook protecting the page "
              "(page) or the sub-pages (SPP) it hit, so per-hook irrelevant counts may add "
              "up to more than the total.")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", metavar="N", min=1, show_default="1048576 (jit), 4096 (reference)",
-        help="Trace rows per batch.")] = None,
-    no_progress: Annotated[bool, typer.Option(
-        "--no-progress",
-        help="No progress line (it is shown only when standard error is a terminal).")] = False,
+    batch_size: BatchSizeOpt = None,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     run_compare(
         trace=trace, protect=protect, memory=memory, memslots=memslots, vcpus=vcpus,

@@ -17,15 +17,32 @@ from typing import Annotated
 
 import typer
 
-from sppjit.commands import Engine, Outputs, check_distinct, err, format_size
+from sppjit.commands import (
+    DEFAULT_BATCH_JIT,
+    DEFAULT_BATCH_REFERENCE,
+    DEFAULT_MEMORY,
+    DEFAULT_VCPUS,
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_VM,
+    BatchSizeOpt,
+    Engine,
+    EngineOpt,
+    HugepagesOpt,
+    MemoryOpt,
+    MemslotsOpt,
+    NoProgressOpt,
+    Outputs,
+    TraceArg,
+    VcpusOpt,
+    check_distinct,
+    err,
+    format_size,
+)
 from sppjit.errors import InputError
 
-DEFAULT_MEMORY = "4GiB"
-DEFAULT_VCPUS = 1
 # Rows per batch: large for the compiled engine (the per-batch cost is amortised), small for
 # the plain-Python reference engine so that the progress line moves.
-DEFAULT_BATCH_JIT = 1 << 20
-DEFAULT_BATCH_REFERENCE = 1 << 12
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress updates per second
 
 HELP = (
@@ -41,9 +58,6 @@ EPILOG = ("Example: sppjit generate guarded --accesses 100000 --out t.parquet "
           "--protect-out p.parquet, then sppjit replay t.parquet --protect p.parquet "
           "--vcpus 2 --out r.parquet --exits e.parquet --summary s.json")
 
-_INPUT = "Inputs"
-_VM = "Virtual machine"
-_OUTPUT = "Outputs"
 
 
 class Profile(str, Enum):
@@ -62,71 +76,52 @@ class Granularity(str, Enum):
 
 
 def replay(
-    trace: Annotated[str, typer.Argument(
-        metavar="TRACE", show_default=False,
-        help="Trace to replay: Parquet file or directory, or Arrow IPC file or stream.")],
+    trace: TraceArg,
     protect: Annotated[str | None, typer.Option(
-        "--protect", metavar="FILE", rich_help_panel=_INPUT,
+        "--protect", metavar="FILE", rich_help_panel=PANEL_INPUT,
         help="Protection applied before the first access (Parquet, Arrow, CSV or JSON): "
              "access maps (columns gfn, access; bit i = sub-page i writable) or byte ranges "
              "(gpa, length, optional name; none may cross a 4 KiB page). With byte ranges "
              "the exit log tells relevant from irrelevant protection exits per hook.")] = None,
     ops: Annotated[str | None, typer.Option(
-        "--ops", metavar="FILE", rich_help_panel=_INPUT,
+        "--ops", metavar="FILE", rich_help_panel=PANEL_INPUT,
         help="Timeline (Parquet, CSV or JSON Lines: at, op, gfn, npages, access): "
              "set_subpages, zap, remap or delete_memslot, applied before the access at row "
              "'at'.")] = None,
-    memory: Annotated[str | None, typer.Option(
-        "--memory", metavar="SIZE", rich_help_panel=_VM, show_default=DEFAULT_MEMORY,
-        help="Guest memory as one memslot from gfn 0 (4GiB, 512MiB, 2G, bytes); "
-             "not with --memslots.")] = None,
-    memslots: Annotated[str | None, typer.Option(
-        "--memslots", metavar="FILE", rich_help_panel=_VM,
-        help="Memory layout (CSV, JSON or Parquet: slot, base_gfn, npages); gaps are "
-             "MMIO. Not with --memory.")] = None,
-    vcpus: Annotated[int | None, typer.Option(
-        "--vcpus", metavar="N", min=1, max=1024, rich_help_panel=_VM,
-        show_default=str(DEFAULT_VCPUS), help="Number of vCPUs.")] = None,
+    memory: MemoryOpt = None,
+    memslots: MemslotsOpt = None,
+    vcpus: VcpusOpt = None,
     profile: Annotated[Profile, typer.Option(
-        "--profile", rich_help_panel=_VM, case_sensitive=False,
+        "--profile", rich_help_panel=PANEL_VM, case_sensitive=False,
         help="KVM SPP series to follow: v4 (the RESEND v4 of 2019) or v12 (its last "
              "posting, 2020).")] = Profile.v4,
-    hugepages: Annotated[bool, typer.Option(
-        "--hugepages", rich_help_panel=_VM,
-        help="Back the guest with 2 MiB pages where KVM would.")] = False,
+    hugepages: HugepagesOpt = False,
     subpage_check: Annotated[SubpageCheck, typer.Option(
-        "--subpage-check", rich_help_panel=_VM, case_sensitive=False,
+        "--subpage-check", rich_help_panel=PANEL_VM, case_sensitive=False,
         help="Check every sub-page a write touches, or only its first.")] = SubpageCheck.all,
     granularity: Annotated[Granularity, typer.Option(
-        "--granularity", rich_help_panel=_VM, case_sensitive=False,
+        "--granularity", rich_help_panel=PANEL_VM, case_sensitive=False,
         help="Protect with SPP (spp) or write-protect whole pages (page, the "
              "baseline).")] = Granularity.spp,
-    engine: Annotated[Engine, typer.Option(
-        "--engine", case_sensitive=False,
-        help="jit (compiled) or reference (the plain-Python oracle, slow).")] = Engine.jit,
+    engine: EngineOpt = Engine.jit,
     out: Annotated[str | None, typer.Option(
-        "--out", metavar="FILE", rich_help_panel=_OUTPUT,
+        "--out", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
         help="Per-access results (.parquet or .arrow): the trace columns plus outcome, "
              "exits and exit_reason.")] = None,
     exits: Annotated[str | None, typer.Option(
-        "--exits", metavar="FILE", rich_help_panel=_OUTPUT,
+        "--exits", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
         help="Exit log (.parquet or .arrow): one row per VM exit.")] = None,
     summary: Annotated[str | None, typer.Option(
-        "--summary", metavar="FILE", rich_help_panel=_OUTPUT,
+        "--summary", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
         help="Summary JSON file.")] = None,
     save_state: Annotated[str | None, typer.Option(
-        "--save-state", metavar="FILE", rich_help_panel=_OUTPUT,
+        "--save-state", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
         help="Save the VM state after the replay (.npz; see sppjit inspect).")] = None,
     json_out: Annotated[bool, typer.Option(
-        "--json", rich_help_panel=_OUTPUT,
+        "--json", rich_help_panel=PANEL_OUTPUT,
         help="Print the summary JSON on standard output instead of the table.")] = False,
-    batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", metavar="N", min=1,
-        show_default=f"{DEFAULT_BATCH_JIT} (jit), {DEFAULT_BATCH_REFERENCE} (reference)",
-        help="Trace rows per batch.")] = None,
-    no_progress: Annotated[bool, typer.Option(
-        "--no-progress",
-        help="No progress line (it is shown only when standard error is a terminal).")] = False,
+    batch_size: BatchSizeOpt = None,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     run_replay(
         trace=trace, protect=protect, ops=ops, memory=memory, memslots=memslots, vcpus=vcpus,
