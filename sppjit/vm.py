@@ -248,20 +248,30 @@ class VM:
     # ------------------------------------------------------------------ SPP control plane
     def _kvm_init_spp(self) -> int:
         """kvm_mmu_init_spp: 0, or -ENODEV without hardware support."""
-        st = self.state
         if not self.config.spp_supported:
             return -B.ENODEV
+
+        def per_vcpu_roots():  # v4: each vCPU its own SPPT root
+            self.ensure_tables(self.vcpus)
+            st = self.state
+            for v in range(self.vcpus):
+                st.sppt_root[v] = K.alloc_table(st, L.TABLE_SPPT, 4)
+                st.requests[v] |= L.REQ_LOAD_CR3
+
+        return self._activate_spp(per_vcpu_roots)
+
+    def _activate_spp(self, make_roots) -> int:
+        """What both profiles' init does under the locks: 0 if SPP is already active; else
+        fresh FULL maps, the profile's SPPT roots (``make_roots``; none in page granularity),
+        spp_active set. Returns 0."""
         with self.slots_lock, self.mmu_lock:
+            st = self.state
             if st.scal[L.SC_SPP_ACTIVE]:
                 return 0
             st.maps.fill(B.FULL_SPP_ACCESS)
             if self.config.granularity == "spp":
-                self.ensure_tables(self.vcpus)
-                st = self.state
-                for v in range(self.vcpus):
-                    st.sppt_root[v] = K.alloc_table(st, L.TABLE_SPPT, 4)
-                    st.requests[v] |= L.REQ_LOAD_CR3
-            st.scal[L.SC_SPP_ACTIVE] = 1
+                make_roots()  # may grow the table pool: self.state is re-read below
+            self.state.scal[L.SC_SPP_ACTIVE] = 1
             self.invalidate_caches()
         return 0
 
@@ -274,25 +284,20 @@ class VM:
         Enabling again after the memslot-free quirk switched SPP off allocates a new root (the
         maps start FULL again, so the old tree's vectors would be stale).
         """
-        st = self.state
         if self.config.nested:
             return -B.EPERM
         if not self.config.spp_supported:
             return -B.ENODEV
-        with self.slots_lock, self.mmu_lock:
-            if st.scal[L.SC_SPP_ACTIVE]:
-                return 0
-            st.maps.fill(B.FULL_SPP_ACCESS)
-            if self.config.granularity == "spp":
-                self.ensure_tables(1)
-                st = self.state
-                root = K.alloc_table(st, L.TABLE_SPPT, 4)
-                st.scal[L.SC_SHARED_SPPT_ROOT] = root
-                st.sppt_root[:] = root
-                st.requests[:] |= L.REQ_LOAD_MMU_PGD
-            st.scal[L.SC_SPP_ACTIVE] = 1
-            self.invalidate_caches()
-        return 0
+
+        def shared_root():  # v12: one SPPT root for every vCPU
+            self.ensure_tables(1)
+            st = self.state
+            root = K.alloc_table(st, L.TABLE_SPPT, 4)
+            st.scal[L.SC_SHARED_SPPT_ROOT] = root
+            st.sppt_root[:] = root
+            st.requests[:] |= L.REQ_LOAD_MMU_PGD
+
+        return self._activate_spp(shared_root)
 
     def _kvm_check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: v12 answers KVM_SUBPAGE_MAX_PAGES (512) for KVM_CAP_X86_SPP when
