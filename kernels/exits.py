@@ -9,7 +9,7 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, FULL_ACCESS_U32, inline
+from ._jit import U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, FULL_ACCESS_U32, inline, kernel
 from .layout import CF_GRANULARITY, GRAN_PAGE
 from .mmu import (  # noqa: F401  (kvm_exit_spp_code: re-exported, it lives in the v4/v12 seam)
     RESUME,
@@ -19,10 +19,30 @@ from .mmu import (  # noqa: F401  (kvm_exit_spp_code: re-exported, it lives in t
     kvm_exit_spp_code,
     kvm_install_mmio,
     kvm_map_gfn,
+    kvm_map_gfn_common,
     memslot_of,
 )
 
 _U_MISS = np.uint64(B.SPPT_INDUCED_EXIT_TYPE)
+
+
+# The rare handlers, as functions of their own: kvm_handle_exit is inlined into the replay
+# kernel, and these would double its size (and its compile time) for exits taken about once
+# per page (an SPPT miss, an MMIO gfn, mapping a protected gfn) or per region (a region's
+# first mapping, 2 MiB leaves).
+@kernel
+def handle_spp_miss_rare(st, v, gfn):
+    handle_spp_miss(st, v, gfn)
+
+
+@kernel
+def kvm_install_mmio_rare(st, gfn):
+    kvm_install_mmio(st, gfn)
+
+
+@kernel
+def kvm_map_gfn_rare(st, gfn, slot):
+    kvm_map_gfn(st, gfn, slot)
 
 
 @inline
@@ -40,7 +60,7 @@ def kvm_handle_exit(st, v, reason, qual, gpa, kind):
     if reason == B.EXIT_REASON_SPP:
         if (qual & _U_MISS) != U0:
             # handle_spp: v4 builds this vCPU's path, v12 fills the 2 MiB block (kernels.mmu).
-            handle_spp_miss(st, v, gfn)
+            handle_spp_miss_rare(st, v, gfn)
             return B.EXIT_KIND_SPP_MISS, 0, RESUME
         # WARN_ON and KVM_EXIT_UNKNOWN with hardware_exit_reason = 66.
         return B.EXIT_KIND_SPP_MISCONFIG, B.KVM_EXIT_UNKNOWN, B.OUTCOME_SPP_MISCONFIG
@@ -50,9 +70,10 @@ def kvm_handle_exit(st, v, reason, qual, gpa, kind):
     if level == 0:
         s = memslot_of(st, gfn)
         if s < 0:
-            kvm_install_mmio(st, gfn)
+            kvm_install_mmio_rare(st, gfn)
             return B.EXIT_KIND_MMIO, B.KVM_EXIT_MMIO, B.OUTCOME_MMIO
-        kvm_map_gfn(st, gfn, s)
+        if not kvm_map_gfn_common(st, gfn, s):
+            kvm_map_gfn_rare(st, gfn, s)
         return B.EXIT_KIND_EPT_FAULT, 0, RESUME
     e = st.tables[t, i]
     if kind == B.ACCESS_WRITE and (e & U_W) == U0:

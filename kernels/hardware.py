@@ -189,6 +189,10 @@ def fast_check(st, v, first, last, kind):
     # Only well-formed RAM leaves (readable, WB, no reserved address bits: no
     # misconfiguration possible) are decided here: one mask and one compare.
     if (e & _U_FAST_MASK) != _U_FAST_WANT:
+        if not huge and (e & U_RWX) == U0:
+            # Not present (a page not faulted in yet): the walk ends here, before any
+            # misconfiguration check, exactly as in hardware_check.
+            return FAST_VIOLATION, ept_violation_qual(kind, U0)
         return FAST_UNKNOWN, U0
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):

@@ -202,12 +202,34 @@ def region_has_protected_gfn(st, slot, gfn):
 
 # ------------------------------------------------------------------ EPT (KVM's view, from its root)
 @inline
+def cached_leaf_table(st, gfn):
+    """The level-1 EPT table of ``gfn``'s 2 MiB region as the region cache holds it, -1 if none.
+
+    The cache holds only tables reached by a complete, valid hardware walk from the EPTP, and
+    the EPTP is always KVM's root (sppjit.vm refuses writes to EPT_POINTER): so this is the
+    table KVM's own walk below would reach, without the three upper levels. Huge regions are
+    not answered here (their leaf sits one level up).
+    """
+    region = gfn >> np.uint64(9)
+    if region >= np.uint64(st.ept_cache.shape[0]):
+        return -1
+    c = st.ept_cache[region]
+    if c < 0 or (c & 8) != 0:
+        return -1
+    return c >> 4
+
+
+@inline
 def ept_table_for(st, gfn, level, create):
     """Pool index of the EPT table holding ``gfn``'s entry at ``level``.
 
     Missing intermediate tables are linked as ``table_hpa | RWX`` when ``create``; returns -1
     when a table is missing (and not created) or a huge leaf sits above ``level``.
     """
+    if level == 1:
+        t = cached_leaf_table(st, gfn)
+        if t >= 0:
+            return t
     gpa = gfn << U_PAGE_SHIFT
     t = st.scal[SC_EPT_ROOT]
     for lvl in range(4, level, -1):
@@ -235,6 +257,10 @@ def ept_leaf(st, gfn):
 
     MMIO entries (W|X without R) do not count as RAM leaves.
     """
+    t = cached_leaf_table(st, gfn)
+    if t >= 0:
+        i = np.int64(gfn & U_PT_INDEX_MASK)
+        return t, i, 1 if is_shadow_present(st.tables[t, i]) else 0
     gpa = gfn << U_PAGE_SHIFT
     t = st.scal[SC_EPT_ROOT]
     for lvl in range(4, 0, -1):
@@ -454,6 +480,28 @@ def kvm_spp_free_memslot(st):
 
 # ------------------------------------------------------------------ EPT fault, MMIO, set/get
 @inline
+def ram_leaf(gfn):
+    """The 4 KiB EPT leaf KVM installs for a RAM gfn, before any protection."""
+    return (U_GUEST_RAM_HPA + (gfn << U_PAGE_SHIFT)) | U_EPT_LEAF
+
+
+@inline
+def kvm_map_gfn_common(st, gfn, slot):
+    """kvm_map_gfn in the case that covers nearly every fault-in, without its walks: when the
+    region cache holds gfn's level-1 table (so no table is created, and no 2 MiB leaf is
+    possible: a table already sits at level 2) and gfn's map is FULL or SPP is off (nothing
+    to protect), kvm_map_gfn writes exactly ram_leaf(gfn) there. Returns False, having done
+    nothing, when that case does not hold."""
+    t = cached_leaf_table(st, gfn)
+    if t < 0:
+        return False
+    if st.scal[SC_SPP_ACTIVE] != 0 and st.maps[map_slot(st, slot, gfn)] != FULL_ACCESS_U32:
+        return False
+    st.tables[t, level_index(gfn << U_PAGE_SHIFT, 1)] = ram_leaf(gfn)
+    return True
+
+
+@inline
 def kvm_map_gfn(st, gfn, slot):
     """The EPT fault path (tdp_page_fault + lazy SPP): map a RAM gfn, protect it."""
     huge = st.cfg[CF_HUGEPAGES] != 0 and region_fits_memslot(st, slot, gfn)
@@ -471,7 +519,7 @@ def kvm_map_gfn(st, gfn, slot):
         # it): KVM maps at the level the existing tables allow.
     t = ept_table_for(st, gfn, 1, True)
     i = level_index(gfn << U_PAGE_SHIFT, 1)
-    e = (U_GUEST_RAM_HPA + (gfn << U_PAGE_SHIFT)) | U_EPT_LEAF
+    e = ram_leaf(gfn)
     if st.scal[SC_SPP_ACTIVE] != 0:
         m = st.maps[map_slot(st, slot, gfn)]
         if m != FULL_ACCESS_U32:

@@ -5,16 +5,21 @@ pool or the exit log might not have room for the next access (the control plane 
 flushes them and calls again from that row), or when a VM entry fails. Every access goes
 through ``fast_check`` first; anything it cannot decide from the caches takes the full
 ``hardware_check`` / ``kvm_handle_exit`` loop, exactly as the reference engine does.
+
+Where the time goes (README, "Performance"): a hot trace is bound by the instructions of the
+inner loop, a random one by cache misses (hence the prefetching), an exit-heavy one by KVM's
+handler and the exit log. numba passes every array of the state by value (~180 words) to a
+function that is not inlined, so nothing on a path taken per exit is out of line.
 """
 
 import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel, prefetch
+from ._jit import U0, U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel, prefetch
 from .exits import kvm_handle_exit
-from .hardware import FAST_ALLOWED, FAST_VIOLATION, fast_check, hardware_check
-from .layout import CT_ACCESSES, CT_EXIT_KIND, CT_EXITS, CT_KIND, CT_OUTCOME, SC_NTABLES, SC_NVCPUS
+from .hardware import FAST_ALLOWED, FAST_UNKNOWN, FAST_VIOLATION, fast_check, hardware_check
+from .layout import CT_ACCESSES, CT_EXIT_KIND, CT_EXITS, CT_KIND, CT_OUTCOME, SC_NTABLES, SC_NVCPUS, SC_SPP_ACTIVE
 from .mmu import RESUME, serve_requests
 
 STATUS_DONE = 0
@@ -43,7 +48,7 @@ def table_margin(vcpus: int) -> int:
     return 2 * (3 + 3 * max(vcpus, 1)) + 8
 
 
-@kernel
+@inline
 def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
     """Bytes first..plast of one page through the full check / exit / retry loop.
 
@@ -51,9 +56,10 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
     for the first attempt, or -1 (as uint64: all ones) when the first attempt needs the full
     hardware_check too.
 
-    Kept out of line: inlining the whole exit machinery into replay_batch's loop costs the
-    fast path an order of magnitude (register pressure and lost memory-level parallelism).
-    Returns (exits taken, last exit reason, outcome, ok) with ok False on a livelock.
+    Inlined into replay_batch's outer loop (a call would copy the whole state onto the stack,
+    more than half the cost of a fault-in), and kept out of its inner loop, whose registers
+    it would take. Returns (exits taken, last exit reason, outcome, ok) with ok False on a
+    livelock.
     """
     nexits = 0
     reason_last = 0
@@ -62,7 +68,17 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
         if tries == 0 and known_qual != _NO_QUAL:
             reason, qual = B.EXIT_REASON_EPT_VIOLATION, known_qual
         else:
-            reason, qual = hardware_check(st, v, first, plast, k)
+            # A retry after KVM's handler: its caches usually answer (the handler changed a
+            # leaf, not the walk above it); the full check when they cannot.
+            code, qual = FAST_UNKNOWN, U0
+            if tries > 0:
+                code, qual = fast_check(st, v, first, plast, k)
+            if code == FAST_ALLOWED:
+                reason, qual = 0, U0
+            elif code == FAST_VIOLATION:
+                reason = B.EXIT_REASON_EPT_VIOLATION
+            else:
+                reason, qual = hardware_check(st, v, first, plast, k)
         if reason == 0:
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
         st.vmcs[v, _I_REASON] = np.uint64(reason)
@@ -93,12 +109,20 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
 # Rows ahead whose table entries are prefetched: enough to cover a memory latency with the
 # work of the rows in between, few enough that the lines are still cached when used.
 PREFETCH_DISTANCE = 12
+# Below this many tables in the pool (1 MiB: the walk's lines stay in the core's own caches)
+# prefetching cannot win anything and costs the loop a fifth of its instructions.
+PREFETCH_MIN_TABLES = 256
+_U_PREFETCH_DISTANCE = np.uint64(PREFETCH_DISTANCE)
 
 
 @inline
-def prefetch_leaf(st, tables_base, regions, gfn):
-    """Hint the cache about the EPT leaf of a later access's page, found through the region
-    cache; nothing when it holds no walk for that region."""
+def prefetch_leaf(st, tables_base, regions, gfn, v, write, touched_base, touched_bits):
+    """Hint the cache about what a later access to page ``gfn`` will read: its byte of the
+    touched bitmap, its EPT leaf (found through the region cache) and, for a write, its SPP
+    vector (when the region has an SPPT leaf table for that vCPU: only regions with protected
+    pages do). Leaves out what the caches hold no walk for."""
+    if gfn < touched_bits:
+        prefetch(touched_base + (gfn >> np.uint64(3)))
     region = gfn >> np.uint64(9)
     if region >= regions:
         return
@@ -107,6 +131,10 @@ def prefetch_leaf(st, tables_base, regions, gfn):
         return
     index = region & _U_511 if (c & 8) != 0 else gfn & _U_511
     prefetch(tables_base + ((np.uint64(c) >> np.uint64(4)) * np.uint64(512) + index) * np.uint64(8))
+    if write:
+        s = st.sppt_cache[v, region]
+        if s >= 0:
+            prefetch(tables_base + (np.uint64(s) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
 
 
 @inline
@@ -118,75 +146,142 @@ def count_access(counters, k, out, nexits):
 
 
 @kernel
+def count_fast_rows(counters, kind, r0, r1):
+    """Count rows r0..r1-1, all allowed by the fast loop, into the counters. Done after the
+    loop in one vectorised pass over ``kind`` rather than in it, where the sums would hold
+    registers the loop needs; kinds are 0..2 (validated at ingestion)."""
+    writes = 0
+    fetches = 0
+    for j in range(r0, r1):
+        kj = np.int64(kind[j])
+        writes += kj & 1
+        fetches += kj >> 1
+    rows = np.int64(r1 - r0)
+    counters[CT_ACCESSES] += rows
+    counters[CT_KIND + B.ACCESS_READ] += rows - writes - fetches
+    counters[CT_KIND + B.ACCESS_WRITE] += writes
+    counters[CT_KIND + B.ACCESS_FETCH] += fetches
+    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] += rows
+
+
+@inline
+def mark_touched(touched, touched_bits, gfn):
+    if gfn < touched_bits:
+        touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
+
+
+@kernel
 def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, counters,
                  touched):
-    """Replay rows start.. of one batch. Returns (status, row to resume from, detail)."""
+    """Replay rows start.. of one batch. Returns (status, row to resume from, detail).
+
+    Two loops: the inner one runs the rows the caches decide (allowed, one page); the first
+    row it cannot decide breaks out to the outer one, which takes that row through the full
+    check / exit / retry machinery and resumes the inner loop after it. Keeping the rare,
+    large slow path outside the inner loop lets the compiler give the inner loop the
+    registers; the inner loop's rows are counted after it (count_fast_rows).
+
+    Row indices must be valid for the arrays and ``vcpu`` below the VM's vCPU count, kinds
+    0..2 and sizes 1..4096 (sppjit.io.trace validates them; sppjit.replay checks the vCPUs).
+    """
     n = gpa.shape[0]
     margin = 2 * (3 + 3 * max(st.scal[SC_NVCPUS], 1)) + 8
     touched_bits = np.uint64(touched.shape[0]) << np.uint64(3)
-    # Room in the table pool and the exit log changes only on the slow path: track it in
-    # locals so the fast path pays two register compares per access.
-    tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
-    log_free = log.row.shape[0] - log.n[0]
     tables_base = np.uint64(st.tables.ctypes.data)  # the pool is never reallocated in here
+    touched_base = np.uint64(touched.ctypes.data)
+    regions = np.uint64(st.ept_cache.shape[0])
+    # Prefetch hints: SPP vectors only in a VM with SPP active, anything only once the tables
+    # outgrow the core's caches. Both are re-read after each slow row, where KVM's rules run.
+    spp_active = st.scal[SC_SPP_ACTIVE] != 0
+    prefetching = st.scal[SC_NTABLES] >= PREFETCH_MIN_TABLES
+    # Requests are only ever cleared in here (serve_requests), never raised: once none is
+    # pending, the inner loop need not look at them.
+    pending = False
+    for q in range(st.requests.shape[0]):
+        if st.requests[q] != 0:
+            pending = True
     # The last page the fast path allowed and its walk's cumulative R/W/X: an access to the
     # same page that those rights allow needs no lookup at all (runs of accesses to one page
-    # are the common case). Tables change only in slow_piece, which forgets it.
+    # are the common case). Tables change only on the slow path, which forgets it.
     memo_gfn = _NO_PAGE
     memo_cum = np.uint64(0)
-    regions = np.uint64(st.ept_cache.shape[0])
-    for r in range(start, n):
-        ahead = r + PREFETCH_DISTANCE
-        if ahead < n:
-            page_ahead = gpa[ahead] >> U_PAGE_SHIFT
-            if page_ahead != (gpa[ahead - 1] >> U_PAGE_SHIFT):  # runs on one page: once
-                prefetch_leaf(st, tables_base, regions, page_ahead)
-        if tables_free < margin:
+    # Unsigned row indices: numba emits no negative-index wraparound code for them.
+    nu = np.uint64(n)
+    ru = np.uint64(start)
+    while True:
+        # ---------------------------------------------------------------- fast rows
+        run_start = ru
+        code = FAST_UNKNOWN
+        qual = U0
+        page_ahead_prev = _NO_PAGE
+        while ru < nu:
+            ahead = ru + _U_PREFETCH_DISTANCE
+            if prefetching and ahead < nu:
+                page_ahead = gpa[ahead] >> U_PAGE_SHIFT
+                if page_ahead != page_ahead_prev:  # runs on one page: once
+                    prefetch_leaf(st, tables_base, regions, page_ahead, np.int64(vcpu[ahead]),
+                                  spp_active and kind[ahead] == B.ACCESS_WRITE, touched_base, touched_bits)
+                    page_ahead_prev = page_ahead
+            if pending and st.requests[vcpu[ru]] != 0:
+                code = FAST_UNKNOWN
+                break
+            k = np.uint64(kind[ru])
+            first = gpa[ru]
+            gfn = first >> U_PAGE_SHIFT
+            if ((first + np.uint64(size[ru]) - U1) >> U_PAGE_SHIFT) != gfn:
+                code = FAST_UNKNOWN  # crosses a page: the slow path splits it
+                break
+            if not (gfn == memo_gfn and ((memo_cum >> k) & U1) != U0):
+                code, qual = fast_check(st, np.int64(vcpu[ru]), first, first + np.uint64(size[ru]) - U1, k)
+                if code != FAST_ALLOWED:
+                    break
+                memo_gfn = gfn
+                memo_cum = qual
+                mark_touched(touched, touched_bits, gfn)
+            outcome[ru] = B.OUTCOME_ALLOWED
+            exits[ru] = 0
+            exit_reason[ru] = 0
+            ru += U1
+        if ru > run_start:
+            count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))
+        r = np.int64(ru)
+        if ru >= nu:
+            return STATUS_DONE, n, 0
+        # ---------------------------------------------------------------- row r, the slow way
+        # Room in the table pool and the exit log is needed only here: the fast rows allocate
+        # nothing and log nothing.
+        if st.tables.shape[0] - st.scal[SC_NTABLES] < margin:
             return STATUS_NEED_TABLES, r, 0
-        if log_free < LOG_MARGIN:
+        if log.row.shape[0] - log.n[0] < LOG_MARGIN:
             return STATUS_NEED_LOG, r, 0
         v = np.int64(vcpu[r])
-        if st.requests[vcpu[r]] != 0:
+        if pending and st.requests[v] != 0:
             rc = serve_requests(st, v)
             if rc != 0:
                 return STATUS_ENTRY_FAILED, r, v * 16 + rc
+            pending = False
+            for q in range(st.requests.shape[0]):
+                if st.requests[q] != 0:
+                    pending = True
+            code = FAST_UNKNOWN
         k = np.int64(kind[r])
         first = gpa[r]
         last = first + np.uint64(size[r]) - U1
         plast = min(last, first | U_PAGE_OFFSET)
-        gfn = first >> U_PAGE_SHIFT
-        if gfn == memo_gfn and plast == last and ((memo_cum >> np.uint64(k)) & U1) != np.uint64(0):
-            outcome[r] = B.OUTCOME_ALLOWED  # touched already marked for this page
-            exits[r] = 0
-            exit_reason[r] = 0
-            count_access(counters, k, B.OUTCOME_ALLOWED, 0)
-            continue
-        code, qual = fast_check(st, v, first, plast, k)
-        if code == FAST_ALLOWED and plast == last:
-            # The common case, straight-line: one page, allowed by the cached walk.
-            memo_gfn = gfn
-            memo_cum = qual
-            if gfn < touched_bits:
-                touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
-            outcome[r] = B.OUTCOME_ALLOWED
-            exits[r] = 0
-            exit_reason[r] = 0
-            count_access(counters, k, B.OUTCOME_ALLOWED, 0)
-            continue
+        if code == FAST_UNKNOWN or plast != last:
+            # The inner loop did not check this piece (a page crossing, a request served) or
+            # could not decide it; the caches may still spare slow_piece a full walk.
+            code, qual = fast_check(st, v, first, plast, k)
         out = B.OUTCOME_ALLOWED
         nexits = 0
         reason_last = 0
         while True:
-            gfn = first >> U_PAGE_SHIFT
-            if gfn < touched_bits:
-                touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
+            mark_touched(touched, touched_bits, first >> U_PAGE_SHIFT)
             if code != FAST_ALLOWED:
                 known = qual if code == FAST_VIOLATION else _NO_QUAL
                 ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known, log,
                                              counters)
                 memo_gfn = _NO_PAGE
-                tables_free = st.tables.shape[0] - st.scal[SC_NTABLES]
-                log_free = log.row.shape[0] - log.n[0]
                 if not ok:
                     return STATUS_LIVELOCK, r, v
                 if ne > 0:
@@ -199,8 +294,10 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             first = plast + U1
             plast = min(last, first | U_PAGE_OFFSET)
             code, qual = fast_check(st, v, first, plast, k)
+        spp_active = st.scal[SC_SPP_ACTIVE] != 0
+        prefetching = st.scal[SC_NTABLES] >= PREFETCH_MIN_TABLES
         outcome[r] = out
         exits[r] = nexits
         exit_reason[r] = reason_last
         count_access(counters, k, out, nexits)
-    return STATUS_DONE, n, 0
+        ru += U1

@@ -312,10 +312,6 @@ def _check_cost(name: str, value) -> float:
 
 # ----------------------------------------------------------------------------- compare
 
-def _discard(batch) -> None:
-    """Exit-log sink: the counters and the hook index keep what the comparison needs."""
-
-
 def compare(trace, protection, *, memory: str | int | None = None,
             memslots: Iterable[tuple[int, int]] | None = None, vcpus: int = DEFAULT_VCPUS,
             hugepages: bool = False, configs=None, subpage_check: str = "all",
@@ -340,7 +336,7 @@ def compare(trace, protection, *, memory: str | int | None = None,
     from .io.protect import ByteRanges, check_in_memslots
     from .io.trace import open_trace
     from .provenance import BackgroundDigests, versions
-    from .replay import Replay
+    from .replay import Replay, discard_exits
     from .vm import VM
 
     if memory is not None and memslots is not None:
@@ -382,7 +378,7 @@ def compare(trace, protection, *, memory: str | int | None = None,
     for index, (config, vm) in enumerate(zip(configs, vms)):
         vm.protect(maps.gfn, maps.access)
         hooks = NoiseHookIndex.for_config(ranges, config) if ranges is not None else None
-        session = Replay(vm, engine, on_exits=_discard, hooks=hooks)
+        session = Replay(vm, engine, on_exits=discard_exits, hooks=hooks)
         for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
             session.run(batch)
             if progress is not None:

@@ -52,6 +52,12 @@ EXIT_SCHEMA = pa.schema(
 _KIND_NAMES = pa.array(B.EXIT_KIND_NAMES, type=pa.string())
 
 
+def discard_exits(batch: pa.RecordBatch) -> None:
+    """An ``on_exits`` sink that keeps nothing: the counters keep the totals. Given it, and no
+    hooks to count, a replay does not even build the exit batches (the kernel still writes
+    every exit into its log buffer)."""
+
+
 def _slice(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
     """Rows start..stop-1 of a batch (views, no copies)."""
     return TraceBatch(
@@ -63,6 +69,19 @@ def _slice(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
         first_row=batch.first_row + start,
         insn_len=batch.insn_len[start:stop],
     )
+
+
+def kernel_columns(batch: TraceBatch) -> tuple[np.ndarray, ...]:
+    """gpa, size, vcpu, kind, insn_len as read-only views: numba compiles one machine-code
+    version of a kernel per array type, and read-only is part of the type. Columns come
+    writable (numpy, generated) or not (zero-copy from Arrow) in any mix; one type for all
+    means the replay kernel is compiled (and cached) once."""
+    out = []
+    for a in (batch.gpa, batch.size, batch.vcpu, batch.kind, batch.insn_len):
+        view = a.view()
+        view.flags.writeable = False
+        out.append(view)
+    return tuple(out)
 
 
 def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
@@ -120,7 +139,9 @@ class Replay:
     # ---------------------------------------------------------------- exit log
     def _flush_log(self) -> None:
         n = int(self._log.n[0])
-        if n:
+        if n and self.on_exits is discard_exits and self.hooks is None:
+            self._log.n[0] = 0
+        elif n:
             rb = exit_batch(self._log, n)
             if self.hooks is not None:
                 b = self._batch
@@ -155,6 +176,12 @@ class Replay:
             if f.name in batch.record_batch.schema.names:
                 raise InputError(f"trace: column '{f.name}' is reserved for the replay's results")
         n = len(batch)
+        if n and int(batch.vcpu.max()) >= self.vm.vcpus:
+            # A batch read without the VM's vCPU count (open_trace(vcpus=None)): the kernels
+            # index per-vCPU arrays with it unchecked.
+            bad = int(np.argmax(batch.vcpu >= self.vm.vcpus))
+            raise InputError(f"trace: row {batch.first_row + bad}: 'vcpu' is {int(batch.vcpu[bad])} "
+                             f"but the VM has {self.vm.vcpus} vCPU{'s' if self.vm.vcpus != 1 else ''}")
         outcome, exits, reason = self._result_columns(n, keep)
         if not self._compiled:
             self._compile(batch, outcome, exits, reason)
@@ -196,8 +223,9 @@ class Replay:
             from .kernels.replay import replay_batch
 
             # An empty batch of the same array types: compiles, replays nothing.
-            replay_batch(st, batch.gpa[:0], batch.size[:0], batch.vcpu[:0], batch.kind[:0], batch.insn_len[:0], np.int64(0),
-                         np.int64(0), outcome[:0], exits[:0], reason[:0], self._log, self.counters, self.touched)
+            empty = tuple(c[:0] for c in kernel_columns(batch))
+            replay_batch(st, *empty, np.int64(0), np.int64(0), outcome[:0], exits[:0], reason[:0], self._log,
+                         self.counters, self.touched)
         elif hasattr(replay_access_handlers[0], "compile"):  # numba on
             import numba
             from numba import types
@@ -234,12 +262,13 @@ class Replay:
         )
 
         vm = self.vm
+        columns = kernel_columns(batch)
         row = 0
         while True:
             with vm.mmu_lock:
                 status, row, detail = replay_batch(
-                    vm.state, batch.gpa, batch.size, batch.vcpu, batch.kind, batch.insn_len, np.int64(batch.first_row),
-                    np.int64(row), outcome, exits, reason, self._log, self.counters, self.touched,
+                    vm.state, *columns, np.int64(batch.first_row), np.int64(row), outcome, exits, reason, self._log,
+                    self.counters, self.touched,
                 )
                 if status == STATUS_NEED_TABLES:
                     vm.ensure_tables(table_margin(vm.vcpus) * 64)

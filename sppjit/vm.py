@@ -30,6 +30,15 @@ from .kernels import layout as L
 from .kernels import mmu as K
 
 DEFAULT_TABLE_CAPACITY = 1024
+# The pool starts with room for the EPT tables that map every memslot at 4 KiB (one level-1
+# table per 2 MiB, plus the levels above), so a guest touching all its memory never waits for
+# the pool to be copied. np.zeros only reserves the memory: pages count once a table is used.
+MAX_INITIAL_TABLES = 1 << 16  # 256 MiB reserved at most
+
+
+def initial_table_capacity(memslots) -> int:
+    ept = sum(-(-int(n) // B.PAGES_PER_2M) + 2 for _, n in memslots) + 2
+    return min(max(DEFAULT_TABLE_CAPACITY, ept + 64), MAX_INITIAL_TABLES)
 
 TIMELINE_OPS = ("set_subpages", "zap", "remap", "delete_memslot")
 
@@ -158,6 +167,7 @@ class VM:
         spp_supported: bool = True,
         nested: bool = False,
         memslots: Iterable[tuple[int, int]] | None = None,
+        table_capacity: int | None = None,
     ):
         if not 1 <= int(vcpus) <= 1024:
             raise InputError(f"vcpus must be 1..1024, not {vcpus}")
@@ -181,7 +191,11 @@ class VM:
         )
         self.slots_lock = threading.Lock()  # kvm->slots_lock (a mutex)
         self.mmu_lock = threading.RLock()  # kvm->mmu_lock
-        self.state = L.empty_state(int(vcpus), slots, DEFAULT_TABLE_CAPACITY, cfg)
+        if table_capacity is None:
+            table_capacity = initial_table_capacity(slots)
+        elif not 1 <= int(table_capacity) <= MAX_INITIAL_TABLES:
+            raise InputError(f"table_capacity must be 1..{MAX_INITIAL_TABLES}, not {table_capacity}")
+        self.state = L.empty_state(int(vcpus), slots, int(table_capacity), cfg)
         st = self.state
         root = K.alloc_table(st, L.TABLE_EPT, 4)
         st.scal[L.SC_EPT_ROOT] = root

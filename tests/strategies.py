@@ -60,7 +60,7 @@ class VmSpec:
     hugepages: bool = False
     subpage_check: str = "all"
     granularity: str = "spp"
-    table_capacity: int | None = None  # None: sppjit.vm.DEFAULT_TABLE_CAPACITY
+    table_capacity: int | None = None  # None: sppjit.vm.initial_table_capacity
     profile: str = "v4"
 
     def kwargs(self) -> dict:
@@ -76,14 +76,7 @@ class VmSpec:
     def build(self):
         import sppjit.vm as vm_module
 
-        if self.table_capacity is None:
-            return vm_module.VM(**self.kwargs())
-        saved = vm_module.DEFAULT_TABLE_CAPACITY
-        vm_module.DEFAULT_TABLE_CAPACITY = self.table_capacity
-        try:
-            return vm_module.VM(**self.kwargs())
-        finally:
-            vm_module.DEFAULT_TABLE_CAPACITY = saved
+        return vm_module.VM(**self.kwargs(), table_capacity=self.table_capacity)
 
     def slot_of(self, gfn: int) -> int:
         for i, (base, n) in enumerate(self.memslots):
@@ -609,11 +602,9 @@ def reproducer(scn: Scenario, calls_per_phase: list[list[str]], runs=(("referenc
     each, None for the phase's own batch size) and prints whether they agree."""
     spec = scn.vm
     lines = ["import numpy as np", "import sppjit", "import sppjit.vm, sppjit.replay", "from sppjit.replay import replay", ""]
-    if spec.table_capacity is not None:
-        lines.append(f"sppjit.vm.DEFAULT_TABLE_CAPACITY = {spec.table_capacity}")
     if log_capacity is not None:
         lines.append(f"sppjit.replay.EXIT_LOG_CAPACITY = {log_capacity}")
-    kw = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs().items())
+    kw = ", ".join(f"{k}={v!r}" for k, v in dict(spec.kwargs(), table_capacity=spec.table_capacity).items())
     lines.append(f"vms = [sppjit.VM({kw}) for _ in range(2)]")
     lines.append("def T(rows):")
     lines.append("    g, s, v, k = zip(*rows)")

@@ -17,6 +17,8 @@ import pytest
 import sppjit
 from sppjit import abi
 from sppjit import bits as B
+from sppjit import vm as vm_module
+from sppjit.errors import InputError
 
 ENGINES = ("reference", "jit")
 ENODEV, EINVAL, EFAULT, ENOTTY = 19, 22, 14, 25
@@ -402,3 +404,15 @@ def test_set_subpages_from_threads_matches_sequential():
                 assert not leaf & 0x2 and leaf & BIT61 and vec == spread(m)
         else:
             assert level == 0
+
+
+def test_table_pool_starts_with_room_for_the_whole_ept(monkeypatch):
+    # 3 GiB in two slots: 1536 level-1 tables and a few above; a guest touching all of it at
+    # 4 KiB never has its pool copied. The reservation is capped, and can be chosen.
+    vm = sppjit.VM(memslots=[(0, 1 << 18), (1 << 20, 1 << 19)])
+    assert vm.state.tables.shape[0] >= 1536 + 4
+    monkeypatch.setattr(vm_module, "MAX_INITIAL_TABLES", 1500)
+    assert sppjit.VM(memory="4GiB").state.tables.shape[0] == 1500
+    assert sppjit.VM(memory="16MiB", table_capacity=3).state.tables.shape[0] == 3
+    with pytest.raises(InputError, match="table_capacity"):
+        sppjit.VM(table_capacity=0)

@@ -232,12 +232,12 @@ def _replay_and_write(vm, reader, *, engine, out, exits, summary_path, save_stat
                       timeline=(), digests=None) -> tuple[dict, list[str]]:
     from sppjit.io.output import TableWriter, write_json_atomic
     from sppjit.provenance import generator_info
-    from sppjit.replay import Replay
+    from sppjit.replay import Replay, discard_exits
 
     with contextlib.ExitStack() as stack:
         outputs = stack.enter_context(Outputs())
         with contextlib.ExitStack() as tables:
-            session = Replay(vm, engine=engine, on_exits=_discard, hooks=hooks,
+            session = Replay(vm, engine=engine, on_exits=discard_exits, hooks=hooks,
                              ops=list(timeline))
             if exits is not None:
                 tables.push(outputs.track(exits))  # before the writer: runs after its exit
@@ -275,10 +275,6 @@ def _replay_and_write(vm, reader, *, engine, out, exits, summary_path, save_stat
         written = [path for path in (out, exits, save_state_path, summary_path)
                    if path is not None and path in outputs.committed]
     return summary, written
-
-
-def _discard(batch) -> None:
-    """Exit-log sink without --exits: the counters keep the totals, memory stays bounded."""
 
 
 # ------------------------------------------------------------------------------ protection
