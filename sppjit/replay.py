@@ -68,6 +68,7 @@ def _slice(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
         record_batch=batch.record_batch.slice(start, stop - start),
         first_row=batch.first_row + start,
         insn_len=batch.insn_len[start:stop],
+        vcpus_checked=batch.vcpus_checked,
     )
 
 
@@ -176,7 +177,8 @@ class Replay:
             if f.name in batch.record_batch.schema.names:
                 raise InputError(f"trace: column '{f.name}' is reserved for the replay's results")
         n = len(batch)
-        if n and int(batch.vcpu.max()) >= self.vm.vcpus:
+        unchecked = batch.vcpus_checked is None or batch.vcpus_checked > self.vm.vcpus
+        if n and unchecked and int(batch.vcpu.max()) >= self.vm.vcpus:
             # A batch read without the VM's vCPU count (open_trace(vcpus=None)): the kernels
             # index per-vCPU arrays with it unchecked.
             bad = int(np.argmax(batch.vcpu >= self.vm.vcpus))

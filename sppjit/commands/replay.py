@@ -166,6 +166,12 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
     if batch_size is None:
         batch_size = DEFAULT_BATCH_JIT if engine == "jit" else DEFAULT_BATCH_REFERENCE
 
+    # The inputs are hashed for the summary on another thread, from now on: a large trace
+    # takes about as long to hash as to replay, and the imports and checks below overlap it.
+    from sppjit.provenance import BackgroundDigests
+
+    digests = BackgroundDigests({"trace": trace, "protect": protect, "ops": ops, "memslots": memslots})
+
     # ---- inputs (each reader raises InputError naming the file, column and row)
     from sppjit.io.memslots import read_memslots
     from sppjit.io.protect import read_protection
@@ -199,8 +205,6 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
             hooks = HookIndex.from_ranges(protection)
 
     # ---- replay, writing as we go (the inputs are hashed meanwhile, on another thread)
-    from sppjit.provenance import BackgroundDigests
-
     shown = Progress(reader.num_rows, enabled=progress)
     try:
         summary, written = _replay_and_write(
@@ -210,8 +214,7 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
             config_extra={"engine": engine, "protection": protection_info,
                           "memslots_file": memslots, "ops_file": ops},
             hooks=hooks, timeline=timeline,
-            digests=BackgroundDigests({"trace": trace, "protect": protect, "ops": ops,
-                                       "memslots": memslots}),
+            digests=digests,
         )
     finally:
         shown.close()

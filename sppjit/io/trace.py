@@ -57,6 +57,7 @@ class TraceBatch:
     record_batch: pa.RecordBatch  # the input columns, unchanged
     first_row: int  # 0-based row of the whole trace at which this batch starts
     insn_len: np.ndarray  # uint8: length of the accessing instruction, 0 when unknown
+    vcpus_checked: int | None = None  # every vcpu was checked to be below this; None: 0..MAX_VCPU
 
     def __len__(self) -> int:
         return len(self.gpa)
@@ -309,7 +310,8 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> Tr
                       f"but the VM has {vcpus} vCPU{'s' if vcpus != 1 else ''}")
     kind = column("kind", np.uint8, DEFAULT_KIND, KIND_READ, KIND_FETCH,
                   "(must be 0 read, 1 write, 2 fetch)")
-    column("seq", np.uint64, 0, 0, UINT64_MAX, "")  # passed through, but never null
+    if batch.schema.get_field_index("seq") >= 0:  # passed through, but never null
+        column("seq", np.uint64, 0, 0, UINT64_MAX, "")
     insn_len = column("insn_len", np.uint8, 0, 0, MAX_INSN_LEN,
                       f"(an instruction is 1..{MAX_INSN_LEN} bytes; 0 = unknown)")
     if gpa is not None and size is not None:
@@ -317,7 +319,7 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> Tr
     if problems:
         raise InputError("trace: " + min(problems, key=lambda bad: bad.row).message)
     return TraceBatch(gpa=gpa, size=size, vcpu=vcpu, kind=kind, record_batch=batch,
-                      first_row=first_row, insn_len=insn_len)
+                      first_row=first_row, insn_len=insn_len, vcpus_checked=vcpus)
 
 
 def _check_end(gpa: np.ndarray, size: np.ndarray, first_row: int,
