@@ -143,17 +143,7 @@ def _vm_ioctl_v4(vm, request: int, arg) -> int:
         npages = int(rec["npages"][0])
         if npages == 0 or npages > B.SUBPAGE_MAX_BITMAP:
             return -B.EINVAL
-        base_gfn = int(rec["base_gfn"][0])
-        if request == B.KVM_SUBPAGES_SET_ACCESS:
-            done = vm._kvm_set_subpages(base_gfn, rec["access_map"][0, :npages].copy())
-        else:
-            out = np.empty(npages, dtype=np.uint32)
-            done = _get(vm, base_gfn, out)
-            if done == npages:
-                if _readonly(arg):
-                    return -B.EFAULT  # copy_to_user into a read-only buffer
-                rec["access_map"][0, :npages] = out
-        return npages if done == npages else -B.EFAULT
+        return _set_or_get(vm, request, arg, int(rec["base_gfn"][0]), rec["access_map"][0, :npages])
     return -ENOTTY
 
 
@@ -186,18 +176,25 @@ def _vm_ioctl_v12(vm, request: int, arg) -> int:
         if raw is None:
             return -B.EFAULT  # copy_from_user of header + access_map[npages] failed
         rec = raw.view(kvm_subpage_v12_dtype(npages))
-        base_gfn = int(rec["gfn_base"][0])
-        if request == B.KVM_SUBPAGES_SET_ACCESS:
-            done = vm._kvm_set_subpages(base_gfn, rec["access_map"][0].copy())
-        else:
-            out = np.empty(npages, dtype=np.uint32)
-            done = _get(vm, base_gfn, out)
-            if done == npages:
-                if _readonly(arg):
-                    return -B.EFAULT  # copy_to_user into a read-only buffer
-                rec["access_map"][0] = out
-        return npages if done == npages else -B.EFAULT
+        return _set_or_get(vm, request, arg, int(rec["gfn_base"][0]), rec["access_map"][0])
     return -ENOTTY  # KVM_INIT_SPP included: v12 has no such ioctl
+
+
+def _set_or_get(vm, request: int, arg, base_gfn: int, access_map: np.ndarray) -> int:
+    """The body both profiles share once their struct is parsed: ``access_map`` is the view of
+    the caller's npages maps. SET copies them in; GET copies them out (copy_to_user) only when
+    every gfn had a memslot. Returns npages, or -EFAULT."""
+    npages = access_map.shape[0]
+    if request == B.KVM_SUBPAGES_SET_ACCESS:
+        done = vm._kvm_set_subpages(base_gfn, access_map.copy())
+    else:
+        out = np.empty(npages, dtype=np.uint32)
+        done = _get(vm, base_gfn, out)
+        if done == npages:
+            if _readonly(arg):
+                return -B.EFAULT  # copy_to_user into a read-only buffer
+            access_map[:] = out
+    return npages if done == npages else -B.EFAULT
 
 
 def _get(vm, base_gfn: int, out: np.ndarray) -> int:

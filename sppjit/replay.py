@@ -16,7 +16,7 @@ import pyarrow as pa
 from . import __version__
 from . import bits as B
 from .errors import InputError, VmEntryError
-from .io.trace import TraceBatch, open_trace, schema_metadata
+from .io.trace import TraceBatch, check_vcpus, open_trace, schema_metadata
 from .kernels import layout as L
 from .kernels.exits import kvm_handle_exit
 from .kernels.mmu import ENTRY_FAILURE_MESSAGES, serve_requests
@@ -177,13 +177,7 @@ class Replay:
             if f.name in batch.record_batch.schema.names:
                 raise InputError(f"trace: column '{f.name}' is reserved for the replay's results")
         n = len(batch)
-        unchecked = batch.vcpus_checked is None or batch.vcpus_checked > self.vm.vcpus
-        if n and unchecked and int(batch.vcpu.max()) >= self.vm.vcpus:
-            # A batch read without the VM's vCPU count (open_trace(vcpus=None)): the kernels
-            # index per-vCPU arrays with it unchecked.
-            bad = int(np.argmax(batch.vcpu >= self.vm.vcpus))
-            raise InputError(f"trace: row {batch.first_row + bad}: 'vcpu' is {int(batch.vcpu[bad])} "
-                             f"but the VM has {self.vm.vcpus} vCPU{'s' if self.vm.vcpus != 1 else ''}")
+        check_vcpus(batch, self.vm.vcpus)  # the kernels index per-vCPU arrays with it unchecked
         outcome, exits, reason = self._result_columns(n, keep)
         if not self._compiled:
             self._compile(batch, outcome, exits, reason)
@@ -290,8 +284,9 @@ class Replay:
         vm, c, log = self.vm, self.counters, []
         touched: set[int] = set()
         bits = self.touched.shape[0] * 8
+        margin = int(table_margin(vm.vcpus))
         for i in range(len(batch)):
-            vm.ensure_tables(table_margin(vm.vcpus))
+            vm.ensure_tables(margin)
             gpa, size = int(batch.gpa[i]), int(batch.size[i])
             vcpu, kind = int(batch.vcpu[i]), int(batch.kind[i])
             row = batch.first_row + i

@@ -60,6 +60,6 @@ def test_a_batch_naming_a_vcpu_beyond_the_vm_is_refused():
     session = Replay(vm)
     trace = {"gpa": np.array([0, 4096], dtype=np.uint64), "vcpu": np.array([1, 2], dtype=np.uint16)}
     batch = next(iter(open_trace(trace)))
-    with pytest.raises(InputError, match="row 1: 'vcpu' is 2 but the VM has 2 vCPUs"):
+    with pytest.raises(InputError, match="^trace: column 'vcpu' has value 2 at row 1 but the VM has 2 vCPUs$"):
         session.run(batch)
     assert session.counters.sum() == 0

@@ -141,7 +141,7 @@ def run_compare(*, trace: str, protect: str, memory: str | None = None,
                 progress: bool = False) -> dict:
     """The compare command without typer: check, compare, write, print; returns the
     document."""
-    from sppjit.io.output import check_output_path
+    from sppjit.io.output import check_output_path, json_default
 
     # ---- options and paths, before any work
     if memory is not None and memslots is not None:
@@ -197,7 +197,7 @@ def run_compare(*, trace: str, protect: str, memory: str | None = None,
 
     # ---- report
     if json_out:
-        sys.stdout.write(json.dumps(document, indent=2, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
     else:
         sys.stdout.write(format_comparison(document, written))
     sys.stdout.flush()
@@ -223,16 +223,6 @@ def _write_outputs(document: dict, *, summary_path: str | None,
             write_json_atomic(summary_path, document)
             outputs.add(summary_path)
         return list(outputs.committed)
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 class _Progress:

@@ -149,7 +149,7 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
                progress: bool = False) -> dict:
     """The replay command without typer: check everything, replay, write, print; returns
     the summary."""
-    from sppjit.io.output import check_output_path
+    from sppjit.io.output import check_output_path, json_default
 
     # ---- options and paths, before any work
     if memory is not None and memslots is not None:
@@ -221,7 +221,7 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
 
     # ---- report
     if json_out:
-        sys.stdout.write(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")
     else:
         sys.stdout.write(format_summary(summary, written))
     sys.stdout.flush()
@@ -396,16 +396,6 @@ def _duration(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------ summary table
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
 
 def _pairs(items) -> str:
     return "  ".join(f"{name} {value:,}" for name, value in items)

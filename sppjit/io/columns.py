@@ -64,17 +64,17 @@ def int_column(
     if column.null_count:
         # Values before the first null may hold an earlier bad row; the null is next.
         first_null = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
-        _check_range(column.slice(0, first_null).to_numpy(zero_copy_only=False),
+        check_range(column.slice(0, first_null).to_numpy(zero_copy_only=False),
                      name, lo, hi, must, first_row)
         row = first_row + first_null
         raise BadValue(row, f"column '{name}' has a null at row {row}")
     values = column.to_numpy(zero_copy_only=True)
-    _check_range(values, name, lo, hi, must, first_row)
+    check_range(values, name, lo, hi, must, first_row)
     return values.astype(dtype, copy=False)
 
 
-def _check_range(values: np.ndarray, name: str, lo: int, hi: int, must: str,
-                 first_row: int) -> None:
+def check_range(values: np.ndarray, name: str, lo: int, hi: int, must: str,
+                first_row: int) -> None:
     """Raise BadValue for the first value outside ``lo..hi`` (negative ones said as such)."""
     info = np.iinfo(values.dtype)
     check_lo, check_hi = lo > info.min, hi < info.max  # bounds the type itself cannot break

@@ -134,7 +134,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     temporary = _temporary_name(path)
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
+            json.dump(obj, handle, indent=2, sort_keys=False, default=json_default)
             handle.write("\n")
         os.replace(temporary, path)
     except BaseException:
@@ -142,7 +142,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         raise
 
 
-def _json_default(value):
+def json_default(value):
     """Summaries are assembled from numpy results: write their scalars as plain numbers."""
     if isinstance(value, np.generic):
         return value.item()

@@ -18,7 +18,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from sppjit.errors import InputError
-from sppjit.io.columns import UINT64_MAX, BadValue, int_column, type_problem
+from sppjit.io.columns import UINT64_MAX, BadValue, check_range, int_column, type_problem
 from sppjit.io.formats import (
     ARROW_FILE_MAGIC,
     ARROW_STREAM_MARKER,
@@ -306,8 +306,7 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> Tr
     if vcpus is None:
         vcpu = column("vcpu", np.uint16, DEFAULT_VCPU, 0, MAX_VCPU, f"(must be 0..{MAX_VCPU})")
     else:
-        vcpu = column("vcpu", np.uint16, DEFAULT_VCPU, 0, vcpus - 1,
-                      f"but the VM has {vcpus} vCPU{'s' if vcpus != 1 else ''}")
+        vcpu = column("vcpu", np.uint16, DEFAULT_VCPU, 0, vcpus - 1, _beyond_vm(vcpus))
     kind = column("kind", np.uint8, DEFAULT_KIND, KIND_READ, KIND_FETCH,
                   "(must be 0 read, 1 write, 2 fetch)")
     if batch.schema.get_field_index("seq") >= 0:  # passed through, but never null
@@ -320,6 +319,21 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None) -> Tr
         raise InputError("trace: " + min(problems, key=lambda bad: bad.row).message)
     return TraceBatch(gpa=gpa, size=size, vcpu=vcpu, kind=kind, record_batch=batch,
                       first_row=first_row, insn_len=insn_len, vcpus_checked=vcpus)
+
+
+def _beyond_vm(vcpus: int) -> str:
+    return f"but the VM has {vcpus} vCPU{'s' if vcpus != 1 else ''}"
+
+
+def check_vcpus(batch: TraceBatch, vcpus: int) -> None:
+    """InputError at the first vcpu of ``batch`` that a VM with ``vcpus`` vCPUs lacks, as
+    open_trace(vcpus=...) reports it; nothing to do when the batch was read that way."""
+    if batch.vcpus_checked is not None and batch.vcpus_checked <= vcpus:
+        return
+    try:
+        check_range(batch.vcpu, "vcpu", 0, vcpus - 1, _beyond_vm(vcpus), batch.first_row)
+    except BadValue as bad:
+        raise InputError("trace: " + bad.message) from None
 
 
 def _check_end(gpa: np.ndarray, size: np.ndarray, first_row: int,
