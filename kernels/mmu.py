@@ -487,11 +487,11 @@ def ram_leaf(gfn):
 
 @inline
 def kvm_map_gfn_common(st, gfn, slot):
-    """kvm_map_gfn in the case that covers nearly every fault-in, without its walks: when the
-    region cache holds gfn's level-1 table (so no table is created, and no 2 MiB leaf is
-    possible: a table already sits at level 2) and gfn's map is FULL or SPP is off (nothing
-    to protect), kvm_map_gfn writes exactly ram_leaf(gfn) there. Returns False, having done
-    nothing, when that case does not hold."""
+    """kvm_map_gfn's first step, the case that covers nearly every fault-in, without walks:
+    when the region cache holds gfn's level-1 table (so no table is created, and no 2 MiB leaf
+    is possible: a table already sits at level 2) and gfn's map is FULL or SPP is off (nothing
+    to protect), the mapping is ram_leaf(gfn) there. Returns False, having done nothing, when
+    that case does not hold. Small enough to inline where kvm_map_gfn is not."""
     t = cached_leaf_table(st, gfn)
     if t < 0:
         return False
@@ -504,6 +504,8 @@ def kvm_map_gfn_common(st, gfn, slot):
 @inline
 def kvm_map_gfn(st, gfn, slot):
     """The EPT fault path (tdp_page_fault + lazy SPP): map a RAM gfn, protect it."""
+    if kvm_map_gfn_common(st, gfn, slot):
+        return
     huge = st.cfg[CF_HUGEPAGES] != 0 and region_fits_memslot(st, slot, gfn)
     if huge:
         huge = check_spp_protection(st, slot, gfn)

@@ -42,9 +42,10 @@ _I_GPA = B.VMCS_COL_GPA
 _I_INSN_LEN = B.VMCS_COL_INSN_LEN
 
 
-def table_margin(vcpus: int) -> int:
+@inline
+def table_margin(vcpus):
     """Tables one access may allocate: two pieces, each an EPT path (3) and SPPT paths (3 per
-    vCPU, or one 2 MiB block in v12), plus slack."""
+    vCPU, or one 2 MiB block in v12), plus slack. Used by the kernel and by sppjit.replay."""
     return 2 * (3 + 3 * max(vcpus, 1)) + 8
 
 
@@ -185,7 +186,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     0..2 and sizes 1..4096 (sppjit.io.trace validates them; sppjit.replay checks the vCPUs).
     """
     n = gpa.shape[0]
-    margin = 2 * (3 + 3 * max(st.scal[SC_NVCPUS], 1)) + 8
+    margin = table_margin(st.scal[SC_NVCPUS])
     touched_bits = np.uint64(touched.shape[0]) << np.uint64(3)
     tables_base = np.uint64(st.tables.ctypes.data)  # the pool is never reallocated in here
     touched_base = np.uint64(touched.ctypes.data)
