@@ -157,13 +157,18 @@ def hardware_check(st, v, first, last, kind):
 FAST_UNKNOWN = 0  # the caches cannot tell: do the full hardware_check
 FAST_ALLOWED = 1
 FAST_VIOLATION = 2  # an EPT violation (48) whose qualification the cached walk gives
+# An EPT violation (48) that KVM's fast_page_fault turns into a sub-page write violation: a
+# write the SPP vector refuses, on a 4 KiB leaf with the SPP bit set and W clear. Its handler
+# changes no table, so the replay can take it without leaving its fast loop.
+FAST_SPP_VIOLATION = 3
 
 
 @inline
 def fast_check(st, v, first, last, kind):
     """What hardware_check would answer for bytes first..last of one page, read from the
     region caches: (FAST_ALLOWED, cumulative R/W/X of the walk, or 0 when the SPP vector
-    allowed the write), (FAST_VIOLATION, qualification) or (FAST_UNKNOWN, 0).
+    allowed the write), (FAST_VIOLATION or FAST_SPP_VIOLATION, qualification) or
+    (FAST_UNKNOWN, 0).
 
     The caches hold only complete, valid walks (hardware_check fills them after checking every
     entry above the leaf), and the leaf and the SPP vector are read live, so an answer given
@@ -208,4 +213,6 @@ def fast_check(st, v, first, last, kind):
         need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
         if (vec & need) == need:
             return FAST_ALLOWED, U0
+        if (e & U_W) == U0:
+            return FAST_SPP_VIOLATION, ept_violation_qual(kind, cum)
     return FAST_VIOLATION, ept_violation_qual(kind, cum)

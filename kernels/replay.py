@@ -18,9 +18,20 @@ from sppjit import bits as B
 
 from ._jit import U0, U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel, prefetch
 from .exits import kvm_handle_exit
-from .hardware import FAST_ALLOWED, FAST_UNKNOWN, FAST_VIOLATION, fast_check, hardware_check
-from .layout import CT_ACCESSES, CT_EXIT_KIND, CT_EXITS, CT_KIND, CT_OUTCOME, SC_NTABLES, SC_NVCPUS, SC_SPP_ACTIVE
-from .mmu import RESUME, serve_requests
+from .hardware import FAST_ALLOWED, FAST_SPP_VIOLATION, FAST_UNKNOWN, FAST_VIOLATION, fast_check, hardware_check
+from .layout import (
+    CF_GRANULARITY,
+    CT_ACCESSES,
+    CT_EXIT_KIND,
+    CT_EXITS,
+    CT_KIND,
+    CT_OUTCOME,
+    GRAN_PAGE,
+    SC_NTABLES,
+    SC_NVCPUS,
+    SC_SPP_ACTIVE,
+)
+from .mmu import RESUME, kvm_exit_spp_code, serve_requests
 
 STATUS_DONE = 0
 STATUS_NEED_TABLES = 1
@@ -50,6 +61,30 @@ def table_margin(vcpus):
 
 
 @inline
+def write_exit_fields(st, v, reason, qual, gpa, insn):
+    """The VMCS exit fields of vCPU ``v``, as the processor writes them on a VM exit."""
+    st.vmcs[v, _I_REASON] = np.uint64(reason)
+    st.vmcs[v, _I_QUAL] = qual
+    st.vmcs[v, _I_GPA] = gpa
+    st.vmcs[v, _I_INSN_LEN] = insn
+
+
+@inline
+def log_exit(log, v, row, gpa, reason, qual, ek, user, insn):
+    """One exit-log entry (the caller counts it)."""
+    j = log.n[0]
+    log.row[j] = row
+    log.vcpu[j] = v
+    log.gpa[j] = gpa
+    log.reason[j] = reason
+    log.qual[j] = qual
+    log.kind[j] = ek
+    log.user[j] = user
+    log.insn_len[j] = insn
+    log.n[0] = j + 1
+
+
+@inline
 def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
     """Bytes first..plast of one page through the full check / exit / retry loop.
 
@@ -76,27 +111,15 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
                 code, qual = fast_check(st, v, first, plast, k)
             if code == FAST_ALLOWED:
                 reason, qual = 0, U0
-            elif code == FAST_VIOLATION:
+            elif code == FAST_VIOLATION or code == FAST_SPP_VIOLATION:
                 reason = B.EXIT_REASON_EPT_VIOLATION
             else:
                 reason, qual = hardware_check(st, v, first, plast, k)
         if reason == 0:
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
-        st.vmcs[v, _I_REASON] = np.uint64(reason)
-        st.vmcs[v, _I_QUAL] = qual
-        st.vmcs[v, _I_GPA] = first
-        st.vmcs[v, _I_INSN_LEN] = insn
+        write_exit_fields(st, v, reason, qual, first, insn)
         ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
-        j = log.n[0]
-        log.row[j] = row
-        log.vcpu[j] = v
-        log.gpa[j] = first
-        log.reason[j] = reason
-        log.qual[j] = qual
-        log.kind[j] = ek
-        log.user[j] = user
-        log.insn_len[j] = insn
-        log.n[0] = j + 1
+        log_exit(log, v, row, first, reason, qual, ek, user, insn)
         counters[CT_EXIT_KIND + ek] += 1
         nexits += 1
         reason_last = reason
@@ -147,10 +170,11 @@ def count_access(counters, k, out, nexits):
 
 
 @kernel
-def count_fast_rows(counters, kind, r0, r1):
-    """Count rows r0..r1-1, all allowed by the fast loop, into the counters. Done after the
-    loop in one vectorised pass over ``kind`` rather than in it, where the sums would hold
-    registers the loop needs; kinds are 0..2 (validated at ingestion)."""
+def count_fast_rows(counters, kind, r0, r1, violations):
+    """Count rows r0..r1-1 of the fast loop into the counters: all allowed but ``violations``
+    sub-page violations (one exit each). Done after the loop in one vectorised pass over
+    ``kind`` rather than in it, where the sums would hold registers the loop needs; kinds are
+    0..2 (validated at ingestion)."""
     writes = 0
     fetches = 0
     for j in range(r0, r1):
@@ -162,7 +186,10 @@ def count_fast_rows(counters, kind, r0, r1):
     counters[CT_KIND + B.ACCESS_READ] += rows - writes - fetches
     counters[CT_KIND + B.ACCESS_WRITE] += writes
     counters[CT_KIND + B.ACCESS_FETCH] += fetches
-    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] += rows
+    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] += rows - violations
+    counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += violations
+    counters[CT_EXITS] += violations
+    counters[CT_EXIT_KIND + B.EXIT_KIND_SPP_VIOLATION] += violations
 
 
 @inline
@@ -195,6 +222,14 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     # outgrow the core's caches. Both are re-read after each slow row, where KVM's rules run.
     spp_active = st.scal[SC_SPP_ACTIVE] != 0
     prefetching = st.scal[SC_NTABLES] >= PREFETCH_MIN_TABLES
+    # A sub-page violation's handler is known without running it (kvm_handle_exit: a write
+    # fault on a leaf with the SPP bit, W clear, in SPP granularity) and changes no table, so
+    # the inner loop takes it in place: the exit fields, the log entry and the row's results.
+    # It leaves the loop only when the log is nearly full (the outer loop then asks for a
+    # flush). The page baseline has its own rule for that exit: the slow path.
+    spp_exits_inline = st.cfg[CF_GRANULARITY] != GRAN_PAGE
+    spp_exit_code = kvm_exit_spp_code(st)
+    log_limit = log.row.shape[0] - LOG_MARGIN
     # Requests are only ever cleared in here (serve_requests), never raised: once none is
     # pending, the inner loop need not look at them.
     pending = False
@@ -212,6 +247,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     while True:
         # ---------------------------------------------------------------- fast rows
         run_start = ru
+        log_start = log.n[0]
         code = FAST_UNKNOWN
         qual = U0
         page_ahead_prev = _NO_PAGE
@@ -233,9 +269,21 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
                 code = FAST_UNKNOWN  # crosses a page: the slow path splits it
                 break
             if not (gfn == memo_gfn and ((memo_cum >> k) & U1) != U0):
-                code, qual = fast_check(st, np.int64(vcpu[ru]), first, first + np.uint64(size[ru]) - U1, k)
+                v = np.int64(vcpu[ru])
+                code, qual = fast_check(st, v, first, first + np.uint64(size[ru]) - U1, k)
                 if code != FAST_ALLOWED:
-                    break
+                    if code != FAST_SPP_VIOLATION or not spp_exits_inline or log.n[0] >= log_limit:
+                        break
+                    insn = np.uint64(insn_len[ru])
+                    write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, first, insn)
+                    log_exit(log, v, row0 + np.int64(ru), first, B.EXIT_REASON_EPT_VIOLATION, qual,
+                             B.EXIT_KIND_SPP_VIOLATION, spp_exit_code, insn)
+                    mark_touched(touched, touched_bits, gfn)
+                    outcome[ru] = B.OUTCOME_SPP_VIOLATION
+                    exits[ru] = 1
+                    exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
+                    ru += U1
+                    continue
                 memo_gfn = gfn
                 memo_cum = qual
                 mark_touched(touched, touched_bits, gfn)
@@ -244,7 +292,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             exit_reason[ru] = 0
             ru += U1
         if ru > run_start:
-            count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))
+            count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru), log.n[0] - log_start)
         r = np.int64(ru)
         if ru >= nu:
             return STATUS_DONE, n, 0
@@ -279,7 +327,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         while True:
             mark_touched(touched, touched_bits, first >> U_PAGE_SHIFT)
             if code != FAST_ALLOWED:
-                known = qual if code == FAST_VIOLATION else _NO_QUAL
+                known = qual if code == FAST_VIOLATION or code == FAST_SPP_VIOLATION else _NO_QUAL
                 ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known, log,
                                              counters)
                 memo_gfn = _NO_PAGE
