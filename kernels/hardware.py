@@ -156,19 +156,21 @@ def hardware_check(st, v, first, last, kind):
 
 FAST_UNKNOWN = 0  # the caches cannot tell: do the full hardware_check
 FAST_ALLOWED = 1
-FAST_VIOLATION = 2  # an EPT violation (48) whose qualification the cached walk gives
-# An EPT violation (48) that KVM's fast_page_fault turns into a sub-page write violation: a
-# write the SPP vector refuses, on a 4 KiB leaf with the SPP bit set and W clear. Its handler
-# changes no table, so the replay can take it without leaving its fast loop.
+# From here on, EPT violations (48) whose qualification the cached walk gives. The last two
+# are told apart because the replay takes them without leaving its fast loop:
+FAST_VIOLATION = 2
+# what KVM's fast_page_fault turns into a sub-page write violation: a write the SPP vector
+# refuses, on a 4 KiB leaf with the SPP bit set and W clear (its handler changes no table);
 FAST_SPP_VIOLATION = 3
+# a 4 KiB leaf not present: a page not faulted in yet (KVM's fault-in maps it).
+FAST_NOT_PRESENT = 4
 
 
 @inline
 def fast_check(st, v, first, last, kind):
     """What hardware_check would answer for bytes first..last of one page, read from the
     region caches: (FAST_ALLOWED, cumulative R/W/X of the walk, or 0 when the SPP vector
-    allowed the write), (FAST_VIOLATION or FAST_SPP_VIOLATION, qualification) or
-    (FAST_UNKNOWN, 0).
+    allowed the write), (FAST_VIOLATION or above, qualification) or (FAST_UNKNOWN, 0).
 
     The caches hold only complete, valid walks (hardware_check fills them after checking every
     entry above the leaf), and the leaf and the SPP vector are read live, so an answer given
@@ -197,7 +199,7 @@ def fast_check(st, v, first, last, kind):
         if not huge and (e & U_RWX) == U0:
             # Not present (a page not faulted in yet): the walk ends here, before any
             # misconfiguration check, exactly as in hardware_check.
-            return FAST_VIOLATION, ept_violation_qual(kind, U0)
+            return FAST_NOT_PRESENT, ept_violation_qual(kind, U0)
         return FAST_UNKNOWN, U0
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):

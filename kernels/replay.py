@@ -18,7 +18,15 @@ from sppjit import bits as B
 
 from ._jit import U0, U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel, prefetch
 from .exits import kvm_handle_exit
-from .hardware import FAST_ALLOWED, FAST_SPP_VIOLATION, FAST_UNKNOWN, FAST_VIOLATION, fast_check, hardware_check
+from .hardware import (
+    FAST_ALLOWED,
+    FAST_NOT_PRESENT,
+    FAST_SPP_VIOLATION,
+    FAST_UNKNOWN,
+    FAST_VIOLATION,
+    fast_check,
+    hardware_check,
+)
 from .layout import (
     CF_GRANULARITY,
     CT_ACCESSES,
@@ -31,7 +39,7 @@ from .layout import (
     SC_NVCPUS,
     SC_SPP_ACTIVE,
 )
-from .mmu import RESUME, kvm_exit_spp_code, serve_requests
+from .mmu import RESUME, kvm_exit_spp_code, kvm_map_gfn_common, memslot_of, serve_requests
 
 STATUS_DONE = 0
 STATUS_NEED_TABLES = 1
@@ -85,12 +93,13 @@ def log_exit(log, v, row, gpa, reason, qual, ek, user, insn):
 
 
 @inline
-def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
+def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, counters):
     """Bytes first..plast of one page through the full check / exit / retry loop.
 
     ``known_qual`` is the qualification of the EPT violation fast_check already established
     for the first attempt, or -1 (as uint64: all ones) when the first attempt needs the full
-    hardware_check too.
+    hardware_check too. ``taken`` is the exits the piece has had already (the inner loop's
+    fault-in): they count towards the livelock bound.
 
     Inlined into replay_batch's outer loop (a call would copy the whole state onto the stack,
     more than half the cost of a fault-in), and kept out of its inner loop, whose registers
@@ -99,7 +108,7 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
     """
     nexits = 0
     reason_last = 0
-    tries = 0
+    tries = taken
     while True:
         if tries == 0 and known_qual != _NO_QUAL:
             reason, qual = B.EXIT_REASON_EPT_VIOLATION, known_qual
@@ -111,7 +120,7 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, log, counters):
                 code, qual = fast_check(st, v, first, plast, k)
             if code == FAST_ALLOWED:
                 reason, qual = 0, U0
-            elif code == FAST_VIOLATION or code == FAST_SPP_VIOLATION:
+            elif code >= FAST_VIOLATION:
                 reason = B.EXIT_REASON_EPT_VIOLATION
             else:
                 reason, qual = hardware_check(st, v, first, plast, k)
@@ -170,9 +179,9 @@ def count_access(counters, k, out, nexits):
 
 
 @kernel
-def count_fast_rows(counters, kind, r0, r1, violations):
-    """Count rows r0..r1-1 of the fast loop into the counters: all allowed but ``violations``
-    sub-page violations (one exit each). Done after the loop in one vectorised pass over
+def count_fast_rows(counters, kind, r0, r1):
+    """Count rows r0..r1-1 of the fast loop into the counters as allowed rows (the loop's rows
+    with exits correct that as they go). Done after the loop in one vectorised pass over
     ``kind`` rather than in it, where the sums would hold registers the loop needs; kinds are
     0..2 (validated at ingestion)."""
     writes = 0
@@ -186,10 +195,7 @@ def count_fast_rows(counters, kind, r0, r1, violations):
     counters[CT_KIND + B.ACCESS_READ] += rows - writes - fetches
     counters[CT_KIND + B.ACCESS_WRITE] += writes
     counters[CT_KIND + B.ACCESS_FETCH] += fetches
-    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] += rows - violations
-    counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += violations
-    counters[CT_EXITS] += violations
-    counters[CT_EXIT_KIND + B.EXIT_KIND_SPP_VIOLATION] += violations
+    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] += rows
 
 
 @inline
@@ -222,11 +228,14 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     # outgrow the core's caches. Both are re-read after each slow row, where KVM's rules run.
     spp_active = st.scal[SC_SPP_ACTIVE] != 0
     prefetching = st.scal[SC_NTABLES] >= PREFETCH_MIN_TABLES
-    # A sub-page violation's handler is known without running it (kvm_handle_exit: a write
-    # fault on a leaf with the SPP bit, W clear, in SPP granularity) and changes no table, so
-    # the inner loop takes it in place: the exit fields, the log entry and the row's results.
-    # It leaves the loop only when the log is nearly full (the outer loop then asks for a
-    # flush). The page baseline has its own rule for that exit: the slow path.
+    # Two exits are common enough to matter and simple enough to take in the inner loop, with
+    # exactly kvm_handle_exit's effect (exit fields, log entry, counters, the row's results):
+    # - a sub-page violation: its handler is known without running it (a write fault on a
+    #   leaf with the SPP bit and W clear, in SPP granularity; the page baseline has its own
+    #   rule) and changes nothing;
+    # - a fault-in in kvm_map_gfn_common's case: it writes the faulting gfn's leaf, nothing
+    #   else, and the guest's retry follows.
+    # The rest, and any exit when the log is nearly full, leave for the outer loop.
     spp_exits_inline = st.cfg[CF_GRANULARITY] != GRAN_PAGE
     spp_exit_code = kvm_exit_spp_code(st)
     log_limit = log.row.shape[0] - LOG_MARGIN
@@ -238,7 +247,8 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             pending = True
     # The last page the fast path allowed and its walk's cumulative R/W/X: an access to the
     # same page that those rights allow needs no lookup at all (runs of accesses to one page
-    # are the common case). Tables change only on the slow path, which forgets it.
+    # are the common case). A present leaf changes only on the slow path, which forgets it
+    # (the inner loop's fault-ins write leaves that were not present).
     memo_gfn = _NO_PAGE
     memo_cum = np.uint64(0)
     # Unsigned row indices: numba emits no negative-index wraparound code for them.
@@ -247,8 +257,12 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     while True:
         # ---------------------------------------------------------------- fast rows
         run_start = ru
-        log_start = log.n[0]
         code = FAST_UNKNOWN
+        carried = 0  # exits the inner loop took for row ru before leaving it
+        # A fault-in taken in place must leave the outer loop room to finish its row without
+        # stopping (a stop would replay the row from the start): the pool's room is checked
+        # here (the inner loop allocates nothing), the log's at each exit.
+        faults_inline = st.tables.shape[0] - st.scal[SC_NTABLES] >= margin
         qual = U0
         page_ahead_prev = _NO_PAGE
         while ru < nu:
@@ -270,18 +284,54 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
                 break
             if not (gfn == memo_gfn and ((memo_cum >> k) & U1) != U0):
                 v = np.int64(vcpu[ru])
-                code, qual = fast_check(st, v, first, first + np.uint64(size[ru]) - U1, k)
+                last = first + np.uint64(size[ru]) - U1
+                code, qual = fast_check(st, v, first, last, k)
                 if code != FAST_ALLOWED:
-                    if code != FAST_SPP_VIOLATION or not spp_exits_inline or log.n[0] >= log_limit:
+                    # The two exits whose handling is known in advance, taken in place (see
+                    # above); everything else, and a nearly full log, leaves for the outer loop.
+                    if code < FAST_SPP_VIOLATION or log.n[0] >= log_limit:
                         break
                     insn = np.uint64(insn_len[ru])
+                    if code == FAST_SPP_VIOLATION:
+                        if not spp_exits_inline:
+                            break
+                        write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, first, insn)
+                        log_exit(log, v, row0 + np.int64(ru), first, B.EXIT_REASON_EPT_VIOLATION, qual,
+                                 B.EXIT_KIND_SPP_VIOLATION, spp_exit_code, insn)
+                        counters[CT_EXIT_KIND + B.EXIT_KIND_SPP_VIOLATION] += 1
+                        mark_touched(touched, touched_bits, gfn)
+                        outcome[ru] = B.OUTCOME_SPP_VIOLATION
+                        exits[ru] = 1
+                        exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
+                        # count_fast_rows counts the row as allowed: move it
+                        counters[CT_OUTCOME + B.OUTCOME_ALLOWED] -= 1
+                        counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += 1
+                        counters[CT_EXITS] += 1
+                        ru += U1
+                        continue
+                    # FAST_NOT_PRESENT: KVM's fault-in, when its common case holds (a RAM gfn
+                    # whose region has its level-1 table, nothing to protect); it writes
+                    # gfn's leaf and nothing else. Then the guest's retry.
+                    if not faults_inline:
+                        break
+                    s = memslot_of(st, gfn)
+                    if s < 0 or not kvm_map_gfn_common(st, gfn, s):
+                        break
                     write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, first, insn)
                     log_exit(log, v, row0 + np.int64(ru), first, B.EXIT_REASON_EPT_VIOLATION, qual,
-                             B.EXIT_KIND_SPP_VIOLATION, spp_exit_code, insn)
+                             B.EXIT_KIND_EPT_FAULT, 0, insn)
+                    counters[CT_EXIT_KIND + B.EXIT_KIND_EPT_FAULT] += 1
+                    code, qual = fast_check(st, v, first, last, k)
+                    if code != FAST_ALLOWED:
+                        carried = 1  # the outer loop goes on from the retry
+                        break
+                    memo_gfn = gfn
+                    memo_cum = qual
                     mark_touched(touched, touched_bits, gfn)
-                    outcome[ru] = B.OUTCOME_SPP_VIOLATION
+                    outcome[ru] = B.OUTCOME_ALLOWED
                     exits[ru] = 1
                     exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
+                    counters[CT_EXITS] += 1
                     ru += U1
                     continue
                 memo_gfn = gfn
@@ -292,7 +342,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             exit_reason[ru] = 0
             ru += U1
         if ru > run_start:
-            count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru), log.n[0] - log_start)
+            count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))
         r = np.int64(ru)
         if ru >= nu:
             return STATUS_DONE, n, 0
@@ -322,17 +372,17 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             # could not decide it; the caches may still spare slow_piece a full walk.
             code, qual = fast_check(st, v, first, plast, k)
         out = B.OUTCOME_ALLOWED
-        nexits = 0
-        reason_last = 0
+        nexits = carried
+        reason_last = B.EXIT_REASON_EPT_VIOLATION if carried else 0
         while True:
             mark_touched(touched, touched_bits, first >> U_PAGE_SHIFT)
             if code != FAST_ALLOWED:
-                known = qual if code == FAST_VIOLATION or code == FAST_SPP_VIOLATION else _NO_QUAL
-                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known, log,
-                                             counters)
+                known = qual if code >= FAST_VIOLATION else _NO_QUAL
+                ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known,
+                                             carried, log, counters)
                 memo_gfn = _NO_PAGE
                 if not ok:
-                    return STATUS_LIVELOCK, r, v
+                    return STATUS_LIVELOCK, r, np.int64(first)
                 if ne > 0:
                     nexits += ne
                     reason_last = rl

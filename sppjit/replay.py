@@ -276,7 +276,7 @@ class Replay:
                 v, code = divmod(int(detail), 16)
                 raise VmEntryError(f"vCPU {v}: VM entry failed: {ENTRY_FAILURE_MESSAGES[code]}")
             elif status == STATUS_LIVELOCK:
-                raise ModelLivelock(f"row {batch.first_row + row}: the guest keeps faulting")
+                raise ModelLivelock(f"row {batch.first_row + row}: the guest keeps faulting on {int(detail):#x}")
 
     def _run_reference(self, batch, outcome, exits, reason) -> None:
         from .kernels.replay import table_margin

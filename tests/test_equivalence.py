@@ -265,3 +265,54 @@ def test_hand_made_scenarios_reach_every_exit_kind():
             outcomes |= set(res.result.table.column("outcome").to_pylist())
     assert kinds == set(B.EXIT_KIND_NAMES), sorted(set(B.EXIT_KIND_NAMES) - kinds)
     assert outcomes == set(range(len(B.OUTCOME_NAMES))), sorted(set(range(len(B.OUTCOME_NAMES))) - outcomes)
+
+
+def _drop_write_above(vm, gpa: int) -> None:
+    """Clear W in the level-2 EPT entry above ``gpa`` (no API does this: KVM's non-leaf entries
+    are always RWX), so that every write in that 2 MiB region faults for good."""
+    from sppjit.kernels import layout as L
+    from sppjit.kernels.mmu import hpa_table
+
+    st_ = vm.state
+    t = int(st_.scal[L.SC_EPT_ROOT])
+    for level in (4, 3):
+        t = int(hpa_table(st_, st_.tables[t, B.level_index(gpa, level)]))
+    st_.tables[t, B.level_index(gpa, 2)] &= ~np.uint64(B.VMX_EPT_WRITABLE_MASK)
+    vm.invalidate_caches()
+
+
+@pytest.mark.parametrize("batch_size", [1, 1 << 20])
+def test_a_fault_in_whose_retry_still_faults_livelocks_alike(batch_size):
+    """The JIT loop takes common fault-ins in place and hands the guest's retry to the slow
+    path when it faults again; the exits taken before count towards the livelock bound. Both
+    engines must give up on the same access, in the same words, leaving the same state (the
+    counters of a replay that raised are not compared: the reference engine counts a batch's
+    exits when the batch ends)."""
+    from sppjit.io.trace import open_trace
+    from sppjit.reference import ModelLivelock
+    from sppjit.replay import Replay
+
+    def trace(gpas, kinds):
+        n = len(gpas)
+        return {"gpa": np.array(gpas, dtype=np.uint64), "size": np.full(n, 8, dtype=np.uint16),
+                "vcpu": np.zeros(n, dtype=np.uint16), "kind": np.array(kinds, dtype=np.uint8)}
+
+    seen = {}
+    for engine in ("reference", "jit"):
+        vm = sppjit.VM(memory="16MiB", vcpus=1)
+        vm.protect(np.array([0x300], dtype=np.uint64), np.array([0], dtype=np.uint32))
+        session = Replay(vm, engine)
+        for batch in open_trace(trace([0x200000], [B.ACCESS_READ])):
+            session.run(batch)  # maps page 0x200 at 4 KiB (page 0x300 is protected)
+        _drop_write_above(vm, 0x200000)
+        # Page 0x200 is read again (its walk fills the region cache, with R and X only), then
+        # page 0x201, never mapped, is written: a fault-in, then a write the walk refuses.
+        rows = trace([0x200000, 0x201008], [B.ACCESS_READ, B.ACCESS_WRITE])
+        with pytest.raises(ModelLivelock) as err:
+            for batch in open_trace(rows, batch_size=batch_size):
+                session.run(batch)
+        seen[engine] = (str(err.value), S.state_arrays(vm))
+    ref, jit = seen["reference"], seen["jit"]
+    assert ref[0] == jit[0] == "row 1: the guest keeps faulting on 0x201008"
+    for name in ref[1]:
+        np.testing.assert_array_equal(ref[1][name], jit[1][name], err_msg=name)
