@@ -139,6 +139,12 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, counte
             return nexits, reason_last, B.OUTCOME_ALLOWED, False
 
 
+# Result columns are preset to "allowed, no exit" (all zeros) this many rows ahead, one memset
+# each, so the inner loop writes results only for the rows with exits.
+PRESET_ROWS = 4096
+_U_PRESET_ROWS = np.uint64(PRESET_ROWS)
+
+
 # Rows ahead whose table entries are prefetched: enough to cover a memory latency with the
 # work of the rows in between, few enough that the lines are still cached when used.
 PREFETCH_DISTANCE = 12
@@ -254,8 +260,15 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     # Unsigned row indices: numba emits no negative-index wraparound code for them.
     nu = np.uint64(n)
     ru = np.uint64(start)
+    preset = ru  # rows ru..preset-1 have their results preset (OUTCOME_ALLOWED is 0)
     while True:
         # ---------------------------------------------------------------- fast rows
+        if preset < nu and preset - ru < _U_PRESET_ROWS:
+            upto = min(nu, ru + _U_PRESET_ROWS + _U_PRESET_ROWS)
+            outcome[np.int64(preset):np.int64(upto)] = 0
+            exits[np.int64(preset):np.int64(upto)] = 0
+            exit_reason[np.int64(preset):np.int64(upto)] = 0
+            preset = upto
         run_start = ru
         code = FAST_UNKNOWN
         carried = 0  # exits the inner loop took for row ru before leaving it
@@ -265,7 +278,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         faults_inline = st.tables.shape[0] - st.scal[SC_NTABLES] >= margin
         qual = U0
         page_ahead_prev = _NO_PAGE
-        while ru < nu:
+        while ru < preset:
             ahead = ru + _U_PREFETCH_DISTANCE
             if prefetching and ahead < nu:
                 page_ahead = gpa[ahead] >> U_PAGE_SHIFT
@@ -328,7 +341,6 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
                     memo_gfn = gfn
                     memo_cum = qual
                     mark_touched(touched, touched_bits, gfn)
-                    outcome[ru] = B.OUTCOME_ALLOWED
                     exits[ru] = 1
                     exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
                     counters[CT_EXITS] += 1
@@ -337,15 +349,14 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
                 memo_gfn = gfn
                 memo_cum = qual
                 mark_touched(touched, touched_bits, gfn)
-            outcome[ru] = B.OUTCOME_ALLOWED
-            exits[ru] = 0
-            exit_reason[ru] = 0
-            ru += U1
+            ru += U1  # its results are preset
         if ru > run_start:
             count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))
         r = np.int64(ru)
         if ru >= nu:
             return STATUS_DONE, n, 0
+        if ru == preset:
+            continue  # the end of the preset rows, not a slow row
         # ---------------------------------------------------------------- row r, the slow way
         # Room in the table pool and the exit log is needed only here: the fast rows allocate
         # nothing and log nothing.
