@@ -205,6 +205,38 @@ def count_fast_rows(counters, kind, r0, r1):
 
 
 @inline
+def take_spp_violation(st, log, counters, v, row, gpa, qual, insn, spp_exit_code):
+    """A sub-page violation taken in the fast loop: what slow_piece would leave, without
+    running kvm_handle_exit (whose answer for it is known: a write fault on a leaf with the
+    SPP bit and W clear, in SPP granularity) and with the row's counts moved from allowed,
+    where count_fast_rows puts the loop's rows. The caller writes the row's results."""
+    write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, gpa, insn)
+    log_exit(log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_SPP_VIOLATION, spp_exit_code,
+             insn)
+    counters[CT_EXIT_KIND + B.EXIT_KIND_SPP_VIOLATION] += 1
+    counters[CT_OUTCOME + B.OUTCOME_ALLOWED] -= 1
+    counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += 1
+    counters[CT_EXITS] += 1
+
+
+@inline
+def take_fault_in(st, log, counters, v, row, gfn, gpa, qual, insn):
+    """An EPT violation on a not-present 4 KiB leaf taken in the fast loop, when KVM's fault-in
+    is kvm_map_gfn_common's case (a RAM gfn whose region has its level-1 table, nothing to
+    protect: it writes gfn's leaf and nothing else). Returns False, having done nothing, when
+    it is not. The caller runs the guest's retry and counts the row's exits."""
+    s = memslot_of(st, gfn)
+    if s < 0 or not kvm_map_gfn_common(st, gfn, s):
+        return False
+    # The exit fields after the map (slow_piece writes them before the handler): the map does
+    # not read them, and a fault-in that is not this case must leave nothing behind.
+    write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, gpa, insn)
+    log_exit(log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_EPT_FAULT, 0, insn)
+    counters[CT_EXIT_KIND + B.EXIT_KIND_EPT_FAULT] += 1
+    return True
+
+
+@inline
 def mark_touched(touched, touched_bits, gfn):
     if gfn < touched_bits:
         touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
@@ -305,36 +337,21 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
                     if code < FAST_SPP_VIOLATION or log.n[0] >= log_limit:
                         break
                     insn = np.uint64(insn_len[ru])
+                    row = row0 + np.int64(ru)
                     if code == FAST_SPP_VIOLATION:
                         if not spp_exits_inline:
                             break
-                        write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, first, insn)
-                        log_exit(log, v, row0 + np.int64(ru), first, B.EXIT_REASON_EPT_VIOLATION, qual,
-                                 B.EXIT_KIND_SPP_VIOLATION, spp_exit_code, insn)
-                        counters[CT_EXIT_KIND + B.EXIT_KIND_SPP_VIOLATION] += 1
+                        take_spp_violation(st, log, counters, v, row, first, qual, insn, spp_exit_code)
                         mark_touched(touched, touched_bits, gfn)
                         outcome[ru] = B.OUTCOME_SPP_VIOLATION
                         exits[ru] = 1
                         exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
-                        # count_fast_rows counts the row as allowed: move it
-                        counters[CT_OUTCOME + B.OUTCOME_ALLOWED] -= 1
-                        counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += 1
-                        counters[CT_EXITS] += 1
                         ru += U1
                         continue
-                    # FAST_NOT_PRESENT: KVM's fault-in, when its common case holds (a RAM gfn
-                    # whose region has its level-1 table, nothing to protect); it writes
-                    # gfn's leaf and nothing else. Then the guest's retry.
-                    if not faults_inline:
+                    # FAST_NOT_PRESENT
+                    if not faults_inline or not take_fault_in(st, log, counters, v, row, gfn, first, qual, insn):
                         break
-                    s = memslot_of(st, gfn)
-                    if s < 0 or not kvm_map_gfn_common(st, gfn, s):
-                        break
-                    write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, first, insn)
-                    log_exit(log, v, row0 + np.int64(ru), first, B.EXIT_REASON_EPT_VIOLATION, qual,
-                             B.EXIT_KIND_EPT_FAULT, 0, insn)
-                    counters[CT_EXIT_KIND + B.EXIT_KIND_EPT_FAULT] += 1
-                    code, qual = fast_check(st, v, first, last, k)
+                    code, qual = fast_check(st, v, first, last, k)  # the guest's retry
                     if code != FAST_ALLOWED:
                         carried = 1  # the outer loop goes on from the retry
                         break
