@@ -85,6 +85,9 @@ def kvm_handle_exit(st, v, reason, qual, gpa, kind):
             # violation: KVM_EXIT_SPP (28 in v4, 29 in v12). v4 skips the instruction; v12
             # reports its length and lets userspace decide, and sppjit's userspace skips it:
             # in both profiles the write is dropped.
+            # The replay's fast loop takes this exit without calling here
+            # (kernels.replay.take_spp_violation): a change to this rule changes it there too,
+            # and the engine-equivalence tests compare the two.
             return B.EXIT_KIND_SPP_VIOLATION, kvm_exit_spp_code(st), B.OUTCOME_SPP_VIOLATION
         # A page KVM itself left write-protected: make it writable and retry.
         st.tables[t, i] = e | U_W

@@ -8,8 +8,10 @@ through ``fast_check`` first; anything it cannot decide from the caches takes th
 
 Where the time goes (README, "Performance"): a hot trace is bound by the instructions of the
 inner loop, a random one by cache misses (hence the prefetching), an exit-heavy one by KVM's
-handler and the exit log. numba passes every array of the state by value (~180 words) to a
-function that is not inlined, so nothing on a path taken per exit is out of line.
+handler and the exit log. The two common exits (a sub-page violation, a fault-in in
+kvm_map_gfn_common's case) are taken in the inner loop itself; the others leave it. numba
+passes every array of the state by value (~180 words) to a function that is not inlined, so
+nothing on a path taken per exit is out of line.
 """
 
 import numpy as np
