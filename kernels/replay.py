@@ -350,8 +350,9 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
                         exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
                         ru += U1
                         continue
-                    # FAST_NOT_PRESENT
-                    if not faults_inline or not take_fault_in(st, log, counters, v, row, gfn, first, qual, insn):
+                    if code != FAST_NOT_PRESENT or not faults_inline:
+                        break
+                    if not take_fault_in(st, log, counters, v, row, gfn, first, qual, insn):
                         break
                     code, qual = fast_check(st, v, first, last, k)  # the guest's retry
                     if code != FAST_ALLOWED:
