@@ -245,6 +245,18 @@ def test_reproducibility_seed_versions_and_digests(tmp_path):
     json.dumps(doc)  # plain JSON all the way down
 
 
+@pytest.mark.parametrize("size", [0, 1, (1 << 22) * 2 + 5])
+def test_file_digest_is_the_sha256_of_the_bytes(tmp_path, size):
+    """Hashed from a memory map (an empty file cannot be mapped: read instead), in chunks."""
+    from sppjit.provenance import CHUNK, file_digest
+
+    assert CHUNK == 1 << 22  # the largest size above spans three chunks, the last one short
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert file_digest(path) == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def test_parquet_directory_trace_is_read_per_configuration(tmp_path):
     data = writes(OFFSETS)
     directory = tmp_path / "trace"
