@@ -108,17 +108,17 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, counte
     it would take. Returns (exits taken, last exit reason, outcome, ok) with ok False on a
     livelock.
     """
-    nexits = 0
+    nexits = 0  # exits taken here; the first attempt is the one before any
     reason_last = 0
-    tries = taken
+    tries = taken  # exits towards the livelock bound
     while True:
-        if tries == 0 and known_qual != _NO_QUAL:
+        if nexits == 0 and known_qual != _NO_QUAL:
             reason, qual = B.EXIT_REASON_EPT_VIOLATION, known_qual
         else:
             # A retry after KVM's handler: its caches usually answer (the handler changed a
             # leaf, not the walk above it); the full check when they cannot.
             code, qual = FAST_UNKNOWN, U0
-            if tries > 0:
+            if nexits > 0:
                 code, qual = fast_check(st, v, first, plast, k)
             if code == FAST_ALLOWED:
                 reason, qual = 0, U0
