@@ -59,7 +59,6 @@ EPILOG = ("Example: sppjit generate guarded --accesses 100000 --out t.parquet "
           "--vcpus 2 --out r.parquet --exits e.parquet --summary s.json")
 
 
-
 class Profile(str, Enum):
     v4 = "v4"
     v12 = "v12"

@@ -65,7 +65,7 @@ def int_column(
         # Values before the first null may hold an earlier bad row; the null is next.
         first_null = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
         check_range(column.slice(0, first_null).to_numpy(zero_copy_only=False),
-                     name, lo, hi, must, first_row)
+                    name, lo, hi, must, first_row)
         row = first_row + first_null
         raise BadValue(row, f"column '{name}' has a null at row {row}")
     values = column.to_numpy(zero_copy_only=True)
