@@ -36,14 +36,29 @@ What is generated, and why:
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from sppjit import bits as B
 from sppjit.errors import InputError, SppError, VmEntryError
+
+# How the property tests run (tests/test_equivalence.py, tests/test_fast_check.py):
+# SPPJIT_HYPOTHESIS_EXAMPLES examples per test (default 60), on a fixed example sequence
+# unless SPPJIT_HYPOTHESIS_RANDOM=1 asks for new examples.
+EXAMPLES = int(os.environ.get("SPPJIT_HYPOTHESIS_EXAMPLES", "60"))
+DERANDOMIZE = os.environ.get("SPPJIT_HYPOTHESIS_RANDOM", "0") in ("0", "", "no", "false")
+SETTINGS = dict(
+    deadline=None,
+    derandomize=DERANDOMIZE,
+    database=None if DERANDOMIZE else settings.default.database,
+    report_multiple_bugs=False,  # shrink one failure (scenarios are big: shrinking is slow)
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
 
 FULL = B.FULL_SPP_ACCESS
 PAGES_PER_2M = 512

@@ -18,11 +18,10 @@ examples per test (default 60; the slow test takes half); the example sequence i
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, example, given, note, settings
+from hypothesis import event, example, given, note, settings
 from hypothesis import strategies as st
 
 import sppjit.replay
@@ -34,15 +33,7 @@ from sppjit.kernels.replay import LOG_MARGIN
 
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
 
-EXAMPLES = int(os.environ.get("SPPJIT_HYPOTHESIS_EXAMPLES", "60"))
-DERANDOMIZE = os.environ.get("SPPJIT_HYPOTHESIS_RANDOM", "0") in ("0", "", "no", "false")
-SETTINGS = dict(
-    deadline=None,
-    derandomize=DERANDOMIZE,
-    database=None if DERANDOMIZE else settings.default.database,
-    report_multiple_bugs=False,  # shrink one failure (scenarios are big: shrinking is slow)
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-)
+EXAMPLES, SETTINGS = S.EXAMPLES, S.SETTINGS
 BIG_BATCH = 1 << 20
 FULL = B.FULL_SPP_ACCESS
 

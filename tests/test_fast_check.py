@@ -10,10 +10,8 @@ granularity), FAST_NOT_PRESENT an access to a gfn KVM has not mapped.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 
 import sppjit
 from sppjit import bits as B
@@ -33,12 +31,6 @@ from sppjit.replay import replay
 
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
 
-EXAMPLES = int(os.environ.get("SPPJIT_HYPOTHESIS_EXAMPLES", "60"))
-SETTINGS = dict(
-    deadline=None,
-    derandomize=os.environ.get("SPPJIT_HYPOTHESIS_RANDOM", "0") in ("0", "", "no", "false"),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-)
 
 
 CODE_NAMES = {FAST_UNKNOWN: "UNKNOWN", FAST_ALLOWED: "ALLOWED", FAST_VIOLATION: "VIOLATION",
@@ -79,7 +71,7 @@ def check_access(vm, gpa: int, size: int, vcpu: int, kind: int) -> int:
     return code
 
 
-@settings(max_examples=EXAMPLES, **SETTINGS)
+@settings(max_examples=S.EXAMPLES, **S.SETTINGS)
 @given(S.scenarios())
 def test_fast_check_answers_only_what_the_walk_answers(scn):
     """Every access of every phase, checked before the phase's replay (caches from the phases
