@@ -1,4 +1,4 @@
-"""KVM's VM-exit handlers for the exits an access can cause (semantics sections 3 and 5).
+"""KVM's VM-exit handlers for the exits an access can cause (docs/semantics.md §3, §5).
 
 ``kvm_handle_exit`` is what happens between a VM exit and the guest's retry: it classifies the
 exit the way KVM's handlers do (handle_ept_violation -> tdp_page_fault / fast_page_fault,

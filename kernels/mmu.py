@@ -333,7 +333,7 @@ def sppt_setup_all_vcpus(st, gfn, vector):
 # ------------------------------------------------------------------ the v4 / v12 seam
 # Every rule in which profile v4 (the seed, RESEND v4 Aug 2019) and profile v12 (May 2020)
 # differ is one of the functions below, named after the v12 function that changed it
-# (semantics.md section 4; research 4.6). The page-granular baseline (section 5) is the same
+# (docs/semantics.md §4, §8.1). The page-granular baseline (§5) is the same
 # in both profiles: it is a monitor's page tracking, not the SPP series. The control-plane
 # half of the seam (KVM_INIT_SPP vs KVM_ENABLE_CAP, the uAPI struct, the page limit) is in
 # sppjit.vm (_kvm_init_spp / _spp_init) and sppjit.abi.
@@ -377,7 +377,7 @@ def kvm_spp_mark_protection(st, gfn, e, m):
     built at once in every vCPU's tree; FULL -> bit 61 off and W on.
     v12 kvm_spp_mark_protection: m != FULL -> W off, bit 61 on; FULL -> bit 61 off and W off
     too: v12 write-protects the SPTE (spte_write_protect) and leaves it so, the next write
-    takes one wp_fault exit that sets W (research 4.6; the brief's reading). v12 never builds
+    takes one wp_fault exit that sets W (docs/semantics.md §4.3, §7.7). v12 never builds
     SPPT entries here: the next eligible write misses and handle_spp fills the block.
     """
     if not spp_granular(st):

@@ -1,4 +1,4 @@
-"""The batch replay kernel: semantics section 6 over arrays, with a cached fast path.
+"""The batch replay kernel: docs/semantics.md §6 over arrays, with a cached fast path.
 
 One call replays rows ``start..n-1`` of a batch and stops early, with a status, when the table
 pool or the exit log might not have room for the next access (the control plane grows or

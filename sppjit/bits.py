@@ -4,7 +4,7 @@ This module is the one place for encodings. Kernels import the plain integers fr
 freezes module-level ints as compile-time constants); the control plane and the reference engine
 import them too. All entry and address values are 64-bit unsigned.
 
-Sources (see ../shared/research/spp-semantics.md): SDM Vol. 3C 28.2 (EPT entries, exits),
+Sources (docs/semantics.md §0, §8.3): SDM Vol. 3C 28.2 (EPT entries, exits),
 KVM SPP series v4 (RESEND, Aug 2019) and v12 (May 2020), Bochs bochs/cpu/paging.cc.
 """
 
@@ -148,7 +148,7 @@ EXIT_REASON_EPT_VIOLATION = 48
 EXIT_REASON_EPT_MISCONFIG = 49
 EXIT_REASON_SPP = 66  # "SPP-related event": SPPT miss or misconfiguration
 
-# EPT-violation exit qualification as sppjit fills it (semantics section 2).
+# EPT-violation exit qualification as sppjit fills it (docs/semantics.md §2.6).
 EPT_VIOLATION_ACC_READ = 1 << 0
 EPT_VIOLATION_ACC_WRITE = 1 << 1
 EPT_VIOLATION_ACC_INSTR = 1 << 2
@@ -160,7 +160,7 @@ EPT_VIOLATION_GLA_TRANSLATED = 1 << 8
 SPPT_INDUCED_EXIT_TYPE = 1 << 11
 SPPT_NMI_UNBLOCKING = 1 << 12
 
-# Access kinds of the trace (contract).
+# Access kinds of the trace (docs/contract.md §1).
 ACCESS_READ = 0
 ACCESS_WRITE = 1
 ACCESS_FETCH = 2
@@ -181,7 +181,7 @@ KVM_EXIT_SPP_V12 = 29
 KVM_EXIT_MEMORY_FAULT = 39
 
 # --------------------------------------------------------------------------------------------
-# Outcomes and exit kinds (contract)
+# Outcomes and exit kinds (docs/contract.md §5.2, §5.4)
 # --------------------------------------------------------------------------------------------
 OUTCOME_ALLOWED = 0
 OUTCOME_SPP_VIOLATION = 1

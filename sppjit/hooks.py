@@ -1,7 +1,7 @@
 """Hook relevance: was a protection exit caused by a write to the guarded bytes, or only to
 their neighbourhood (the same page, or the same 128-byte sub-page)?
 
-VM-introspection tools place protection as byte ranges ("hooks"; contract, "Protection").
+VM-introspection tools place protection as byte ranges ("hooks"; docs/contract.md §2.2).
 Every exit that blocks a write (``spp_violation``, ``write_protect``) is *relevant* when the
 bytes the access writes on that page overlap a hooked range, *irrelevant* otherwise: hvmi
 filters those out in its hook callback and counts them as noise (its WMI SPP statistics).

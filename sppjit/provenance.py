@@ -1,7 +1,7 @@
 """What a result was made from: tool versions, input digests, the generator's seed.
 
 Every summary and report records these so that a number can be traced back and reproduced
-(anchors B.4: seeds printed, versions and input hashes in every report).
+(docs/contract.md §8: seeds, versions and input hashes in every report).
 """
 
 from __future__ import annotations

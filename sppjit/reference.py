@@ -1,4 +1,4 @@
-"""The reference engine: semantics section 6, one access at a time, in plain Python.
+"""The reference engine: docs/semantics.md §6, one access at a time, in plain Python.
 
 This is the oracle every test compares the JIT engine with, and ``--engine reference`` for
 users. It is written to be obviously right, not fast: the hardware side (EPT walk, SPP
@@ -131,7 +131,7 @@ class ModelLivelock(RuntimeError):
 
 def replay_access(vm, row: int, gpa: int, size: int, vcpu: int, kind: int, log: list, touched: set,
                   insn_len: int = 0):
-    """Replay one access (semantics section 6). Returns (outcome, exits, last exit reason)."""
+    """Replay one access (docs/semantics.md §6.1). Returns (outcome, exits, last exit reason)."""
     st = vm.state
     if st.requests[vcpu]:
         failed = serve_requests(st, np.int64(vcpu))

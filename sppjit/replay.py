@@ -314,7 +314,7 @@ class Replay:
 
     # ---------------------------------------------------------------- summary
     def summary(self, input_info: dict | None = None, digests: dict | None = None, generator: dict | None = None) -> dict:
-        """The summary JSON of the contract. ``digests`` (input name -> "sha256:...") and
+        """The summary JSON (docs/contract.md §5.3). ``digests`` (input name -> "sha256:...") and
         ``generator`` (scenario, seed from the trace's metadata) go into its provenance."""
         c = self.counters
         counts = {
@@ -373,8 +373,9 @@ def _hook_index(hooks) -> HookIndex | None:
 def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None, ops=None) -> ReplayResult:
     """Replay a whole trace and keep every result in memory (see replay_batches for streams).
 
-    ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of the
-    contract: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the summary. ``ops`` is
+    ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of
+    docs/contract.md §2.2: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the
+    summary. ``ops`` is
     a timeline: dicts {"at", "op", "gfn", "npages", "access"} applied before the access at
     row ``at`` (see VM.apply).
     """

@@ -472,7 +472,7 @@ class VM:
         return slot
 
     def apply(self, op: dict):
-        """Apply one timeline operation (contract "Timeline"): a mapping with ``op`` one of
+        """Apply one timeline operation (docs/contract.md §4): a mapping with ``op`` one of
         set_subpages, zap, remap, delete_memslot; ``gfn``; ``npages`` (default 1; ignored by
         delete_memslot); ``access`` (set_subpages: the u32 map of every page of the range,
         applied in calls of at most page_limit pages). SPP must be on for set_subpages (no

@@ -1,7 +1,7 @@
-"""The conformance table: hand-derived cases of semantics.md, run on both engines.
+"""The conformance table: hand-derived cases of docs/semantics.md, run on both engines.
 
-Every expected value below was worked out by hand from /work/shared/spec/semantics.md (and
-contract.md for names and codes), never copied from a run. The derivations are in the comments;
+Every expected value below was worked out by hand from docs/semantics.md (and
+docs/contract.md for names and codes), never copied from a run. The derivations are in the comments;
 the numbers are written out literally on purpose, so that a wrong constant in sppjit.bits is
 caught here as well (tests/test_bits.py checks the names against the same numbers).
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-# ------------------------------------------------------------------ numbers of the model (spec)
-READ, WRITE, FETCH = 0, 1, 2  # contract: trace column `kind`
+# ------------------------------------------------- numbers of the model (docs/semantics.md)
+READ, WRITE, FETCH = 0, 1, 2  # docs/contract.md §1: trace column `kind`
 ALLOWED, SPP_VIOLATION, WRITE_PROTECT_VIOLATION, MMIO, SPP_MISCONFIG = 0, 1, 2, 3, 4
 
 EPT_VIOLATION = 48
@@ -43,7 +43,7 @@ KVM_EXIT_MEMORY_FAULT = 39  # the page-granular baseline's write-protect exit (a
 FULL = 0xFFFFFFFF
 BIT61 = 1 << 61
 
-# EPT-violation qualification (semantics 2): access bit (read 1, write 2, fetch 4)
+# EPT-violation qualification (docs/semantics.md §2.6): access bit (read 1, write 2, fetch 4)
 # | cumulative RWX of the walk << 3 (0 when not present) | bit 7 (0x80) | bit 8 (0x100).
 Q_READ_NOT_PRESENT = 0x001 | 0x000 | 0x180  # 0x181
 Q_WRITE_NOT_PRESENT = 0x002 | 0x000 | 0x180  # 0x182

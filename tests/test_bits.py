@@ -1,6 +1,6 @@
 """sppjit.bits: the map <-> SPP vector conversions and the numbers the model is built on.
 
-Every expected value is written out from the spec (semantics.md sections 1-3, contract.md) or
+Every expected value is written out from docs/semantics.md §1-§3 and docs/contract.md or
 computed by the naive loop below, never taken from the code under test.
 """
 

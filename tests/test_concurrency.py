@@ -5,7 +5,7 @@ engines take mmu_lock around the kernels that touch the state. So a call from an
 takes effect between two batches of the replay session, and the result must equal a replay in
 which the same calls are applied at those row boundaries, one after the other.
 
-- test_calls_between_batches_equal_sequential: the brief's protocol: after chosen batches the
+- test_calls_between_batches_equal_sequential: the protocol: after chosen batches the
   main thread signals a worker (threading.Event) and waits for its calls to finish.
 - test_calls_blocked_by_the_lock_take_effect_at_the_boundary: the main thread holds mmu_lock
   (a re-entrant lock, as the engines re-take it) while it replays a batch, having woken the

@@ -1,7 +1,7 @@
 """The v4 control plane: init/set/get, their errors (Python API and ioctl), the ABI, lazy and
 immediate protection as vm.walk shows it, and a thread-safety smoke test.
 
-Expected values are derived by hand from semantics.md section 3 and contract.md ("Python API");
+Expected values are derived by hand from docs/semantics.md §3 and docs/contract.md §7;
 ioctl numbers from the asm-generic _IOC encoding: dir << 30 | size << 16 | type << 8 | nr.
 """
 

@@ -1,4 +1,4 @@
-"""Hook relevance (contract, "Protection", byte-range form), computed by hand.
+"""Hook relevance (docs/contract.md §2.2, the byte-range form), computed by hand.
 
 One hook of 16 bytes at offset 120 of gfn 0x100 covers sub-pages 0 and 1 (bytes 0..255 are
 write-protected under SPP; the whole page under page granularity).

@@ -1,4 +1,4 @@
-"""Timeline operations in a replay (contract, "Timeline"): --ops and replay(ops=...)."""
+"""Timeline operations in a replay (docs/contract.md §4): --ops and replay(ops=...)."""
 
 import json
 

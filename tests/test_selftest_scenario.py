@@ -1,12 +1,12 @@
-"""The KVM series' own selftest (tools/testing/selftests/kvm/x86_64/spp_test.c, research section 6),
-replayed on the v4 model with both engines.
+"""The KVM series' own selftest (tools/testing/selftests/kvm/x86_64/spp_test.c,
+docs/semantics.md §8.2), replayed on the v4 model with both engines.
 
 One vCPU; memslot of 16 pages at GPA 0x10000000; SET_ACCESS of one page with map 0 must return 1,
 GET must return 1 with access_map[0] == 0; 32 four-byte stores at offsets 0, 128, ..., 3968 (one
 per sub-page) must each end in KVM_EXIT_SPP (28 in v4); after SET_ACCESS 0xFFFFFFFF the same 32
 stores cause no exit. Expected values are by hand: the protected page is unmapped when the guest
 first writes it, so the first store is preceded by one EPT fault-in (48, 0x182) that KVM
-resolves (semantics section 3, lazy mode); every store is then an EPT violation (48) with
+resolves (docs/semantics.md §3.5, the lazy path); every store is then an EPT violation (48) with
 qualification write (2) | cumulative R-X (0b101 << 3) | 0x180 = 0x1AA.
 """
 

@@ -1,5 +1,5 @@
-"""Timeline operations (semantics section 3 "Host remap / reclaim" and "Memslot delete";
-contract "Timeline"): vm.zap, vm.remap, vm.delete_memslot and vm.apply, in both profiles and
+"""Timeline operations (docs/semantics.md §3.10 host remap / reclaim and §3.11 memslot delete;
+docs/contract.md §4): vm.zap, vm.remap, vm.delete_memslot and vm.apply, in both profiles and
 on both engines, with hand-derived expectations; then random timelines on which the two
 engines must leave identical results and states.
 

@@ -1,8 +1,8 @@
 """Profile v12 against profile v4: one conformance case per row of the version table.
 
-Every expected value is derived by hand from semantics.md section 4 (and section 3 for the v4
-side of each contrast) and research 4.1 / 4.6; never copied from a run. Each replay runs on
-both engines. The rows of research 4.1 and where they are checked:
+Every expected value is derived by hand from docs/semantics.md §4 (and §3 for the v4
+side of each contrast) and docs/semantics.md §8.1; never copied from a run. Each replay runs on
+both engines. The rows of docs/semantics.md §8.1 and where they are checked:
 
 | row (version)                                   | tests here                                     |
 |-------------------------------------------------|------------------------------------------------|
@@ -51,7 +51,7 @@ KVM_ENABLE_CAP = (1 << 30) | (104 << 16) | (0xAE << 8) | 0xA3
 KVM_CHECK_EXTENSION = (0xAE << 8) | 0x03  # _IO(KVMIO, 0x03)
 KVM_CAP_X86_SPP = 182
 
-# Exits of the v12 model (semantics 4): the sub-page violation reports KVM_EXIT_SPP = 29.
+# Exits of the v12 model (docs/semantics.md §4.6): a sub-page violation reports KVM_EXIT_SPP 29.
 SPP_VIOL_V12 = C.X(48, 0x1AA, "spp_violation", 29)
 # A write on a leaf KVM left write-protected without bit 61 (R|X, cum 0b101): wp_fault.
 WP_FAULT = C.X(48, 0x1AA, "wp_fault", 0)
@@ -350,10 +350,10 @@ def test_full_leaves_w_off(engine):
 # ====================================================================== KVM_EXIT_SPP = 29
 @pytest.mark.parametrize("engine", ENGINES)
 def test_exit_spp_29_selftest(engine):
-    """The v12 selftest (research 6): memslot at gpa 0x10000000, map 0, 32 stores of 4 bytes one
-    per sub-page: each is KVM_EXIT_SPP (29), the first after the fault-in and the SPPT miss;
-    userspace skips the instruction (write dropped). Then map FULL: the first store takes the
-    wp_fault (v12 left W off), the rest pass with no exit."""
+    """The v12 selftest (docs/semantics.md §8.2): memslot at gpa 0x10000000, map 0, 32 stores of
+    4 bytes one per sub-page: each is KVM_EXIT_SPP (29), the first after the fault-in and the
+    SPPT miss; userspace skips the instruction (write dropped). Then map FULL: the first store
+    takes the wp_fault (v12 left W off), the rest pass with no exit."""
     vm = sppjit.VM(profile="v12", memslots=[(0x10000, 16)])
     page = 0x10000000
     stores = [W(page + 128 * i, size=4, exits=[SPP_VIOL_V12], outcome=C.SPP_VIOLATION) for i in range(32)]

@@ -143,7 +143,7 @@ def _write_protection(made, path: str, fmt: str) -> None:
     import pyarrow as pa
 
     if made.hook_gpa is not None:
-        # The hook form: byte ranges with names (contract, "Protection").
+        # The hook form: byte ranges with names (docs/contract.md §2.2).
         schema = pa.schema([("gpa", pa.uint64()), ("length", pa.uint32()), ("name", pa.string())])
         table = pa.table([pa.array(made.hook_gpa), pa.array(made.hook_length),
                           pa.array(made.hook_name, type=pa.string())], schema=schema)

@@ -1,4 +1,4 @@
-"""Read a timeline file: control operations applied between accesses (contract, "Timeline")."""
+"""Read a timeline file: control operations applied between accesses (docs/contract.md §4)."""
 
 import os
 
