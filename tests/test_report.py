@@ -405,6 +405,58 @@ def test_cli_bad_input_exits_2_with_one_line(files, tmp_path, args, message):
     assert sorted(os.listdir(files)) == before
 
 
+@pytest.mark.parametrize("doc, message", [
+    ({"input": [7]}, '"input" is a JSON array, not an object'),
+    ({"input": "t.parquet"}, '"input" is a JSON string, not an object'),
+    ({"config": ["profile", "granularity"]}, '"config" is a JSON array, not an object'),
+    ({"config": 4}, '"config" is a JSON number, not an object'),
+    ({"configs": [{"name": "a", "exits": {"total": "many"}}]}, "has no exit counts"),
+    ({"configs": [{"name": "a", "exits": 3}]}, 'has no "exits" object'),
+    ({"configs": 3}, '"configs" must be a list or an object'),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_cli_summary_of_the_wrong_shape_exits_2_with_one_line(files, tmp_path, doc, message):
+    """A --summary that is JSON but not a summary's shape (issue 11, item 8): one line, exit 2,
+    before any work and with nothing written (these used to end in an internal error)."""
+    path = tmp_path / "summary.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    out = tmp_path / "stats"
+    result = invoke(files / "r.parquet", "--exits", files / "e.arrow", "--summary", path,
+                    "--stats", out)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sppjit: error: summary: "), result.stderr
+    assert message in lines[0]
+    assert result.stdout == "" and not out.exists()
+
+
+def test_find_seed_is_depth_first_and_survives_any_depth():
+    assert R.find_seed({"a": {"seed": None, "b": {"seed": 1}}, "c": [{"seed": 2}]}) == 2
+    assert R.find_seed({"input": {"seed": 3}, "generator": {"seed": 4}}) == 3
+    deep: dict = {"seed": 5}
+    for _ in range(10_000):
+        deep = {"x": [deep]}
+    assert R.find_seed(deep) == 5
+
+
+def test_write_report_is_the_command(files, tmp_path):
+    """The command is a thin shell: write_report writes the same files, and its text is what
+    the command prints."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = invoke(files / "r.parquet", "--exits", files / "e.arrow", "--summary",
+                    files / "s.json", "--stats", a)
+    assert result.exit_code == 0, result.output
+    done = R.write_report(str(files / "r.parquet"), str(files / "e.arrow"),
+                          summary=str(files / "s.json"), stats=str(b))
+    assert result.stdout == done.text.replace(str(b), str(a))
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b)) == sorted(
+        [*R.STATS_FILES.values(), R.REPORT_FILE])
+    for name in R.STATS_FILES.values():
+        assert pq.read_table(a / name).equals(pq.read_table(b / name))
+    doc_a, doc_b = (json.loads((d / R.REPORT_FILE).read_text()) for d in (a, b))
+    assert doc_a == doc_b
+
+
 def test_cli_refuses_to_overwrite_an_input(files, tmp_path):
     d = tmp_path / "out"
     d.mkdir()
@@ -417,11 +469,12 @@ def test_cli_refuses_to_overwrite_an_input(files, tmp_path):
 def test_a_failed_run_leaves_no_file_and_no_directory_it_created(files, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from sppjit.commands.report import run_report
+    from sppjit.report import plots
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(R, "plot_violations_heatmap", broken)
+    monkeypatch.setattr(plots, "plot_violations_heatmap", broken)
     with pytest.raises(RuntimeError, match="boom"):
         run_report(results=str(files / "r.parquet"), exits=str(files / "e.arrow"),
                    stats=str(tmp_path / "a" / "stats"), plot=str(tmp_path / "plots"))

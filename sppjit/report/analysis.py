@@ -1,44 +1,17 @@
-"""Reports on a replay's outputs: per-page and per-sub-page statistics, exits per epoch, plots.
+"""Per-page and per-sub-page statistics and exits per epoch, from a replay's outputs.
 
 The results (``sppjit replay --out``) and the exit log (``--exits``) are read together, batch by
 batch and with only the columns needed, so memory grows with the number of distinct pages and
 sub-pages, never with the trace: each batch is grouped with numpy (sort, reduceat) and the
-partial groups are merged into running sorted tables, compacted when they grow.
-
-Attribution rules (the same in the tables, the text report and the plots):
-
-- An access counts on every page it touches (a write crossing a page boundary counts on both
-  pages) and, for ``writes`` per sub-page, on every 128-byte sub-page its bytes touch.
-- An exit counts on the page of its logged gpa (the start of the page piece that faulted). A
-  protection exit (``spp_violation`` or ``write_protect``) counts, per sub-page, on every
-  sub-page its faulting bytes touch: the piece from the logged gpa to the end of the access or
-  of the page, whichever comes first.
-- Without an exit log the exit kinds are unknown (null columns); ``exits`` then counts the
-  results' ``exits`` column on the page of each access's first byte, and ``violations`` counts
-  the accesses whose outcome is SPP_VIOLATION or WRITE_PROTECT_VIOLATION on the piece of their
-  first page, as the exit log would for accesses that do not cross a page.
-- Epochs split the trace rows into ``epochs`` runs of equal length (the first rows of the
-  trace in epoch 0): row r is in epoch r * epochs // rows.
-
-Python API::
-
-    per_page, per_subpage = page_stats(results, exits)        # two pyarrow Tables
-    stats = analyze(results, exits, epochs=100)                 # + epochs, totals
-    plot_exits_over_time(stats.epochs, "exits.png")
-    plot_violations_heatmap(stats.per_subpage, "heat.png", per_page=stats.per_page, top=32)
-    plot_compare_bars(compare_document, "bars.png")
-
-``results`` and ``exits`` are paths (Parquet, Arrow IPC file or stream), pyarrow Tables or
-RecordBatches, or a ``ReplayResult`` (whose ``exits`` is used when ``exits`` is not given).
+partial groups are merged into running sorted tables, compacted when they grow. The
+attribution rules are in the package's docstring (sppjit.report).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -46,46 +19,27 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from . import __version__
-from . import bits as B
-from .errors import InputError
-from .io.formats import ARROW_FILE_MAGIC, PARQUET_MAGIC, cannot_read, read_magic
+from sppjit import __version__
+from sppjit import bits as B
+from sppjit.errors import InputError
+from sppjit.io.columns import UINT64_MAX, BadValue, int_column, type_problem
+from sppjit.io.formats import (
+    ARROW_FILE_MAGIC,
+    ARROW_STREAM_MARKER,
+    PARQUET_MAGIC,
+    cannot_read,
+    read_magic,
+)
+from sppjit.io.trace import DEFAULT_KIND, DEFAULT_SIZE, MAX_ACCESS_SIZE, schema_metadata
 
-REPORT_SCHEMA_VERSION = 1
-DEFAULT_EPOCHS = 100
-DEFAULT_TOP = 32
-TEXT_TOP = 10  # pages listed in the printed report
+from .options import DEFAULT_EPOCHS
+
+TEXT_TOP = 10  # pages listed in the printed report and in report.json
 BATCH_ROWS = 1 << 18  # results rows per batch: a batch of 4 KiB writes expands 33 times
 COMPACT_ROWS = 1 << 20  # pending grouped rows merged into the running table past this
 
-# Figures: 12 x 8 inches at 100 dpi = 1200 x 800 pixels, saved without tight cropping.
-FIG_SIZE = (12.0, 8.0)
-FIG_DPI = 100
-PLOT_FILES = {
-    "exits_over_time": "exits_over_time.png",
-    "violations_heatmap": "violations_heatmap.png",
-    "compare_bars": "compare_bars.png",
-}
-STATS_FILES = {
-    "per_page": "per_page.parquet",
-    "per_subpage": "per_subpage.parquet",
-    "epochs": "epochs.parquet",
-}
-REPORT_FILE = "report.json"
-MATPLOTLIB_MISSING = "sppjit report --plot needs matplotlib: pip install 'sppjit[plot]'"
-
 KINDS = B.EXIT_KIND_NAMES
 PROTECTION_KINDS = (B.EXIT_KIND_SPP_VIOLATION, B.EXIT_KIND_WRITE_PROTECT)
-# One colour per exit kind, the same in every plot.
-KIND_COLORS = {
-    "ept_fault": "#4c72b0",
-    "mmio": "#8c8c8c",
-    "spp_miss": "#55a868",
-    "spp_misconfig": "#8172b2",
-    "spp_violation": "#c44e52",
-    "write_protect": "#dd8452",
-    "wp_fault": "#937860",
-}
 
 _PAGE = np.uint64(B.PAGE_SHIFT)
 _SUB = np.uint64(B.SUBPAGE_SHIFT)
@@ -182,7 +136,7 @@ def _open_path(path: str, what: str, wanted: tuple[str, ...]) -> _Source:
         num_rows = sum(b.num_rows for b in stream)  # a stream says its length only at its end
         return _Source(what, path, path, "arrow-stream", num_rows, all_names, read_stream)
     except (pa.ArrowException, OSError) as exc:
-        if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, b"\xff\xff\xff\xff")):
+        if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, ARROW_STREAM_MARKER)):
             raise cannot_read(what, path, exc) from None
         raise cannot_read(what, path, "not a Parquet file nor an Arrow IPC file or stream "
                                       f"(the {what} of sppjit replay are one of these)") from None
@@ -194,30 +148,23 @@ def _require(src: _Source, columns: tuple[str, ...], hint: str) -> None:
             raise InputError(f"{src.what}: {src.label} has no column '{name}' ({hint})")
 
 
-def _int_column(batch: pa.RecordBatch, name: str, dtype, src: _Source, first_row: int,
-                *, default: int | None = None) -> np.ndarray:
-    """A column as a numpy array of ``dtype``; InputError for nulls or a non-integer type."""
+def _int_column(batch: pa.RecordBatch, name: str, dtype, src: _Source, first_row: int, *,
+                default: int | None = None, hi: int = UINT64_MAX, lo: int = 0,
+                must: str = "") -> np.ndarray:
+    """A column as a numpy array of ``dtype``, checked by sppjit.io.columns as every input's
+    columns are (no nulls, no negatives, ``lo..hi``); ``default`` everywhere when absent.
+    InputError names the input, the column and the first bad row."""
     if name not in batch.schema.names:
         return np.full(batch.num_rows, default, dtype=dtype)
-    col = batch.column(name)
-    if not (pa.types.is_integer(col.type) or pa.types.is_boolean(col.type)):
-        raise InputError(f"{src.what}: {src.label}: column '{name}' has type {col.type}, "
-                         "not an integer type")
-    if col.null_count:
-        row = first_row + int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
-        raise InputError(f"{src.what}: {src.label}: column '{name}' is null at row {row}")
-    values = col.to_numpy()
-    if np.issubdtype(values.dtype, np.signedinteger) and values.size and values.min() < 0:
-        row = first_row + int(np.argmax(values < 0))
-        raise InputError(f"{src.what}: {src.label}: column '{name}' is negative at row {row}")
-    return values.astype(dtype, copy=False)
-
-
-def _check_range(values: np.ndarray, hi: int, name: str, src: _Source, first_row: int) -> None:
-    if values.size and int(values.max()) > hi:
-        row = first_row + int(np.argmax(values > hi))
-        raise InputError(f"{src.what}: {src.label}: column '{name}' has {int(values.max())} at "
-                         f"row {row} (at most {hi})")
+    column = batch.column(name)
+    problem = type_problem(name, column.type)
+    try:
+        if problem is not None:
+            raise BadValue(first_row, problem)
+        return int_column(column, name=name, dtype=dtype, lo=lo, hi=hi, must=must,
+                          first_row=first_row)
+    except BadValue as bad:
+        raise InputError(f"{src.what}: {src.label}: {bad.message}") from None
 
 
 # ============================================================================ grouping
@@ -498,16 +445,13 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         if first + m > n:
             raise InputError(f"results: {res.label} holds more rows than its metadata says")
         gpa = _int_column(batch, "gpa", np.uint64, res, first)
-        size = _int_column(batch, "size", np.uint64, res, first, default=8)
-        kind = _int_column(batch, "kind", np.int64, res, first, default=B.ACCESS_WRITE)
-        outcome = _int_column(batch, "outcome", np.int64, res, first)
+        size = _int_column(batch, "size", np.uint64, res, first, default=DEFAULT_SIZE, lo=1,
+                           hi=MAX_ACCESS_SIZE, must=f"(must be 1..{MAX_ACCESS_SIZE})")
+        kind = _int_column(batch, "kind", np.int64, res, first, default=DEFAULT_KIND,
+                           hi=B.ACCESS_FETCH, must="(must be 0 read, 1 write, 2 fetch)")
+        outcome = _int_column(batch, "outcome", np.int64, res, first, hi=len(B.OUTCOME_NAMES) - 1,
+                              must=f"(must be 0..{len(B.OUTCOME_NAMES) - 1})")
         nexits = _int_column(batch, "exits", np.int64, res, first)
-        _check_range(kind, B.ACCESS_FETCH, "kind", res, first)
-        _check_range(outcome, len(B.OUTCOME_NAMES) - 1, "outcome", res, first)
-        if size.size and int(size.min()) < 1:
-            raise InputError(f"results: {res.label}: column 'size' is 0 at row "
-                             f"{first + int(np.argmax(size < 1))}")
-        _check_range(size, B.PAGE_SIZE, "size", res, first)
         rows = np.arange(first, first + m, dtype=np.int64)
         end = gpa + size  # one past the last byte
         p0, p1 = gpa >> _PAGE, (end - np.uint64(1)) >> _PAGE
@@ -643,8 +587,6 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
 
 
 def _schema_metadata() -> dict[bytes, bytes]:
-    from .io.trace import schema_metadata
-
     return {**schema_metadata(), b"sppjit.version": __version__.encode()}
 
 
@@ -711,467 +653,3 @@ def top_pages(per_page: pa.Table, n: int = TEXT_TOP, by: str = "exits") -> list[
     return keyed.take(order[:n]).to_pylist()
 
 
-# ============================================================================ inputs of reports
-
-def read_summary(path: str) -> dict:
-    """A summary JSON (sppjit replay --summary) or a compare document (sppjit compare --json)."""
-    read_magic(path, "summary")  # missing file, directory, unreadable: one clear message
-    try:
-        with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise cannot_read("summary", path, getattr(exc, "strerror", None) or exc) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"summary: {path} is not JSON: {exc.msg} at line {exc.lineno} "
-                         f"column {exc.colno}") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"summary: {path} holds a JSON {type(doc).__name__}, not an object "
-                         "(the --summary of sppjit replay or sppjit compare --json)")
-    return doc
-
-
-def is_compare(doc: dict) -> bool:
-    """A compare document (sppjit compare --json) has a "configs" key."""
-    return "configs" in doc
-
-
-def compare_configs(doc: dict) -> list[tuple[str, dict]]:
-    """(name, exits by kind) of each configuration of a compare document.
-
-    "configs" is a list of objects (or an object keyed by name); each holds its exits as
-    "exits" ({"total": n, "<kind>": n, ...}) or inside "summary"; its name is "name", "label"
-    or "id", else made from its "config" (granularity, profile, subpage_check).
-    """
-    configs = doc.get("configs")
-    if isinstance(configs, dict):
-        items = [(str(k), v) for k, v in configs.items()]
-    elif isinstance(configs, list):
-        items = [(None, v) for v in configs]
-    else:
-        raise InputError("summary: \"configs\" must be a list or an object of configurations")
-    if not items:
-        raise InputError("summary: the compare document has no configurations")
-    out = []
-    for index, (key, config) in enumerate(items):
-        if not isinstance(config, dict):
-            raise InputError(f"summary: configuration {index} is not an object")
-        name = key or config.get("name") or config.get("label") or config.get("id")
-        if not name:
-            name = _config_name(config.get("config")) or f"config {index}"
-        exits = config.get("exits")
-        if not isinstance(exits, dict) and isinstance(config.get("summary"), dict):
-            exits = config["summary"].get("exits")
-        if not isinstance(exits, dict):
-            raise InputError(f"summary: configuration {name!r} has no \"exits\" object")
-        counts = {}
-        for kind, value in exits.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            counts[str(kind)] = value
-        if not counts:
-            raise InputError(f"summary: configuration {name!r} has no exit counts")
-        out.append((str(name), counts))
-    return out
-
-
-def _config_name(config) -> str | None:
-    if not isinstance(config, dict):
-        return None
-    if config.get("granularity") == "page":
-        name = "page"
-    elif "profile" in config:
-        name = f"SPP {config['profile']}"
-    else:
-        return None
-    if config.get("granularity") != "page" and config.get("subpage_check") not in (None, "all"):
-        name += f" ({config['subpage_check']})"
-    return name
-
-
-def find_seed(doc) -> object:
-    """The first "seed" found in a summary (top level, input, generator, ...), else None."""
-    if isinstance(doc, dict):
-        if "seed" in doc:
-            return doc["seed"]
-        for value in doc.values():
-            if isinstance(value, (dict, list)):
-                found = find_seed(value)
-                if found is not None:
-                    return found
-    elif isinstance(doc, list):
-        for value in doc:
-            found = find_seed(value)
-            if found is not None:
-                return found
-    return None
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the tools that shaped a report (read from package metadata: no imports)."""
-    import platform
-
-    out: dict[str, str | None] = {"sppjit": __version__}
-    for name in ("numba", "numpy", "pyarrow", "matplotlib"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["python"] = platform.python_version()
-    return out
-
-
-def file_digest(path: str) -> str:
-    """"sha256:<hex>" of a file's bytes, read in 4 MiB chunks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def report_document(stats: ReportStats, *, results: str | None, exits: str | None,
-                    summary_path: str | None, summary: dict | None, epochs: int, top: int,
-                    outputs: list[str]) -> dict:
-    """The report.json: what was read (paths, digests), with what, and the headline numbers."""
-    inputs = {}
-    for key, path in (("results", results), ("exits", exits), ("summary", summary_path)):
-        if path is None:
-            inputs[key] = None
-            continue
-        entry = dict(stats.inputs.get(key, {}))
-        entry["path"] = path
-        entry["digest"] = file_digest(path)
-        inputs[key] = entry
-    source = None
-    if summary is not None:
-        source = {"kind": "compare" if is_compare(summary) else "replay",
-                  "sppjit_version": summary.get("sppjit_version"),
-                  "seed": find_seed(summary)}
-        if is_compare(summary):
-            source["configs"] = [name for name, _ in compare_configs(summary)]
-            source["config"] = summary.get("config")
-        else:
-            source["config"] = summary.get("config")
-            source["input"] = summary.get("input")
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "report": "sppjit report",
-        "sppjit_version": __version__,
-        "versions": versions(),
-        "inputs": inputs,
-        "source": source,
-        "options": {"epochs": epochs, "epochs_used": stats.epochs.num_rows, "top": top},
-        "totals": stats.totals,
-        "top_pages": [_page_json(p) for p in top_pages(stats.per_page, TEXT_TOP)],
-        "warnings": stats.warnings,
-        "outputs": outputs,
-    }
-
-
-def _page_json(page: dict) -> dict:
-    return {"gfn": f"{page['gfn']:#x}", **{k: v for k, v in page.items() if k != "gfn"}}
-
-
-# ============================================================================ plots
-
-def require_matplotlib():
-    """matplotlib, or InputError saying how to install it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError(MATPLOTLIB_MISSING) from None
-    return matplotlib
-
-
-_RC = {
-    "font.size": 12,
-    "axes.titlesize": 16,
-    "axes.labelsize": 13,
-    "xtick.labelsize": 11,
-    "ytick.labelsize": 11,
-    "legend.fontsize": 11,
-    "legend.title_fontsize": 12,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-}
-
-
-def _new_figure():
-    """A 1200 x 800 figure on the Agg canvas (no pyplot: no global state, thread-safe)."""
-    require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=FIG_SIZE, dpi=FIG_DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | os.PathLike) -> str:
-    """Write the PNG atomically; returns the path."""
-    from .commands import atomic_path
-
-    path = os.fspath(path)
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, format="png", dpi=FIG_DPI)
-    return path
-
-
-def _thousands(value, _pos=None) -> str:
-    return f"{value:,.0f}"
-
-
-def _empty_note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=16,
-            color="#555555", bbox={"boxstyle": "round,pad=0.6", "fc": "#f4f4f4", "ec": "#bbbbbb"})
-
-
-def plot_exits_over_time(epochs: pa.Table, path: str | os.PathLike, *,
-                         title: str | None = None) -> str:
-    """Exits per epoch over the trace, stacked by exit kind (one bar per epoch)."""
-    import matplotlib as mpl
-    from matplotlib.ticker import FuncFormatter
-
-    require_matplotlib()
-    with mpl.rc_context(_RC):
-        fig = _new_figure()
-        ax = fig.add_subplot()
-        start = epochs.column("first_row").to_numpy()
-        width = epochs.column("rows").to_numpy()
-        total = epochs.column("exits").to_numpy()
-        known = epochs.column(KINDS[0]).null_count == 0
-        bottom = np.zeros(epochs.num_rows, dtype=np.float64)
-        series = ([(name, epochs.column(name).to_numpy()) for name in KINDS] if known
-                  else [("all kinds (no exit log)", total)])
-        for name, values in series:
-            if not values.any():
-                continue
-            ax.bar(start, values, width=width, bottom=bottom, align="edge", linewidth=0,
-                   color=KIND_COLORS.get(name, "#777777"), label=name)
-            bottom += values
-        rows = int(start[-1] + width[-1]) if epochs.num_rows else 0
-        ax.set_xlim(0, max(rows, 1))
-        ax.set_xlabel("trace row (access number)")
-        ax.set_ylabel(f"VM exits per epoch (~{rows / max(epochs.num_rows, 1):,.0f} accesses)")
-        ax.xaxis.set_major_formatter(FuncFormatter(_thousands))
-        ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_title(title or f"VM exits over the trace: {int(total.sum()):,} exits, "
-                              f"{epochs.num_rows:,} epochs over {rows:,} accesses")
-        if total.any():
-            ax.legend(title="exit kind", loc="upper right", framealpha=0.9)
-        else:
-            ax.set_ylim(0, 1)
-            _empty_note(ax, "no VM exits in this trace")
-        return _save(fig, path)
-
-
-def heatmap_matrix(per_subpage: pa.Table, *, top: int = DEFAULT_TOP,
-                   per_page: pa.Table | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gfns, totals, matrix[gfn, subpage]) of the ``top`` pages with the most protection exits.
-
-    Pages are ranked by per_page's ``violations`` (exits) when given, else by the sum of their
-    sub-pages' violations; ties go to the lower gfn. Pages without violations are left out.
-    """
-    if per_page is not None:
-        ranked = top_pages(per_page, top, by="violations")
-        gfns = np.array([p["gfn"] for p in ranked], dtype=np.uint64)
-        totals = np.array([p["violations"] for p in ranked], dtype=np.int64)
-    else:
-        keys, inverse, _, _ = _groups(per_subpage.column("gfn").to_numpy())
-        vals = np.bincount(inverse, weights=per_subpage.column("violations").to_numpy(),
-                           minlength=keys.shape[0]).astype(np.int64)
-        keep = vals > 0
-        keys, vals = keys[keep], vals[keep]
-        order = np.lexsort((keys, -vals))[:top]
-        gfns, totals = keys[order], vals[order]
-    matrix = np.zeros((gfns.shape[0], B.SUBPAGES_PER_PAGE), dtype=np.int64)
-    if gfns.shape[0]:
-        sel = per_subpage.filter(pc.is_in(per_subpage.column("gfn"), value_set=pa.array(gfns)))
-        g = sel.column("gfn").to_numpy()
-        row = np.searchsorted(np.sort(gfns), g)
-        rank = np.argsort(gfns)[row]  # position in the ranking
-        np.add.at(matrix, (rank, sel.column("subpage").to_numpy().astype(np.int64)),
-                  sel.column("violations").to_numpy())
-    return gfns, totals, matrix
-
-
-def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
-                            top: int = DEFAULT_TOP, per_page: pa.Table | None = None,
-                            title: str | None = None) -> str:
-    """Page x sub-page heatmap of protection exits for the ``top`` hottest protected pages:
-    one row per gfn (hex, with its exit count), one column per 128-byte sub-page."""
-    import matplotlib as mpl
-    from matplotlib.colors import LogNorm, Normalize
-    from matplotlib.ticker import FuncFormatter
-
-    require_matplotlib()
-    gfns, totals, matrix = heatmap_matrix(per_subpage, top=top, per_page=per_page)
-    with mpl.rc_context(_RC):
-        fig = _new_figure()
-        ax = fig.add_subplot()
-        ax.set_xlabel("sub-page (128 bytes each: byte offset = 128 x index)")
-        ax.set_ylabel("gfn (protection exits on the page)")
-        ax.set_xticks(range(B.SUBPAGES_PER_PAGE))
-        ax.tick_params(axis="x", labelsize=10)
-        if gfns.shape[0] == 0:
-            ax.set_xlim(-0.5, B.SUBPAGES_PER_PAGE - 0.5)
-            ax.set_yticks([])
-            _empty_note(ax, "no protection exits (spp_violation, write_protect) in this replay")
-            ax.set_title(title or "Protection exits by sub-page")
-            return _save(fig, path)
-        cmap = mpl.colormaps["YlOrRd"].with_extremes(bad="#eeeeee")
-        vmax = int(matrix.max())
-        positive = matrix[matrix > 0]
-        log = vmax >= 1000 * max(int(positive.min()), 1)  # else the few hot cells hide the rest
-        norm = LogNorm(vmin=1, vmax=vmax) if log else Normalize(vmin=0, vmax=vmax)
-        shown = np.ma.masked_equal(matrix, 0)
-        image = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-        # cell borders, while the cells are large enough to show them
-        ax.set_xticks(np.arange(-0.5, B.SUBPAGES_PER_PAGE, 1), minor=True)
-        if gfns.shape[0] <= 64:
-            ax.set_yticks(np.arange(-0.5, gfns.shape[0], 1), minor=True)
-        ax.grid(which="minor", color="white", linewidth=0.8)
-        ax.tick_params(which="minor", length=0)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-        step = max(1, -(-gfns.shape[0] // 48))  # at most ~48 labels
-        ticks = np.arange(0, gfns.shape[0], step)
-        ax.set_yticks(ticks)
-        ax.set_yticklabels([f"{int(gfns[i]):#x}  ({int(totals[i]):,})" for i in ticks],
-                           fontsize=10 if gfns.shape[0] <= 32 else 8, family="monospace")
-        bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
-                           format=FuncFormatter(_thousands))
-        bar.set_label("protection exits whose faulting bytes touch the sub-page")
-        ax.set_title(title or f"Protection exits by sub-page: the {gfns.shape[0]} hottest "
-                              f"protected page{'s' if gfns.shape[0] != 1 else ''}")
-        return _save(fig, path)
-
-
-def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLike, *,
-                      title: str | None = None) -> str:
-    """Exits by kind under each configuration of a compare document: grouped bars, one group
-    per exit kind (and the total), one bar per configuration."""
-    import matplotlib as mpl
-    from matplotlib.ticker import FuncFormatter
-
-    require_matplotlib()
-    doc = read_summary(os.fspath(document)) if isinstance(document, (str, os.PathLike)) else document
-    if not is_compare(doc):
-        raise InputError("summary: not a compare document (no \"configs\"): compare bars need "
-                         "the output of sppjit compare --json")
-    configs = compare_configs(doc)
-    kinds = [k for k in KINDS if any(c.get(k) for _, c in configs)]
-    extra = sorted({k for _, c in configs for k in c} - set(KINDS) - {"total"})
-    groups = kinds + [k for k in extra if any(c.get(k) for _, c in configs)]
-    if any("total" in c for _, c in configs) or not groups:
-        groups.append("total")
-    values = np.array([[float(c.get(g, 0) or 0) for g in groups] for _, c in configs])
-    with mpl.rc_context(_RC):
-        fig = _new_figure()
-        ax = fig.add_subplot()
-        x = np.arange(len(groups), dtype=np.float64)
-        width = 0.8 / len(configs)
-        palette = mpl.colormaps["tab10"]
-        positive = values[values > 0]
-        log = positive.size > 0 and positive.max() >= 100 * positive.min()
-        for j, (name, _) in enumerate(configs):
-            bars = ax.bar(x - 0.4 + width * (j + 0.5), values[j], width=width * 0.95,
-                          label=name, color=palette(j % 10))
-            ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values[j]], padding=2,
-                         fontsize=9 if len(configs) * len(groups) <= 24 else 7,
-                         rotation=0 if len(configs) <= 3 else 90)
-        ax.set_xticks(x)
-        ax.set_xticklabels(groups)
-        ax.set_xlabel("exit kind")
-        ax.set_ylabel("VM exits" + (" (log scale)" if log else ""))
-        if log:
-            ax.set_yscale("log")
-            ax.set_ylim(bottom=max(positive.min() / 2, 0.5), top=positive.max() * 3)
-        elif positive.size:
-            ax.set_ylim(0, positive.max() * 1.12)
-            ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
-        else:
-            ax.set_ylim(0, 1)
-            _empty_note(ax, "no VM exits under any configuration")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(title="configuration", loc="upper left", framealpha=0.9)
-        trace = doc.get("input", {}).get("path") if isinstance(doc.get("input"), dict) else None
-        ax.set_title(title or ("VM exits by configuration" + (f": {os.path.basename(str(trace))}"
-                                                               if trace else "")))
-        return _save(fig, path)
-
-
-# ============================================================================ text
-
-def format_report(stats: ReportStats, *, results: str, exits: str | None,
-                  summary_path: str | None, summary: dict | None,
-                  written: list[str]) -> str:
-    """The printed report: inputs, totals and the pages with the most exits."""
-    t = stats.totals
-    counts, ex = t["counts"], t["exits"]
-    fmt = stats.inputs["results"]["format"]
-    rows = [("results", f"{results} ({fmt}, {stats.rows:,} rows)")]
-    if exits is not None:
-        hooks = ", with hook relevance" if stats.hooks else ""
-        rows.append(("exits", f"{exits} ({ex['total']:,} exits{hooks})"))
-    if summary is not None:
-        if is_compare(summary):
-            names = ", ".join(name for name, _ in compare_configs(summary))
-            rows.append(("summary", f"{summary_path} (compare: {names})"))
-        else:
-            cfg = summary.get("config") or {}
-            bits = [f"{k} {cfg[k]}" for k in ("granularity", "profile", "subpage_check")
-                    if k in cfg]
-            seed = find_seed(summary)
-            if seed is not None:
-                bits.append(f"seed {seed}")
-            rows.append(("summary", f"{summary_path}" + (f" ({', '.join(bits)})" if bits else "")))
-    rows.append(("accesses", _pairs([("total", counts["accesses"]), ("reads", counts["reads"]),
-                                     ("writes", counts["writes"]),
-                                     ("fetches", counts["fetches"])])))
-    exit_items = [("total", ex["total"])]
-    if stats.exit_log:
-        exit_items += [(k, ex[k]) for k in KINDS if ex[k]]
-    per_k = t["exits_per_1000_writes"]
-    text = _pairs(exit_items) + (f"  ({per_k:,.1f} per 1,000 writes)" if per_k is not None else "")
-    if not stats.exit_log:
-        text += "  (kinds: give --exits)"
-    rows.append(("VM exits", text))
-    if "hooks" in t:
-        rows.append(("hooks", _pairs([("relevant", t["hooks"]["relevant"]),
-                                      ("irrelevant", t["hooks"]["irrelevant"])])))
-    rows.append(("pages", _pairs([("touched", t["pages"]["touched"]),
-                                  ("with exits", t["pages"]["with_exits"]),
-                                  ("with violations", t["pages"]["with_violations"])])))
-    top = top_pages(stats.per_page, TEXT_TOP)
-    width = max(len(label) for label, _ in rows + [("wrote", "")])
-    out = "".join(f"{label:<{width}}  {value}\n" for label, value in rows)
-    if top:
-        out += f"top pages by exits ({len(top)} of {t['pages']['with_exits']:,}):\n"
-        header = ("gfn", "exits", "violations", "writes", "first_row", "last_row")
-        table = [header] + [(f"{p['gfn']:#x}", f"{p['exits']:,}", f"{p['violations']:,}",
-                             f"{p['writes']:,}", f"{p['first_row']:,}", f"{p['last_row']:,}")
-                            for p in top]
-        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-        for r in table:
-            out += "  " + r[0].ljust(widths[0]) + "".join(
-                "  " + c.rjust(w) for c, w in zip(r[1:], widths[1:])) + "\n"
-    if written:
-        out += f"{'wrote':<{width}}  {', '.join(written)}\n"
-    return out
-
-
-def _pairs(items) -> str:
-    return "  ".join(f"{name} {value:,}" for name, value in items)
-
-
-def write_table(table: pa.Table, path: str) -> str:
-    """A statistics table as Parquet, atomically."""
-    from .io.output import TableWriter
-
-    with TableWriter(path, table.schema, option="--stats") as writer:
-        writer.write_batch(table)
-    return path

@@ -1,0 +1,181 @@
+"""write_report: the whole of ``sppjit report`` as one library call.
+
+Every argument and path is checked before any work (matplotlib included, when plots are asked
+for); the files are written to temporary names and renamed, all under one Outputs, so that a
+failed or interrupted run leaves none of them (and removes the directories it created).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from sppjit.errors import InputError
+from sppjit.io.output import TableWriter, write_json_atomic
+
+from . import plots
+from .analysis import ReportStats, analyze
+from .document import is_compare, read_summary, report_document
+from .options import (
+    DEFAULT_EPOCHS,
+    DEFAULT_TOP,
+    MAX_EPOCHS,
+    MAX_TOP,
+    PLOT_FILES,
+    REPORT_FILE,
+    STATS_FILES,
+)
+from .text import format_report
+
+
+@dataclass
+class Report:
+    """What write_report did: the statistics, report.json's document (its "outputs": every
+    file written but the report.json files), the printed report, the paths written and the
+    notes worth telling the user (a filtered exit log, a summary of another replay)."""
+
+    stats: ReportStats
+    document: dict
+    text: str
+    written: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def write_report(results: str, exits: str | None = None, *, summary: str | None = None,
+                 plot: str | None = None, stats: str | None = None,
+                 epochs: int = DEFAULT_EPOCHS, top: int = DEFAULT_TOP) -> Report:
+    """Analyse a replay's ``results`` (and ``exits`` log) and write the statistics tables into
+    the directory ``stats``, the plots into ``plot`` (each with a report.json), all or
+    nothing. ``summary`` is the replay's summary JSON or a compare document (which adds the
+    compare bars). InputError for any bad argument or input, before anything is written."""
+    from sppjit.commands import check_distinct  # moves to sppjit.io with the library job
+
+    if epochs < 1 or epochs > MAX_EPOCHS:
+        raise InputError(f"--epochs must be 1..{MAX_EPOCHS}, not {epochs}")
+    if top < 1 or top > MAX_TOP:
+        raise InputError(f"--top must be 1..{MAX_TOP}, not {top}")
+
+    # ---- outputs and inputs, before any work
+    if plot is not None:
+        plots.require_matplotlib()
+    if stats is not None and plot is not None and os.path.abspath(stats) == os.path.abspath(plot):
+        plot = stats  # one directory for both: one report.json
+    create = {}
+    for option, directory in (("--stats", stats), ("--plot", plot)):
+        if directory is not None:
+            create[directory] = _check_directory(directory, option)
+    summary_doc = read_summary(summary) if summary is not None else None  # its shape too
+    compare = summary_doc is not None and is_compare(summary_doc)
+    planned: list[tuple[str, str]] = []  # (option, path) of every file to write
+    if stats is not None:
+        planned += [("--stats", os.path.join(stats, name)) for name in STATS_FILES.values()]
+    if plot is not None:
+        names = ["exits_over_time", "violations_heatmap"] + (["compare_bars"] if compare else [])
+        planned += [("--plot", os.path.join(plot, PLOT_FILES[n])) for n in names]
+    for directory in dict.fromkeys(d for d in (stats, plot) if d is not None):
+        planned.append(("--stats" if directory == stats else "--plot",
+                        os.path.join(directory, REPORT_FILE)))
+    check_distinct([("RESULTS", results), ("--exits", exits), ("--summary", summary)] + planned)
+
+    # ---- the work (InputError for unreadable or inconsistent inputs)
+    analysis = analyze(results, exits, epochs=epochs)
+    document, written = _write(analysis, create, results=results, exits=exits, summary=summary,
+                               summary_doc=summary_doc, compare=compare, plot=plot, stats=stats,
+                               epochs=epochs, top=top)
+    text = format_report(analysis, results=results, exits=exits, summary_path=summary,
+                         summary=summary_doc, written=written)
+    notes = list(analysis.warnings)
+    if summary_doc is not None and not compare:
+        rows = (summary_doc.get("input") or {}).get("rows")
+        if isinstance(rows, int) and rows != analysis.rows:
+            notes.append(f"the summary counts {rows:,} rows, the results {analysis.rows:,}: "
+                         "not the summary of this replay?")
+    return Report(stats=analysis, document=document, text=text, written=written, notes=notes)
+
+
+def _write(analysis: ReportStats, create: dict[str, bool], *, results, exits, summary,
+           summary_doc, compare, plot, stats, epochs, top) -> tuple[dict, list[str]]:
+    """Every output file, all or nothing: (report.json's document, the paths written)."""
+    from sppjit.commands import Outputs  # moves to sppjit.io with the library job
+
+    written: list[str] = []
+    made_dirs: list[str] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            outputs = stack.enter_context(Outputs())
+            for directory, needed in create.items():
+                if needed:
+                    made_dirs += _missing_levels(directory)
+                    os.makedirs(directory, exist_ok=True)
+
+            in_dir: dict[str, list[str]] = {d: [] for d in (stats, plot) if d is not None}
+
+            def done(path: str, directory: str) -> None:
+                outputs.add(path)
+                written.append(path)
+                in_dir[directory].append(os.path.basename(path))
+
+            if stats is not None:
+                for key, table in (("per_page", analysis.per_page),
+                                   ("per_subpage", analysis.per_subpage),
+                                   ("epochs", analysis.epochs)):
+                    done(write_table(table, os.path.join(stats, STATS_FILES[key])), stats)
+            if plot is not None:
+                done(plots.plot_exits_over_time(
+                    analysis.epochs, os.path.join(plot, PLOT_FILES["exits_over_time"])), plot)
+                done(plots.plot_violations_heatmap(
+                    analysis.per_subpage, os.path.join(plot, PLOT_FILES["violations_heatmap"]),
+                    top=top, per_page=analysis.per_page), plot)
+                if compare:
+                    done(plots.plot_compare_bars(
+                        summary_doc, os.path.join(plot, PLOT_FILES["compare_bars"])), plot)
+            document = report_document(
+                analysis, results=results, exits=exits, summary_path=summary,
+                summary=summary_doc, epochs=epochs, top=top,
+                outputs=[os.path.basename(p) for p in written])
+            for directory, names in in_dir.items():
+                path = os.path.join(directory, REPORT_FILE)
+                write_json_atomic(path, {**document, "outputs": list(names)})
+                done(path, directory)
+    except BaseException:
+        for directory in reversed(made_dirs):  # only the ones this run created, if empty
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+    return document, written
+
+
+def write_table(table: pa.Table, path: str) -> str:
+    """A statistics table as Parquet, atomically."""
+    with TableWriter(path, table.schema, option="--stats") as writer:
+        writer.write_batch(table)
+    return path
+
+
+def _check_directory(path: str, option: str) -> bool:
+    """InputError if ``path`` cannot be an output directory; True if it must be created."""
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{option}: directory is not writable: {path}")
+        return False
+    if os.path.exists(path):
+        raise InputError(f"{option}: {path} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(parent):  # the nearest existing ancestor must be writable
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option}: cannot create {path}: directory is not writable: {parent}")
+    return True
+
+
+def _missing_levels(path: str) -> list[str]:
+    """The directories os.makedirs(path) would create, outermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
