@@ -62,7 +62,8 @@ def hotset(accesses: int, seed: int = 0) -> Scenario:
     """8-byte writes over a 16 MiB working set."""
     rng = np.random.default_rng(seed)
     gpa = rng.integers(0, 16 * MiB // 8, accesses, dtype=np.uint64) * np.uint64(8) + np.uint64(GiB)
-    return Scenario("hotset", memory=4 * GiB, description="8-byte writes over a 16 MiB working set", **_writes(accesses, gpa))
+    return Scenario("hotset", memory=4 * GiB, description="8-byte writes over a 16 MiB working set",
+                    **_writes(accesses, gpa))
 
 
 def sequential(accesses: int, seed: int = 0) -> Scenario:

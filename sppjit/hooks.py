@@ -24,7 +24,7 @@ class HookIndex:
         gpa = np.asarray(gpa, dtype=np.uint64)
         length = np.asarray(length, dtype=np.uint64)
         names = [
-            n if n is not None else f"{int(g):#x}+{int(l)}" for n, g, l in zip(names, gpa, length)
+            n if n is not None else f"{int(g):#x}+{int(size)}" for n, g, size in zip(names, gpa, length)
         ]
         order = np.argsort(gpa, kind="stable")
         self.start = gpa[order]
@@ -37,7 +37,7 @@ class HookIndex:
         self._per_page = int(np.unique(pages, return_counts=True)[1].max()) if len(pages) else 0
 
     @classmethod
-    def from_ranges(cls, ranges) -> "HookIndex":
+    def from_ranges(cls, ranges) -> HookIndex:
         return cls(ranges.gpa, ranges.length, list(ranges.name))
 
     def first_overlap(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

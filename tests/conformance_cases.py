@@ -66,7 +66,7 @@ class X(NamedTuple):
     userspace_exit: int
     gpa: int | None = None
 
-    def at(self, gpa: int) -> "X":
+    def at(self, gpa: int) -> X:
         return self._replace(gpa=gpa)
 
 

@@ -311,7 +311,8 @@ def poke_ops(draw, space: Space, vcpus: int) -> tuple:
     k = draw(st.integers(0, len(space.hot) - 1))
     g = space.hot[k:] + space.hot[:k]  # candidates: the first with a path is poked
     v = draw(vcpu_ids(vcpus))
-    what = draw(st.sampled_from(["sppt_clear", "sppt_clear", "sppt_leaf_odd", "sppt_nonleaf_rsvd", "sppt_leaf", "ept_leaf"]))
+    what = draw(st.sampled_from(["sppt_clear", "sppt_clear", "sppt_leaf_odd", "sppt_nonleaf_rsvd",
+                                 "sppt_leaf", "ept_leaf"]))
     if what == "sppt_clear":
         return (what, g, v, draw(st.sampled_from([2, 2, 3, 4])))
     if what == "sppt_leaf_odd":
@@ -616,7 +617,8 @@ def reproducer(scn: Scenario, calls_per_phase: list[list[str]], runs=(("referenc
     """A stand-alone snippet that replays ``scn`` on two VMs (``runs``: engine and batch size of
     each, None for the phase's own batch size) and prints whether they agree."""
     spec = scn.vm
-    lines = ["import numpy as np", "import sppjit", "import sppjit.vm, sppjit.replay", "from sppjit.replay import replay", ""]
+    lines = ["import numpy as np", "import sppjit", "import sppjit.vm, sppjit.replay",
+             "from sppjit.replay import replay", ""]
     if log_capacity is not None:
         lines.append(f"sppjit.replay.EXIT_LOG_CAPACITY = {log_capacity}")
     kw = ", ".join(f"{k}={v!r}" for k, v in dict(spec.kwargs(), table_capacity=spec.table_capacity).items())

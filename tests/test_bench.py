@@ -13,11 +13,12 @@ from sppjit.datasets import scenarios as S
 def test_run_bench_reports_every_figure_from_one_run():
     result = run_bench(("hotset", "guarded"), accesses=3000, reference_sample=300, repeat=2, batch_size=1000)
     assert set(result["scenarios"]) == {"hotset", "guarded"}
-    for name, s in result["scenarios"].items():
+    for s in result["scenarios"].values():
         assert s["accesses"] == 3000
         for key in ("jit_accesses_per_second", "reference_accesses_per_second", "numpy_stream_per_second"):
             assert s[key] > 0
-        assert s["jit_over_reference"] == pytest.approx(s["jit_accesses_per_second"] / s["reference_accesses_per_second"])
+        assert s["jit_over_reference"] == pytest.approx(
+            s["jit_accesses_per_second"] / s["reference_accesses_per_second"])
         assert s["jit_over_numpy_stream"] == pytest.approx(s["jit_accesses_per_second"] / s["numpy_stream_per_second"])
     # the exits counted are the replay's: a hot set of 4096 pages faults each page in once
     assert result["scenarios"]["hotset"]["exits"] == len(set((S.make("hotset", 3000).gpa >> 12).tolist()))

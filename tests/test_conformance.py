@@ -16,10 +16,8 @@ import pytest
 
 import sppjit
 
-
-
-
 import conformance_cases as C  # noqa: E402  (tests/ on sys.path: conftest.py)
+
 ENGINES = ("reference", "jit")
 OUTCOME_KEYS = ("allowed", "spp_violation", "write_protect_violation", "mmio", "spp_misconfig")
 EXIT_KINDS = ("ept_fault", "mmio", "spp_miss", "spp_misconfig", "spp_violation", "write_protect", "wp_fault")

@@ -28,9 +28,6 @@ import sppjit.replay
 from sppjit import bits as B
 from sppjit.kernels.replay import LOG_MARGIN
 
-
-
-
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
 
 EXAMPLES, SETTINGS = S.EXAMPLES, S.SETTINGS
@@ -49,7 +46,8 @@ def _first_difference(a, b) -> str:
         x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
         if x != y:
             i = next(i for i, (u, v) in enumerate(zip(x, y)) if u != v)
-            return f"column {name!r} differs first at row {i}: {x[i]!r} vs {y[i]!r}\nrow A: {a.slice(i, 1).to_pylist()}\nrow B: {b.slice(i, 1).to_pylist()}"
+            return (f"column {name!r} differs first at row {i}: {x[i]!r} vs {y[i]!r}\n"
+                    f"row A: {a.slice(i, 1).to_pylist()}\nrow B: {b.slice(i, 1).to_pylist()}")
     return "tables differ (metadata or chunk types)"
 
 
@@ -76,7 +74,8 @@ def assert_results_equal(ra, rb, where: str) -> None:
     assert a.table.equals(b.table), f"{where}: results differ: {_first_difference(a.table, b.table)}"
     assert a.exits.equals(b.exits), f"{where}: exit logs differ: {_first_difference(a.exits, b.exits)}"
     for key in ("counts", "exits", "pages", "tlb_flushes", "ops"):
-        assert a.summary.get(key) == b.summary.get(key), f"{where}: summary[{key!r}] differs: {a.summary.get(key)} vs {b.summary.get(key)}"
+        assert a.summary.get(key) == b.summary.get(key), (
+            f"{where}: summary[{key!r}] differs: {a.summary.get(key)} vs {b.summary.get(key)}")
     assert a.summary["input"]["rows"] == b.summary["input"]["rows"]
 
 

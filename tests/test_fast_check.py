@@ -31,8 +31,6 @@ from sppjit.replay import replay
 
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
 
-
-
 CODE_NAMES = {FAST_UNKNOWN: "UNKNOWN", FAST_ALLOWED: "ALLOWED", FAST_VIOLATION: "VIOLATION",
               FAST_SPP_VIOLATION: "SPP_VIOLATION", FAST_NOT_PRESENT: "NOT_PRESENT"}
 

@@ -76,8 +76,9 @@ def test_cli_ops_file(tmp_path):
         "at,op,gfn,npages,access\n" + "\n".join(
             f"{o['at']},{o['op']},{o['gfn']:#x},{o.get('npages', 1)},{o.get('access', '')}" for o in OPS))
     (tmp_path / "slots.csv").write_text("slot,base_gfn,npages\n0,0,1024\n1,1024,1024\n")
-    r = CliRunner().invoke(app, ["replay", str(tmp_path / "t.parquet"), "--memslots", str(tmp_path / "slots.csv"), "--ops",
-                                 str(tmp_path / "ops.csv"), "--json", "--out", str(tmp_path / "r.parquet")])
+    r = CliRunner().invoke(app, ["replay", str(tmp_path / "t.parquet"), "--memslots",
+                                 str(tmp_path / "slots.csv"), "--ops", str(tmp_path / "ops.csv"),
+                                 "--json", "--out", str(tmp_path / "r.parquet")])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     want = replay(vm("v4"), t, ops=OPS)

@@ -7,9 +7,9 @@ batch is built, except when hooks must annotate the exits to count relevance.
 
 import numpy as np
 import pytest
-from sppjit.datasets import scenarios as S
 
 import sppjit
+from sppjit.datasets import scenarios as S
 from sppjit.errors import InputError
 from sppjit.hooks import HookIndex
 from sppjit.io.protect import ByteRanges

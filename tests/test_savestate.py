@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from sppjit import InputError, VM
+from sppjit import VM, InputError
 from sppjit.datasets.scenarios import make
 from sppjit.kernels import layout as L
 from sppjit.savestate import load_state, save_state, state_arrays

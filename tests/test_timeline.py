@@ -16,10 +16,8 @@ import pytest
 
 import sppjit
 
-
-
-
 import conformance_cases as C  # noqa: E402  (tests/ on sys.path: conftest.py)
+
 ENGINES = ("reference", "jit")
 PROFILES = ("v4", "v12")
 FULL = 0xFFFFFFFF

@@ -33,10 +33,8 @@ from sppjit import abi
 from sppjit import bits as B
 from sppjit.vm import SppQuirkWarning
 
-
-
-
 import conformance_cases as C  # noqa: E402  (tests/ on sys.path: conftest.py)
+
 ENGINES = ("reference", "jit")
 EPERM, EFAULT, ENODEV, EINVAL, ENOTTY = 1, 14, 19, 22, 25
 FULL = 0xFFFFFFFF

@@ -20,8 +20,14 @@ from __future__ import annotations
 
 import re
 
-from sppjit.convert.engine import (MAX_ACCESS_SIZE, UINT64_LIMIT, BadLine, Parser, Records,
-                                   check_access)
+from sppjit.convert.engine import (
+    MAX_ACCESS_SIZE,
+    UINT64_LIMIT,
+    BadLine,
+    Parser,
+    Records,
+    check_access,
+)
 
 KIND_READ, KIND_WRITE, KIND_FETCH = 0, 1, 2
 _RECORD = re.compile(r"\s?([ILSM])\s+([0-9a-fA-F]+),(\d+)\s*")

@@ -204,8 +204,13 @@ def _read_protection_table(path: str) -> pa.Table:
     would take "0xffff888000000000" as an int64 and wrap it negative."""
     import pyarrow.csv as pacsv
 
-    from sppjit.io.formats import (ARROW_FILE_MAGIC, ARROW_STREAM_MARKER, PARQUET_MAGIC,
-                                   cannot_read, read_magic)
+    from sppjit.io.formats import (
+        ARROW_FILE_MAGIC,
+        ARROW_STREAM_MARKER,
+        PARQUET_MAGIC,
+        cannot_read,
+        read_magic,
+    )
 
     magic = read_magic(path, "protection")
     if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, ARROW_STREAM_MARKER)):
