@@ -169,7 +169,7 @@ def _int_column(batch: pa.RecordBatch, name: str, dtype, src: _Source, first_row
 
 # ============================================================================ grouping
 
-def _groups(keys: np.ndarray):
+def group_keys(keys: np.ndarray):
     """Sort ``keys`` into groups: (unique sorted keys, group of each key, sort order, start of
     each group in sorted order)."""
     order = np.argsort(keys)
@@ -240,7 +240,7 @@ class _Grouped:
         parts, self._parts, self._pending = self._parts, [], 0
         if len(parts) == 1:
             return parts[0]
-        keys, _, order, starts = _groups(np.concatenate([p[0] for p in parts]))
+        keys, _, order, starts = group_keys(np.concatenate([p[0] for p in parts]))
         sums = np.concatenate([p[1] for p in parts], axis=1)[:, order]
         merged = np.empty((self.ncols, keys.shape[0]), dtype=np.int64)
         for c in range(self.ncols):
@@ -504,7 +504,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         # ---- per page: every page an access touches, the page of every exit
         keys = np.concatenate((p0, p1[cross], egfn))
         at = np.concatenate((rows, rows[cross], erow))  # an exit's row touched its page too
-        gfns, inverse, order, starts = _groups(keys)
+        gfns, inverse, order, starts = group_keys(keys)
         u, na = gfns.shape[0], m + int(np.count_nonzero(cross))
         sums = np.zeros((len(_PAGE_SUMS), u), dtype=np.int64)
         sums[_P["reads"]:_P["fetches"] + 1] = _counts(
@@ -527,7 +527,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         # ---- per sub-page: every sub-page written bytes or faulting bytes touch
         wq = _expand(gpa[is_write] >> _SUB, (end[is_write] - np.uint64(1)) >> _SUB)
         vq = _expand(vstart >> _SUB, (vend - np.uint64(1)) >> _SUB)
-        qs, inverse, _, _ = _groups(np.concatenate((wq, vq)))
+        qs, inverse, _, _ = group_keys(np.concatenate((wq, vq)))
         category = np.zeros(inverse.shape[0], dtype=np.int64)
         category[wq.shape[0]:] = 1
         subpages.add(qs, _counts(inverse, category, qs.shape[0], 2))

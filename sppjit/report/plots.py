@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from sppjit import bits as B
 from sppjit.errors import InputError
 
-from .analysis import KINDS, _groups, top_pages
+from .analysis import KINDS, group_keys, top_pages
 from .document import compare_configs, is_compare, read_summary
 from .options import DEFAULT_TOP
 
@@ -138,7 +138,7 @@ def heatmap_matrix(per_subpage: pa.Table, *, top: int = DEFAULT_TOP,
         gfns = np.array([p["gfn"] for p in ranked], dtype=np.uint64)
         totals = np.array([p["violations"] for p in ranked], dtype=np.int64)
     else:
-        keys, inverse, _, _ = _groups(per_subpage.column("gfn").to_numpy())
+        keys, inverse, _, _ = group_keys(per_subpage.column("gfn").to_numpy())
         vals = np.bincount(inverse, weights=per_subpage.column("violations").to_numpy(),
                            minlength=keys.shape[0]).astype(np.int64)
         keep = vals > 0
