@@ -430,6 +430,19 @@ def test_cli_summary_of_the_wrong_shape_exits_2_with_one_line(files, tmp_path, d
     assert result.stdout == "" and not out.exists()
 
 
+def test_the_package_loads_its_modules_on_first_use():
+    """Importing sppjit.report (the command line does, for its defaults) loads no pyarrow;
+    every name it exports resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sppjit.report as R; R.DEFAULT_TOP, R.STATS_FILES; "
+            "assert 'pyarrow' not in sys.modules, 'pyarrow loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name in R.__all__:
+        assert getattr(R, name) is not None, name
+
+
 def test_find_seed_is_depth_first_and_survives_any_depth():
     assert R.find_seed({"a": {"seed": None, "b": {"seed": 1}}, "c": [{"seed": 2}]}) == 2
     assert R.find_seed({"input": {"seed": 3}, "generator": {"seed": 4}}) == 3

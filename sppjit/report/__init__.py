@@ -42,16 +42,6 @@ from __future__ import annotations
 
 import importlib
 
-from .options import (  # noqa: F401  (light: the command line reads them)
-    DEFAULT_EPOCHS,
-    DEFAULT_TOP,
-    MAX_EPOCHS,
-    MAX_TOP,
-    PLOT_FILES,
-    REPORT_FILE,
-    STATS_FILES,
-)
-
 # name -> the module that defines it
 _HOMES = {
     "analysis": ("ReportStats", "analyze", "page_stats", "top_pages", "KINDS", "PROTECTION_KINDS",
@@ -63,10 +53,11 @@ _HOMES = {
               "MATPLOTLIB_MISSING"),
     "text": ("format_report",),
     "writing": ("write_report", "Report", "write_table"),
+    "options": ("DEFAULT_EPOCHS", "DEFAULT_TOP", "MAX_EPOCHS", "MAX_TOP", "PLOT_FILES",
+                "REPORT_FILE", "STATS_FILES"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_TOP", "MAX_EPOCHS", "MAX_TOP", "PLOT_FILES",
-           "REPORT_FILE", "STATS_FILES", *_HOME]
+__all__ = list(_HOME)
 
 
 def __getattr__(name: str):
