@@ -416,7 +416,7 @@ def test_cli_bad_input_exits_2_with_one_line(files, tmp_path, args, message):
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_cli_summary_of_the_wrong_shape_exits_2_with_one_line(files, tmp_path, doc, message):
-    """A --summary that is JSON but not a summary's shape (issue 11, item 8): one line, exit 2,
+    """A --summary that is JSON but not a summary's shape: one line, exit 2,
     before any work and with nothing written (these used to end in an internal error)."""
     path = tmp_path / "summary.json"
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
