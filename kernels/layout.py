@@ -9,6 +9,8 @@ from collections import namedtuple
 
 import numpy as np
 
+from sppjit.defaults import GRANULARITIES, PROFILES, SUBPAGE_CHECKS  # noqa: F401  (index = code)
+
 # Indices into State.scal (int64): the scalar part of the state.
 SC_NTABLES = 0  # table-pool entries in use
 SC_EPT_ROOT = 1  # pool index of the EPT level-4 table
@@ -31,13 +33,10 @@ CF_LEN = 6
 
 PROFILE_V4 = 0
 PROFILE_V12 = 1
-PROFILES = ("v4", "v12")
 GRAN_SPP = 0
 GRAN_PAGE = 1
-GRANULARITIES = ("spp", "page")
 CHECK_ALL = 0
 CHECK_FIRST = 1
-SUBPAGE_CHECKS = ("all", "first")
 
 TABLE_FREE = 0
 TABLE_EPT = 1

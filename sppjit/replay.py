@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from . import __version__
 from . import bits as B
+from .defaults import ENGINES
 from .errors import InputError, VmEntryError
 from .io.trace import TraceBatch, check_vcpus, open_trace, schema_metadata
 from .kernels import layout as L
@@ -27,7 +28,6 @@ from .hooks import HookIndex
 from .provenance import BackgroundDigests, generator_info, versions
 from .stats import page_counts
 
-ENGINES = ("jit", "reference")
 SCHEMA_VERSION = 1
 EXIT_LOG_CAPACITY = 1 << 16
 
