@@ -54,13 +54,19 @@ def protected_gfns(protection: AccessMaps | ByteRanges) -> np.ndarray:
     return np.asarray(protection.gpa, dtype=np.uint64) >> np.uint64(PAGE_SHIFT)
 
 
+def check_protection(vm, protection: AccessMaps | ByteRanges) -> None:
+    """InputError naming the first row of ``protection`` whose page is in none of ``vm``'s
+    memslots."""
+    check_in_memslots(protected_gfns(protection), vm.config.memslots)
+
+
 def apply_protection(vm, protection, maps: AccessMaps | None = None) -> AccessMaps:
     """Check that every protected page is in one of ``vm``'s memslots (InputError naming the
     first row that is not), then protect them: init_spp and set_subpages over runs of
     consecutive gfns (VM.protect). ``protection`` is a path or either form; ``maps``, when
     the caller already has them, saves recomputing them. Returns the maps applied."""
     protection, _ = load_protection(protection)
-    check_in_memslots(protected_gfns(protection), vm.config.memslots)
+    check_protection(vm, protection)
     maps = protection_maps(protection) if maps is None else maps
     vm.protect(maps.gfn, maps.access)
     return maps
