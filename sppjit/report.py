@@ -911,7 +911,7 @@ def _new_figure():
 
 def _save(fig, path: str | os.PathLike) -> str:
     """Write the PNG atomically; returns the path."""
-    from .commands import atomic_path
+    from .io.atomic import atomic_path
 
     path = os.fspath(path)
     with atomic_path(path) as temporary:
