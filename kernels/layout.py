@@ -9,8 +9,6 @@ from collections import namedtuple
 
 import numpy as np
 
-from sppjit.defaults import GRANULARITIES, PROFILES, SUBPAGE_CHECKS  # noqa: F401  (index = code)
-
 # Indices into State.scal (int64): the scalar part of the state.
 SC_NTABLES = 0  # table-pool entries in use
 SC_EPT_ROOT = 1  # pool index of the EPT level-4 table
@@ -22,7 +20,8 @@ SC_TLB_FLUSHES = 6  # served LOAD_CR3 requests + set/zap/remap/delete calls that
 SC_SHARED_SPPT_ROOT = 7  # v12: pool index of the shared SPPT root (kvm->arch.sppt_root), -1 before enable
 SC_LEN = 8
 
-# Indices into State.cfg (int64): settings fixed at VM creation.
+# Indices into State.cfg (int64): settings fixed at VM creation. Each value's code is its
+# index in sppjit.defaults.PROFILES, GRANULARITIES and SUBPAGE_CHECKS.
 CF_PROFILE = 0  # PROFILE_V4 / PROFILE_V12
 CF_GRANULARITY = 1  # GRAN_SPP / GRAN_PAGE
 CF_SUBPAGE_CHECK = 2  # CHECK_ALL / CHECK_FIRST

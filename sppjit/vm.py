@@ -30,7 +30,10 @@ from .defaults import (
     DEFAULT_PROFILE,
     DEFAULT_SUBPAGE_CHECK,
     DEFAULT_VCPUS,
+    GRANULARITIES,
     MAX_VCPUS,
+    PROFILES,
+    SUBPAGE_CHECKS,
     TIMELINE_OPS,
 )
 from .errors import InputError, SppError
@@ -180,9 +183,9 @@ class VM:
         if not 1 <= int(vcpus) <= MAX_VCPUS:
             raise InputError(f"vcpus must be 1..{MAX_VCPUS}, not {vcpus}")
         cfg = np.zeros(L.CF_LEN, dtype=np.int64)
-        cfg[L.CF_PROFILE] = _choice("profile", profile, L.PROFILES)
-        cfg[L.CF_GRANULARITY] = _choice("granularity", granularity, L.GRANULARITIES)
-        cfg[L.CF_SUBPAGE_CHECK] = _choice("subpage_check", subpage_check, L.SUBPAGE_CHECKS)
+        cfg[L.CF_PROFILE] = _choice("profile", profile, PROFILES)
+        cfg[L.CF_GRANULARITY] = _choice("granularity", granularity, GRANULARITIES)
+        cfg[L.CF_SUBPAGE_CHECK] = _choice("subpage_check", subpage_check, SUBPAGE_CHECKS)
         cfg[L.CF_HUGEPAGES] = int(bool(hugepages))
         cfg[L.CF_SPP_SUPPORTED] = int(bool(spp_supported))
         cfg[L.CF_NESTED] = int(bool(nested))
