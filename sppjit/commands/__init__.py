@@ -28,7 +28,6 @@ from sppjit.io.atomic import Outputs, atomic_path, check_distinct, same_file, te
 from sppjit.io.sizes import format_size, parse_address  # noqa: F401
 
 
-
 def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     """A typer choice built from the library's names (sppjit.defaults): one home for each."""
     return Enum(name, [(value, value) for value in values], type=str)

@@ -169,8 +169,6 @@ def run_replay(*, json_out: bool = False, progress: bool = False, **options) -> 
     return summary
 
 
-
-
 # ------------------------------------------------------------------------------ progress
 
 class Progress:
