@@ -103,6 +103,7 @@ from .protection import (  # noqa: F401  (protection_maps: part of this module's
     protection_info,
     protection_maps,
 )
+from .summary import CompareDocument
 
 SCHEMA_VERSION = 1
 EXIT_COST_SOURCE = (
@@ -413,7 +414,7 @@ class CompareRun:
     """What ``compare_files`` gives back: the document (sppjit.summary.CompareDocument), the
     paths written and a note for the user, or None."""
 
-    document: object
+    document: CompareDocument
     written: tuple[str, ...]
     note: str | None = None
 
@@ -441,7 +442,6 @@ def compare_files(trace: str, protection: str, *, memory: str | int | None = Non
     from .io.protect import ByteRanges
     from .io.trace import open_trace
     from .provenance import generated_hint
-    from .summary import CompareDocument
 
     def name(parameter: str) -> str:
         return (names or {}).get(parameter, parameter)

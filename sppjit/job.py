@@ -27,7 +27,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .defaults import (
     DEFAULT_ENGINE,
@@ -41,6 +41,9 @@ from .defaults import (
     default_batch_size,
 )
 from .errors import InputError
+
+if TYPE_CHECKING:  # the summary module loads numpy; a job is described without it
+    from .summary import ReplaySummary
 
 JOB_KIND = "replay"
 JOB_SCHEMA_VERSION = 1
@@ -188,7 +191,7 @@ class JobResult:
     """What a run gives back: the summary, the paths written (in the order results, exit
     log, saved state, summary) and a note for the user, or None."""
 
-    summary: Any  # sppjit.summary.ReplaySummary
+    summary: ReplaySummary
     written: tuple[str, ...]
     note: str | None = None
 
