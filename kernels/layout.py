@@ -20,7 +20,8 @@ SC_TLB_FLUSHES = 6  # served LOAD_CR3 requests + set/zap/remap/delete calls that
 SC_SHARED_SPPT_ROOT = 7  # v12: pool index of the shared SPPT root (kvm->arch.sppt_root), -1 before enable
 SC_LEN = 8
 
-# Indices into State.cfg (int64): settings fixed at VM creation.
+# Indices into State.cfg (int64): settings fixed at VM creation. Each value's code is its
+# index in sppjit.defaults.PROFILES, GRANULARITIES and SUBPAGE_CHECKS.
 CF_PROFILE = 0  # PROFILE_V4 / PROFILE_V12
 CF_GRANULARITY = 1  # GRAN_SPP / GRAN_PAGE
 CF_SUBPAGE_CHECK = 2  # CHECK_ALL / CHECK_FIRST
@@ -31,13 +32,10 @@ CF_LEN = 6
 
 PROFILE_V4 = 0
 PROFILE_V12 = 1
-PROFILES = ("v4", "v12")
 GRAN_SPP = 0
 GRAN_PAGE = 1
-GRANULARITIES = ("spp", "page")
 CHECK_ALL = 0
 CHECK_FIRST = 1
-SUBPAGE_CHECKS = ("all", "first")
 
 TABLE_FREE = 0
 TABLE_EPT = 1

@@ -22,6 +22,7 @@ import operator
 import numpy as np
 
 from . import bits as B
+from .defaults import PROFILES
 
 KVM_SUBPAGE_V4 = np.dtype(
     [("base_gfn", "<u8"), ("npages", "<u8"), ("access_map", "<u4", (B.SUBPAGE_MAX_BITMAP,))]
@@ -43,7 +44,6 @@ assert KVM_ENABLE_CAP_STRUCT.fields["args"][1] == 8
 assert KVM_ENABLE_CAP_STRUCT.fields["pad"][1] == 40
 
 ENOTTY = errno.ENOTTY
-PROFILES = ("v4", "v12")
 
 
 def kvm_subpage_v12_dtype(npages: int) -> np.dtype:

@@ -16,8 +16,27 @@ import time
 import numpy as np
 
 from . import __version__
+from .defaults import (
+    BATCH_SIZES,
+    BENCH_ACCESSES,
+    BENCH_END_TO_END_ACCESSES,
+    BENCH_END_TO_END_SCENARIO,
+    BENCH_REFERENCE_SAMPLE,
+    BENCH_SCENARIOS,
+)
+from .errors import InputError
 
-DEFAULT_SCENARIOS = ("uniform", "hotset", "sequential", "fault-storm", "guarded")
+DEFAULT_SCENARIOS = BENCH_SCENARIOS
+
+
+def check_scenarios(names, label: str = "scenarios") -> tuple[str, ...]:
+    """The scenario names, checked (InputError starting with ``label`` for an unknown one)."""
+    names = tuple(names)
+    for name in names:
+        if name not in BENCH_SCENARIOS:
+            raise InputError(f"{label}: unknown scenario {name!r} (one of "
+                             f"{', '.join(BENCH_SCENARIOS)})")
+    return names
 
 
 def _numpy_stream(gpa: np.ndarray, repeat: int = 3) -> float:
@@ -71,10 +90,10 @@ def warm_up() -> float:
 
 def run_bench(
     scenarios=DEFAULT_SCENARIOS,
-    accesses: int = 10_000_000,
-    reference_sample: int = 20_000,
+    accesses: int = BENCH_ACCESSES,
+    reference_sample: int = BENCH_REFERENCE_SAMPLE,
     seed: int = 0,
-    batch_size: int = 1 << 20,
+    batch_size: int = BATCH_SIZES["jit"],
     repeat: int = 3,
 ) -> dict:
     """Run the benchmark; returns a JSON-ready dict (see ``format_bench``).
@@ -84,6 +103,7 @@ def run_bench(
     """
     from .datasets import scenarios as S
 
+    scenarios = check_scenarios(scenarios)
     result = {
         "sppjit_version": __version__,
         "machine": {
@@ -197,7 +217,8 @@ def _run_cli(args: list[str]) -> tuple[float, int, str]:
 
 
 def run_end_to_end(
-    scenario: str = "hotset", accesses: int = 100_000_000, seed: int = 0, workdir: str | None = None, repeat: int = 2
+    scenario: str = BENCH_END_TO_END_SCENARIO, accesses: int = BENCH_END_TO_END_ACCESSES, seed: int = 0,
+    workdir: str | None = None, repeat: int = 2
 ) -> dict:
     """Replay a generated trace from uncompressed Parquet and from Arrow IPC through the
     command line, once with the summary and exit log only and once with the per-access
@@ -205,6 +226,7 @@ def run_end_to_end(
     import json
     import tempfile
 
+    check_scenarios([scenario], "scenario")
     result = {"scenario": scenario, "accesses": accesses, "seed": seed, "repeat": repeat, "runs": []}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="sppjit-e2e-") as d:
         t = time.perf_counter()

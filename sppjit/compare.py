@@ -81,28 +81,40 @@ import pyarrow as pa
 
 from . import __version__
 from . import bits as B
+from .defaults import (
+    COMPARE_SUBPAGE_CHECKS,
+    DEFAULT_ENGINE,
+    DEFAULT_EXIT_COST_US,
+    DEFAULT_KERNEL_EXIT_COST_US,
+    DEFAULT_MEMORY,
+    DEFAULT_SUBPAGE_CHECK,
+    DEFAULT_VCPUS,
+    GRANULARITIES,
+    PROFILES,
+    SUBPAGE_CHECKS,
+    default_batch_size,
+)
 from .errors import InputError
 from .hooks import PROTECTION_EXIT_KINDS, HookIndex
+from .protection import (  # noqa: F401  (protection_maps: part of this module's API)
+    apply_protection,
+    check_protection,
+    load_protection,
+    protection_info,
+    protection_maps,
+)
+from .summary import CompareDocument
 
 SCHEMA_VERSION = 1
-DEFAULT_MEMORY = "4GiB"
-DEFAULT_VCPUS = 1
-DEFAULT_EXIT_COST_US = 3.0
-DEFAULT_KERNEL_EXIT_COST_US = 1.0
 EXIT_COST_SOURCE = (
     "userspace exit round trip ~3 us (kvm-unit-tests x86/vmexit.c inl_from_qemu vs "
     "inl_from_kernel, ~3x an in-kernel exit); in-kernel exit ~1 us (SplitX, WIOV 2011: "
     "~2,000-cycle world switch plus the handler); order-of-magnitude defaults for an Ice "
     "Lake-era KVM host, not a measurement"
 )
-SUBPAGE_CHECKS = ("all", "first", "both")
-GRANULARITIES = ("page", "spp")
-PROFILES = ("v4", "v12")
 # Exits KVM hands to userspace (a KVM_EXIT_* code, or KVM_EXIT_UNKNOWN for an SPPT
 # misconfiguration); every other kind is resolved in the kernel and the guest retries.
 USERSPACE_EXIT_KINDS = ("mmio", "spp_misconfig", "spp_violation", "write_protect")
-BATCH_JIT = 1 << 20
-BATCH_REFERENCE = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -112,17 +124,17 @@ class Config:
     name: str
     granularity: str = "spp"
     profile: str = "v4"
-    subpage_check: str = "all"
+    subpage_check: str = DEFAULT_SUBPAGE_CHECK
 
     def as_dict(self) -> dict:
         return {"name": self.name, "profile": self.profile, "granularity": self.granularity,
                 "subpage_check": self.subpage_check}
 
 
-def default_configs(subpage_check: str = "all") -> list[Config]:
+def default_configs(subpage_check: str = DEFAULT_SUBPAGE_CHECK) -> list[Config]:
     """page (the baseline), spp_v4 and spp_v12; with "both", each SPP profile twice."""
-    if subpage_check not in SUBPAGE_CHECKS:
-        raise InputError(f"subpage_check must be one of {', '.join(SUBPAGE_CHECKS)}, "
+    if subpage_check not in COMPARE_SUBPAGE_CHECKS:
+        raise InputError(f"subpage_check must be one of {', '.join(COMPARE_SUBPAGE_CHECKS)}, "
                          f"not {subpage_check!r}")
     checks = ("all", "first") if subpage_check == "both" else (subpage_check,)
     configs = [Config("page", "page", "v4", checks[0])]
@@ -145,7 +157,7 @@ def _as_config(value) -> Config:
     else:
         raise InputError(f"a configuration is a Config or a dict, not {type(value).__name__}")
     for field, allowed in (("granularity", GRANULARITIES), ("profile", PROFILES),
-                           ("subpage_check", ("all", "first"))):
+                           ("subpage_check", SUBPAGE_CHECKS)):
         if getattr(config, field) not in allowed:
             raise InputError(f"configuration {config.name!r}: {field} must be one of "
                              f"{', '.join(allowed)}, not {getattr(config, field)!r}")
@@ -209,35 +221,6 @@ class NoiseHookIndex(HookIndex):
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def _load_protection(protection):
-    """(AccessMaps or ByteRanges, the protection facts of the document)."""
-    from .io.protect import AccessMaps, ByteRanges, read_protection
-
-    path = None
-    if isinstance(protection, (str, os.PathLike)):
-        path = os.fspath(protection)
-        protection = read_protection(path)
-    if not isinstance(protection, (AccessMaps, ByteRanges)):
-        raise TypeError(f"protection must be a path, AccessMaps or ByteRanges, not "
-                        f"{type(protection).__name__}")
-    info = {"path": path}
-    if isinstance(protection, AccessMaps):
-        info.update(form="access_maps", pages=int(np.unique(protection.gfn).shape[0]))
-    else:
-        pages = np.asarray(protection.gpa, dtype=np.uint64) >> np.uint64(B.PAGE_SHIFT)
-        info.update(form="byte_ranges", pages=int(np.unique(pages).shape[0]),
-                    ranges=int(len(protection.gpa)))
-    return protection, info
-
-
-def protection_maps(protection):
-    """The (gfn, access) maps a protection applies: access maps as they are, byte ranges
-    through hvmi's reference counting (sppjit.io.protect.ranges_to_maps)."""
-    from .io.protect import AccessMaps, ranges_to_maps
-
-    return protection if isinstance(protection, AccessMaps) else ranges_to_maps(protection)
-
 
 def _trace_source(trace):
     """(a source open_trace can read once per configuration, its path or None, the
@@ -314,9 +297,9 @@ def _check_cost(name: str, value) -> float:
 
 def compare(trace, protection, *, memory: str | int | None = None,
             memslots: Iterable[tuple[int, int]] | None = None, vcpus: int = DEFAULT_VCPUS,
-            hugepages: bool = False, configs=None, subpage_check: str = "all",
+            hugepages: bool = False, configs=None, subpage_check: str = DEFAULT_SUBPAGE_CHECK,
             exit_cost_us: float = DEFAULT_EXIT_COST_US,
-            kernel_exit_cost_us: float = DEFAULT_KERNEL_EXIT_COST_US, engine: str = "jit",
+            kernel_exit_cost_us: float = DEFAULT_KERNEL_EXIT_COST_US, engine: str = DEFAULT_ENGINE,
             batch_size: int | None = None,
             progress: Callable[[str, int], None] | None = None,
             inputs: dict[str, str | None] | None = None) -> dict:
@@ -333,7 +316,7 @@ def compare(trace, protection, *, memory: str | int | None = None,
     every batch. ``inputs``: further files to record digests of ({"memslots": path}); the
     trace and protection files are always hashed (on a thread, while the replays run).
     """
-    from .io.protect import ByteRanges, check_in_memslots
+    from .io.protect import ByteRanges
     from .io.trace import open_trace
     from .provenance import BackgroundDigests, versions
     from .replay import Replay, discard_exits
@@ -353,12 +336,13 @@ def compare(trace, protection, *, memory: str | int | None = None,
     if len(set(names)) != len(names):
         raise InputError(f"configuration names must be distinct: {', '.join(names)}")
     if batch_size is None:
-        batch_size = BATCH_JIT if engine == "jit" else BATCH_REFERENCE
+        batch_size = default_batch_size(engine)
     slots = [(int(b), int(n)) for b, n in memslots] if memslots is not None else None
 
     source, trace_path, generator = _trace_source(trace)
-    protection, protection_info = _load_protection(protection)
+    protection, protection_path = load_protection(protection)
     maps = protection_maps(protection)
+    protection_facts = protection_info(protection, protection_path, maps)
     ranges = protection if isinstance(protection, ByteRanges) else None
     # Configurations are checked (VmConfig) and the protection placed before any replay.
     vms = []
@@ -367,16 +351,16 @@ def compare(trace, protection, *, memory: str | int | None = None,
                 vcpus=vcpus, profile=config.profile, hugepages=hugepages,
                 subpage_check=config.subpage_check, granularity=config.granularity)
         if not vms:
-            check_in_memslots(maps.gfn, vm.config.memslots)
+            check_protection(vm, protection)
         vms.append(vm)
     shared = vms[0].config.as_dict()
-    digests = BackgroundDigests({"trace": trace_path, "protect": protection_info["path"],
+    digests = BackgroundDigests({"trace": trace_path, "protect": protection_path,
                                  **(inputs or {})})
 
     results = []
     rows = 0
     for index, (config, vm) in enumerate(zip(configs, vms)):
-        vm.protect(maps.gfn, maps.access)
+        apply_protection(vm, protection, maps)
         hooks = NoiseHookIndex.for_config(ranges, config) if ranges is not None else None
         session = Replay(vm, engine, on_exits=discard_exits, hooks=hooks)
         for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
@@ -385,7 +369,7 @@ def compare(trace, protection, *, memory: str | int | None = None,
                 progress(config.name, session.rows)
         rows = session.rows
         summary = session.summary({"path": trace_path}, generator=generator)
-        summary["config"]["protection"] = protection_info
+        summary["config"]["protection"] = protection_facts
         results.append((config, summary))
         vms[index] = None  # a VM's tables are freed once its summary is taken
 
@@ -400,7 +384,7 @@ def compare(trace, protection, *, memory: str | int | None = None,
         "schema_version": SCHEMA_VERSION,
         "sppjit_version": __version__,
         "input": input_info,
-        "protection": protection_info,
+        "protection": protection_facts,
         "config": {
             "memslots": shared["memslots"],
             "memory_bytes": shared["memory_bytes"],
@@ -423,6 +407,118 @@ def compare(trace, protection, *, memory: str | int | None = None,
             for config, summary in results
         ],
     }
+
+
+@dataclass(frozen=True)
+class CompareRun:
+    """What ``compare_files`` gives back: the document (sppjit.summary.CompareDocument), the
+    paths written and a note for the user, or None."""
+
+    document: CompareDocument
+    written: tuple[str, ...]
+    note: str | None = None
+
+
+def compare_files(trace: str, protection: str, *, memory: str | int | None = None,
+                  memslots: str | None = None, vcpus: int | None = None,
+                  hugepages: bool = False, subpage_check: str = DEFAULT_SUBPAGE_CHECK,
+                  exit_cost_us: float = DEFAULT_EXIT_COST_US,
+                  kernel_exit_cost_us: float = DEFAULT_KERNEL_EXIT_COST_US,
+                  engine: str = DEFAULT_ENGINE, summary: str | None = None,
+                  hooks_out: str | None = None, batch_size: int | None = None,
+                  progress: Callable[[str, int, int | None], None] | None = None,
+                  names: dict[str, str] | None = None) -> CompareRun:
+    """``sppjit compare`` as one library call, on files: check every option and path before
+    any work, compare (``compare``), record the trace's format and the memslots file, and
+    write the comparison JSON (``summary``) and the per-hook table (``hooks_out``) all or
+    nothing. ``memslots`` is a memslot file; ``vcpus`` None is the default, and lets the note
+    suggest the VM a generated trace was made for. ``progress(config_name, rows_done,
+    rows_total)`` is called after every batch. Errors name the parameters (``memory``,
+    ``summary``, ...) or, through ``names``, what the caller calls them."""
+    from .io.atomic import check_distinct
+    from .io.formats import trace_format
+    from .io.memslots import read_memslots
+    from .io.output import check_output_path
+    from .io.protect import ByteRanges
+    from .io.trace import open_trace
+    from .provenance import generated_hint
+
+    def name(parameter: str) -> str:
+        return (names or {}).get(parameter, parameter)
+
+    # ---- options and paths, before any work
+    if memory is not None and memslots is not None:
+        raise InputError(f"{name('memory')} and {name('memslots')} cannot be used together "
+                         f"({name('memslots')} defines the memory)")
+    if summary is not None:
+        check_output_path(summary, option=name("summary"))
+    if hooks_out is not None:
+        check_output_path(hooks_out, option=name("hooks_out"), table=True)
+    check_distinct([(name("trace"), trace), (name("protection"), protection),
+                    (name("memslots"), memslots), (name("summary"), summary),
+                    (name("hooks_out"), hooks_out)])
+    if memory is not None:
+        from .io.sizes import parse_size
+
+        parse_size(memory, name=name("memory"))
+
+    reader = open_trace(trace, vcpus=vcpus or DEFAULT_VCPUS)
+    if reader.num_rows == 0:
+        raise InputError("trace: no rows")
+    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
+    slots = read_memslots(memslots) if memslots is not None else None
+    loaded, _ = load_protection(protection)
+    if hooks_out is not None and not isinstance(loaded, ByteRanges):
+        raise InputError(f"{name('hooks_out')}: {protection} holds access maps; a per-hook "
+                         "table needs byte ranges (columns gpa, length, optional name)")
+
+    # ---- the comparison (it reads the protection and hashes the inputs)
+    try:
+        document = compare(
+            trace, protection, memory=memory, memslots=slots, vcpus=vcpus or DEFAULT_VCPUS,
+            hugepages=hugepages, subpage_check=subpage_check, exit_cost_us=exit_cost_us,
+            kernel_exit_cost_us=kernel_exit_cost_us, engine=engine, batch_size=batch_size,
+            progress=(None if progress is None
+                      else lambda config, rows: progress(config, rows, reader.num_rows)),
+            inputs={"memslots": memslots},
+        )
+    except InputError as exc:
+        if hint and str(exc).startswith("trace:"):
+            raise InputError(f"{exc} ({hint})") from None
+        raise
+    if document["input"]["rows"] == 0:
+        raise InputError("trace: no rows")
+    document["input"]["format"] = trace_format(trace)
+    document["config"]["memslots_file"] = memslots
+    for config in document["configs"]:
+        config["summary"]["input"]["format"] = document["input"]["format"]
+        config["summary"]["config"]["memslots_file"] = memslots
+
+    # ---- outputs, all or nothing
+    written = _write_outputs(document, summary=summary, hooks_out=hooks_out,
+                             hooks_name=name("hooks_out"))
+    return CompareRun(document=CompareDocument.from_dict(document), written=tuple(written),
+                      note=hint)
+
+
+def _write_outputs(document: dict, *, summary: str | None, hooks_out: str | None,
+                   hooks_name: str) -> list[str]:
+    import contextlib
+
+    from .io.atomic import Outputs
+    from .io.output import TableWriter, write_json_atomic
+
+    with contextlib.ExitStack() as stack:
+        outputs = stack.enter_context(Outputs())
+        if hooks_out is not None:
+            table = hooks_table(document)
+            with TableWriter(hooks_out, table.schema, option=hooks_name) as writer:
+                writer.write_batch(table)
+            outputs.add(hooks_out)
+        if summary is not None:
+            write_json_atomic(summary, document)
+            outputs.add(summary)
+        return list(outputs.committed)
 
 
 def hooks_table(document: dict) -> pa.Table:

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from . import __version__
 from . import bits as B
+from .defaults import BATCH_SIZES, ENGINES
 from .errors import InputError, VmEntryError
 from .io.trace import TraceBatch, check_vcpus, open_trace, schema_metadata
 from .kernels import layout as L
@@ -27,7 +28,6 @@ from .hooks import HookIndex
 from .provenance import BackgroundDigests, generator_info, versions
 from .stats import page_counts
 
-ENGINES = ("jit", "reference")
 SCHEMA_VERSION = 1
 EXIT_LOG_CAPACITY = 1 << 16
 
@@ -356,7 +356,7 @@ class Replay:
         }
 
 
-def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None,
+def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None,
                    ops=None) -> Iterator[pa.RecordBatch]:
     """Replay ``source`` batch by batch, yielding the per-access result batches."""
     session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
@@ -370,7 +370,7 @@ def _hook_index(hooks) -> HookIndex | None:
     return HookIndex.from_ranges(hooks)
 
 
-def replay(vm, source, engine: str = "jit", *, batch_size: int = 1 << 20, hooks=None, ops=None) -> ReplayResult:
+def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None, ops=None) -> ReplayResult:
     """Replay a whole trace and keep every result in memory (see replay_batches for streams).
 
     ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of

@@ -24,6 +24,18 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import bits as B
+from .defaults import (
+    DEFAULT_GRANULARITY,
+    DEFAULT_MEMORY,
+    DEFAULT_PROFILE,
+    DEFAULT_SUBPAGE_CHECK,
+    DEFAULT_VCPUS,
+    GRANULARITIES,
+    MAX_VCPUS,
+    PROFILES,
+    SUBPAGE_CHECKS,
+    TIMELINE_OPS,
+)
 from .errors import InputError, SppError
 
 from .kernels import layout as L
@@ -40,7 +52,6 @@ def initial_table_capacity(memslots) -> int:
     ept = sum(-(-int(n) // B.PAGES_PER_2M) + 2 for _, n in memslots) + 2
     return min(max(DEFAULT_TABLE_CAPACITY, ept + 64), MAX_INITIAL_TABLES)
 
-TIMELINE_OPS = ("set_subpages", "zap", "remap", "delete_memslot")
 
 
 class SppQuirkWarning(UserWarning):
@@ -60,7 +71,7 @@ def _parse_memslots(memory, memslots) -> list[tuple[int, int]]:
     if memslots is not None:
         slots = [(int(b), int(n)) for b, n in memslots]
     else:
-        size = parse_size(memory)
+        size = parse_size(memory, name="memory")
         slots = [(0, size // B.PAGE_SIZE)]
     if not slots:
         raise InputError("the VM needs at least one memslot")
@@ -158,23 +169,23 @@ class VM:
 
     def __init__(
         self,
-        memory: str | int = "4GiB",
-        vcpus: int = 1,
-        profile: str = "v4",
+        memory: str | int = DEFAULT_MEMORY,
+        vcpus: int = DEFAULT_VCPUS,
+        profile: str = DEFAULT_PROFILE,
         hugepages: bool = False,
-        subpage_check: str = "all",
-        granularity: str = "spp",
+        subpage_check: str = DEFAULT_SUBPAGE_CHECK,
+        granularity: str = DEFAULT_GRANULARITY,
         spp_supported: bool = True,
         nested: bool = False,
         memslots: Iterable[tuple[int, int]] | None = None,
         table_capacity: int | None = None,
     ):
-        if not 1 <= int(vcpus) <= 1024:
-            raise InputError(f"vcpus must be 1..1024, not {vcpus}")
+        if not 1 <= int(vcpus) <= MAX_VCPUS:
+            raise InputError(f"vcpus must be 1..{MAX_VCPUS}, not {vcpus}")
         cfg = np.zeros(L.CF_LEN, dtype=np.int64)
-        cfg[L.CF_PROFILE] = _choice("profile", profile, L.PROFILES)
-        cfg[L.CF_GRANULARITY] = _choice("granularity", granularity, L.GRANULARITIES)
-        cfg[L.CF_SUBPAGE_CHECK] = _choice("subpage_check", subpage_check, L.SUBPAGE_CHECKS)
+        cfg[L.CF_PROFILE] = _choice("profile", profile, PROFILES)
+        cfg[L.CF_GRANULARITY] = _choice("granularity", granularity, GRANULARITIES)
+        cfg[L.CF_SUBPAGE_CHECK] = _choice("subpage_check", subpage_check, SUBPAGE_CHECKS)
         cfg[L.CF_HUGEPAGES] = int(bool(hugepages))
         cfg[L.CF_SPP_SUPPORTED] = int(bool(spp_supported))
         cfg[L.CF_NESTED] = int(bool(nested))

@@ -6,7 +6,7 @@ from . import bits as B
 from .kernels import layout as L
 from .reference import _read
 
-_MEMTYPES = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
+MEMTYPES = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
 
 
 def decode_ept_entry(entry: int, level: int) -> dict:
@@ -25,7 +25,7 @@ def decode_ept_entry(entry: int, level: int) -> dict:
     if leaf:
         mt = (entry >> B.VMX_EPT_MT_EPTE_SHIFT) & 7
         d.update(
-            memtype=_MEMTYPES.get(mt, f"reserved({mt})"),
+            memtype=MEMTYPES.get(mt, f"reserved({mt})"),
             ignore_pat=bool(entry & B.VMX_EPT_IPAT_BIT),
             large=level > 1,
             spp=bool(entry & B.PT64_SPP_MASK),

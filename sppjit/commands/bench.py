@@ -1,4 +1,8 @@
-"""``sppjit bench``: the benchmark harness (seeded scenarios, all figures from one run)."""
+"""``sppjit bench``: the benchmark harness (seeded scenarios, all figures from one run).
+
+Option parsing only: the library calls are sppjit.bench.run_bench and run_end_to_end, the
+printers format_bench and format_end_to_end.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,16 @@ from typing import Annotated
 
 import typer
 
-from sppjit.errors import InputError
+from sppjit.defaults import (
+    BATCH_SIZES,
+    BENCH_ACCESSES,
+    BENCH_END_TO_END_ACCESSES,
+    BENCH_END_TO_END_SCENARIO,
+    BENCH_REFERENCE_SAMPLE,
+    BENCH_SCENARIOS,
+)
 
-SCENARIO_NAMES = ("uniform", "hotset", "sequential", "fault-storm", "guarded")
+SCENARIO_NAMES = BENCH_SCENARIOS
 
 HELP = (
     "Measure replay speed on seeded synthetic scenarios.\n\n"
@@ -23,31 +34,33 @@ EPILOG = "Example: sppjit bench --accesses 10000000 --scenario hotset --json ben
 def bench(
     accesses: Annotated[int | None, typer.Option(
         "--accesses", metavar="N", min=1, show_default=False,
-        help="Accesses per scenario [default: 10,000,000; 100,000,000 with --end-to-end].")] = None,
+        help=f"Accesses per scenario [default: {BENCH_ACCESSES:,}; "
+             f"{BENCH_END_TO_END_ACCESSES:,} with --end-to-end].")] = None,
     scenario: Annotated[list[str] | None, typer.Option(
         "--scenario", metavar="NAME",
         help=f"Scenario to run (repeatable): {', '.join(SCENARIO_NAMES)}. Default: all.")] = None,
     reference_sample: Annotated[int, typer.Option(
         "--reference-sample", metavar="N", min=1,
-        help="Accesses replayed by the reference engine (it is ~1000x slower).")] = 20_000,
+        help="Accesses replayed by the reference engine (it is ~1000x slower).")
+    ] = BENCH_REFERENCE_SAMPLE,
     seed: Annotated[int, typer.Option("--seed", metavar="S", min=0, help="Random seed.")] = 0,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", metavar="N", min=1, help="Rows per replay batch.")] = 1 << 20,
+        "--batch-size", metavar="N", min=1, help="Rows per replay batch.")] = BATCH_SIZES["jit"],
     json_out: Annotated[str | None, typer.Option(
         "--json", metavar="FILE", help="Also write the figures as JSON.")] = None,
     end_to_end: Annotated[bool, typer.Option(
         "--end-to-end",
         help="Instead: generate a trace (--accesses, default 100M, first --scenario, default "
-             "hotset) as uncompressed Parquet and Arrow IPC in a temporary directory and replay "
-             "it through the command line, reporting rows/s and peak RSS.")] = False,
+             f"{BENCH_END_TO_END_SCENARIO}) as uncompressed Parquet and Arrow IPC in a "
+             "temporary directory and replay it through the command line, reporting rows/s "
+             "and peak RSS.")] = False,
     workdir: Annotated[str | None, typer.Option(
         "--workdir", metavar="DIR", help="Where --end-to-end writes its traces (needs ~50 bytes "
              "per row).")] = None,
 ) -> None:
-    names = tuple(scenario) if scenario else SCENARIO_NAMES
-    for name in names:
-        if name not in SCENARIO_NAMES:
-            raise InputError(f"--scenario: unknown scenario {name!r} (one of {', '.join(SCENARIO_NAMES)})")
+    from sppjit.bench import check_scenarios
+
+    names = check_scenarios(scenario or SCENARIO_NAMES, "--scenario")
     if json_out is not None:
         from sppjit.io.output import check_output_path
 
@@ -56,20 +69,15 @@ def bench(
     if end_to_end:
         from sppjit.bench import format_end_to_end, run_end_to_end
 
-        result = run_end_to_end(names[0] if scenario else "hotset", accesses or 100_000_000,
-                                seed, workdir)
+        result = run_end_to_end(names[0] if scenario else BENCH_END_TO_END_SCENARIO,
+                                accesses or BENCH_END_TO_END_ACCESSES, seed, workdir)
         typer.echo(format_end_to_end(result))
-        if json_out is not None:
-            from sppjit.io.output import write_json_atomic
+    else:
+        from sppjit.bench import format_bench, run_bench
 
-            write_json_atomic(json_out, result)
-        return
-
-    from sppjit.bench import format_bench, run_bench
-
-    result = run_bench(names, accesses=accesses or 10_000_000, reference_sample=reference_sample, seed=seed,
-                       batch_size=batch_size)
-    typer.echo(format_bench(result))
+        result = run_bench(names, accesses=accesses or BENCH_ACCESSES,
+                           reference_sample=reference_sample, seed=seed, batch_size=batch_size)
+        typer.echo(format_bench(result))
     if json_out is not None:
         from sppjit.io.output import write_json_atomic
 

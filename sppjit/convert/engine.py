@@ -221,7 +221,7 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
     import numpy as np
     import pyarrow as pa
 
-    from sppjit.commands import Outputs
+    from sppjit.io.atomic import Outputs
     from sppjit.convert.mapping import PageMapper
     from sppjit.io.output import TableWriter
 

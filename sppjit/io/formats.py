@@ -140,3 +140,16 @@ def _rows_to_table(rows: list, what: str, path: str) -> pa.Table:
             raise InputError(f"{what}: column '{name}' of {path} mixes values of "
                              "different kinds") from None
     return pa.table(columns)
+
+
+def trace_format(path: str | os.PathLike) -> str:
+    """The format name a summary records for a trace file, from its content: "parquet",
+    "parquet-dataset" (a directory), "arrow" (IPC file) or "arrow-stream"."""
+    if os.path.isdir(path):
+        return "parquet-dataset"
+    magic = read_magic(path, "trace")
+    if magic.startswith(PARQUET_MAGIC):
+        return "parquet"
+    if magic.startswith(ARROW_FILE_MAGIC):
+        return "arrow"
+    return "arrow-stream"

@@ -5,12 +5,11 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from sppjit.defaults import TIMELINE_OPS
 from sppjit.errors import InputError
 from sppjit.io.columns import table_columns
 from sppjit.io.formats import read_table
 from sppjit.io.space import GFN_LIMIT
-
-TIMELINE_OPS = ("set_subpages", "zap", "remap", "delete_memslot")
 
 
 def read_ops(path: str | os.PathLike) -> list[dict]:

@@ -69,7 +69,7 @@ def _new_figure():
 
 def _save(fig, path: str | os.PathLike) -> str:
     """Write the PNG atomically; returns the path."""
-    from sppjit.commands import atomic_path  # shared helper: to move out of sppjit.commands
+    from sppjit.io.atomic import atomic_path
 
     path = os.fspath(path)
     with atomic_path(path) as temporary:

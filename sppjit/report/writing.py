@@ -51,7 +51,7 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
     the directory ``stats``, the plots into ``plot`` (each with a report.json), all or
     nothing. ``summary`` is the replay's summary JSON or a compare document (which adds the
     compare bars). InputError for any bad argument or input, before anything is written."""
-    from sppjit.commands import check_distinct  # shared helper: to move out of sppjit.commands
+    from sppjit.io.atomic import check_distinct
 
     if epochs < 1 or epochs > MAX_EPOCHS:
         raise InputError(f"--epochs must be 1..{MAX_EPOCHS}, not {epochs}")
@@ -99,7 +99,7 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
 def _write(analysis: ReportStats, create: dict[str, bool], *, results, exits, summary,
            summary_doc, compare, plot, stats, epochs, top) -> tuple[dict, list[str]]:
     """Every output file, all or nothing: (report.json's document, the paths written)."""
-    from sppjit.commands import Outputs  # shared helper: to move out of sppjit.commands
+    from sppjit.io.atomic import Outputs
 
     written: list[str] = []
     made_dirs: list[str] = []

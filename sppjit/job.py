@@ -1,0 +1,383 @@
+"""A replay job: the whole of ``sppjit replay`` as one library call, and what a worker receives.
+
+A ``Job`` says everything a replay needs, in frozen dataclasses that round-trip through JSON
+(``Job.to_json`` / ``Job.from_json``): the VM (``VmSpec``: everything ``VM(...)`` takes,
+memslots from a file or a list), the inputs (``JobInputs``: the trace, the protection in
+either form, the timeline), the outputs (``JobOutputs``: per-access results, the exit log,
+the summary, the saved state), the engine and the batch size.
+
+- ``check(job)`` does every check the replay does before any work: options, output paths,
+  no file given twice, every input read and checked, the VM built and the protection placed.
+- ``run(job, progress=None)`` does them, replays, and writes the outputs all or nothing (a
+  failed or interrupted run leaves none of them); it returns a ``JobResult``: the typed
+  summary, the paths written and any note for the user (a trace generated for another VM).
+
+Equal jobs give byte-identical results and exit logs, and summaries equal apart from timings
+(``ReplaySummary.without_timings``). Errors are InputError naming the job's parameters
+(``memory``, ``results``, ...); ``names`` maps them to what the caller calls them (the
+command line passes its option names, so ``--memory`` and ``--out`` appear instead).
+Nothing here prints or knows the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from .defaults import (
+    DEFAULT_ENGINE,
+    DEFAULT_GRANULARITY,
+    DEFAULT_MEMORY,
+    DEFAULT_PROFILE,
+    DEFAULT_SUBPAGE_CHECK,
+    DEFAULT_VCPUS,
+    ENGINES,
+    MAX_VCPUS,
+    default_batch_size,
+)
+from .errors import InputError
+
+if TYPE_CHECKING:  # the summary module loads numpy; a job is described without it
+    from .summary import ReplaySummary
+
+JOB_KIND = "replay"
+JOB_SCHEMA_VERSION = 1
+
+Progress = Callable[[int, "int | None"], None]  # (rows done, rows in the trace or None)
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """The VM a job replays on: every argument of sppjit.vm.VM. ``memory`` and ``vcpus`` left
+    None take the defaults (4GiB, 1) and let the job suggest the VM a generated trace was made
+    for; ``memslots`` is a file (CSV, JSON, Parquet) or (base_gfn, npages) pairs."""
+
+    memory: str | int | None = None
+    memslots: str | tuple[tuple[int, int], ...] | None = None
+    vcpus: int | None = None
+    profile: str = DEFAULT_PROFILE
+    hugepages: bool = False
+    subpage_check: str = DEFAULT_SUBPAGE_CHECK
+    granularity: str = DEFAULT_GRANULARITY
+    spp_supported: bool = True
+    nested: bool = False
+    table_capacity: int | None = None
+
+    def __post_init__(self):
+        if self.memslots is not None and not isinstance(self.memslots, (str, os.PathLike)):
+            try:
+                pairs = tuple((int(b), int(n)) for b, n in self.memslots)
+            except (TypeError, ValueError):
+                raise InputError("memslots must be a file or (base_gfn, npages) pairs") from None
+            object.__setattr__(self, "memslots", pairs)
+        elif isinstance(self.memslots, os.PathLike):
+            object.__setattr__(self, "memslots", os.fspath(self.memslots))
+
+    @property
+    def memslots_file(self) -> str | None:
+        return self.memslots if isinstance(self.memslots, str) else None
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What is replayed: the trace (Parquet file or directory, Arrow IPC file or stream), the
+    protection placed before the first access (a file of access maps or of byte ranges: the
+    form is read from its columns) and the timeline of control-plane operations."""
+
+    trace: str
+    protection: str | None = None
+    timeline: str | None = None
+
+
+@dataclass(frozen=True)
+class JobOutputs:
+    """Where the results go (each None: not written). ``results`` and ``exit_log`` are
+    .parquet or .arrow tables, ``summary`` JSON, ``saved_state`` a .npz VM state."""
+
+    results: str | None = None
+    exit_log: str | None = None
+    summary: str | None = None
+    saved_state: str | None = None
+
+    def paths(self) -> list[tuple[str, str | None]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+def _paths(obj) -> Any:
+    """Paths as plain strings, so that equal jobs compare (and serialise) equal."""
+    changes = {f.name: os.fspath(getattr(obj, f.name)) for f in fields(obj)
+               if isinstance(getattr(obj, f.name), os.PathLike)}
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+@dataclass(frozen=True)
+class Job:
+    """One replay: inputs, VM, outputs, engine and batch size (None: the engine's default)."""
+
+    inputs: JobInputs
+    vm: VmSpec = field(default_factory=VmSpec)
+    outputs: JobOutputs = field(default_factory=JobOutputs)
+    engine: str = DEFAULT_ENGINE
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", _paths(self.inputs))
+        object.__setattr__(self, "outputs", _paths(self.outputs))
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        vm = dataclasses.asdict(self.vm)
+        if isinstance(self.vm.memslots, tuple):
+            vm["memslots"] = [list(pair) for pair in self.vm.memslots]
+        return {"job": JOB_KIND, "schema_version": JOB_SCHEMA_VERSION,
+                "inputs": dataclasses.asdict(self.inputs), "vm": vm,
+                "outputs": dataclasses.asdict(self.outputs), "engine": self.engine,
+                "batch_size": self.batch_size}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Job":
+        if not isinstance(data, Mapping):
+            raise InputError(f"job: expected an object, not {type(data).__name__}")
+        if data.get("job", JOB_KIND) != JOB_KIND:
+            raise InputError(f"job: not a {JOB_KIND} job: {data.get('job')!r}")
+        if data.get("schema_version", JOB_SCHEMA_VERSION) != JOB_SCHEMA_VERSION:
+            raise InputError(f"job: schema_version {data.get('schema_version')!r} is not "
+                             f"{JOB_SCHEMA_VERSION}")
+        _known("job", data, {"job", "schema_version", "inputs", "vm", "outputs", "engine",
+                             "batch_size"})
+        if "inputs" not in data:
+            raise InputError("job: missing key 'inputs'")
+        return cls(inputs=_part(JobInputs, data["inputs"], "inputs"),
+                   vm=_part(VmSpec, data.get("vm", {}), "vm"),
+                   outputs=_part(JobOutputs, data.get("outputs", {}), "outputs"),
+                   engine=data.get("engine", DEFAULT_ENGINE),
+                   batch_size=data.get("batch_size"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"job: not JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+def _known(what: str, data: Mapping, allowed) -> None:
+    unknown = [key for key in data if key not in allowed]
+    if unknown:
+        raise InputError(f"{what}: unknown key '{unknown[0]}'")
+
+
+def _part(cls, data, what: str):
+    if not isinstance(data, Mapping):
+        raise InputError(f"job: {what} must be an object, not {type(data).__name__}")
+    _known(what, data, {f.name for f in fields(cls)})
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required key missing
+        raise InputError(f"{what}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a run gives back: the summary, the paths written (in the order results, exit
+    log, saved state, summary) and a note for the user, or None."""
+
+    summary: ReplaySummary
+    written: tuple[str, ...]
+    note: str | None = None
+
+
+# ---------------------------------------------------------------- names in messages
+
+class _Names:
+    """The name of each job parameter in messages: its own, or the caller's (``names``)."""
+
+    def __init__(self, names: Mapping[str, str] | None):
+        self._names = dict(names or {})
+
+    def __call__(self, parameter: str) -> str:
+        return self._names.get(parameter, parameter)
+
+
+# ---------------------------------------------------------------- checks
+
+def _check_options(job: Job, name: _Names) -> None:
+    """The checks that read no file: options, output paths, no file given twice."""
+    from .io.output import check_output_path
+    from .io.atomic import check_distinct
+    from .io.sizes import parse_size
+
+    spec = job.vm
+    if spec.memory is not None and spec.memslots is not None:
+        raise InputError(f"{name('memory')} and {name('memslots')} cannot be used together "
+                         f"({name('memslots')} defines the memory)")
+    if spec.memory is not None:
+        parse_size(spec.memory, name=name("memory"))
+    if spec.vcpus is not None and not (isinstance(spec.vcpus, int)
+                                       and 1 <= spec.vcpus <= MAX_VCPUS):
+        raise InputError(f"{name('vcpus')} must be 1..{MAX_VCPUS}, not {spec.vcpus}")
+    if job.engine not in ENGINES:
+        raise InputError(f"{name('engine')} must be one of {', '.join(ENGINES)}, "
+                         f"not {job.engine!r}")
+    if job.batch_size is not None and not (isinstance(job.batch_size, int)
+                                           and job.batch_size >= 1):
+        raise InputError(f"{name('batch_size')} must be a positive number of rows, "
+                         f"not {job.batch_size!r}")
+    outputs = job.outputs
+    for parameter, path, table in (("results", outputs.results, True),
+                                   ("exit_log", outputs.exit_log, True),
+                                   ("summary", outputs.summary, False),
+                                   ("saved_state", outputs.saved_state, False)):
+        if path is not None:
+            check_output_path(path, option=name(parameter), table=table)
+    inputs = job.inputs
+    check_distinct([(name("trace"), inputs.trace), (name("protection"), inputs.protection),
+                    (name("timeline"), inputs.timeline), (name("memslots"), spec.memslots_file),
+                    *((name(p), path) for p, path in outputs.paths())])
+
+
+@dataclass
+class _Opened:
+    """A checked job, ready to replay."""
+
+    reader: Any
+    vm: Any
+    hooks: Any
+    timeline: list
+    protection_info: dict | None
+    hint: str | None
+
+
+def _open(job: Job, name: _Names) -> _Opened:
+    """Read and check every input, build the VM and place the protection (each reader
+    raises InputError naming the file, column and row)."""
+    from .io.memslots import read_memslots
+    from .io.ops import read_ops
+    from .io.trace import open_trace
+    from .protection import apply_protection, hook_index, load_protection, protection_info
+    from .provenance import generated_hint
+    from .vm import VM
+
+    spec, inputs = job.vm, job.inputs
+    vcpus = spec.vcpus if spec.vcpus is not None else DEFAULT_VCPUS
+    batch_size = job.batch_size or default_batch_size(job.engine)
+    reader = open_trace(inputs.trace, batch_size=batch_size, vcpus=vcpus)
+    if reader.num_rows == 0:
+        raise InputError("trace: no rows")
+    hint = generated_hint(reader.schema, memory=spec.memory, memslots=spec.memslots,
+                          vcpus=spec.vcpus)
+    slots = spec.memslots
+    if isinstance(slots, str):
+        slots = read_memslots(slots)
+    protection = None
+    if inputs.protection is not None:
+        protection, _ = load_protection(inputs.protection)
+    timeline = read_ops(inputs.timeline) if inputs.timeline is not None else []
+    vm = VM(memory=spec.memory if spec.memory is not None else DEFAULT_MEMORY, vcpus=vcpus,
+            profile=spec.profile, hugepages=spec.hugepages, subpage_check=spec.subpage_check,
+            granularity=spec.granularity, spp_supported=spec.spp_supported, nested=spec.nested,
+            memslots=slots, table_capacity=spec.table_capacity)
+    if timeline:
+        vm.init_spp()  # the VMM enables SPP before its first set, as the protection does
+    info = None
+    if protection is not None:
+        maps = apply_protection(vm, protection)
+        info = protection_info(protection, inputs.protection, maps)
+    return _Opened(reader=reader, vm=vm, hooks=hook_index(protection), timeline=timeline,
+                   protection_info=info, hint=hint)
+
+
+def check(job: Job, *, names: Mapping[str, str] | None = None) -> None:
+    """Every check ``run`` does before any work; InputError for the first that fails."""
+    name = _Names(names)
+    _check_options(job, name)
+    _open(job, name)
+
+
+# ---------------------------------------------------------------- run
+
+def run(job: Job, progress: Progress | None = None, *,
+        names: Mapping[str, str] | None = None) -> JobResult:
+    """Check, replay and write the job's outputs, all or nothing; see the module docstring.
+    ``progress(rows_done, rows_total)`` is called after every batch."""
+    from .io.formats import trace_format
+    from .provenance import BackgroundDigests
+
+    name = _Names(names)
+    _check_options(job, name)
+    # The inputs are hashed for the summary on another thread, from now on: a large trace
+    # takes about as long to hash as to replay, and the reading and checks below overlap it.
+    inputs = job.inputs
+    digests = BackgroundDigests({"trace": inputs.trace, "protect": inputs.protection,
+                                 "ops": inputs.timeline, "memslots": job.vm.memslots_file})
+    opened = _open(job, name)
+    summary, written = _replay_and_write(
+        job, opened, name, digests=digests, progress=progress,
+        input_info={"path": inputs.trace, "format": trace_format(inputs.trace)},
+        config_extra={"engine": job.engine, "protection": opened.protection_info,
+                      "memslots_file": job.vm.memslots_file, "ops_file": inputs.timeline})
+    return JobResult(summary=summary, written=tuple(written), note=opened.hint)
+
+
+def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progress,
+                      input_info: dict, config_extra: dict):
+    from .io.atomic import Outputs
+    from .io.output import TableWriter, write_json_atomic
+    from .provenance import generator_info
+    from .replay import Replay, discard_exits
+    from .summary import ReplaySummary
+
+    out, exits = job.outputs.results, job.outputs.exit_log
+    summary_path, state_path = job.outputs.summary, job.outputs.saved_state
+    reader, vm = opened.reader, opened.vm
+    with contextlib.ExitStack() as stack:
+        outputs = stack.enter_context(Outputs())
+        with contextlib.ExitStack() as tables:
+            session = Replay(vm, engine=job.engine, on_exits=discard_exits,
+                             hooks=opened.hooks, ops=list(opened.timeline))
+            if exits is not None:
+                tables.push(outputs.track(exits))  # before the writer: runs after its exit
+                exit_writer = tables.enter_context(
+                    TableWriter(exits, session.exit_schema, option=name("exit_log")))
+                session.on_exits = exit_writer.write_batch
+            out_writer = None
+            try:
+                for batch in reader:
+                    result = session.run(batch, keep=out is not None)
+                    if out is not None:
+                        if out_writer is None:  # the schema is the first result's
+                            tables.push(outputs.track(out))
+                            out_writer = tables.enter_context(
+                                TableWriter(out, result.schema, option=name("results")))
+                        out_writer.write_batch(result)
+                    if progress is not None:
+                        progress(session.rows, reader.num_rows)
+            except InputError as exc:
+                if opened.hint:
+                    raise InputError(f"{exc} ({opened.hint})") from None
+                raise
+            if session.rows == 0:
+                raise InputError("trace: no rows")
+        summary = session.summary(input_info, digests.result() if digests else None,
+                                  generator_info(reader.schema))
+        summary["config"].update(config_extra)
+        if state_path is not None:
+            from .savestate import save_state
+
+            save_state(vm, state_path)
+            outputs.add(state_path)
+        if summary_path is not None:
+            write_json_atomic(summary_path, summary)
+            outputs.add(summary_path)
+        written = [path for path in (out, exits, state_path, summary_path)
+                   if path is not None and path in outputs.committed]
+    return ReplaySummary.from_dict(summary), written

@@ -1,0 +1,328 @@
+"""The typed results of a replay and of a comparison, and their printers.
+
+``ReplaySummary`` is the summary JSON of the data contract (``sppjit replay --summary``) and
+``CompareDocument`` the comparison document (``sppjit compare --json``), as frozen
+dataclasses: ``from_dict`` reads the JSON (InputError naming a missing key), ``to_dict``
+gives it back key for key, in the same order, so ``to_dict(from_dict(d)) == d`` and the
+written JSON is byte for byte what it was. Blocks whose keys are open (the configuration, the
+input, provenance, hooks) stay dicts; the counters are typed. ``format_summary`` and
+``format_comparison`` print them for people, as ``sppjit replay`` and ``sppjit compare`` do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any
+
+from . import bits as B
+from .errors import InputError
+from .io.sizes import format_size
+
+_OPTIONAL = {"optional": True}  # a key written only when the value is not None
+_EXTRA = "extra"  # keys a newer writer added: kept, written back after the known ones
+
+
+class Block:
+    """JSON object <-> frozen dataclass, field order = key order. A field whose metadata has
+    ``block`` holds a nested Block (``many``: a list of them)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping, what: str | None = None):
+        what = what or cls.__name__
+        if not isinstance(data, Mapping):
+            raise InputError(f"{what}: expected an object, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == _EXTRA:
+                continue
+            if f.name not in data:
+                if f.metadata.get("optional"):
+                    continue
+                raise InputError(f"{what}: missing key '{f.name}'")
+            value = data[f.name]
+            inner = f.metadata.get("block")
+            if inner is not None and value is not None:
+                if f.metadata.get("many"):
+                    if not isinstance(value, list):
+                        raise InputError(f"{what}.{f.name}: expected a list")
+                    value = tuple(inner.from_dict(v, f"{what}.{f.name}[{i}]")
+                                  for i, v in enumerate(value))
+                else:
+                    value = inner.from_dict(value, f"{what}.{f.name}")
+            values[f.name] = value
+        extra = {k: v for k, v in data.items() if k not in known}
+        if extra:
+            if _EXTRA not in known:
+                raise InputError(f"{what}: unknown key '{next(iter(extra))}'")
+            values[_EXTRA] = extra
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == _EXTRA:
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("optional"):
+                continue
+            if isinstance(value, Block):
+                value = value.to_dict()
+            elif isinstance(value, tuple) and f.metadata.get("many"):
+                value = [v.to_dict() for v in value]
+            out[f.name] = value
+        out.update(getattr(self, _EXTRA, None) or {})
+        return out
+
+
+def _counter_block(name: str, keys: list[str], doc: str) -> type:
+    cls = make_dataclass(name, [(k, int) for k in keys], bases=(Block,), frozen=True)
+    cls.__doc__ = doc
+    cls.__module__ = __name__
+    return cls
+
+
+# The counters' names live where the model names them (sppjit.bits): built from there.
+Counts = _counter_block(
+    "Counts", ["accesses", "reads", "writes", "fetches"] + [n.lower() for n in B.OUTCOME_NAMES],
+    "Accesses by kind and by outcome.")
+Exits = _counter_block("Exits", ["total", *B.EXIT_KIND_NAMES], "VM exits, in total and by kind.")
+
+
+@dataclass(frozen=True)
+class Pages(Block):
+    """Pages touched by the replay, and the state of the tables after it (sppjit.stats)."""
+
+    touched: int
+    mapped_4k: int
+    mapped_2m: int
+    protected: int
+    protected_left_writable: int
+    ept_tables: int
+    sppt_tables: int
+    mmio_pages: int
+
+
+def _block(cls, **extra) -> dict:
+    return {"block": cls, **extra}
+
+
+@dataclass(frozen=True)
+class ReplaySummary(Block):
+    """The summary of one replay (the contract's summary JSON)."""
+
+    schema_version: int
+    sppjit_version: str
+    engine: str
+    config: dict  # VmConfig.as_dict(), engine, and what the job adds (protection, files)
+    input: dict  # path, format, rows, seed
+    counts: Counts = field(metadata=_block(Counts))
+    exits: Exits = field(metadata=_block(Exits))
+    pages: Pages = field(metadata=_block(Pages))
+    tlb_flushes: int = 0
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    accesses_per_second: float = 0.0
+    provenance: dict = field(default_factory=dict)
+    hooks: dict | None = field(default=None, metadata=_OPTIONAL)  # byte-range protection
+    ops: dict | None = field(default=None, metadata=_OPTIONAL)  # a timeline: count, applied
+    extra: dict | None = None
+
+    TIMINGS = ("seconds", "compile_seconds", "accesses_per_second")
+
+    def without_timings(self) -> "ReplaySummary":
+        """The same summary with every timing zeroed: equal jobs give equal summaries."""
+        return dataclasses.replace(self, **{k: 0.0 for k in self.TIMINGS})
+
+
+@dataclass(frozen=True)
+class Derived(Block):
+    """The comparison figures of one configuration (sppjit.compare.derive)."""
+
+    accesses: int
+    writes: int
+    exits: int
+    exits_per_1000_writes: float | None
+    protection_exits: int
+    protection_exits_per_1000_writes: float | None
+    exits_avoided: int | None
+    net_exits_avoided: int | None
+    exits_to_userspace: int
+    exits_in_kernel: int
+    protected_left_writable: int
+    sppt_tables: int
+    sppt_bytes: int
+    overhead_seconds: float
+    overhead_seconds_per_million_accesses: float | None
+    hooks: dict | None  # relevant, irrelevant, noise_ratio (byte-range protection)
+
+
+@dataclass(frozen=True)
+class ConfigResult(Block):
+    """One configuration of a comparison: how it protects, its replay summary, its figures."""
+
+    name: str
+    profile: str
+    granularity: str
+    subpage_check: str
+    summary: ReplaySummary = field(metadata=_block(ReplaySummary))
+    derived: Derived = field(metadata=_block(Derived))
+
+
+@dataclass(frozen=True)
+class CompareDocument(Block):
+    """The comparison document (``sppjit compare --json``)."""
+
+    schema_version: int
+    sppjit_version: str
+    input: dict
+    protection: dict
+    config: dict
+    exit_cost_us: float
+    kernel_exit_cost_us: float
+    exit_cost_source: str
+    baseline: str | None
+    provenance: dict
+    configs: tuple[ConfigResult, ...] = field(metadata=_block(ConfigResult, many=True))
+    extra: dict | None = None
+
+
+# ------------------------------------------------------------------------------ printers
+
+def _as_dict(value) -> dict:
+    return value.to_dict() if isinstance(value, Block) else value
+
+
+def _pairs(items) -> str:
+    return "  ".join(f"{name} {value:,}" for name, value in items)
+
+
+def _memory(config: dict) -> str:
+    slots = config["memslots"]
+    return (format_size(config["memory_bytes"]) if len(slots) == 1
+            else f"{format_size(config['memory_bytes'])} in {len(slots)} memslots")
+
+
+def format_summary(summary: ReplaySummary | dict, written=()) -> str:
+    """The human-readable replay summary: one labelled line per block."""
+    summary = _as_dict(summary)
+    config, counts, exits = summary["config"], summary["counts"], summary["exits"]
+    info = summary["input"]
+    vm = (f"profile {config['profile']}, {config['vcpus']} vCPU"
+          f"{'s' if config['vcpus'] != 1 else ''}, {_memory(config)}, granularity "
+          f"{config['granularity']}, subpage-check {config['subpage_check']}"
+          f"{', hugepages' if config['hugepages'] else ''}, engine {summary['engine']}")
+    protection = config.get("protection")
+    rows = [
+        ("trace", f"{info.get('path')} ({info.get('format', '?')}, {info['rows']:,} rows)"),
+        ("vm", vm),
+    ]
+    if protection:
+        rows.append(("protection", f"{protection['path']} ({protection['form']}, "
+                                   f"{protection['pages']:,} pages)"))
+    rows += [
+        ("accesses", _pairs([("total", counts["accesses"]), ("reads", counts["reads"]),
+                             ("writes", counts["writes"]), ("fetches", counts["fetches"])])),
+        ("outcomes", _pairs((name, counts[name.lower()]) for name in B.OUTCOME_NAMES)),
+        ("exits", _pairs([("total", exits["total"])]
+                         + [(name, exits[name]) for name in B.EXIT_KIND_NAMES])),
+        ("pages", _pairs((name, value) for name, value in summary["pages"].items())),
+        *([("hooks", f"relevant {summary['hooks']['relevant']:,}  irrelevant "
+                     f"{summary['hooks']['irrelevant']:,}  ({len(summary['hooks']['per_hook']):,} hooks)")]
+          if "hooks" in summary else []),
+        ("time", f"{summary['seconds']:.3f} s, "
+                 f"{summary['accesses_per_second']:,.0f} accesses/s"
+                 + (f" (kernels compiled or loaded in {summary['compile_seconds']:.1f} s)"
+                    if summary.get("compile_seconds", 0) >= 0.05 else "")),
+    ]
+    if written:
+        rows.append(("wrote", ", ".join(written)))
+    width = max(len(label) for label, _ in rows)
+    return "".join(f"{label:<{width}}  {text}\n" for label, text in rows)
+
+
+def _count(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _number(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}"
+
+
+def _bytes(value: int) -> str:
+    if value == 0:
+        return "0"
+    return format_size(value) if value % 1024 == 0 else f"{value:,} B"
+
+
+def format_comparison(document: CompareDocument | dict, written=None) -> str:
+    """The human-readable comparison: a header, then one column per configuration."""
+    document = _as_dict(document)
+    info, protection, config = document["input"], document["protection"], document["config"]
+    configs = document["configs"]
+    facts = [f"{info.get('format', 'in memory')}", f"{info['rows']:,} rows"]
+    if info.get("scenario") is not None:
+        facts.append(f"scenario {info['scenario']}")
+    if info.get("seed") is not None:
+        facts.append(f"seed {info['seed']}")
+    what = (f"{protection['ranges']:,} byte ranges on {protection['pages']:,} pages"
+            if protection["form"] == "byte_ranges"
+            else f"access maps on {protection['pages']:,} pages")
+    header = [
+        ("trace", f"{info.get('path')} ({', '.join(facts)})"),
+        ("protection", f"{protection.get('path')} ({what})"),
+        ("vm", f"{config['vcpus']} vCPU{'s' if config['vcpus'] != 1 else ''}, {_memory(config)}"
+               f"{', hugepages' if config['hugepages'] else ''}, engine {config['engine']}"),
+        ("exit cost", f"{document['exit_cost_us']:g} us to userspace, "
+                      f"{document['kernel_exit_cost_us']:g} us in the kernel (estimates)"),
+    ]
+    width = max(len(label) for label, _ in header)
+    out = "".join(f"{label:<{width}}  {text}\n" for label, text in header)
+
+    baseline = document.get("baseline")
+    rows: list[tuple[str, list[str]]] = [
+        ("writes", [_count(c["derived"]["writes"]) for c in configs]),
+        ("exits", [_count(c["derived"]["exits"]) for c in configs]),
+    ]
+    for kind in B.EXIT_KIND_NAMES:
+        rows.append((f"  {kind}", [_count(c["summary"]["exits"][kind]) for c in configs]))
+    rows += [
+        ("exits / 1,000 writes", [_number(c["derived"]["exits_per_1000_writes"]) for c in configs]),
+        ("protection exits", [_count(c["derived"]["protection_exits"]) for c in configs]),
+        (f"exits avoided (vs {baseline})" if baseline else "exits avoided",
+         [_count(c["derived"]["exits_avoided"]) for c in configs]),
+        ("exits to userspace", [_count(c["derived"]["exits_to_userspace"]) for c in configs]),
+        ("exits in kernel", [_count(c["derived"]["exits_in_kernel"]) for c in configs]),
+        ("protected left writable",
+         [_count(c["derived"]["protected_left_writable"]) for c in configs]),
+        ("SPPT memory", [_bytes(c["derived"]["sppt_bytes"]) for c in configs]),
+        ("est. overhead (s)", [_seconds(c["derived"]["overhead_seconds"]) for c in configs]),
+        ("  per M accesses (s)",
+         [_seconds(c["derived"]["overhead_seconds_per_million_accesses"]) for c in configs]),
+    ]
+    if configs and configs[0]["derived"]["hooks"] is not None:
+        hooks = [c["derived"]["hooks"] for c in configs]
+        rows += [
+            ("relevant exits", [_count(h["relevant"]) for h in hooks]),
+            ("irrelevant exits", [_count(h["irrelevant"]) for h in hooks]),
+            ("noise ratio", [_number(h["noise_ratio"], 3) for h in hooks]),
+        ]
+    label_width = max(len(label) for label, _ in rows)
+    widths = [max(len(c["name"]), *(len(values[i]) for _, values in rows))
+              for i, c in enumerate(configs)]
+    out += "\n" + " " * label_width + "".join(
+        f"  {c['name']:>{w}}" for c, w in zip(configs, widths)) + "\n"
+    for label, values in rows:
+        out += f"{label:<{label_width}}" + "".join(
+            f"  {v:>{w}}" for v, w in zip(values, widths)) + "\n"
+    if written:
+        out += f"\nwrote {', '.join(written)}\n"
+    return out

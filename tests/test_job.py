@@ -1,0 +1,243 @@
+"""The library job (sppjit.job): JSON round trip, equal jobs give equal outputs, every check
+before any work, all-or-nothing outputs; the typed summaries give back the contract's JSON
+key for key; library errors name library parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sppjit import job as J
+from sppjit.compare import compare
+from sppjit.datasets import scenarios as S
+from sppjit.errors import InputError
+from sppjit.summary import CompareDocument, ReplaySummary
+from sppjit.vm import VM
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A small guarded trace (2 vCPUs) with its protection as access maps, hooks as byte
+    ranges, memslots and a timeline."""
+    base = tmp_path_factory.mktemp("job")
+    scenario = S.make("guarded", 3000, seed=5)
+    pq.write_table(pa.table(scenario.columns()), base / "t.parquet")
+    gfn, access = scenario.protect_gfn, scenario.protect_access
+    (base / "maps.csv").write_text("gfn,access\n" + "".join(
+        f"{int(g)},{int(a)}\n" for g, a in zip(gfn, access)))
+    (base / "hooks.csv").write_text("gpa,length,name\n" + "".join(
+        f"{int(g) << 12 | 0x100},64,h{i}\n" for i, g in enumerate(gfn[:50])))
+    (base / "slots.csv").write_text(f"slot,base_gfn,npages\n0,0,{scenario.memory >> 12}\n")
+    (base / "ops.csv").write_text(f"at,op,gfn,npages,access\n1500,zap,{int(gfn[0])},1,\n")
+    return base
+
+
+def job_in(files, out_dir, **vm) -> J.Job:
+    os.makedirs(out_dir, exist_ok=True)
+    return J.Job(
+        inputs=J.JobInputs(trace=str(files / "t.parquet"), protection=str(files / "maps.csv"),
+                           timeline=str(files / "ops.csv")),
+        vm=J.VmSpec(vcpus=2, **vm),
+        outputs=J.JobOutputs(results=str(out_dir / "r.parquet"),
+                             exit_log=str(out_dir / "e.arrow"),
+                             summary=str(out_dir / "s.json"),
+                             saved_state=str(out_dir / "st.npz")),
+        batch_size=700)
+
+
+# ------------------------------------------------------------------------------ JSON
+
+def test_job_round_trips_through_json(tmp_path):
+    job = J.Job(inputs=J.JobInputs(trace="t.parquet", protection="p.csv", timeline="o.csv"),
+                vm=J.VmSpec(memslots=[[0, 16], (64, 8)], vcpus=3, profile="v12",
+                            hugepages=True, subpage_check="first", granularity="page",
+                            spp_supported=False, nested=True, table_capacity=2048),
+                outputs=J.JobOutputs(results="r.arrow", exit_log="e.parquet",
+                                     summary="s.json", saved_state="st.npz"),
+                engine="reference", batch_size=17)
+    text = job.to_json()
+    again = J.Job.from_json(text)
+    assert again == job and again.to_json() == text
+    assert again.vm.memslots == ((0, 16), (64, 8))  # a list from JSON, pairs again
+    assert json.loads(text)["vm"]["memslots"] == [[0, 16], [64, 8]]
+    # defaults are filled in, and a memslot file stays a file
+    small = J.Job.from_dict({"inputs": {"trace": "t.parquet"}, "vm": {"memslots": "m.csv"}})
+    assert small.vm.memslots_file == "m.csv" and small.engine == "jit"
+    assert J.Job.from_json(small.to_json()) == small
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"inputs": {"trace": "t"}, "oops": 1}, "job: unknown key 'oops'"),
+    ({"inputs": {"trace": "t", "protect": "p"}}, "inputs: unknown key 'protect'"),
+    ({"vm": {}}, "job: missing key 'inputs'"),
+    ({"inputs": {}}, "inputs:"),
+    ({"inputs": {"trace": "t"}, "job": "compare"}, "not a replay job"),
+    ({"inputs": {"trace": "t"}, "vm": {"memslots": [[1]]}}, "memslots must be"),
+])
+def test_bad_job_json_is_an_input_error(data, message):
+    with pytest.raises(InputError, match=message):
+        J.Job.from_dict(data)
+    with pytest.raises(InputError, match="job: not JSON"):
+        J.Job.from_json("{")
+
+
+# ------------------------------------------------------------------------------ run
+
+def test_equal_jobs_give_identical_outputs(files, tmp_path):
+    first = J.run(job_in(files, tmp_path / "a"))
+    second = J.run(J.Job.from_json(job_in(files, tmp_path / "b").to_json()))
+    for name in ("r.parquet", "e.arrow"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert first.summary.without_timings() == second.summary.without_timings()
+    written = [json.loads((tmp_path / d / "s.json").read_text()) for d in "ab"]
+    for doc in written:
+        for key in ReplaySummary.TIMINGS:
+            doc.pop(key)
+    assert written[0] == written[1]
+    with np.load(tmp_path / "a" / "st.npz") as a, np.load(tmp_path / "b" / "st.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
+    # what was written, and what the summary says about the job
+    assert first.written == tuple(str(tmp_path / "a" / n)
+                                  for n in ("r.parquet", "e.arrow", "st.npz", "s.json"))
+    summary = first.summary.to_dict()
+    assert summary == written[0] | {k: summary[k] for k in ReplaySummary.TIMINGS}
+    assert summary["ops"] == {"count": 1, "applied": 1}
+    assert summary["config"]["ops_file"] == str(files / "ops.csv")
+    assert summary["config"]["protection"]["form"] == "access_maps"
+    assert summary["input"]["format"] == "parquet" and summary["input"]["rows"] == 3000
+    assert pq.read_table(tmp_path / "a" / "r.parquet").num_rows == 3000
+    assert first.note is None  # memory left to the default: the generated trace's own 4GiB
+
+
+def test_a_job_without_outputs_returns_the_summary(files):
+    result = J.run(J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet")),
+                         vm=J.VmSpec(vcpus=2)))
+    assert result.written == () and result.summary.counts.accesses == 3000
+    assert result.summary.exits.total == result.summary.to_dict()["exits"]["total"] > 0
+
+
+def test_note_suggests_the_vm_a_generated_trace_was_made_for(tmp_path):
+    from sppjit.io.trace import schema_metadata
+
+    table = pa.table({"gpa": np.array([0x1000], np.uint64)})
+    meta = {**schema_metadata(), b"sppjit.scenario": b"guarded", b"sppjit.memory": b"16777216",
+            b"sppjit.vcpus": b"2"}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "t.parquet")
+    result = J.run(J.Job(inputs=J.JobInputs(trace=str(tmp_path / "t.parquet"))))
+    assert result.note == ("the trace was generated for scenario guarded: replay it with "
+                           "--memory 16MiB --vcpus 2")
+
+
+def test_progress_is_called_after_every_batch(files):
+    calls = []
+    J.run(J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet")), vm=J.VmSpec(vcpus=2),
+                batch_size=1000), progress=lambda rows, total: calls.append((rows, total)))
+    assert calls == [(1000, 3000), (2000, 3000), (3000, 3000)]
+
+
+# ------------------------------------------------------------------------------ checks
+
+def test_check_names_library_parameters_or_the_callers(files, tmp_path):
+    both = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet")),
+                 vm=J.VmSpec(memory="16MiB", memslots=str(files / "slots.csv")))
+    with pytest.raises(InputError) as caught:
+        J.check(both)
+    assert str(caught.value) == ("memory and memslots cannot be used together (memslots "
+                                 "defines the memory)")
+    with pytest.raises(InputError) as caught:
+        J.check(both, names={"memory": "--memory", "memslots": "--memslots"})
+    assert str(caught.value) == ("--memory and --memslots cannot be used together "
+                                 "(--memslots defines the memory)")
+    bad = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet")), vm=J.VmSpec(memory="12345"))
+    with pytest.raises(InputError, match=r"^memory: size '12345'"):
+        J.check(bad)
+    clash = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet")),
+                  outputs=J.JobOutputs(summary=str(files / "t.parquet")))
+    with pytest.raises(InputError, match="^summary: .* is the same file as trace$"):
+        J.check(clash)
+    nowhere = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet")),
+                    outputs=J.JobOutputs(results=str(tmp_path / "r.csv")))
+    with pytest.raises(InputError, match="^results: unknown output format"):
+        J.check(nowhere)
+    with pytest.raises(InputError, match="^engine must be one of jit, reference"):
+        J.check(J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet")), engine="fast"))
+    # the inputs are read too, and the protection placed
+    missing = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet"),
+                                       protection=str(tmp_path / "none.csv")))
+    with pytest.raises(InputError, match="none.csv"):
+        J.check(missing)
+    small = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet"),
+                                     protection=str(files / "maps.csv")),
+                  vm=J.VmSpec(memory="1MiB"))
+    with pytest.raises(InputError, match="outside every memslot"):
+        J.check(small)
+    J.check(job_in(files, tmp_path / "ok"))
+    assert os.listdir(tmp_path / "ok") == []  # checking writes nothing
+
+
+def test_failed_run_leaves_no_output(files, tmp_path):
+    # Row 2500 uses vCPU 5: found in the third batch, after results and exits were written.
+    columns = S.make("guarded", 3000, seed=5).columns()
+    columns["vcpu"] = columns["vcpu"].copy()
+    columns["vcpu"][2500] = 5
+    pq.write_table(pa.table(columns), tmp_path / "bad.parquet")
+    job = job_in(files, tmp_path / "out")
+    job = J.Job(inputs=J.JobInputs(trace=str(tmp_path / "bad.parquet")), vm=job.vm,
+                outputs=job.outputs, batch_size=1000)
+    with pytest.raises(InputError, match="2500"):
+        J.run(job)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_vm_errors_name_its_parameters():
+    with pytest.raises(InputError) as caught:
+        VM(memory="bad")
+    assert str(caught.value) == "memory: cannot parse size 'bad'"
+    with pytest.raises(InputError, match="^vcpus must be 1..1024"):
+        VM(vcpus=0)
+
+
+# ------------------------------------------------------------------------------ summaries
+
+def test_typed_summaries_give_back_the_json_key_for_key(files, tmp_path):
+    plain = J.run(job_in(files, tmp_path / "a")).summary.to_dict()
+    hooks = J.run(J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet"),
+                                           protection=str(files / "hooks.csv")),
+                        vm=J.VmSpec(vcpus=2, memslots=str(files / "slots.csv")),
+                        engine="reference")).summary.to_dict()
+    assert "hooks" in hooks and "ops" not in hooks and "ops" in plain
+    for summary in (plain, hooks):
+        typed = ReplaySummary.from_dict(json.loads(json.dumps(summary)))
+        assert typed.to_dict() == summary
+        assert json.dumps(typed.to_dict()) == json.dumps(summary)  # the same key order
+    doc = compare(str(files / "t.parquet"), str(files / "hooks.csv"), vcpus=2)
+    doc = json.loads(json.dumps(doc))
+    typed = CompareDocument.from_dict(doc)
+    assert json.dumps(typed.to_dict()) == json.dumps(doc)
+    assert typed.configs[0].name == "page" and typed.configs[1].summary.hooks is not None
+    assert typed.configs[1].derived.hooks["relevant"] == doc["configs"][1]["derived"]["hooks"]["relevant"]
+    broken = dict(plain)
+    del broken["counts"]
+    with pytest.raises(InputError, match="ReplaySummary: missing key 'counts'"):
+        ReplaySummary.from_dict(broken)
+    with pytest.raises(InputError, match="ReplaySummary.exits: missing key 'total'"):
+        ReplaySummary.from_dict({**plain, "exits": {}})
+    newer = ReplaySummary.from_dict({**plain, "later": 1})
+    assert newer.to_dict() == {**plain, "later": 1}
+
+
+def test_byte_range_rows_are_named_as_the_file_gives_them(files, tmp_path):
+    (tmp_path / "hooks.csv").write_text("gpa,length\n0x1000,8\n0x1000,16\n0x9000000,8\n")
+    for protect in (str(tmp_path / "hooks.csv"),):
+        with pytest.raises(InputError, match="gfn 0x9000 at row 2 is outside every memslot"):
+            J.check(J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet"), protection=protect),
+                          vm=J.VmSpec(memory="16MiB", vcpus=2)))
+        with pytest.raises(InputError, match="gfn 0x9000 at row 2 is outside every memslot"):
+            compare(str(files / "t.parquet"), protect, memory="16MiB", vcpus=2)
