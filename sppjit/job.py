@@ -140,7 +140,7 @@ class Job:
                 "batch_size": self.batch_size}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "Job":
+    def from_dict(cls, data: Mapping) -> Job:
         if not isinstance(data, Mapping):
             raise InputError(f"job: expected an object, not {type(data).__name__}")
         if data.get("job", JOB_KIND) != JOB_KIND:
@@ -162,7 +162,7 @@ class Job:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "Job":
+    def from_json(cls, text: str) -> Job:
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -212,8 +212,8 @@ class _Names:
 
 def _check_options(job: Job, name: _Names) -> None:
     """The checks that read no file: options, output paths, no file given twice."""
-    from .io.output import check_output_path
     from .io.atomic import check_distinct
+    from .io.output import check_output_path
     from .io.sizes import parse_size
 
     spec = job.vm

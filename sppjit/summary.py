@@ -132,7 +132,7 @@ class ReplaySummary(Block):
 
     TIMINGS = ("seconds", "compile_seconds", "accesses_per_second")
 
-    def without_timings(self) -> "ReplaySummary":
+    def without_timings(self) -> ReplaySummary:
         """The same summary with every timing zeroed: equal jobs give equal summaries."""
         return dataclasses.replace(self, **{k: 0.0 for k in self.TIMINGS})
 

@@ -23,6 +23,7 @@ from sppjit.defaults import (
     PROFILES,
     SUBPAGE_CHECKS,
 )
+
 # Shared helpers live in the library; re-exported here for the commands that import them.
 from sppjit.io.atomic import Outputs, atomic_path, check_distinct, same_file, temporary_name  # noqa: F401
 from sppjit.io.sizes import format_size, parse_address  # noqa: F401

@@ -64,9 +64,9 @@ def convert_trace(fmt: str, source: str | os.PathLike, out: str | os.PathLike, *
     same); then the input is read ``chunk_lines`` lines at a time. Raises InputError for bad
     input, leaving no output file.
     """
-    from sppjit.io.atomic import check_distinct
     from sppjit.convert import engine
     from sppjit.convert.mapping import check_page_size
+    from sppjit.io.atomic import check_distinct
     from sppjit.io.output import check_output_path
 
     parser = _parser(fmt)

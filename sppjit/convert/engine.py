@@ -221,8 +221,8 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
     import numpy as np
     import pyarrow as pa
 
-    from sppjit.io.atomic import Outputs
     from sppjit.convert.mapping import PageMapper
+    from sppjit.io.atomic import Outputs
     from sppjit.io.output import TableWriter
 
     if chunk_lines < 1:

@@ -63,7 +63,7 @@ class Outputs:
     def __init__(self) -> None:
         self.committed: list[str] = []
 
-    def __enter__(self) -> "Outputs":
+    def __enter__(self) -> Outputs:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
