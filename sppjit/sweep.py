@@ -31,6 +31,7 @@ import dataclasses
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -53,7 +54,7 @@ GRANULARITIES = ("spp", "page")
 SUBPAGE_CHECKS = ("all", "first")
 NO_PROTECTION = "none"  # Config.protect: no protection, whatever the sweep's default
 # Names go into file names (--outdir) and column names: keep them plain.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]*\Z")
 _FIELDS = ("name", "profile", "granularity", "subpage_check", "hugepages", "vcpus", "protect",
            "ops")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -89,7 +90,7 @@ class Config:
                                  f"not {getattr(self, name)!r}")
         if self.name is not None and not (isinstance(self.name, str) and _NAME.match(self.name)):
             raise InputError(f"configuration: name {self.name!r} must be letters, digits and "
-                             "_ . + - (starting with a letter or digit)")
+                             "_ . + @ - (starting with a letter or digit)")
         if self.hugepages is not None and not isinstance(self.hugepages, bool):
             raise InputError(f"configuration: hugepages must be true or false, not {self.hugepages!r}")
         if self.vcpus is not None and (isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int)
@@ -206,6 +207,10 @@ def _spec_field(text: str, key: str, raw: str):
     if not raw:
         raise InputError(f"configuration {text!r}: {key} needs a value")
     return raw
+
+
+# compare's three: page-granular protection (the baseline), SPP v4, SPP v12.
+DEFAULT_CONFIGS = (Config("page", granularity="page"), Config("spp_v4"), Config("spp_v12", profile="v12"))
 
 
 def expand_configs(configs: Iterable, protections: Iterable[str] = ()) -> list[Config]:
@@ -440,16 +445,14 @@ def first_failure(lanes: list[Lane]) -> Lane | None:
 
 
 def with_config_name(name: str, error: BaseException) -> BaseException:
-    """The error of a configuration, its message prefixed with the configuration's name, of
-    a type the command line reports in one line (InputError, SppError, VmEntryError)."""
-    if isinstance(error, SppError):
-        return SppError(error.errno, f"configuration {name}: {error.strerror}")
-    if isinstance(error, (InputError, VmEntryError)):
-        return type(error)(f"configuration {name}: {error}")
+    """The error of a configuration, of the same type, its message prefixed with the
+    configuration's name (so the command line reports it as it reports a replay's)."""
     from .reference import ModelLivelock
 
-    if isinstance(error, ModelLivelock):
-        return VmEntryError(f"configuration {name}: the model stopped: {error}")
+    if isinstance(error, SppError):
+        return SppError(error.errno, f"configuration {name}: {error.strerror}")
+    if isinstance(error, (InputError, VmEntryError, ModelLivelock)):
+        return type(error)(f"configuration {name}: {error}")
     return error
 
 
@@ -556,6 +559,7 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
     from .replay import ENGINES, Replay, ReplayResult, discard_exits
     from .vm import VM
 
+    started = time.perf_counter()
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if on_error not in ("raise", "record"):
@@ -570,9 +574,7 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
     if batch_size is None:
         batch_size = BATCH_JIT if engine == "jit" else BATCH_REFERENCE
     shared_paths = protection if isinstance(protection, (list, tuple)) else []
-    if configs is None:
-        configs = [Config("page", granularity="page"), Config("spp_v4"), Config("spp_v12", profile="v12")]
-    configs = expand_configs(configs, [os.fspath(p) for p in shared_paths])
+    configs = expand_configs(DEFAULT_CONFIGS if configs is None else configs, [os.fspath(p) for p in shared_paths])
     if not configs:
         raise InputError("a sweep needs at least one configuration")
     default_protection = None
@@ -630,8 +632,9 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
         vm_configs.append(vm.config)
         extras.append({"protection": info, "ops_file": config.ops, "name": name})
 
-    reader = open_trace(trace, batch_size=batch_size,
-                        vcpus=max(vm_config.vcpus for vm_config in vm_configs))
+    # Each session checks the batch's vCPUs against its own VM (configurations may differ):
+    # one with too few fails alone, with the error its serial replay gives.
+    reader = open_trace(trace, batch_size=batch_size)
     generator = generator_info(reader.schema)
     paths = {"trace": reader.path}
     for key, (_, info, _) in loaded.items():
@@ -641,7 +644,9 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
         paths["ops" if len(timelines) == 1 else f"ops:{path}"] = path
     digests = BackgroundDigests({**paths, **(inputs or {})})
 
+    set_up = time.perf_counter()
     run_lanes(reader, lanes, threads, stop_on_error=on_error == "raise", progress=progress)
+    replayed = time.perf_counter()
     failed = first_failure(lanes)
     if failed is not None and on_error == "raise":
         raise with_config_name(failed.name, failed.error) from failed.error
@@ -673,6 +678,10 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
                    "threads": max(1, min(int(threads or os.cpu_count() or 1), len(lanes))),
                    "configs": [c.as_dict() | {"name": c.label} for c in configs]},
         "provenance": provenance,
+        # Wall clock: reading inputs, building and protecting the VMs; the pass over the
+        # trace; all of it (with the summaries).
+        "seconds": {"setup": set_up - started, "replay": replayed - set_up,
+                    "total": time.perf_counter() - started},
         "rows": rows,
         "summaries": summaries,
     }
