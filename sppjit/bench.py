@@ -259,7 +259,18 @@ def format_end_to_end(result: dict) -> str:
 PARALLEL_ACCESSES = 4_000_000
 
 
-def _serial_replays(scenario, configs, batch_size: int) -> tuple[dict, list[dict]]:
+def _write_trace(scenario, path: str) -> None:
+    """The scenario's trace as `sppjit generate` writes it (Parquet, sppjit's writer)."""
+    import pyarrow as pa
+
+    from .io.output import TableWriter
+
+    table = pa.table(scenario.columns())
+    with TableWriter(path, table.schema) as writer:
+        writer.write_batch(table)
+
+
+def _serial_replays(scenario, trace, configs, batch_size: int) -> tuple[dict, list[dict]]:
     """Wall seconds (total, and the replay loops alone) of replaying the trace once per
     configuration, one after the other, each reading (decoding) it again, as running
     ``sppjit replay`` per configuration does."""
@@ -277,14 +288,14 @@ def _serial_replays(scenario, configs, batch_size: int) -> tuple[dict, list[dict
             vm.protect(scenario.protect_gfn, scenario.protect_access)
         session = Replay(vm, "jit", on_exits=discard_exits)
         loop = time.perf_counter()
-        for batch in open_trace(scenario.columns(), batch_size=batch_size, vcpus=vm.vcpus):
+        for batch in open_trace(trace, batch_size=batch_size, vcpus=vm.vcpus):
             session.run(batch, keep=False)
         loops += time.perf_counter() - loop
         summaries.append(session.summary())
     return {"total": time.perf_counter() - t, "replay": loops}, summaries
 
 
-def _sweep_seconds(scenario, configs, batch_size: int, threads: int) -> tuple[dict, list[dict]]:
+def _sweep_seconds(scenario, trace, configs, batch_size: int, threads: int) -> tuple[dict, list[dict]]:
     """Wall seconds (total, and the pass over the trace alone) of one sweep of the same
     configurations (the trace decoded once)."""
     from .io.protect import AccessMaps
@@ -294,7 +305,7 @@ def _sweep_seconds(scenario, configs, batch_size: int, threads: int) -> tuple[di
     if scenario.protect_gfn.shape[0]:
         protection = AccessMaps(gfn=scenario.protect_gfn, access=scenario.protect_access)
     t = time.perf_counter()
-    result = sweep(scenario.columns(), configs, protection=protection, memory=scenario.memory,
+    result = sweep(trace, configs, protection=protection, memory=scenario.memory,
                    vcpus=scenario.vcpus, batch_size=batch_size, threads=threads)
     seconds = {"total": time.perf_counter() - t, "replay": result.document["seconds"]["replay"]}
     return seconds, [result.summaries[c.label] for c in configs]
@@ -331,10 +342,13 @@ def _figures(summary: dict) -> tuple:
 def run_parallel(scenarios=DEFAULT_SCENARIOS, accesses: int = PARALLEL_ACCESSES, seed: int = 0,
                  batch_size: int = 1 << 20, repeat: int = 3, threads: int | None = None) -> dict:
     """A 3-configuration sweep (page, spp_v4, spp_v12: compare's) against three serial
-    replays of the same trace, per scenario, in one run: wall seconds (best of ``repeat``,
-    VM set-up and summaries included on both sides), the sweep on 1 thread and on
-    ``threads`` (default: the cores), and their ratios. Every sweep's figures are checked
+    replays of the same trace, per scenario, in one run: wall seconds (best of ``repeat``),
+    the sweep on 1 thread and on ``threads`` (default: the cores), and their ratios. The
+    trace is a Parquet file, as `sppjit generate` writes it, in a temporary directory: each
+    serial replay reads and decodes it, the sweep once. Every sweep's figures are checked
     equal to the serial replays' (RuntimeError otherwise)."""
+    import tempfile
+
     from .datasets import scenarios as S
     from .sweep import DEFAULT_CONFIGS
 
@@ -351,10 +365,13 @@ def run_parallel(scenarios=DEFAULT_SCENARIOS, accesses: int = PARALLEL_ACCESSES,
     for name in scenarios:
         sc = S.make(name, accesses, seed)
         serial, one, many = [], [], []
-        for _ in range(repeat):  # interleaved, so that a noisy minute hits all three alike
-            serial.append(_serial_replays(sc, configs, batch_size))
-            one.append(_sweep_seconds(sc, configs, batch_size, 1))
-            many.append(_sweep_seconds(sc, configs, batch_size, threads))
+        with tempfile.TemporaryDirectory(prefix="sppjit-parallel-") as d:
+            trace = os.path.join(d, "trace.parquet")
+            _write_trace(sc, trace)
+            for _ in range(repeat):  # interleaved, so that a noisy minute hits all three alike
+                serial.append(_serial_replays(sc, trace, configs, batch_size))
+                one.append(_sweep_seconds(sc, trace, configs, batch_size, 1))
+                many.append(_sweep_seconds(sc, trace, configs, batch_size, threads))
         expect = [_figures(s) for s in serial[0][1]]
         for seconds, summaries in one + many:
             if [_figures(s) for s in summaries] != expect:
@@ -380,13 +397,14 @@ def format_parallel(result: dict) -> str:
         f"sppjit {result['sppjit_version']} bench --parallel: {result['accesses']:,} accesses, "
         f"configurations {', '.join(result['configs'])}, sweep on {result['threads']} threads "
         f"({result['machine']['cpus']} cores), best of {result['repeat']}, seed {result['seed']}",
-        "replay: the pass over the trace (serial: the three replay loops, each decoding the "
-        "trace); total: with reading inputs, building and protecting the VMs, and the summaries",
+        "replay: the pass over the trace (serial: the three replay loops, each reading and "
+        "decoding the Parquet trace); total: with building and protecting the VMs and the "
+        "summaries",
+        f"machine: {result['threads']} threads hashing ran {result['machine_parallelism']:.2f}x "
+        "one thread, in this run (the ceiling)",
         f"{'scenario':<12} {'part':<7} {'serial s':>9} {'sweep1 s':>9} {'sweep s':>9} "
         f"{'x (1 thr)':>10} {'x':>7} {'M acc/s':>9}",
     ]
-    rows.append(f"machine: {result['threads']} threads hashing ran "
-                f"{result['machine_parallelism']:.2f}x one thread, in this run (the ceiling)")
     for name, entry in result["scenarios"].items():
         for part in ("replay", "total"):
             s = entry[part]

@@ -30,8 +30,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -699,3 +701,14 @@ def _empty_results(schema: pa.Schema) -> pa.Table:
     from .replay import RESULT_FIELDS
 
     return pa.table({f.name: pa.array([], type=f.type) for f in list(schema) + RESULT_FIELDS})
+
+
+class _CallableModule(types.ModuleType):
+    """``sppjit.sweep(trace, configs, ...)`` calls sweep(); ``sppjit.sweep.Config`` and the
+    runner's pieces stay reachable as the module's names."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
