@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -602,28 +603,43 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
         return loaded[key]
 
     timelines: dict[str, list] = {}
-    lanes, vm_configs, extras = [], [], []
-    for config in configs:
-        vm = VM(memory=memory if memory is not None else DEFAULT_MEMORY, memslots=slots,
-                vcpus=config.vcpus or base_vcpus, profile=config.profile,
-                hugepages=hugepages if config.hugepages is None else config.hugepages,
-                subpage_check=config.subpage_check, granularity=config.granularity)
-        ops = []
-        if config.ops is not None:
-            if config.ops not in timelines:
-                timelines[config.ops] = read_ops(config.ops)
-            ops = timelines[config.ops]
+    inputs_of = []
+    for config in configs:  # each input file read once, whatever the configurations sharing it
+        if config.ops is not None and config.ops not in timelines:
+            timelines[config.ops] = read_ops(config.ops)
+        inputs_of.append((protection_of(config), timelines.get(config.ops, [])))
+
+    def build(k: int):
+        """Configuration k's VM, protected, and its replay session."""
+        config, (prot, ops) = configs[k], inputs_of[k]
+        try:
+            vm = VM(memory=memory if memory is not None else DEFAULT_MEMORY, memslots=slots,
+                    vcpus=config.vcpus or base_vcpus, profile=config.profile,
+                    hugepages=hugepages if config.hugepages is None else config.hugepages,
+                    subpage_check=config.subpage_check, granularity=config.granularity)
             if ops:
                 vm.init_spp()  # as sppjit replay --ops: SPP on before the first access
-        prot = protection_of(config)
-        hooks, info = None, None
-        if prot is not None:
-            obj, info, maps = prot
-            check_in_memslots(maps.gfn, vm.config.memslots)
-            vm.protect(maps.gfn, maps.access)
-            if isinstance(obj, ByteRanges):
-                hooks = HookIndex.from_ranges(obj)
-        session = Replay(vm, engine, on_exits=discard_exits, hooks=hooks, ops=list(ops))
+            hooks, info = None, None
+            if prot is not None:
+                obj, info, maps = prot
+                check_in_memslots(maps.gfn, vm.config.memslots)
+                vm.protect(maps.gfn, maps.access)
+                if isinstance(obj, ByteRanges):
+                    hooks = HookIndex.from_ranges(obj)
+        except Exception as exc:
+            raise with_config_name(config.label, exc) from exc
+        return Replay(vm, engine, on_exits=discard_exits, hooks=hooks, ops=list(ops)), info
+
+    # The VMs are built and protected on the threads too (set_subpages calls are many);
+    # the first configuration to fail, in their order, is the error.
+    pool = max(1, min(int(threads or os.cpu_count() or 1), len(configs)))
+    if pool > 1:
+        with ThreadPoolExecutor(pool, thread_name_prefix="sppjit-sweep-setup") as executor:
+            built = list(executor.map(build, range(len(configs))))
+    else:
+        built = [build(k) for k in range(len(configs))]
+    lanes, vm_configs, extras = [], [], []
+    for config, (session, info) in zip(configs, built):
         name = config.label
         if "exits" in keep:
             session.on_exits = None  # Replay keeps the batches itself
@@ -631,7 +647,7 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
             session.on_exits = on_exits(name, session.exit_schema)
         lanes.append(Lane(name, session, keep_results="results" in keep,
                           on_results=on_results(name) if on_results is not None else None))
-        vm_configs.append(vm.config)
+        vm_configs.append(session.vm.config)
         extras.append({"protection": info, "ops_file": config.ops, "name": name})
 
     # Each session checks the batch's vCPUs against its own VM (configurations may differ):
@@ -677,7 +693,7 @@ def sweep(trace, configs=None, *, protection=None, memory: str | int | None = No
     document = {
         "input": {"path": reader.path, "rows": reader.rows_seen, **generator},
         "config": {"engine": engine, "batch_size": batch_size,
-                   "threads": max(1, min(int(threads or os.cpu_count() or 1), len(lanes))),
+                   "threads": pool,
                    "configs": [c.as_dict() | {"name": c.label} for c in configs]},
         "provenance": provenance,
         # Wall clock: reading inputs, building and protecting the VMs; the pass over the
