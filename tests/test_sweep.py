@@ -275,6 +275,7 @@ def test_a_bad_row_in_the_trace_is_raised_once_for_all_lanes(threads):
     assert all(len(lane.session.seen) <= 2 for lane in lanes)
 
 
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compiled kernels")
 def test_the_kernels_release_the_gil():
     """The sweep's threads replay in parallel only because every compiled kernel is nogil."""
     import numba
