@@ -1,5 +1,5 @@
 """The sppjit command line (typer): ``sppjit replay``, ``compare``, ``generate``, ``convert``,
-``inspect``, ``report`` and ``bench``.
+``inspect``, ``report``, ``bench`` and ``sweep``.
 
 Each command lives in its own module under sppjit/commands/ and is mounted here. Errors are
 mapped to exit codes in ONE place, ``SppjitGroup.main``, which both the ``sppjit`` entry point
@@ -37,6 +37,7 @@ from sppjit.commands import generate as _generate
 from sppjit.commands import inspect as _inspect
 from sppjit.commands import replay as _replay
 from sppjit.commands import report as _report
+from sppjit.commands import sweep as _sweep
 from sppjit.errors import ERRNO_NAMES, InputError, SppError, VmEntryError
 
 PROG = "sppjit"
@@ -176,6 +177,7 @@ app.command("convert", no_args_is_help=True, help=_convert.HELP,
 app.command("report", no_args_is_help=True, help=_report.HELP,
             epilog=_report.EPILOG)(_report.report)
 app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
+app.command("sweep", no_args_is_help=True, help=_sweep.HELP, epilog=_sweep.EPILOG)(_sweep.sweep)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -275,3 +275,164 @@ def format_end_to_end(result: dict) -> str:
             f"{r['replay_rows_per_second'] / 1e6:>14.1f} M {r['peak_rss_bytes'] / 2**20:>8.0f} MiB"
         )
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- parallel
+PARALLEL_ACCESSES = 4_000_000
+
+
+def _write_trace(scenario, path: str) -> None:
+    """The scenario's trace as `sppjit generate` writes it (Parquet, sppjit's writer)."""
+    import pyarrow as pa
+
+    from .io.output import TableWriter
+
+    table = pa.table(scenario.columns())
+    with TableWriter(path, table.schema) as writer:
+        writer.write_batch(table)
+
+
+def _serial_replays(scenario, trace, configs, batch_size: int) -> tuple[dict, list[dict]]:
+    """Wall seconds (total, and the replay loops alone) of replaying the trace once per
+    configuration, one after the other, each reading (decoding) it again, as running
+    ``sppjit replay`` per configuration does."""
+    from .io.trace import open_trace
+    from .replay import Replay, discard_exits
+    from .vm import VM
+
+    t = time.perf_counter()
+    summaries = []
+    loops = 0.0
+    for config in configs:
+        vm = VM(memory=scenario.memory, vcpus=scenario.vcpus, profile=config.profile,
+                granularity=config.granularity, subpage_check=config.subpage_check)
+        if scenario.protect_gfn.shape[0]:
+            vm.protect(scenario.protect_gfn, scenario.protect_access)
+        session = Replay(vm, "jit", on_exits=discard_exits)
+        loop = time.perf_counter()
+        for batch in open_trace(trace, batch_size=batch_size, vcpus=vm.vcpus):
+            session.run(batch, keep=False)
+        loops += time.perf_counter() - loop
+        summaries.append(session.summary())
+    return {"total": time.perf_counter() - t, "replay": loops}, summaries
+
+
+def _sweep_seconds(scenario, trace, configs, batch_size: int, threads: int) -> tuple[dict, list[dict]]:
+    """Wall seconds (total, and the pass over the trace alone) of one sweep of the same
+    configurations (the trace decoded once)."""
+    from .io.protect import AccessMaps
+    from .sweep import sweep
+
+    protection = None
+    if scenario.protect_gfn.shape[0]:
+        protection = AccessMaps(gfn=scenario.protect_gfn, access=scenario.protect_access)
+    t = time.perf_counter()
+    result = sweep(trace, configs, protection=protection, memory=scenario.memory,
+                   vcpus=scenario.vcpus, batch_size=batch_size, threads=threads)
+    seconds = {"total": time.perf_counter() - t, "replay": result.document["seconds"]["replay"]}
+    return seconds, [result.summaries[c.label] for c in configs]
+
+
+def machine_parallelism(threads: int, nbytes: int = 1 << 25, repeat: int = 3) -> float:
+    """How much faster ``threads`` threads hash ``threads`` buffers than one thread does,
+    now: the ceiling this machine gives any GIL-free work at this minute (hashlib releases
+    the GIL; on a shared machine the other tenants decide it as much as the cores do)."""
+    import hashlib
+    import threading
+
+    data = bytes(nbytes)
+    best_serial = best_parallel = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(threads):
+            hashlib.sha256(data).digest()
+        best_serial = min(best_serial, time.perf_counter() - t)
+        workers = [threading.Thread(target=lambda: hashlib.sha256(data).digest()) for _ in range(threads)]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best_parallel = min(best_parallel, time.perf_counter() - t)
+    return best_serial / best_parallel
+
+
+def _figures(summary: dict) -> tuple:
+    return (summary["counts"], summary["exits"], summary["pages"])
+
+
+def run_parallel(scenarios=DEFAULT_SCENARIOS, accesses: int = PARALLEL_ACCESSES, seed: int = 0,
+                 batch_size: int = 1 << 20, repeat: int = 3, threads: int | None = None) -> dict:
+    """A 3-configuration sweep (page, spp_v4, spp_v12: compare's) against three serial
+    replays of the same trace, per scenario, in one run: wall seconds (best of ``repeat``),
+    the sweep on 1 thread and on ``threads`` (default: the cores), and their ratios. The
+    trace is a Parquet file, as `sppjit generate` writes it, in a temporary directory: each
+    serial replay reads and decodes it, the sweep once. Every sweep's figures are checked
+    equal to the serial replays' (RuntimeError otherwise)."""
+    import tempfile
+
+    from .datasets import scenarios as S
+    from .sweep import DEFAULT_CONFIGS
+
+    threads = threads or os.cpu_count() or 1
+    configs = list(DEFAULT_CONFIGS)
+    result = {
+        "sppjit_version": __version__,
+        "machine": {"processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "python": platform.python_version()},
+        "accesses": accesses, "seed": seed, "batch_size": batch_size, "repeat": repeat,
+        "threads": threads, "configs": [c.label for c in configs],
+        "compile_seconds": warm_up(), "scenarios": {},
+    }
+    for name in scenarios:
+        sc = S.make(name, accesses, seed)
+        serial, one, many = [], [], []
+        with tempfile.TemporaryDirectory(prefix="sppjit-parallel-") as d:
+            trace = os.path.join(d, "trace.parquet")
+            _write_trace(sc, trace)
+            for _ in range(repeat):  # interleaved, so that a noisy minute hits all three alike
+                serial.append(_serial_replays(sc, trace, configs, batch_size))
+                one.append(_sweep_seconds(sc, trace, configs, batch_size, 1))
+                many.append(_sweep_seconds(sc, trace, configs, batch_size, threads))
+        expect = [_figures(s) for s in serial[0][1]]
+        for _seconds, summaries in one + many:
+            if [_figures(s) for s in summaries] != expect:
+                raise RuntimeError(f"{name}: a sweep's figures differ from the serial replays'")
+        entry = {"description": sc.description, "accesses": len(sc)}
+        for part in ("replay", "total"):  # the pass over the trace; with set-up and summaries
+            serial_s, one_s, many_s = (min(r[0][part] for r in runs) for runs in (serial, one, many))
+            entry[part] = {
+                "serial_seconds": serial_s,
+                "sweep_1_thread_seconds": one_s,
+                "sweep_seconds": many_s,
+                "sweep_1_thread_speedup": serial_s / one_s,
+                "sweep_speedup": serial_s / many_s,
+                "replays_per_second": len(configs) * len(sc) / many_s,
+            }
+        result["scenarios"][name] = entry
+    result["machine_parallelism"] = machine_parallelism(threads)
+    return result
+
+
+def format_parallel(result: dict) -> str:
+    rows = [
+        f"sppjit {result['sppjit_version']} bench --parallel: {result['accesses']:,} accesses, "
+        f"configurations {', '.join(result['configs'])}, sweep on {result['threads']} threads "
+        f"({result['machine']['cpus']} cores), best of {result['repeat']}, seed {result['seed']}",
+        "replay: the pass over the trace (serial: the three replay loops, each reading and "
+        "decoding the Parquet trace); total: with building and protecting the VMs and the "
+        "summaries",
+        f"machine: {result['threads']} threads hashing ran {result['machine_parallelism']:.2f}x "
+        "one thread, in this run (the ceiling)",
+        f"{'scenario':<12} {'part':<7} {'serial s':>9} {'sweep1 s':>9} {'sweep s':>9} "
+        f"{'x (1 thr)':>10} {'x':>7} {'M acc/s':>9}",
+    ]
+    for name, entry in result["scenarios"].items():
+        for part in ("replay", "total"):
+            s = entry[part]
+            rows.append(
+                f"{name:<12} {part:<7} {s['serial_seconds']:>9.3f} {s['sweep_1_thread_seconds']:>9.3f} "
+                f"{s['sweep_seconds']:>9.3f} {s['sweep_1_thread_speedup']:>9.2f}x "
+                f"{s['sweep_speedup']:>6.2f}x {s['replays_per_second'] / 1e6:>9.1f}"
+            )
+    return "\n".join(rows)

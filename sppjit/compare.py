@@ -11,9 +11,9 @@ protection, and reports them side by side:
   ``subpage_check="both"``: ``spp_v4_all``, ``spp_v4_first``, ``spp_v12_all``,
   ``spp_v12_first``).
 
-The trace is read once per configuration with sppjit.io.trace.open_trace, batch by batch, so
-memory stays bounded whatever its length (a one-shot stream given to the Python API is read
-into memory once, since it cannot be read again).
+The trace is read once, batch by batch, with sppjit.io.trace.open_trace, and every batch is
+replayed by each configuration's VM on a pool of threads (the runner of sppjit.sweep), so
+memory stays bounded whatever its length and a one-shot stream is read as it comes.
 
 Estimated guest overhead
 ------------------------
@@ -72,7 +72,6 @@ SHA-256 digests of the trace and protection files (a directory: its files in sor
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -222,19 +221,6 @@ class NoiseHookIndex(HookIndex):
 
 # ----------------------------------------------------------------------------- inputs
 
-def _trace_source(trace):
-    """(a source open_trace can read once per configuration, its path or None, the
-    generator facts of its schema metadata)."""
-    from .io.trace import open_trace
-    from .provenance import generator_info
-
-    path = os.fspath(trace) if isinstance(trace, (str, os.PathLike)) else None
-    if path is None and not isinstance(trace, (pa.Table, pa.RecordBatch, dict)):
-        # A stream (RecordBatchReader, an Arrow C stream) is read once: keep it in memory.
-        reader = open_trace(trace)
-        trace = pa.Table.from_batches([b.record_batch for b in reader], schema=reader.schema)
-    schema = open_trace(trace).schema  # checks the schema before any work
-    return trace, path, generator_info(schema)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -300,26 +286,29 @@ def compare(trace, protection, *, memory: str | int | None = None,
             hugepages: bool = False, configs=None, subpage_check: str = DEFAULT_SUBPAGE_CHECK,
             exit_cost_us: float = DEFAULT_EXIT_COST_US,
             kernel_exit_cost_us: float = DEFAULT_KERNEL_EXIT_COST_US, engine: str = DEFAULT_ENGINE,
-            batch_size: int | None = None,
+            batch_size: int | None = None, threads: int | None = None,
             progress: Callable[[str, int], None] | None = None,
             inputs: dict[str, str | None] | None = None) -> dict:
     """Replay ``trace`` under several configurations with the same ``protection``; return
     the comparison document (see the module docstring and ``sppjit compare --help``).
 
     ``trace``: a path (Parquet file or directory, Arrow IPC file or stream), a pyarrow Table
-    or RecordBatch, a dict of columns, or a stream (read into memory once). ``protection``:
+    or RecordBatch, a dict of columns, or a stream (each read once). ``protection``:
     a path (access maps or byte ranges) or a sppjit.io.protect.AccessMaps / ByteRanges.
     ``memory`` (default 4GiB) or ``memslots`` [(base_gfn, npages), ...] give the guest
     memory. ``configs``: Config objects or dicts {name, granularity, profile, subpage_check};
     default: ``default_configs(subpage_check)``. The first page-granular configuration is
-    the baseline of ``exits_avoided``. ``progress(config_name, rows_done)`` is called after
-    every batch. ``inputs``: further files to record digests of ({"memslots": path}); the
-    trace and protection files are always hashed (on a thread, while the replays run).
+    the baseline of ``exits_avoided``. The trace is read once: each batch is replayed by
+    every configuration, on ``threads`` threads (default: the cores; sppjit.sweep.run_lanes).
+    ``progress(config_name, rows_done)`` is called after every configuration's batch.
+    ``inputs``: further files to record digests of ({"memslots": path}); the trace and
+    protection files are always hashed (on a thread, while the replays run).
     """
     from .io.protect import ByteRanges
     from .io.trace import open_trace
-    from .provenance import BackgroundDigests, versions
+    from .provenance import BackgroundDigests, generator_info, versions
     from .replay import Replay, discard_exits
+    from .sweep import Lane, first_failure, run_lanes
     from .vm import VM
 
     if memory is not None and memslots is not None:
@@ -339,7 +328,10 @@ def compare(trace, protection, *, memory: str | int | None = None,
         batch_size = default_batch_size(engine)
     slots = [(int(b), int(n)) for b, n in memslots] if memslots is not None else None
 
-    source, trace_path, generator = _trace_source(trace)
+    # Read once for every configuration (a one-shot stream included); the schema is checked
+    # now, before any work, and each batch's vCPUs by every session against its VM.
+    reader = open_trace(trace, batch_size=batch_size)
+    trace_path, generator = reader.path, generator_info(reader.schema)
     protection, protection_path = load_protection(protection)
     maps = protection_maps(protection)
     protection_facts = protection_info(protection, protection_path, maps)
@@ -357,21 +349,25 @@ def compare(trace, protection, *, memory: str | int | None = None,
     digests = BackgroundDigests({"trace": trace_path, "protect": protection_path,
                                  **(inputs or {})})
 
-    results = []
-    rows = 0
-    for index, (config, vm) in enumerate(zip(configs, vms)):
+    # One pass over the trace for every configuration (sppjit.sweep's runner): each batch is
+    # decoded once and replayed by every configuration's session, on a pool of threads.
+    lanes = []
+    for config, vm in zip(configs, vms):
         apply_protection(vm, protection, maps)
         hooks = NoiseHookIndex.for_config(ranges, config) if ranges is not None else None
-        session = Replay(vm, engine, on_exits=discard_exits, hooks=hooks)
-        for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
-            session.run(batch)
-            if progress is not None:
-                progress(config.name, session.rows)
-        rows = session.rows
-        summary = session.summary({"path": trace_path}, generator=generator)
+        lanes.append(Lane(config.name, Replay(vm, engine, on_exits=discard_exits, hooks=hooks)))
+    del vms  # the lanes hold the VMs now; each is freed with its lane
+    run_lanes(reader, lanes, threads, progress=progress)
+    failed = first_failure(lanes)
+    if failed is not None:
+        raise failed.error
+    rows = reader.rows_seen
+    results = []
+    for config, lane in zip(configs, lanes):
+        summary = lane.session.summary({"path": trace_path}, generator=generator)
         summary["config"]["protection"] = protection_facts
         results.append((config, summary))
-        vms[index] = None  # a VM's tables are freed once its summary is taken
+    del lanes
 
     provenance = {"versions": versions(), "digests": digests.result(),
                   "generator": dict(generator)}

@@ -57,6 +57,11 @@ def bench(
     workdir: Annotated[str | None, typer.Option(
         "--workdir", metavar="DIR", help="Where --end-to-end writes its traces (needs ~50 bytes "
              "per row).")] = None,
+    parallel: Annotated[bool, typer.Option(
+        "--parallel",
+        help="Instead: a 3-configuration sweep (page, spp_v4, spp_v12) against three serial "
+             "replays of the same trace (--accesses, default 4M), on 1 thread and on every "
+             "core, per scenario.")] = False,
 ) -> None:
     from sppjit.bench import check_scenarios
 
@@ -65,6 +70,18 @@ def bench(
         from sppjit.io.output import check_output_path
 
         check_output_path(json_out, option="--json")
+
+    if parallel:
+        from sppjit.bench import PARALLEL_ACCESSES, format_parallel, run_parallel
+
+        result = run_parallel(names, accesses=accesses or PARALLEL_ACCESSES, seed=seed,
+                              batch_size=batch_size)
+        typer.echo(format_parallel(result))
+        if json_out is not None:
+            from sppjit.io.output import write_json_atomic
+
+            write_json_atomic(json_out, result)
+        return
 
     if end_to_end:
         from sppjit.bench import format_end_to_end, run_end_to_end
