@@ -35,6 +35,7 @@ from sppjit.commands import (
     err,
     format_size,
 )
+from sppjit.commands import vmprotect
 from sppjit.errors import InputError
 
 # Mirrors of sppjit.compare's defaults (not imported: that module pulls in numpy); a test
@@ -78,11 +79,12 @@ class SubpageCheck(str, Enum):
 
 def compare(
     trace: TraceArg,
-    protect: Annotated[str, typer.Option(
+    protect: Annotated[str | None, typer.Option(
         "--protect", metavar="FILE", show_default=False, rich_help_panel=PANEL_INPUT,
         help="Protection applied before the first access in every configuration (Parquet, "
              "Arrow, CSV or JSON): access maps (gfn, access) or byte ranges (gpa, length, "
-             "optional name), which also give relevant and irrelevant exits per hook.")],
+             "optional name), which also give relevant and irrelevant exits per hook. "
+             "Required, unless --protect-virtual or --protect-symbols gives it.")] = None,
     memory: MemoryOpt = None,
     memslots: MemslotsOpt = None,
     vcpus: VcpusOpt = None,
@@ -114,8 +116,17 @@ def compare(
              "up to more than the total.")] = None,
     batch_size: BatchSizeOpt = None,
     no_progress: NoProgressOpt = False,
+    # ---- whole-VM protection: by virtual address or kernel symbol (commands/vmprotect.py)
+    protect_virtual: vmprotect.ProtectVirtualOpt = None, mapping: vmprotect.MappingOpt = None,
+    protect_symbols: vmprotect.ProtectSymbolsOpt = None, symbols: vmprotect.SymbolsOpt = None,
+    phys_base: vmprotect.PhysBaseOpt = None,
 ) -> None:
-    run_compare(
+    protect_from = vmprotect.resolve(protect=protect, protect_virtual=protect_virtual,
+                                     mapping=mapping, protect_symbols=protect_symbols,
+                                     symbols=symbols, phys_base=phys_base)
+    if protect_from is None and protect is None:
+        raise InputError("--protect (or --protect-virtual or --protect-symbols) is required")
+    run_compare(protect_from=protect_from,
         trace=trace, protect=protect, memory=memory, memslots=memslots, vcpus=vcpus,
         hugepages=hugepages, subpage_check=subpage_check.value, exit_cost_us=exit_cost_us,
         kernel_exit_cost_us=kernel_exit_cost_us, engine=engine.value, json_out=json_out,
@@ -138,7 +149,7 @@ def run_compare(*, trace: str, protect: str, memory: str | None = None,
                 kernel_exit_cost_us: float = DEFAULT_KERNEL_EXIT_COST_US,
                 engine: str = "jit", json_out: bool = False, summary_path: str | None = None,
                 hooks_out: str | None = None, batch_size: int | None = None,
-                progress: bool = False) -> dict:
+                progress: bool = False, protect_from=None) -> dict:
     """The compare command without typer: check, compare, write, print; returns the
     document."""
     from sppjit.io.output import check_output_path, json_default
@@ -165,7 +176,10 @@ def run_compare(*, trace: str, protect: str, memory: str | None = None,
         raise InputError("trace: no rows")
     hint = _generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
     slots = read_memslots(memslots) if memslots is not None else None
-    if hooks_out is not None and not isinstance(read_protection(protect), ByteRanges):
+    if protect_from is not None:  # --protect-virtual/--protect-symbols, resolved (vmprotect)
+        protect = protect_from.protection
+    if hooks_out is not None and not isinstance(
+            protect if protect_from is not None else read_protection(protect), ByteRanges):
         raise InputError(f"--hooks-out: {protect} holds access maps; a per-hook table needs "
                          "byte ranges (columns gpa, length, optional name)")
 

@@ -39,6 +39,7 @@ from sppjit.commands import (
     err,
     format_size,
 )
+from sppjit.commands import vmprotect
 from sppjit.errors import InputError
 
 # Rows per batch: large for the compiled engine (the per-batch cost is amortised), small for
@@ -121,8 +122,15 @@ def replay(
         help="Print the summary JSON on standard output instead of the table.")] = False,
     batch_size: BatchSizeOpt = None,
     no_progress: NoProgressOpt = False,
+    # ---- whole-VM protection: by virtual address or kernel symbol (commands/vmprotect.py)
+    protect_virtual: vmprotect.ProtectVirtualOpt = None, mapping: vmprotect.MappingOpt = None,
+    protect_symbols: vmprotect.ProtectSymbolsOpt = None, symbols: vmprotect.SymbolsOpt = None,
+    phys_base: vmprotect.PhysBaseOpt = None,
 ) -> None:
-    run_replay(
+    protect_from = vmprotect.resolve(protect=protect, protect_virtual=protect_virtual,
+                                     mapping=mapping, protect_symbols=protect_symbols,
+                                     symbols=symbols, phys_base=phys_base)
+    run_replay(protect_from=protect_from,
         trace=trace, protect=protect, ops=ops, memory=memory, memslots=memslots, vcpus=vcpus,
         profile=profile.value, hugepages=hugepages, subpage_check=subpage_check.value,
         granularity=granularity.value, engine=engine.value, out=out, exits=exits,
@@ -145,7 +153,7 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
                engine: str = "jit", out: str | None = None, exits: str | None = None,
                summary_path: str | None = None, save_state_path: str | None = None,
                json_out: bool = False, batch_size: int | None = None,
-               progress: bool = False) -> dict:
+               progress: bool = False, protect_from=None) -> dict:
     """The replay command without typer: check everything, replay, write, print; returns
     the summary."""
     from sppjit.io.output import check_output_path, json_default
@@ -183,6 +191,8 @@ def run_replay(*, trace: str, protect: str | None = None, ops: str | None = None
     hint = _generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
     slots = read_memslots(memslots) if memslots is not None else None
     protection = read_protection(protect) if protect is not None else None
+    if protect_from is not None:  # --protect-virtual/--protect-symbols, resolved (vmprotect)
+        protection, protect = protect_from.protection, protect_from.label
     from sppjit.io.ops import read_ops
 
     timeline = read_ops(ops) if ops is not None else []
