@@ -201,6 +201,8 @@ def run_compare(*, trace: str, protect: str, memory: str | None = None,
     if document["input"]["rows"] == 0:
         raise InputError("trace: no rows")
     document["input"]["format"] = _trace_format(trace)
+    if protect_from is not None:  # the shared protection_info dict: every config shows it
+        document["protection"]["path"] = protect_from.label
     document["config"]["memslots_file"] = memslots
     for config in document["configs"]:
         config["summary"]["input"]["format"] = document["input"]["format"]

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from sppjit.errors import InputError
-from sppjit.io.columns import table_columns
 from sppjit.io.formats import read_table
 from sppjit.io.protect import ByteRanges
 from sppjit.io.space import GPA_LIMIT, PAGE_SIZE
@@ -135,12 +134,8 @@ def read_symbol_hooks(path: str | os.PathLike, symbols: SymbolMap,
     except (TypeError, ValueError):
         raise InputError(f"protect-symbols: {path}: column 'symbol' is not text") from None
     rows = table.num_rows
-    offset, = (table_columns(table, [("offset", np.uint64, 0, PAGE_SIZE - 1,
-                                      f"(must be 0..{PAGE_SIZE - 1})")], "protect-symbols")
-               if "offset" in table.column_names else [np.zeros(rows, np.uint64)])
-    length = (table_columns(table, [("length", np.uint32, 1, PAGE_SIZE,
-                                     f"(must be 1..{PAGE_SIZE})")], "protect-symbols")[0]
-              if "length" in table.column_names else None)
+    offset = _optional_ints(table, "offset", path, 0, PAGE_SIZE - 1)
+    length = _optional_ints(table, "length", path, 1, PAGE_SIZE)
     labels = (table.column("name").cast("string").to_pylist()
               if "name" in table.column_names else [None] * rows)
     gpas, lengths, hook_names = [], [], []
@@ -148,10 +143,10 @@ def read_symbol_hooks(path: str | os.PathLike, symbols: SymbolMap,
         if not symbol:
             raise InputError(f"protect-symbols: {path}, row {row}: no symbol")
         address, size = symbols.lookup(symbol)
-        off = int(offset[row])
+        off = offset[row] or 0
         where = f"protect-symbols: {path}, row {row} ({symbol}"
-        if length is not None:
-            count = int(length[row])
+        if length[row] is not None:
+            count = length[row]
         elif size is None:
             raise InputError(f"{where}): the map gives no size for the last symbol; give a "
                              "length")
@@ -161,7 +156,7 @@ def read_symbol_hooks(path: str | os.PathLike, symbols: SymbolMap,
                 raise InputError(f"{where}): offset {off} is past the symbol's {size} bytes")
         gpa = kernel_gpa(address + off, phys_base, what=f"{symbol}+{off:#x} at")
         if count > PAGE_SIZE or (gpa % PAGE_SIZE) + count > PAGE_SIZE:
-            source = "given" if length is not None else (
+            source = "given" if length[row] is not None else (
                 "the map's size" if symbol in symbols.size else
                 "up to the next symbol in the map")
             raise InputError(f"{where}+{off:#x}, {count} bytes {source}, at gpa {gpa:#x}) "
@@ -172,6 +167,29 @@ def read_symbol_hooks(path: str | os.PathLike, symbols: SymbolMap,
         hook_names.append(labels[row] or (symbol if off == 0 else f"{symbol}+{off:#x}"))
     return ByteRanges(gpa=np.array(gpas, dtype=np.uint64),
                       length=np.array(lengths, dtype=np.uint32), name=hook_names)
+
+
+def _optional_ints(table, column: str, path: str, lo: int, hi: int) -> list[int | None]:
+    """The integers of an optional column (decimal or 0x hex text too); None where the
+    column or the cell is empty."""
+    if column not in table.column_names:
+        return [None] * table.num_rows
+    values = []
+    for row, value in enumerate(table.column(column).to_pylist()):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            values.append(None)
+            continue
+        try:
+            text = str(value).strip().lower()
+            number = int(text, 16) if text.startswith("0x") else int(text, 10)
+        except ValueError:
+            raise InputError(f"protect-symbols: {path}, row {row}: {column} {value!r} is "
+                             "not an integer") from None
+        if not lo <= number <= hi:
+            raise InputError(f"protect-symbols: {path}, row {row}: {column} {number} is "
+                             f"not {lo}..{hi}")
+        values.append(number)
+    return values
 
 
 @dataclass
