@@ -256,16 +256,37 @@ def _header(buf: bytes, start: int, end: int, label: str) -> dict[int, int | Non
 
 def _packet(buf: bytes, start: int, end: int) -> tuple[int, int, int, int, int, int]:
     """(tick, cmd, addr, size, flags, pkt_id) of a Packet; BadLine without its required
-    fields."""
-    values = {}
-    try:
-        for number, value in fields(buf, start, end):
-            if isinstance(value, int):
-                values[number] = value
-    except Truncated:
-        raise BadLine("a field runs past the end of its message") from None
-    missing = [name for number, name in ((1, "tick"), (2, "cmd"), (3, "addr"), (4, "size"))
-               if number not in values]
-    if missing:
+    fields. Every Packet field is a varint with a one-byte key: decoded inline (the general
+    ``fields`` takes the rest), as a trace holds hundreds of millions of them."""
+    values = [None, None, None, None, None, 0, 0, None]  # by field number, 1..7
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        if key >= 0x80 or key & 7 or key >> 3 > 7:
+            try:
+                for number, value in fields(buf, pos, end):  # anything else, to the end
+                    if isinstance(value, int) and number <= 7:
+                        values[number] = value
+            except Truncated:
+                raise BadLine("a field runs past the end of its message") from None
+            break
+        pos += 1
+        value = shift = 0
+        while True:
+            if pos >= end:
+                raise BadLine("a field runs past the end of its message")
+            byte = buf[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise BadLine("varint longer than 10 bytes")
+        values[key >> 3] = value
+    tick, cmd, addr, size, flags, pkt_id = values[1:7]
+    if tick is None or cmd is None or addr is None or size is None:
+        missing = [name for number, name in ((1, "tick"), (2, "cmd"), (3, "addr"),
+                                             (4, "size")) if values[number] is None]
         raise BadLine(f"not a gem5 Packet: no {', '.join(missing)}")
-    return (values[1], values[2], values[3], values[4], values.get(5, 0), values.get(6, 0))
+    return tick, cmd, addr, size, flags or 0, pkt_id or 0
