@@ -147,6 +147,16 @@ def test_glued_split_prefers_a_device_already_seen():
         (0x1000, 0, FLAG_DEVICE), (0x2000, 1, 0)]
 
 
+def test_many_glued_records_split_or_refused_without_recursion_blowup():
+    record = '1, 0x1, 0x2, "movl %eax, (%rbx)", store, 0x1000, RAM'
+    parser = qemu.ExeclogParser(8, None)
+    records, errors = physical.Records(), []
+    parser.parse_chunk([record * 64, record * 500], 1, records,
+                       lambda lineno, line, error: errors.append((lineno, str(error))))
+    assert len(records) == 64 and set(records.vcpu) == {1}
+    assert errors == [(2, "500 execlog records on one line (at most 64 are split apart)")]
+
+
 def test_kernel_excerpt_fxsave_iretq_and_an_anonymous_mmio_region(tmp_path):
     text = KERNEL.read_text().split("\n")
     result, out = convert(tmp_path, "qemu", KERNEL)

@@ -202,7 +202,7 @@ def chunks(source: str, *, chunk_records: int):
                         vcpu = 0
                     check_access(addr, size)
                 except BadLine as error:
-                    bad(index, f"at byte {at}", error)
+                    bad(index, f"byte {at}", error)
                     continue
                 if kinds == (READ,) and flags & INST_FETCH:
                     kinds = (FETCH,)

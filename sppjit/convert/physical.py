@@ -124,8 +124,11 @@ def run(fmt: str, source: str, out: str, chunks: Callable[[PhysicalResult, BadHa
 
     def bad(number: int, text: str, error: BadLine) -> None:
         if not skip_bad:
-            raise InputError(f"convert: {label}, {record_noun} {number}: {error}: "
-                             f"{shown(text)} (--skip-bad skips such {record_noun}s)") from None
+            # a text line is quoted; a binary record is located (``text`` says where)
+            where = (f"{record_noun} {number}: {error}: {shown(text)}" if record_noun == "line"
+                     else f"{record_noun} {number} ({text}): {error}")
+            raise InputError(f"convert: {label}, {where} (--skip-bad skips such "
+                             f"{record_noun}s)") from None
         result.bad_records += 1
         if result.first_bad is None:
             result.first_bad = number

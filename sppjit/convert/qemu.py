@@ -56,6 +56,7 @@ from sppjit.errors import InputError
 
 DEFAULT_SIZE = 8  # one machine word, as the trace format's own default
 DETECT_LINES = 1000  # lines looked at to tell the two formats apart
+MAX_GLUED = 64  # records split apart on one line (2 vCPUs glue 2; hostile input, more)
 RAM = "RAM"
 KIND_READ, KIND_WRITE = 0, 1
 _KINDS = {"load": KIND_READ, "store": KIND_WRITE}
@@ -78,7 +79,7 @@ _MEMC_OTHER = re.compile(
     rf"|{_HEX}, \d+, \d+, (?:true|false)|Warning: .*")
 
 
-def detect(lines: list[str]) -> str:
+def detect(lines: list[str], label: str = "the input") -> str:
     """"execlog" or "memc" from the first lines of a QEMU log; InputError otherwise."""
     for line in lines:
         stripped = line.strip()
@@ -88,8 +89,8 @@ def detect(lines: list[str]) -> str:
             return "memc"
         if _EXECLOG_START.match(stripped):
             return "execlog"
-    raise InputError("convert: not a QEMU plugin log: no execlog record ('VCPU, 0xADDR, "
-                     "0xOPCODE, \"disassembly\"...') and no mem.c header or record "
+    raise InputError(f"convert: {label} is not a QEMU plugin log: no execlog record "
+                     "('VCPU, 0xADDR, 0xOPCODE, \"disassembly\"...') and no mem.c header or record "
                      f"('{MEMC_HEADER}') in its first {DETECT_LINES:,} lines")
 
 
@@ -252,28 +253,36 @@ class ExeclogParser:
             return None
         starts = [m.start() for m in re.finditer(r"\d", line)
                   if m.start() > 0 and _EXECLOG_START.match(line, m.start())]
-        return self._spans(line, 0, starts)
+        if len(starts) >= MAX_GLUED:
+            raise BadLine(f"{len(starts) + 1} execlog records on one line (at most "
+                          f"{MAX_GLUED} are split apart)")
+        memo: dict[int, list[tuple[int, int]] | None] = {}
 
-    def _spans(self, line: str, begin: int, starts: list[int]) -> list[tuple[int, int]] | None:
-        if _EXECLOG.fullmatch(line, begin):
-            return [(begin, len(line))]
-        candidates = []
-        for start in starts:
-            if start <= begin:
-                continue
-            head = _EXECLOG.fullmatch(line, begin, start)
-            if head is None:
-                continue
-            rest = self._spans(line, start, starts)
-            if rest is None:
-                continue
-            devices = _ACCESS.findall(head.group(3))
-            known = not devices or devices[-1][2] in self.seen_devices
-            candidates.append((known, start, rest))
-        if not candidates:
-            return None
-        known, start, rest = max(candidates)  # a known device first, then the latest start
-        return [(begin, start), *rest]
+        def spans(begin: int) -> list[tuple[int, int]] | None:
+            # Records from ``begin`` to the end of the line (memoised: each start once).
+            if begin in memo:
+                return memo[begin]
+            found = None
+            if _EXECLOG.fullmatch(line, begin):
+                found = [(begin, len(line))]
+            else:
+                candidates = []
+                for start in starts:
+                    if start <= begin:
+                        continue
+                    head = _EXECLOG.fullmatch(line, begin, start)
+                    if head is None or (rest := spans(start)) is None:
+                        continue
+                    devices = _ACCESS.findall(head.group(3))
+                    known = not devices or devices[-1][2] in self.seen_devices
+                    candidates.append((known, start, rest))
+                if candidates:  # a known device first, then the latest start
+                    known, start, rest = max(candidates, key=lambda c: (c[0], c[1]))
+                    found = [(begin, start), *rest]
+            memo[begin] = found
+            return found
+
+        return spans(0)
 
     def finish(self, result: PhysicalResult) -> None:
         result.counts = {"instructions": self.instructions,
@@ -365,9 +374,9 @@ def chunks(source: str, *, default_size: int = DEFAULT_SIZE, vcpu: int = 0,
     """The ``chunks`` function sppjit.convert.physical.run takes, for a QEMU log."""
 
     def generate(result: PhysicalResult, bad) -> Iterator[Records]:
-        with open_lines(source) as (lines, _label):
+        with open_lines(source) as (lines, label):
             head = list(itertools.islice(lines, DETECT_LINES))
-            fmt = detect(head)
+            fmt = detect(head, label)
             result.format = f"qemu {fmt}"
             parser = (ExeclogParser(default_size,
                                     RamLayout(guest_memory) if guest_memory else None)
