@@ -272,7 +272,7 @@ def test_gem5_gzip_and_errors(tmp_path):
     source = tmp_path / "bad.trc"
     source.write_bytes(b"gem5" + b"".join(script.varint(len(m)) + m
                                           for m in (header, bad, good)))
-    with pytest.raises(InputError, match=r"message 2: not a gem5 Packet: no addr"):
+    with pytest.raises(InputError, match=r"message 2 \(byte \d+\): not a gem5 Packet: no addr"):
         convert(tmp_path, "gem5", source)
     result, out = convert(tmp_path, "gem5", source, skip_bad=True)
     assert rows(out) == [(0x5000, 8, 0, W, 3, 0)] and result.bad_records == 1
@@ -497,3 +497,17 @@ def test_flags_column_survives_the_replay_output(tmp_path):
     assert r.exit_code == 0, r.output
     flags = np.array(table(results)["flags"])
     assert int(np.count_nonzero(flags & FLAG_ROM_OFFSET)) > 0
+
+
+def test_progress_line_only_when_enabled():
+    import io
+
+    stream = io.StringIO()
+    shown = convert_command.Progress(enabled=True, stream=stream)
+    shown.update(65536)
+    shown.close()
+    assert stream.getvalue().startswith("\rconvert: 65,536 records") and \
+        stream.getvalue().endswith("\r\033[K")
+    quiet = io.StringIO()
+    convert_command.Progress(enabled=False, stream=quiet).update(1)
+    assert quiet.getvalue() == ""

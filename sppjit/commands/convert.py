@@ -186,7 +186,7 @@ def run_convert_vm(*, format: str, source: str, out: str, skip_bad: bool = False
     from sppjit.io.sizes import parse_size
 
     memory = parse_size(guest_memory) if guest_memory else None
-    shown = Progress(enabled=progress)
+    shown = Progress(enabled=progress, noun="lines" if format == "qemu" else "messages")
     try:
         result = convert_vm_trace(format, source, out, skip_bad=skip_bad,
                                   default_size=default_size, vcpu=vcpu, guest_memory=memory,
