@@ -415,7 +415,8 @@ class CompareRun:
     note: str | None = None
 
 
-def compare_files(trace: str, protection: str, *, memory: str | int | None = None,
+def compare_files(trace: str, protection: str | None = None, *,
+                  memory: str | int | None = None,
                   memslots: str | None = None, vcpus: int | None = None,
                   hugepages: bool = False, subpage_check: str = DEFAULT_SUBPAGE_CHECK,
                   exit_cost_us: float = DEFAULT_EXIT_COST_US,
@@ -423,14 +424,20 @@ def compare_files(trace: str, protection: str, *, memory: str | int | None = Non
                   engine: str = DEFAULT_ENGINE, summary: str | None = None,
                   hooks_out: str | None = None, batch_size: int | None = None,
                   progress: Callable[[str, int, int | None], None] | None = None,
-                  names: dict[str, str] | None = None) -> CompareRun:
+                  names: dict[str, str] | None = None,
+                  protect_virtual: str | None = None, mapping: str | None = None,
+                  protect_symbols: str | None = None, symbols: str | None = None,
+                  phys_base: int | None = None) -> CompareRun:
     """``sppjit compare`` as one library call, on files: check every option and path before
     any work, compare (``compare``), record the trace's format and the memslots file, and
     write the comparison JSON (``summary``) and the per-hook table (``hooks_out``) all or
     nothing. ``memslots`` is a memslot file; ``vcpus`` None is the default, and lets the note
     suggest the VM a generated trace was made for. ``progress(config_name, rows_done,
     rows_total)`` is called after every batch. Errors name the parameters (``memory``,
-    ``summary``, ...) or, through ``names``, what the caller calls them."""
+    ``summary``, ...) or, through ``names``, what the caller calls them. Instead of
+    ``protection``, a whole VM's protection by virtual address or by kernel symbol
+    (``protect_virtual`` + ``mapping``, ``protect_symbols`` + ``symbols`` [+ ``phys_base``]:
+    sppjit.io.symbols.resolve_protection)."""
     from .io.atomic import check_distinct
     from .io.formats import trace_format
     from .io.memslots import read_memslots
@@ -463,9 +470,20 @@ def compare_files(trace: str, protection: str, *, memory: str | int | None = Non
         raise InputError("trace: no rows")
     hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
     slots = read_memslots(memslots) if memslots is not None else None
+    from .io.symbols import resolve_protection
+
+    whole_vm = resolve_protection(protect=protection, protect_virtual=protect_virtual,
+                                  mapping=mapping, protect_symbols=protect_symbols,
+                                  symbols=symbols, phys_base=phys_base)
+    label = protection
+    if whole_vm is not None:
+        protection, label = whole_vm.protection, whole_vm.label
+    elif protection is None:
+        raise InputError(f"{name('protection')} (or {name('protect_virtual')} or "
+                         f"{name('protect_symbols')}) is required")
     loaded, _ = load_protection(protection)
     if hooks_out is not None and not isinstance(loaded, ByteRanges):
-        raise InputError(f"{name('hooks_out')}: {protection} holds access maps; a per-hook "
+        raise InputError(f"{name('hooks_out')}: {label} holds access maps; a per-hook "
                          "table needs byte ranges (columns gpa, length, optional name)")
 
     # ---- the comparison (it reads the protection and hashes the inputs)
@@ -485,6 +503,8 @@ def compare_files(trace: str, protection: str, *, memory: str | int | None = Non
     if document["input"]["rows"] == 0:
         raise InputError("trace: no rows")
     document["input"]["format"] = trace_format(trace)
+    if whole_vm is not None:  # the shared protection facts: every configuration shows it
+        document["protection"]["path"] = label
     document["config"]["memslots_file"] = memslots
     for config in document["configs"]:
         config["summary"]["input"]["format"] = document["input"]["format"]

@@ -87,11 +87,35 @@ class VmSpec:
 class JobInputs:
     """What is replayed: the trace (Parquet file or directory, Arrow IPC file or stream), the
     protection placed before the first access (a file of access maps or of byte ranges: the
-    form is read from its columns) and the timeline of control-plane operations."""
+    form is read from its columns) and the timeline of control-plane operations.
+
+    Instead of ``protection``, a whole VM's protection can be given by guest-virtual address
+    (``protect_virtual`` through the page ``mapping`` a converter wrote) or by guest-kernel
+    symbol (``protect_symbols`` placed through the ``symbols`` map, ``phys_base`` added):
+    see sppjit.io.symbols.resolve_protection."""
 
     trace: str
     protection: str | None = None
     timeline: str | None = None
+    protect_virtual: str | None = None
+    mapping: str | None = None
+    protect_symbols: str | None = None
+    symbols: str | None = None
+    phys_base: int | None = None
+
+    def resolve(self):
+        """The whole-VM protection as (protection, label), or None when none is given."""
+        from .io.symbols import resolve_protection
+
+        resolved = resolve_protection(
+            protect=self.protection, protect_virtual=self.protect_virtual,
+            mapping=self.mapping, protect_symbols=self.protect_symbols,
+            symbols=self.symbols, phys_base=self.phys_base)
+        return None if resolved is None else (resolved.protection, resolved.label)
+
+
+# The files of whole-VM protection (JobInputs), checked and hashed like the others.
+WHOLE_VM_PROTECTION_FILES = ("protect_virtual", "mapping", "protect_symbols", "symbols")
 
 
 @dataclass(frozen=True)
@@ -242,6 +266,7 @@ def _check_options(job: Job, name: _Names) -> None:
     inputs = job.inputs
     check_distinct([(name("trace"), inputs.trace), (name("protection"), inputs.protection),
                     (name("timeline"), inputs.timeline), (name("memslots"), spec.memslots_file),
+                    *((name(p), getattr(inputs, p)) for p in WHOLE_VM_PROTECTION_FILES),
                     *((name(p), path) for p, path in outputs.paths())])
 
 
@@ -278,9 +303,11 @@ def _open(job: Job, name: _Names) -> _Opened:
     slots = spec.memslots
     if isinstance(slots, str):
         slots = read_memslots(slots)
-    protection = None
+    protection, label = None, inputs.protection
     if inputs.protection is not None:
         protection, _ = load_protection(inputs.protection)
+    elif (whole_vm := inputs.resolve()) is not None:
+        protection, label = whole_vm
     timeline = read_ops(inputs.timeline) if inputs.timeline is not None else []
     vm = VM(memory=spec.memory if spec.memory is not None else DEFAULT_MEMORY, vcpus=vcpus,
             profile=spec.profile, hugepages=spec.hugepages, subpage_check=spec.subpage_check,
@@ -291,7 +318,7 @@ def _open(job: Job, name: _Names) -> _Opened:
     info = None
     if protection is not None:
         maps = apply_protection(vm, protection)
-        info = protection_info(protection, inputs.protection, maps)
+        info = protection_info(protection, label, maps)
     return _Opened(reader=reader, vm=vm, hooks=hook_index(protection), timeline=timeline,
                    protection_info=info, hint=hint)
 
@@ -318,7 +345,9 @@ def run(job: Job, progress: Progress | None = None, *,
     # takes about as long to hash as to replay, and the reading and checks below overlap it.
     inputs = job.inputs
     digests = BackgroundDigests({"trace": inputs.trace, "protect": inputs.protection,
-                                 "ops": inputs.timeline, "memslots": job.vm.memslots_file})
+                                 "ops": inputs.timeline, "memslots": job.vm.memslots_file,
+                                 **{p: getattr(inputs, p) for p in WHOLE_VM_PROTECTION_FILES
+                                    if getattr(inputs, p) is not None}})
     opened = _open(job, name)
     summary, written = _replay_and_write(
         job, opened, name, digests=digests, progress=progress,

@@ -681,7 +681,7 @@ def test_cli_bad_usage(tmp_path):
     src = write(tmp_path, "in.txt", "I  1000,4\n")
     result = invoke("convert", "valgrind", src, "--out", tmp_path / "t.parquet")
     assert result.exit_code == 2
-    assert "unknown format 'valgrind' (one of lackey, pinatrace, drmemtrace, csv)" in \
+    assert "unknown format 'valgrind' (one of lackey, pinatrace, drmemtrace, csv, qemu, gem5)" in \
         result.stderr
     result = invoke("convert", "lackey", src)
     assert result.exit_code == 2 and "--out" in result.stderr

@@ -30,6 +30,7 @@ from sppjit.commands import (
     VcpusOpt,
     err,
     is_tty,
+    vmprotect,
 )
 from sppjit.defaults import (
     DEFAULT_ENGINE,
@@ -44,6 +45,7 @@ PROGRESS_INTERVAL_S = 0.1
 OPTION_NAMES = {
     "trace": "TRACE", "protection": "--protect", "memory": "--memory",
     "memslots": "--memslots", "summary": "--summary", "hooks_out": "--hooks-out",
+    "protect_virtual": "--protect-virtual", "protect_symbols": "--protect-symbols",
 }
 
 HELP = (
@@ -75,11 +77,12 @@ _COST = "Cost model"
 
 def compare(
     trace: TraceArg,
-    protect: Annotated[str, typer.Option(
+    protect: Annotated[str | None, typer.Option(
         "--protect", metavar="FILE", show_default=False, rich_help_panel=PANEL_INPUT,
         help="Protection applied before the first access in every configuration (Parquet, "
              "Arrow, CSV or JSON): access maps (gfn, access) or byte ranges (gpa, length, "
-             "optional name), which also give relevant and irrelevant exits per hook.")],
+             "optional name), which also give relevant and irrelevant exits per hook. "
+             "Required, unless --protect-virtual or --protect-symbols gives it.")] = None,
     memory: MemoryOpt = None,
     memslots: MemslotsOpt = None,
     vcpus: VcpusOpt = None,
@@ -111,8 +114,14 @@ def compare(
              "up to more than the total.")] = None,
     batch_size: BatchSizeOpt = None,
     no_progress: NoProgressOpt = False,
+    # ---- whole-VM protection: by virtual address or kernel symbol (commands/vmprotect.py)
+    protect_virtual: vmprotect.ProtectVirtualOpt = None, mapping: vmprotect.MappingOpt = None,
+    protect_symbols: vmprotect.ProtectSymbolsOpt = None, symbols: vmprotect.SymbolsOpt = None,
+    phys_base: vmprotect.PhysBaseOpt = None,
 ) -> None:
     run_compare(
+        protect_virtual=protect_virtual, mapping=mapping, protect_symbols=protect_symbols,
+        symbols=symbols, phys_base=vmprotect.phys_base_value(phys_base),
         trace=trace, protect=protect, memory=memory, memslots=memslots, vcpus=vcpus,
         hugepages=hugepages, subpage_check=subpage_check.value, exit_cost_us=exit_cost_us,
         kernel_exit_cost_us=kernel_exit_cost_us, engine=engine.value, json_out=json_out,
@@ -121,7 +130,7 @@ def compare(
     )
 
 
-def run_compare(*, trace: str, protect: str, json_out: bool = False,
+def run_compare(*, trace: str, protect: str | None = None, json_out: bool = False,
                 summary_path: str | None = None, progress: bool = False, **options) -> dict:
     """The compare command without typer: sppjit.compare.compare_files, then printed;
     returns the document."""

@@ -1,24 +1,32 @@
 """``sppjit convert``: turn a valgrind lackey, Intel Pin pinatrace, DynamoRIO drmemtrace view
-or CSV text trace into an sppjit trace, with the page mapping beside it."""
+or CSV text trace into an sppjit trace, with the page mapping beside it; or a whole-VM trace
+(QEMU execlog or mem.c plugin log, gem5 packet trace), whose addresses stay guest-physical."""
 
 from __future__ import annotations
 
 import re
 import shlex
 import sys
+import time
 from typing import Annotated
 
 import typer
 
-from sppjit.commands import format_size
+from sppjit.commands import NoProgressOpt, format_size
 from sppjit.errors import InputError
 
 # sppjit.convert.FORMATS, repeated here so that --help imports nothing heavy; a test checks
 # that the two agree.
 FORMAT_NAMES = ("lackey", "pinatrace", "drmemtrace", "csv")
+# sppjit.convert.vm.VM_FORMATS, likewise: traces of a whole VM, guest-physical already.
+VM_FORMAT_NAMES = ("qemu", "gem5")
+ALL_FORMATS = FORMAT_NAMES + VM_FORMAT_NAMES
+PROGRESS_INTERVAL_S = 0.1
+_VM = "Whole-VM traces (qemu, gem5)"
 
 HELP = (
-    "Convert a text memory trace (lackey, pinatrace, drmemtrace, csv) to an sppjit trace.\n\n"
+    "Convert a memory trace (lackey, pinatrace, drmemtrace, csv; qemu, gem5) to an sppjit "
+    "trace.\n\n"
     "FORMAT is one of: lackey (valgrind --tool=lackey --trace-mem=yes --log-file=IN: "
     "'I  addr,size' fetches, ' L' loads, ' S' stores, ' M' modifies = a read then a "
     "write); pinatrace (Intel Pin's pinatrace.out: 'IP: R ADDR' / 'IP: W ADDR', with an "
@@ -35,7 +43,16 @@ HELP = (
     "written beside the trace so that protection can be given by virtual address "
     "(sppjit.convert.mapping.translate_protection). The trace's seq column is the input "
     "line number. A malformed line stops the conversion with its line number (exit code "
-    "2, no output), unless --skip-bad skips and counts such lines."
+    "2, no output), unless --skip-bad skips and counts such lines.\n\n"
+    "Whole-VM traces keep their guest-physical addresses (no mapping is written) and get a "
+    "flags column (1 device, 2 rom_offset, 4 size_default, 8 page_crossing): qemu reads a "
+    "QEMU log (-d plugin -D FILE) of contrib/plugins/execlog.c (vCPU, instruction, "
+    "load/store, physical address, device; sizes from the disassembly, else "
+    "--default-size; device accesses kept at their address) or of tests/tcg/plugins/mem.c "
+    "with print-accesses=true (its CSV; sizes in bits; no vCPU column: --vcpu), told "
+    "apart from the file itself; gem5 reads a MemTraceProbe packet trace (.gz or not): "
+    "reads, writes and instruction fetches by CPU requestors, vCPU from the requestor's "
+    "name. See docs/whole-vm-traces.md."
 )
 
 EPILOG = ("Example: valgrind --tool=lackey --trace-mem=yes --log-file=ls.lackey ls, then "
@@ -56,13 +73,13 @@ def parse_page_size(text: str) -> int:
 
 
 def _complete_format(incomplete: str) -> list[str]:
-    return [name for name in FORMAT_NAMES if name.startswith(incomplete)]
+    return [name for name in ALL_FORMATS if name.startswith(incomplete)]
 
 
 def convert(
     fmt: Annotated[str, typer.Argument(
         metavar="FORMAT", show_default=False, autocompletion=_complete_format,
-        help=f"Input format: {', '.join(FORMAT_NAMES)}.")],
+        help=f"Input format: {', '.join(ALL_FORMATS)}.")],
     source: Annotated[str, typer.Argument(
         metavar="IN", show_default=False,
         help="Text trace to read (gzip, bzip2 or xz compressed allowed), or - for standard "
@@ -81,7 +98,30 @@ def convert(
         "--page-size", metavar="SIZE",
         help="Virtual page size of the mapping: a power of two from 4096 to 1GiB (2MiB "
              "keeps huge pages whole).")] = "4096",
+    default_size: Annotated[int | None, typer.Option(
+        "--default-size", metavar="BYTES", rich_help_panel=_VM, show_default="8",
+        help="qemu execlog: size of an access whose disassembly does not say it.")] = None,
+    vcpu: Annotated[int | None, typer.Option(
+        "--vcpu", metavar="N", rich_help_panel=_VM, show_default="0",
+        help="qemu mem.c: the vCPU of every access (mem.c prints none).")] = None,
+    guest_memory: Annotated[str | None, typer.Option(
+        "--guest-memory", metavar="SIZE", rich_help_panel=_VM,
+        help="qemu execlog: the guest's RAM (QEMU's -m, pc machine layout), to flag the "
+             "RAM block offsets QEMU 7.2 prints for ROM (rom_offset).")] = None,
+    no_progress: NoProgressOpt = False,
 ) -> None:
+    if fmt in VM_FORMAT_NAMES:
+        if mapping_out is not None or page_size != "4096":
+            raise InputError(f"--mapping-out and --page-size are not for {fmt}: its "
+                             "addresses are guest-physical, no mapping is made")
+        run_convert_vm(format=fmt, source=source, out=out, skip_bad=skip_bad,
+                       default_size=default_size, vcpu=vcpu, guest_memory=guest_memory,
+                       progress=not no_progress and _is_tty(sys.stderr))
+        return
+    for name, value in (("--default-size", default_size), ("--vcpu", vcpu),
+                        ("--guest-memory", guest_memory)):
+        if value is not None:
+            raise InputError(f"{name} is for the whole-VM formats ({', '.join(VM_FORMAT_NAMES)})")
     run_convert(format=fmt, source=source, out=out, mapping_out=mapping_out,
                 skip_bad=skip_bad, page_size=parse_page_size(page_size))
 
@@ -91,7 +131,7 @@ def run_convert(*, format: str, source: str, out: str, mapping_out: str | None =
                 chunk_lines: int | None = None) -> str:
     """Convert, print one line saying what was written and how to replay it; returns it."""
     if format not in FORMAT_NAMES:
-        raise InputError(f"unknown format '{format}' (one of {', '.join(FORMAT_NAMES)})")
+        raise InputError(f"unknown format '{format}' (one of {', '.join(ALL_FORMATS)})")
     from sppjit.convert import DEFAULT_CHUNK_LINES, convert_trace
 
     result = convert_trace(format, source, out, mapping_out=mapping_out, skip_bad=skip_bad,
@@ -121,6 +161,96 @@ def summary_line(result) -> str:
     if result.bad_lines:
         what += (f"; skipped {_count(result.bad_lines, 'malformed line')} (first: line "
                  f"{result.first_bad_line}, {result.first_bad_reason})")
+    command = ["sppjit", "replay", result.out, "--memory",
+               format_size(result.replay_memory())]
+    if result.vcpus > 1:
+        command += ["--vcpus", str(result.vcpus)]
+    return f"{what}; replay with: {shlex.join(command)}"
+
+
+# ------------------------------------------------------------------------- whole-VM traces
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def run_convert_vm(*, format: str, source: str, out: str, skip_bad: bool = False,
+                   default_size: int | None = None, vcpu: int | None = None,
+                   guest_memory: str | None = None, chunk: int | None = None,
+                   progress: bool = False) -> str:
+    """Convert a whole-VM trace, print one line saying what was written; returns it."""
+    from sppjit.convert.vm import DEFAULT_CHUNK, convert_vm_trace
+    from sppjit.io.sizes import parse_size
+
+    memory = parse_size(guest_memory) if guest_memory else None
+    shown = Progress(enabled=progress, noun="lines" if format == "qemu" else "messages")
+    try:
+        result = convert_vm_trace(format, source, out, skip_bad=skip_bad,
+                                  default_size=default_size, vcpu=vcpu, guest_memory=memory,
+                                  chunk=chunk or DEFAULT_CHUNK, progress=shown.update)
+    finally:
+        shown.close()
+    line = vm_summary_line(result)
+    sys.stdout.write(line + "\n")
+    return line
+
+
+class Progress:
+    """``convert: N lines  R lines/s`` on standard error, at most every PROGRESS_INTERVAL_S,
+    only when enabled (a terminal, no --no-progress); like replay's progress line."""
+
+    def __init__(self, *, enabled: bool, stream=None, noun: str = "records"):
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.noun = noun
+        self.start = time.monotonic()
+        self.last = float("-inf")
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL_S:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        self.stream.write(f"\rconvert: {done:,} {self.noun}  {rate:,.0f} {self.noun}/s\033[K")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def vm_summary_line(result) -> str:
+    """One line: what was read and written, the counts the format keeps, how to replay."""
+    source = "standard input" if result.source == "-" else result.source
+    what = (f"converted {source} ({result.format}, "
+            f"{_count(result.records, result.record_noun)}): wrote {result.out} "
+            f"({_count(result.accesses, 'access', 'accesses')}: {result.reads:,} reads, "
+            f"{result.writes:,} writes, {result.fetches:,} fetches; "
+            f"{_count(result.vcpus, 'vCPU')}, guest-physical")
+    what += ")"
+    if result.counts:
+        what += "; " + ", ".join(f"{name} {n:,}" for name, n in result.counts.items())
+    if result.flagged:
+        what += "; flagged " + ", ".join(f"{name} {n:,}" for name, n in result.flagged.items())
+    if result.devices:
+        what += "; devices " + ", ".join(f"{name} {n:,}" for name, n in result.devices.items())
+    if result.bad_records:
+        what += (f"; skipped {_count(result.bad_records, 'malformed ' + result.record_noun)} "
+                 f"(first: {result.record_noun} {result.first_bad}, "
+                 f"{result.first_bad_reason})")
+    for note in result.notes:
+        what += f"; {note}"
     command = ["sppjit", "replay", result.out, "--memory",
                format_size(result.replay_memory())]
     if result.vcpus > 1:

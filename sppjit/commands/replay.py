@@ -32,6 +32,7 @@ from sppjit.commands import (
     VcpusOpt,
     err,
     is_tty,
+    vmprotect,
 )
 from sppjit.defaults import (
     DEFAULT_ENGINE,
@@ -48,6 +49,8 @@ OPTION_NAMES = {
     "memslots": "--memslots", "vcpus": "--vcpus", "engine": "--engine",
     "batch_size": "--batch-size", "results": "--out", "exit_log": "--exits",
     "summary": "--summary", "saved_state": "--save-state",
+    "protect_virtual": "--protect-virtual", "mapping": "--mapping",
+    "protect_symbols": "--protect-symbols", "symbols": "--symbols",
 }
 
 HELP = (
@@ -112,8 +115,14 @@ def replay(
         help="Print the summary JSON on standard output instead of the table.")] = False,
     batch_size: BatchSizeOpt = None,
     no_progress: NoProgressOpt = False,
+    # ---- whole-VM protection: by virtual address or kernel symbol (commands/vmprotect.py)
+    protect_virtual: vmprotect.ProtectVirtualOpt = None, mapping: vmprotect.MappingOpt = None,
+    protect_symbols: vmprotect.ProtectSymbolsOpt = None, symbols: vmprotect.SymbolsOpt = None,
+    phys_base: vmprotect.PhysBaseOpt = None,
 ) -> None:
     run_replay(
+        protect_virtual=protect_virtual, mapping=mapping, protect_symbols=protect_symbols,
+        symbols=symbols, phys_base=vmprotect.phys_base_value(phys_base),
         trace=trace, protect=protect, ops=ops, memory=memory, memslots=memslots, vcpus=vcpus,
         profile=profile.value, hugepages=hugepages, subpage_check=subpage_check.value,
         granularity=granularity.value, engine=engine.value, out=out, exits=exits,
@@ -128,12 +137,14 @@ def make_job(*, trace: str, protect: str | None = None, ops: str | None = None,
              subpage_check: str = DEFAULT_SUBPAGE_CHECK, granularity: str = DEFAULT_GRANULARITY,
              engine: str = DEFAULT_ENGINE, out: str | None = None,
              exits: str | None = None, summary_path: str | None = None,
-             save_state_path: str | None = None, batch_size: int | None = None):
-    """The options of sppjit replay as the library job they describe."""
+             save_state_path: str | None = None, batch_size: int | None = None,
+             **whole_vm_protection):
+    """The options of sppjit replay as the library job they describe (``whole_vm_protection``:
+    protect_virtual, mapping, protect_symbols, symbols, phys_base, as JobInputs takes them)."""
     from sppjit.job import Job, JobInputs, JobOutputs, VmSpec
 
     return Job(
-        inputs=JobInputs(trace=trace, protection=protect, timeline=ops),
+        inputs=JobInputs(trace=trace, protection=protect, timeline=ops, **whole_vm_protection),
         vm=VmSpec(memory=memory, memslots=memslots, vcpus=vcpus, profile=profile,
                   hugepages=hugepages, subpage_check=subpage_check, granularity=granularity),
         outputs=JobOutputs(results=out, exit_log=exits, summary=summary_path,
