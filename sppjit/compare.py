@@ -457,9 +457,16 @@ def compare_files(trace: str, protection: str | None = None, *,
         check_output_path(summary, option=name("summary"))
     if hooks_out is not None:
         check_output_path(hooks_out, option=name("hooks_out"), table=True)
+    from .io.symbols import check_protection_options
+
+    check_protection_options(protect=protection, protect_virtual=protect_virtual,
+                             mapping=mapping, protect_symbols=protect_symbols,
+                             symbols=symbols, phys_base=phys_base)
     check_distinct([(name("trace"), trace), (name("protection"), protection),
                     (name("memslots"), memslots), (name("summary"), summary),
-                    (name("hooks_out"), hooks_out)])
+                    (name("hooks_out"), hooks_out), (name("protect_virtual"), protect_virtual),
+                    (name("mapping"), mapping), (name("protect_symbols"), protect_symbols),
+                    (name("symbols"), symbols)])
     if memory is not None:
         from .io.sizes import parse_size
 

@@ -264,6 +264,12 @@ def _check_options(job: Job, name: _Names) -> None:
         if path is not None:
             check_output_path(path, option=name(parameter), table=table)
     inputs = job.inputs
+    from .io.symbols import check_protection_options
+
+    check_protection_options(
+        protect=inputs.protection, protect_virtual=inputs.protect_virtual,
+        mapping=inputs.mapping, protect_symbols=inputs.protect_symbols,
+        symbols=inputs.symbols, phys_base=inputs.phys_base)
     check_distinct([(name("trace"), inputs.trace), (name("protection"), inputs.protection),
                     (name("timeline"), inputs.timeline), (name("memslots"), spec.memslots_file),
                     *((name(p), getattr(inputs, p)) for p in WHOLE_VM_PROTECTION_FILES),

@@ -45,7 +45,8 @@ PROGRESS_INTERVAL_S = 0.1
 OPTION_NAMES = {
     "trace": "TRACE", "protection": "--protect", "memory": "--memory",
     "memslots": "--memslots", "summary": "--summary", "hooks_out": "--hooks-out",
-    "protect_virtual": "--protect-virtual", "protect_symbols": "--protect-symbols",
+    "protect_virtual": "--protect-virtual", "mapping": "--mapping",
+    "protect_symbols": "--protect-symbols", "symbols": "--symbols",
 }
 
 HELP = (

@@ -143,14 +143,16 @@ def run_sweep(*, trace: str, configs: list[str] | None = None, protect: list[str
     outputs += [("--outdir", path) for files in per_config.values() for path in files.values()]
     check_distinct(_without_repeats(inputs) + outputs)
 
-    from sppjit.commands.replay import Progress, _generated_hint, _trace_format
+    from sppjit.commands.replay import Progress
+    from sppjit.io.formats import trace_format
     from sppjit.io.memslots import read_memslots
     from sppjit.io.trace import open_trace
+    from sppjit.provenance import generated_hint
 
     reader = open_trace(trace)
     if reader.num_rows == 0:
         raise InputError("trace: no rows")
-    hint = _generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
+    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
     slots = read_memslots(memslots) if memslots is not None else None
 
     # ---- the sweep, its per-configuration files written as it goes, all or nothing
@@ -202,7 +204,7 @@ def run_sweep(*, trace: str, configs: list[str] | None = None, protect: list[str
             finally:
                 shown.close()
         document = result.document
-        document["input"]["format"] = _trace_format(trace)
+        document["input"]["format"] = trace_format(trace)
         document["config"]["memslots_file"] = memslots
         for name, summary in result.summaries.items():
             summary["input"]["format"] = document["input"]["format"]

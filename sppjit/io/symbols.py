@@ -209,19 +209,9 @@ def resolve_protection(*, protect: str | None = None, protect_virtual: str | Non
     ``--protect-virtual FILE --mapping FILE`` (virtual addresses through a converter's page
     mapping, sppjit.convert.mapping.translate_protection) or ``--protect-symbols FILE
     --symbols MAP [--phys-base ADDR]``. None when neither is given."""
-    given = [name for name, value in (("--protect", protect),
-                                      ("--protect-virtual", protect_virtual),
-                                      ("--protect-symbols", protect_symbols)) if value]
-    if len(given) > 1:
-        raise InputError(f"{' and '.join(given)} cannot be used together: give one protection")
-    if (protect_virtual is None) != (mapping is None):
-        raise InputError("--protect-virtual and --mapping go together (the mapping sppjit "
-                         "convert wrote beside the trace)")
-    if (protect_symbols is None) != (symbols is None):
-        raise InputError("--protect-symbols and --symbols go together (System.map, "
-                         "/proc/kallsyms or nm -S output)")
-    if phys_base is not None and protect_symbols is None:
-        raise InputError("--phys-base is for --protect-symbols")
+    check_protection_options(protect=protect, protect_virtual=protect_virtual, mapping=mapping,
+                             protect_symbols=protect_symbols, symbols=symbols,
+                             phys_base=phys_base)
     if protect_virtual is not None:
         from sppjit.convert.mapping import translate_protection
 
@@ -247,3 +237,23 @@ def parse_phys_base(text: str | None) -> int | None:
     if not 0 <= value < GPA_LIMIT:
         raise InputError(f"--phys-base: {text} is beyond the 48-bit guest-physical space")
     return value
+
+
+def check_protection_options(*, protect: str | None = None, protect_virtual: str | None = None,
+                             mapping: str | None = None, protect_symbols: str | None = None,
+                             symbols: str | None = None, phys_base: int | None = None) -> None:
+    """The protection options of replay and compare go together as resolve_protection
+    needs them (InputError otherwise); reads no file, so it runs before any work."""
+    given = [name for name, value in (("--protect", protect),
+                                      ("--protect-virtual", protect_virtual),
+                                      ("--protect-symbols", protect_symbols)) if value]
+    if len(given) > 1:
+        raise InputError(f"{' and '.join(given)} cannot be used together: give one protection")
+    if (protect_virtual is None) != (mapping is None):
+        raise InputError("--protect-virtual and --mapping go together (the mapping sppjit "
+                         "convert wrote beside the trace)")
+    if (protect_symbols is None) != (symbols is None):
+        raise InputError("--protect-symbols and --symbols go together (System.map, "
+                         "/proc/kallsyms or nm -S output)")
+    if phys_base is not None and protect_symbols is None:
+        raise InputError("--phys-base is for --protect-symbols")
