@@ -719,6 +719,221 @@ def _empty_results(schema: pa.Schema) -> pa.Table:
     return pa.table({f.name: pa.array([], type=f.type) for f in list(schema) + RESULT_FIELDS})
 
 
+# ----------------------------------------------------------------------------- on files
+
+@dataclass(frozen=True)
+class SweepRun:
+    """What ``sweep_files`` gives back: the document (the table's rows and every
+    configuration's summary), the paths written and a note for the user, or None."""
+
+    document: dict
+    written: tuple[str, ...]
+    note: str | None = None
+
+
+def sweep_files(trace: str, configs=None, *, protect: Iterable[str] = (),
+                memory: str | None = None, memslots: str | None = None,
+                vcpus: int | None = None, hugepages: bool = False, engine: str = "jit",
+                threads: int | None = None, out: str | None = None,
+                summary: str | None = None, outdir: str | None = None, results: bool = False,
+                batch_size: int | None = None,
+                progress: Callable[[int, int | None], None] | None = None,
+                names: dict[str, str] | None = None) -> SweepRun:
+    """``sppjit sweep`` as one library call, on files: check every option and path before
+    any work, sweep (``sweep``), and write the table (``out``), the document (``summary``)
+    and, under ``outdir``, every configuration's NAME.summary.json and NAME.exits.parquet
+    (with ``results``, NAME.results.parquet too), all or nothing. ``protect``: protection
+    files, crossed with the configurations as ``expand_configs`` does. ``progress(rows_done,
+    rows_total)`` is called as the slowest configuration advances. Errors name the
+    parameters or, through ``names``, what the caller calls them."""
+    import contextlib
+
+    from .io.atomic import Outputs, check_distinct
+    from .io.formats import trace_format
+    from .io.memslots import read_memslots
+    from .io.output import TableWriter, check_output_path, write_json_atomic
+    from .io.trace import open_trace
+    from .provenance import generated_hint
+
+    def name(parameter: str) -> str:
+        return (names or {}).get(parameter, parameter)
+
+    protect = list(protect)
+    # ---- options and paths, before any work
+    if memory is not None and memslots is not None:
+        raise InputError(f"{name('memory')} and {name('memslots')} cannot be used together "
+                         f"({name('memslots')} defines the memory)")
+    if results and outdir is None:
+        raise InputError(f"{name('results')} needs {name('outdir')} (the directory the "
+                         "results go to)")
+    expanded = expand_configs(configs if configs is not None else DEFAULT_CONFIGS, protect)
+    labels = [c.label for c in expanded]
+    if out is not None:
+        check_output_path(out, option=name("out"), table=True)
+    if summary is not None:
+        check_output_path(summary, option=name("summary"))
+    per_config: dict[str, dict[str, str]] = {}
+    if outdir is not None:
+        if not os.path.isdir(outdir):
+            raise InputError(f"{name('outdir')}: {outdir} is not an existing directory")
+        for label in labels:
+            files = {"summary": os.path.join(outdir, f"{label}.summary.json"),
+                     "exits": os.path.join(outdir, f"{label}.exits.parquet")}
+            if results:
+                files["results"] = os.path.join(outdir, f"{label}.results.parquet")
+            for kind, path in files.items():
+                check_output_path(path, option=name("outdir"), table=kind != "summary")
+            per_config[label] = files
+    inputs = [(name("trace"), trace), (name("memslots"), memslots)]
+    inputs += [(name("protect"), p) for p in protect]
+    inputs += [(f"{name('configs')} {c.label}", p) for c in expanded for p in (c.protect, c.ops)
+               if p is not None and p != NO_PROTECTION]
+    outputs = [(name("out"), out), (name("summary"), summary)]
+    outputs += [(name("outdir"), path) for files in per_config.values() for path in files.values()]
+    check_distinct(_without_repeats(inputs) + outputs)
+
+    reader = open_trace(trace)
+    if reader.num_rows == 0:
+        raise InputError("trace: no rows")
+    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
+    slots = read_memslots(memslots) if memslots is not None else None
+
+    # ---- the sweep, its per-configuration files written as it goes, all or nothing
+    rows_done: dict[str, int] = {}
+
+    def update(label: str, rows: int) -> None:  # called one at a time by the runner
+        rows_done[label] = rows
+        if progress is not None:
+            progress(min(rows_done.get(n, 0) for n in labels), reader.num_rows)
+
+    with contextlib.ExitStack() as stack:
+        written = stack.enter_context(Outputs())
+        with contextlib.ExitStack() as tables:
+            lock = threading.Lock()  # the sinks are opened from the runner's threads
+
+            def open_writer(path: str, schema, option: str):
+                with lock:
+                    tables.push(written.track(path))  # before the writer: runs after its exit
+                    return tables.enter_context(TableWriter(path, schema, option=option))
+
+            def exit_sink(label, schema):
+                return open_writer(per_config[label]["exits"], schema, name("outdir")).write_batch
+
+            def results_sink(label):
+                writer = None
+
+                def write(batch) -> None:
+                    nonlocal writer
+                    if writer is None:  # the schema is the first result's
+                        writer = open_writer(per_config[label]["results"], batch.schema,
+                                             name("outdir"))
+                    writer.write_batch(batch)
+
+                return write
+
+            try:
+                result = sweep(trace, expanded,
+                               protection=protect[0] if len(protect) == 1 else None,
+                               memory=memory, memslots=slots, vcpus=vcpus or DEFAULT_VCPUS,
+                               hugepages=hugepages, engine=engine, batch_size=batch_size,
+                               threads=threads,
+                               on_exits=exit_sink if outdir is not None else None,
+                               on_results=results_sink if results else None, progress=update,
+                               inputs={"memslots": memslots})
+            except InputError as exc:
+                if hint and "trace:" in str(exc):
+                    raise InputError(f"{exc} ({hint})") from None
+                raise
+        document = result.document
+        document["input"]["format"] = trace_format(trace)
+        document["config"]["memslots_file"] = memslots
+        for label, config_summary in result.summaries.items():
+            config_summary["input"]["format"] = document["input"]["format"]
+            config_summary["config"]["memslots_file"] = memslots
+            if outdir is not None:
+                write_json_atomic(per_config[label]["summary"], config_summary)
+                written.add(per_config[label]["summary"])
+        if out is not None:
+            with TableWriter(out, result.table.schema, option=name("out")) as writer:
+                writer.write_batch(result.table)
+            written.add(out)
+        if summary is not None:
+            write_json_atomic(summary, document)
+            written.add(summary)
+        files = tuple(written.committed)
+    return SweepRun(document=document, written=files, note=hint)
+
+
+def _without_repeats(named_paths):
+    """Inputs may be named more than once (one protection for several configurations)."""
+    seen, out = set(), []
+    for option, path in named_paths:
+        if path is not None and os.path.abspath(path) in seen:
+            continue
+        if path is not None:
+            seen.add(os.path.abspath(path))
+        out.append((option, path))
+    return out
+
+
+# ----------------------------------------------------------------------------- the printer
+
+_COLUMNS = (  # (heading, row key); exits by kind follow "exits"
+    ("name", "name"), ("profile", "profile"), ("gran", "granularity"),
+    ("check", "subpage_check"), ("huge", "hugepages"), ("vcpus", "vcpus"),
+    ("protect", "protect"), ("accesses", "accesses"), ("exits", "exits"),
+)
+
+
+def format_sweep(document: dict, written: list[str] | None = None) -> str:
+    """A header, then one line per configuration."""
+    info, config = document["input"], document["config"]
+    facts = [info.get("format", "in memory"), f"{info['rows']:,} rows"]
+    for key in ("scenario", "seed"):
+        if info.get(key) is not None:
+            facts.append(f"{key} {info[key]}")
+    out = (f"trace    {info.get('path')} ({', '.join(facts)})\n"
+           f"sweep    {len(document['rows'])} configurations, {config['threads']} "
+           f"thread{'s' if config['threads'] != 1 else ''}, engine {config['engine']}\n\n")
+    rows = document["rows"]
+    hooks = any(r["hooks_relevant"] is not None for r in rows)
+    columns = list(_COLUMNS) + [(kind, f"exits_{kind}") for kind in B.EXIT_KIND_NAMES]
+    columns += [("touched", "pages_touched"), ("sppt", "pages_sppt_tables")]
+    if hooks:
+        columns += [("relevant", "hooks_relevant"), ("irrelevant", "hooks_irrelevant")]
+    columns += [("M acc/s", "accesses_per_second")]
+    cells = [[_cell(key, r[key]) for _, key in columns] for r in rows]
+    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (head, _) in enumerate(columns)]
+    left = {"name", "profile", "granularity", "subpage_check", "protect"}
+
+    def line(values):
+        return "  ".join(v.ljust(w) if key in left else v.rjust(w)
+                         for v, w, (_, key) in zip(values, widths, columns)).rstrip() + "\n"
+
+    out += line([head for head, _ in columns])
+    out += "".join(line(c) for c in cells)
+    for r in rows:
+        if r["error"] is not None:
+            out += f"error    {r['error']}\n"
+    if written:
+        out += f"\nwrote    {', '.join(written)}\n"
+    return out
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "accesses_per_second":
+        return f"{value / 1e6:.1f}"
+    if key == "hugepages":
+        return "yes" if value else "no"
+    if key == "protect":
+        return os.path.basename(str(value))
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
 class _CallableModule(types.ModuleType):
     """``sppjit.sweep(trace, configs, ...)`` calls sweep(); ``sppjit.sweep.Config`` and the
     runner's pieces stay reachable as the module's names."""

@@ -1,5 +1,5 @@
 """Each command is a thin shell: its outputs equal those of the library call it makes
-(replay: sppjit.job.run; compare: sppjit.compare.compare_files; inspect:
+(replay: sppjit.job.run; compare: sppjit.compare.compare_files; sweep: sppjit.sweep.sweep_files; inspect:
 sppjit.inspect.inspect_state; bench: sppjit.bench.run_bench)."""
 
 from __future__ import annotations
@@ -114,3 +114,36 @@ def test_bench_command_writes_what_run_bench_returns(tmp_path):
             for key in timed:
                 assert figures.pop(key) > 0
     assert cli == json.loads(json.dumps(lib))
+
+
+def test_sweep_command_writes_what_sweep_files_writes(files, tmp_path):
+    from sppjit.sweep import format_sweep, sweep_files
+
+    for side in ("cli", "lib"):
+        (tmp_path / side).mkdir()
+    configs = ["page", "v4", "v12,first,name=v12f"]
+    cli = invoke("sweep", files / "t.parquet", "--protect", files / "hooks.csv", "--vcpus", 2,
+                 *[a for c in configs for a in ("--config", c)], "--threads", 2,
+                 "--out", tmp_path / "cli/t.parquet", "--outdir", tmp_path / "cli", "--json")
+    run = sweep_files(str(files / "t.parquet"), configs, protect=[str(files / "hooks.csv")],
+                      vcpus=2, threads=2, out=str(tmp_path / "lib/t.parquet"),
+                      outdir=str(tmp_path / "lib"))
+    timing = {"seconds", "accesses_per_second", "compile_seconds"}
+
+    def untimed_rows(table):
+        return [{k: v for k, v in row.items() if k not in timing} for row in table.to_pylist()]
+
+    tables = [pq.read_table(tmp_path / side / "t.parquet") for side in ("cli", "lib")]
+    assert untimed_rows(tables[0]) == untimed_rows(tables[1])
+    names = [r["name"] for r in tables[0].to_pylist()]
+    assert len(names) == 3 and names[2] == "v12f"
+    for name in names:
+        exits = [(tmp_path / side / f"{name}.exits.parquet").read_bytes() for side in ("cli", "lib")]
+        assert exits[0] == exits[1]
+        summaries = [json.loads((tmp_path / side / f"{name}.summary.json").read_text())
+                     for side in ("cli", "lib")]
+        assert untimed(summaries[0]) == untimed(summaries[1])
+    printed = json.loads(cli.stdout)
+    assert untimed_rows(pa.Table.from_pylist(printed["rows"])) == untimed_rows(tables[1])
+    # the table is the library's printer
+    assert format_sweep(run.document, list(run.written)).splitlines()[0].startswith("trace")

@@ -1,23 +1,19 @@
 """``sppjit sweep``: replay one trace under many configurations in one pass.
 
-The logic is sppjit.sweep (also the Python API); this module parses the options, checks the
-paths before any work, writes the outputs all-or-nothing (sppjit.commands.Outputs) and prints
-a row per configuration.
+The logic is sppjit.sweep (``sweep_files``, the command as one library call, over
+``sweep``, the Python API); this module turns the options into that call and prints a row per
+configuration.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-import threading
 from typing import Annotated
 
 import typer
 
 from sppjit.commands import (
-    DEFAULT_VCPUS,
     PANEL_INPUT,
     PANEL_OUTPUT,
     BatchSizeOpt,
@@ -27,13 +23,18 @@ from sppjit.commands import (
     MemoryOpt,
     MemslotsOpt,
     NoProgressOpt,
-    Outputs,
     TraceArg,
     VcpusOpt,
-    check_distinct,
     err,
+    is_tty,
 )
-from sppjit.errors import InputError
+
+# sweep_files' parameters as the user gave them here: its errors name these options.
+OPTION_NAMES = {
+    "trace": "TRACE", "configs": "--config", "protect": "--protect", "memory": "--memory",
+    "memslots": "--memslots", "out": "--out", "summary": "--summary", "outdir": "--outdir",
+    "results": "--results",
+}
 
 HELP = (
     "Replay one trace under many configurations, reading it once.\n\n"
@@ -89,216 +90,33 @@ def sweep(
 ) -> None:
     run_sweep(trace=trace, configs=config or None, protect=protect or [], memory=memory,
               memslots=memslots, vcpus=vcpus, hugepages=hugepages, engine=engine.value,
-              threads=threads, out=out, summary_path=summary, json_out=json_out, outdir=outdir,
+              threads=threads, out=out, summary=summary, json_out=json_out, outdir=outdir,
               results=results, batch_size=batch_size,
-              progress=not no_progress and _is_tty(sys.stderr))
+              progress=not no_progress and is_tty(sys.stderr))
 
 
-def _is_tty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def run_sweep(*, trace: str, configs: list[str] | None = None, protect: list[str] = (),
-              memory: str | None = None, memslots: str | None = None, vcpus: int | None = None,
-              hugepages: bool = False, engine: str = "jit", threads: int | None = None,
-              out: str | None = None, summary_path: str | None = None, json_out: bool = False,
-              outdir: str | None = None, results: bool = False, batch_size: int | None = None,
-              progress: bool = False) -> dict:
-    """The sweep command without typer: check, sweep, write, print; returns the document."""
-    from sppjit.io.output import check_output_path, json_default
-    from sppjit.sweep import DEFAULT_CONFIGS, expand_configs
-
-    # ---- options and paths, before any work
-    if memory is not None and memslots is not None:
-        raise InputError("--memory and --memslots cannot be used together (--memslots "
-                         "defines the memory)")
-    if results and outdir is None:
-        raise InputError("--results needs --outdir (the directory the results go to)")
-    expanded = expand_configs(configs if configs is not None else DEFAULT_CONFIGS, protect)
-    names = [c.label for c in expanded]
-    if out is not None:
-        check_output_path(out, option="--out", table=True)
-    if summary_path is not None:
-        check_output_path(summary_path, option="--summary")
-    per_config: dict[str, dict[str, str]] = {}
-    if outdir is not None:
-        if not os.path.isdir(outdir):
-            raise InputError(f"--outdir: {outdir} is not an existing directory")
-        for name in names:
-            files = {"summary": os.path.join(outdir, f"{name}.summary.json"),
-                     "exits": os.path.join(outdir, f"{name}.exits.parquet")}
-            if results:
-                files["results"] = os.path.join(outdir, f"{name}.results.parquet")
-            for kind, path in files.items():
-                check_output_path(path, option="--outdir", table=kind != "summary")
-            per_config[name] = files
-    inputs = [("TRACE", trace), ("--memslots", memslots)]
-    inputs += [("--protect", p) for p in protect]
-    inputs += [(f"--config {c.label}", p) for c in expanded for p in (c.protect, c.ops)
-               if p is not None and p != "none"]
-    outputs = [("--out", out), ("--summary", summary_path)]
-    outputs += [("--outdir", path) for files in per_config.values() for path in files.values()]
-    check_distinct(_without_repeats(inputs) + outputs)
-
+def run_sweep(*, json_out: bool = False, progress: bool = False, **options) -> dict:
+    """The sweep command without typer: sppjit.sweep.sweep_files, then printed; returns the
+    document."""
     from sppjit.commands.replay import Progress
-    from sppjit.io.formats import trace_format
-    from sppjit.io.memslots import read_memslots
-    from sppjit.io.trace import open_trace
-    from sppjit.provenance import generated_hint
+    from sppjit.io.output import json_default
+    from sppjit.sweep import format_sweep, sweep_files
 
-    reader = open_trace(trace)
-    if reader.num_rows == 0:
-        raise InputError("trace: no rows")
-    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
-    slots = read_memslots(memslots) if memslots is not None else None
+    shown = Progress(None, enabled=progress)
 
-    # ---- the sweep, its per-configuration files written as it goes, all or nothing
-    from sppjit.io.output import TableWriter, write_json_atomic
-    from sppjit.sweep import sweep as run
+    def update(rows: int, total: int | None) -> None:
+        shown.total = total
+        shown.update(rows)
 
-    shown = Progress(reader.num_rows, enabled=progress)
-    rows_done: dict[str, int] = {}
-
-    def update(name: str, rows: int) -> None:  # called one at a time by the runner
-        rows_done[name] = rows
-        shown.update(min(rows_done.get(n, 0) for n in names))
-
-    with contextlib.ExitStack() as stack:
-        written = stack.enter_context(Outputs())
-        with contextlib.ExitStack() as tables:
-            lock = threading.Lock()  # the sinks are opened from the runner's threads
-
-            def open_writer(path: str, schema, option: str):
-                with lock:
-                    tables.push(written.track(path))  # before the writer: runs after its exit
-                    return tables.enter_context(TableWriter(path, schema, option=option))
-
-            def exit_sink(name, schema):
-                return open_writer(per_config[name]["exits"], schema, "--outdir").write_batch
-
-            def results_sink(name):
-                writer = None
-
-                def write(batch) -> None:
-                    nonlocal writer
-                    if writer is None:  # the schema is the first result's
-                        writer = open_writer(per_config[name]["results"], batch.schema, "--outdir")
-                    writer.write_batch(batch)
-
-                return write
-
-            try:
-                result = run(trace, expanded, protection=protect[0] if len(protect) == 1 else None,
-                             memory=memory, memslots=slots, vcpus=vcpus or DEFAULT_VCPUS,
-                             hugepages=hugepages, engine=engine, batch_size=batch_size,
-                             threads=threads, on_exits=exit_sink if outdir is not None else None,
-                             on_results=results_sink if results else None, progress=update,
-                             inputs={"memslots": memslots})
-            except InputError as exc:
-                if hint and "trace:" in str(exc):
-                    raise InputError(f"{exc} ({hint})") from None
-                raise
-            finally:
-                shown.close()
-        document = result.document
-        document["input"]["format"] = trace_format(trace)
-        document["config"]["memslots_file"] = memslots
-        for name, summary in result.summaries.items():
-            summary["input"]["format"] = document["input"]["format"]
-            summary["config"]["memslots_file"] = memslots
-            if outdir is not None:
-                write_json_atomic(per_config[name]["summary"], summary)
-                written.add(per_config[name]["summary"])
-        if out is not None:
-            with TableWriter(out, result.table.schema, option="--out") as writer:
-                writer.write_batch(result.table)
-            written.add(out)
-        if summary_path is not None:
-            write_json_atomic(summary_path, document)
-            written.add(summary_path)
-        files = list(written.committed)
-
-    # ---- report
+    try:
+        run = sweep_files(progress=update, names=OPTION_NAMES, **options)
+    finally:
+        shown.close()
     if json_out:
-        sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
+        sys.stdout.write(json.dumps(run.document, indent=2, default=json_default) + "\n")
     else:
-        sys.stdout.write(format_sweep(document, files))
+        sys.stdout.write(format_sweep(run.document, list(run.written)))
     sys.stdout.flush()
-    if hint:
-        err(f"sppjit: note: {hint}")
-    return document
-
-
-def _without_repeats(named_paths):
-    """Inputs may be named more than once (one protection for several configurations)."""
-    seen, out = set(), []
-    for option, path in named_paths:
-        if path is not None and os.path.abspath(path) in seen:
-            continue
-        if path is not None:
-            seen.add(os.path.abspath(path))
-        out.append((option, path))
-    return out
-
-
-# ------------------------------------------------------------------------------ the table
-
-_COLUMNS = (  # (heading, row key); exits by kind follow "exits"
-    ("name", "name"), ("profile", "profile"), ("gran", "granularity"),
-    ("check", "subpage_check"), ("huge", "hugepages"), ("vcpus", "vcpus"),
-    ("protect", "protect"), ("accesses", "accesses"), ("exits", "exits"),
-)
-
-
-def format_sweep(document: dict, written: list[str] | None = None) -> str:
-    """A header, then one line per configuration."""
-    from sppjit import bits as B
-
-    info, config = document["input"], document["config"]
-    facts = [info.get("format", "in memory"), f"{info['rows']:,} rows"]
-    for key in ("scenario", "seed"):
-        if info.get(key) is not None:
-            facts.append(f"{key} {info[key]}")
-    out = (f"trace    {info.get('path')} ({', '.join(facts)})\n"
-           f"sweep    {len(document['rows'])} configurations, {config['threads']} "
-           f"thread{'s' if config['threads'] != 1 else ''}, engine {config['engine']}\n\n")
-    rows = document["rows"]
-    hooks = any(r["hooks_relevant"] is not None for r in rows)
-    columns = list(_COLUMNS) + [(kind, f"exits_{kind}") for kind in B.EXIT_KIND_NAMES]
-    columns += [("touched", "pages_touched"), ("sppt", "pages_sppt_tables")]
-    if hooks:
-        columns += [("relevant", "hooks_relevant"), ("irrelevant", "hooks_irrelevant")]
-    columns += [("M acc/s", "accesses_per_second")]
-    cells = [[_cell(key, r[key]) for _, key in columns] for r in rows]
-    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (head, _) in enumerate(columns)]
-    left = {"name", "profile", "granularity", "subpage_check", "protect"}
-
-    def line(values):
-        return "  ".join(v.ljust(w) if key in left else v.rjust(w)
-                         for v, w, (_, key) in zip(values, widths, columns)).rstrip() + "\n"
-
-    out += line([head for head, _ in columns])
-    out += "".join(line(c) for c in cells)
-    for r in rows:
-        if r["error"] is not None:
-            out += f"error    {r['error']}\n"
-    if written:
-        out += f"\nwrote    {', '.join(written)}\n"
-    return out
-
-
-def _cell(key: str, value) -> str:
-    if value is None:
-        return "-"
-    if key == "accesses_per_second":
-        return f"{value / 1e6:.1f}"
-    if key == "hugepages":
-        return "yes" if value else "no"
-    if key == "protect":
-        return os.path.basename(str(value))
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+    if run.note:
+        err(f"sppjit: note: {run.note}")
+    return run.document
