@@ -192,9 +192,13 @@ def _open_dataset(path: str, batch_size: int) -> _Opened:
             raise InputError(f"trace: {path} holds no Parquet files")
         files = sorted(found.files, key=_natural_key)
         dataset = ds.dataset(files, format="parquet", filesystem=found.filesystem)
+        _check_same_schema(dataset)
         num_rows = dataset.count_rows()
     except (pa.ArrowException, OSError) as exc:
         raise cannot_read("trace", path, exc) from None
+    except UnicodeDecodeError:
+        # Arrow's file systems take UTF-8 paths only.
+        raise cannot_read("trace", path, "it holds a file name that is not UTF-8") from None
 
     def scan() -> Iterator[pa.RecordBatch]:
         # Deferred so that a corrupt file is reported while iterating, like the other formats.
@@ -202,6 +206,24 @@ def _open_dataset(path: str, batch_size: int) -> _Opened:
                                       batch_readahead=1, fragment_readahead=1)
 
     return dataset.schema, scan(), num_rows
+
+
+def _check_same_schema(dataset: ds.FileSystemDataset) -> None:
+    """Every file of a Parquet directory must have the first one's columns and types: the
+    dataset would otherwise cast the others to them silently (a uint64 gpa read as int32)."""
+    expected = dataset.schema.remove_metadata()
+    for fragment in dataset.get_fragments():
+        schema = fragment.physical_schema.remove_metadata()
+        if not schema.equals(expected):
+            first = dataset.files[0]
+            differs = [f"'{field.name}' {field.type}" for field in schema
+                       if expected.get_field_index(field.name) < 0
+                       or expected.field(field.name).type != field.type]
+            missing = [f"'{name}'" for name in expected.names if name not in schema.names]
+            what = ", ".join(differs + [f"no {name}" for name in missing]) or "column order"
+            raise InputError(f"trace: {fragment.path} differs from {first} in the same "
+                             f"directory ({what}); every file of a directory trace must "
+                             "have the same columns and types")
 
 
 def _natural_key(name: str) -> list:
