@@ -43,6 +43,7 @@ if __name__ == "__main__" or os.path.basename(
         signal.signal(_number, _end_during_imports)
 
 import traceback  # noqa: E402
+import warnings  # noqa: E402
 from typing import Annotated, Any, Sequence  # noqa: E402
 
 import typer  # noqa: E402
@@ -90,6 +91,13 @@ def _interrupted(signum: int = signal.SIGINT) -> int:
     return code
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning raised during a run (the v12 memslot quirk, ...) as one ``note`` line, not
+    Python's two lines naming a source file."""
+    sys.stderr.write(f"{PROG}: note: {_one_line(str(message))}\n")
+    sys.stderr.flush()
+
+
 def _not_utf8(args: Sequence[str]) -> str | None:
     """The first argument that is not valid UTF-8 (a file name in another encoding), as
     printable text; Arrow and the file formats sppjit writes take UTF-8 names only."""
@@ -129,6 +137,10 @@ def _user_error_message(exc: BaseException) -> str:
     return str(exc)
 
 
+class _StdoutClosed(Exception):
+    """Writing to standard output met a closed pipe (carried past click, which would exit)."""
+
+
 class SppjitGroup(TyperGroup):
     """The root command: runs click in non-standalone mode and maps every outcome to an exit
     code here, the single place where errors become messages."""
@@ -141,6 +153,13 @@ class SppjitGroup(TyperGroup):
             sys.exit(code)
         return code
 
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            # click answers EPIPE with a silent sys.exit(1); say what happened instead.
+            raise _StdoutClosed() from exc
+
     def _run(self, args, prog_name, complete_var, extra) -> int:
         args = sys.argv[1:] if args is None else list(args)
         if (bad := _not_utf8(args)) is not None:
@@ -150,7 +169,8 @@ class SppjitGroup(TyperGroup):
         if sys.stdout is None:  # started with descriptor 1 closed
             _fail("error", "standard output is closed")
             return EXIT_INTERNAL
-        with signals.handled():
+        with signals.handled(), warnings.catch_warnings():
+            warnings.showwarning = _note
             code = self._run_handled(args, prog_name, complete_var, extra)
             if code == EXIT_OK and (signum := signals.received()) is not None:
                 # The signal's exception was swallowed on its way (see sppjit.io.signals):
@@ -179,7 +199,7 @@ class SppjitGroup(TyperGroup):
             return _interrupted()
         except Terminated as exc:
             return _interrupted(exc.signum)
-        except BrokenPipeError:
+        except (BrokenPipeError, _StdoutClosed):
             _stdout_gone()
             _fail("error", "standard output was closed (broken pipe)")
             return EXIT_INTERNAL

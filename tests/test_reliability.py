@@ -151,3 +151,242 @@ def test_corrupt_pass_through_column_is_refused(tmp_path, out):
         "sppjit: error: trace: column 'note' of bad.arrow is corrupt: Offset invariant "
         "failure: offset for slot 500 out of bounds: 1073741824 > 2000"]
     assert sorted(os.listdir(tmp_path)) == ["bad.arrow"]
+
+
+# ------------------------------------------------- a failed run leaves every path as it was (4)
+
+def _small_trace(path: Path, rows: int = 3000) -> Path:
+    table = pa.table({"gpa": np.arange(rows, dtype=np.uint64) * 64,
+                      "seq": np.arange(rows, dtype=np.uint64)})
+    pq.write_table(table, path, row_group_size=500)
+    return path
+
+
+def test_failed_run_restores_the_files_it_replaced(tmp_path, monkeypatch):
+    import errno
+
+    import sppjit.io.output as output
+
+    trace = _small_trace(tmp_path / "t.parquet")
+    (tmp_path / "r.parquet").write_bytes(b"the user's earlier results")
+    (tmp_path / "s.json").write_text("the user's earlier summary")
+    before = sorted(os.listdir(tmp_path))
+
+    def disk_full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    # --out is published over the older file before the summary fails.
+    monkeypatch.setattr(output, "write_json_atomic", disk_full)
+    result = invoke("replay", trace, "--memory", "1MiB", "--out", tmp_path / "r.parquet",
+                    "--summary", tmp_path / "s.json", "--batch-size", 1000)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        f"sppjit: error: No space left on device: {tmp_path / 's.json'}"]
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary, no kept-aside file
+    assert (tmp_path / "r.parquet").read_bytes() == b"the user's earlier results"
+    assert (tmp_path / "s.json").read_text() == "the user's earlier summary"
+
+
+def test_outputs_restore_old_files_and_drop_them_on_success(tmp_path):
+    from sppjit.io.atomic import Outputs, atomic_path
+
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("old")
+    with pytest.raises(RuntimeError):
+        with Outputs():
+            for path in (old, new):
+                with atomic_path(path) as temporary:
+                    Path(temporary).write_text("replacement")
+            assert old.read_text() == new.read_text() == "replacement"
+            raise RuntimeError("a later output failed")
+    assert old.read_text() == "old" and not new.exists()
+    assert sorted(os.listdir(tmp_path)) == ["old.txt"]
+    with Outputs():
+        with atomic_path(old) as temporary:
+            Path(temporary).write_text("replacement")
+    assert old.read_text() == "replacement"
+    assert sorted(os.listdir(tmp_path)) == ["old.txt"]  # the kept-aside file is gone
+
+
+# ------------------------------------------------------------------------------ signals (5, 9)
+
+def _signal_at_second_batch(monkeypatch, signum):
+    """The replay receives ``signum`` from the OS while replaying its second batch."""
+    import sppjit.replay as replay_module
+
+    run = replay_module.Replay.run
+    calls = []
+
+    def run_then_signal(self, batch, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signum)
+        return run(self, batch, **kwargs)
+
+    monkeypatch.setattr(replay_module.Replay, "run", run_then_signal)
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "sppjit: interrupted"),
+                                                 (signal.SIGTERM, 143, "sppjit: terminated")])
+def test_signal_mid_run_restores_every_output(tmp_path, monkeypatch, signum, code, line):
+    trace = _small_trace(tmp_path / "t.parquet")
+    (tmp_path / "r.parquet").write_bytes(b"earlier")
+    before = sorted(os.listdir(tmp_path))
+    _signal_at_second_batch(monkeypatch, signum)
+    result = invoke("replay", trace, "--memory", "1MiB", "--out", tmp_path / "r.parquet",
+                    "--summary", tmp_path / "s.json", "--batch-size", 1000)
+    assert result.exit_code == code, result.output
+    assert result.stderr.splitlines() == [line]
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "r.parquet").read_bytes() == b"earlier"
+
+
+def test_swallowed_interrupt_still_ends_the_run(tmp_path, monkeypatch):
+    """numba's dispatcher clears pending Python errors while it loads a cached kernel: the
+    KeyboardInterrupt raised there never reaches sppjit, but the run must not succeed."""
+    import sppjit.replay as replay_module
+
+    compile_ = replay_module.Replay._compile
+
+    def compile_swallowing(self, *args):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # what a C extension clearing the error amounts to
+        return compile_(self, *args)
+
+    monkeypatch.setattr(replay_module.Replay, "_compile", compile_swallowing)
+    trace = _small_trace(tmp_path / "t.parquet")
+    result = invoke("replay", trace, "--memory", "1MiB", "--summary", tmp_path / "s.json")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines() == ["sppjit: interrupted"]
+    assert sorted(os.listdir(tmp_path)) == ["t.parquet"]
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import sppjit.replay as replay_module
+run = replay_module.Replay.run
+calls = []
+def run_then_kill(self, batch, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.{signal})
+    return run(self, batch, **kwargs)
+replay_module.Replay.run = run_then_kill
+from sppjit.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _run_killed(tmp_path, signame, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", _KILLED_RUN.format(signal=signame),
+                           *map(str, args)], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=240)
+
+
+def test_sigterm_in_a_real_process(tmp_path):
+    _small_trace(tmp_path / "t.parquet")
+    (tmp_path / "r.parquet").write_bytes(b"earlier")
+    done = _run_killed(tmp_path, "SIGTERM", "replay", "t.parquet", "--memory", "1MiB",
+                       "--out", "r.parquet", "--exits", "e.arrow", "--batch-size", 1000)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.splitlines() == ["sppjit: terminated"]
+    assert sorted(os.listdir(tmp_path)) == ["r.parquet", "t.parquet"]
+    assert (tmp_path / "r.parquet").read_bytes() == b"earlier"
+
+
+def test_next_run_removes_what_a_killed_run_left(tmp_path):
+    from sppjit.io import atomic
+
+    _small_trace(tmp_path / "t.parquet")
+    done = _run_killed(tmp_path, "SIGKILL", "replay", "t.parquet", "--memory", "1MiB",
+                       "--out", "r.parquet", "--exits", "e.arrow", "--batch-size", 1000)
+    assert done.returncode == -signal.SIGKILL
+    left = sorted(set(os.listdir(tmp_path)) - {"t.parquet"})
+    assert len(left) == 2 and all(name.startswith(".sppjit-") for name in left), left
+    # Temporaries of a live process and of another host are not this run's to remove.
+    alive = f".sppjit-{atomic._HOST}-{os.getpid()}-0123abcd.tmp"
+    other = ".sppjit-zzzz-1-0123abcd.tmp"
+    for name in (alive, other):
+        (tmp_path / name).write_bytes(b"")
+    done = run_cli("replay", "t.parquet", "--memory", "1MiB", "--out", "r.parquet",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted([alive, other, "r.parquet", "t.parquet"])
+
+
+def test_a_255_byte_output_name_works(tmp_path):
+    trace = _small_trace(tmp_path / "t.parquet")
+    name = "r" * (255 - len(".parquet")) + ".parquet"
+    result = invoke("replay", trace, "--memory", "1MiB", "--out", tmp_path / name,
+                    "--summary", tmp_path / ("s" * 250 + ".json"))
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / name).num_rows == 3000
+
+
+@pytest.mark.parametrize("option", ["--out", "--summary", "--exits"])
+def test_unwritable_output_found_before_the_replay(tmp_path, option):
+    # The trace is corrupt: an error about it would mean the outputs were checked after.
+    (tmp_path / "t.parquet").write_bytes(b"PAR1 not really")
+    too_long = tmp_path / ("x" * 300 + (".json" if option == "--summary" else ".parquet"))
+    result = invoke("replay", tmp_path / "t.parquet", "--memory", "1MiB", option, too_long)
+    line = assert_one_error_line(result)
+    assert line.startswith(f"sppjit: error: {option}: file name longer than the 255 bytes"), line
+    if os.path.isdir("/proc"):  # a directory that takes no new file, even from root
+        result = invoke("replay", tmp_path / "t.parquet", "--memory", "1MiB", option,
+                        "/proc/r" + too_long.suffix)
+        line = assert_one_error_line(result)
+        assert line.startswith(f"sppjit: error: {option}: "), line
+        assert "t.parquet" not in line
+    assert sorted(os.listdir(tmp_path)) == ["t.parquet"]
+
+
+def test_v12_quirk_is_one_note_line(tmp_path):
+    trace = _small_trace(tmp_path / "t.parquet", rows=20)
+    (tmp_path / "m.csv").write_text("slot,base_gfn,npages\n0,0,256\n1,256,256\n")
+    (tmp_path / "p.csv").write_text("gfn,access\n3,0\n")
+    (tmp_path / "o.csv").write_text("at,op,gfn\n5,delete_memslot,300\n")
+    result = invoke("replay", trace, "--memslots", tmp_path / "m.csv", "--protect",
+                    tmp_path / "p.csv", "--ops", tmp_path / "o.csv", "--profile", "v12")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "sppjit: note: profile v12: deleting memslot 1 cleared spp_active for the whole VM "
+        "(kvm_spp_free_memslot); SPP calls now fail with ENODEV until SPP is enabled again"]
+
+
+def test_closed_stdout_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sppjit.cli", "--version"], stdout=None,
+                          stderr=subprocess.PIPE, text=True, timeout=120, close_fds=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          preexec_fn=lambda: os.close(1))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["sppjit: error: standard output is closed"]
+
+
+def test_broken_pipe_is_one_line(tmp_path):
+    trace = _small_trace(tmp_path / "t.parquet")
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads: the first write gets EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "sppjit.cli", "replay", str(trace),
+                               "--memory", "1MiB", "--summary", "s.json"], stdout=writer,
+                              stderr=subprocess.PIPE, text=True, timeout=240, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(writer)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["sppjit: error: standard output was closed "
+                                        "(broken pipe)"]
+
+
+def test_parquet_directory_of_mixed_types_is_refused(tmp_path):
+    directory = tmp_path / "trace"
+    directory.mkdir()
+    pq.write_table(pa.table({"gpa": np.arange(10, dtype=np.uint64)}), directory / "part-1.parquet")
+    pq.write_table(pa.table({"gpa": np.arange(10, dtype=np.int32)}), directory / "part-2.parquet")
+    line = assert_one_error_line(invoke("replay", directory, "--memory", "1MiB"))
+    assert line == (f"sppjit: error: trace: {directory / 'part-2.parquet'} differs from "
+                    f"{directory / 'part-1.parquet'} in the same directory ('gpa' int32); "
+                    "every file of a directory trace must have the same columns and types")
