@@ -390,3 +390,141 @@ def test_parquet_directory_of_mixed_types_is_refused(tmp_path):
     assert line == (f"sppjit: error: trace: {directory / 'part-2.parquet'} differs from "
                     f"{directory / 'part-1.parquet'} in the same directory ('gpa' int32); "
                     "every file of a directory trace must have the same columns and types")
+
+
+# ------------------------------------------------------------------ bad input, exit 2 (8)
+
+def test_corrupt_gzip_input_to_convert(tmp_path):
+    import gzip
+
+    body = "addr,size\n" + "".join(f"0x{i * 64:x},8\n" for i in range(2000))
+    data = bytearray(gzip.compress(body.encode()))
+    data[len(data) // 2] ^= 0x10  # inside the deflate stream: zlib's own error, not OSError
+    (tmp_path / "t.csv.gz").write_bytes(bytes(data))
+    result = invoke("convert", "csv", tmp_path / "t.csv.gz", "--out", tmp_path / "o.parquet")
+    line = assert_one_error_line(result)
+    assert line.startswith(f"sppjit: error: convert: cannot read {tmp_path / 't.csv.gz'}: "), line
+    assert sorted(os.listdir(tmp_path)) == ["t.csv.gz"]
+
+
+def _non_utf8_name(path: Path, suffix: str) -> None:
+    table = pa.table({"gpa": np.arange(4, dtype=np.uint64), "zzzz": np.arange(4, dtype=np.uint64)})
+    if suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        with ipc.new_file(path, table.schema) as writer:
+            writer.write_table(table)
+    path.write_bytes(path.read_bytes().replace(b"zzzz", b"\xff\xfe\xfd\xfc"))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_column_name_not_utf8(tmp_path, suffix):
+    _non_utf8_name(tmp_path / f"t{suffix}", suffix)
+    line = assert_one_error_line(invoke("replay", tmp_path / f"t{suffix}", "--memory", "1MiB"))
+    assert line == (f"sppjit: error: trace: cannot read {tmp_path / f't{suffix}'}: a column "
+                    "name is not valid UTF-8")
+    _non_utf8_name(tmp_path / f"p{suffix}", suffix)
+    line = assert_one_error_line(invoke("replay", _small_trace(tmp_path / "ok.parquet"),
+                                        "--memory", "1MiB", "--protect", tmp_path / f"p{suffix}"))
+    assert line.startswith(f"sppjit: error: protection: cannot read {tmp_path / f'p{suffix}'}: "
+                           "not valid UTF-8"), line
+
+
+@pytest.mark.parametrize("option, name, text", [
+    ("--protect", "p.json", "[" * 100_000 + "]" * 100_000),
+    ("--protect", "p.jsonl", '{"gfn": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),  # segfaulted
+    ("--memslots", "m.json", '[{"slot": 0, "base_gfn": ' + "[" * 5000 + "]" * 5000 + "}]"),
+    ("--ops", "o.jsonl", '{"at": ' + "{\"a\": " * 5000 + "1" + "}" * 5000 + "}\n"),
+])
+def test_deeply_nested_json(tmp_path, option, name, text):
+    trace = _small_trace(tmp_path / "t.parquet", rows=10)
+    (tmp_path / name).write_text(text)
+    args = ["--memory", "1MiB"] if option != "--memslots" else []
+    # A subprocess: pyarrow.json's parser overflowed its stack on the JSON Lines file.
+    done = run_cli("replay", trace, *args, option, name, cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    what = {"--protect": "protection", "--memslots": "memslots", "--ops": "ops"}[option]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"sppjit: error: {what}: cannot read {name}: JSON nested "), lines
+
+
+def test_file_name_not_utf8(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sppjit.cli", "replay", b"t\xff.parquet",
+                           "--memory", "1MiB"], capture_output=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        "sppjit: error: argument is not valid UTF-8: t\\xff.parquet (sppjit reads and writes "
+        "UTF-8 file names only)"]
+
+
+@pytest.mark.parametrize("args", [
+    ["replay", "t.parquet", "--memory", "1MiB", "--batch-size", 2 ** 63],
+    ["replay", "t.parquet", "--memory", "1MiB", "--batch-size", 2 ** 64 + 1],
+    ["generate", "uniform", "--accesses", 10 ** 12, "--out", "g.parquet"],
+    ["generate", "uniform", "--accesses", 10 ** 30, "--out", "g.parquet"],
+])
+def test_numbers_too_large(tmp_path, args):
+    _small_trace(tmp_path / "t.parquet", rows=10)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        line = assert_one_error_line(invoke(*args))
+    finally:
+        os.chdir(cwd)
+    assert "Invalid value for" in line and "less than or equal to" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["t.parquet"]
+
+
+def test_generate_limits_agree():
+    from sppjit.commands import generate
+    from sppjit.datasets import scenarios
+
+    assert generate.MAX_ACCESSES == scenarios.MAX_ACCESSES
+
+
+_GENERATE_RSS = """
+import resource, sys
+from sppjit.cli import main
+try:
+    main(["generate", "uniform", "--accesses", sys.argv[1], "--out", sys.argv[2]])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+"""
+
+
+def test_generate_streams_in_bounded_memory(tmp_path):
+    """Peak RSS does not grow with the number of rows: 1 M against 5 M rows (holding the
+    rows took ~38 bytes each, 150 MiB more for the larger run)."""
+    peaks = []
+    for rows in (1 << 20, 5 << 20):
+        done = subprocess.run([sys.executable, "-c", _GENERATE_RSS, str(rows),
+                               str(tmp_path / f"{rows}.parquet")], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=240)
+        assert done.returncode == 0, done.stderr
+        peaks.append(int(done.stdout.split()[-1]))
+        assert pq.read_metadata(tmp_path / f"{rows}.parquet").num_rows == rows
+    assert peaks[1] - peaks[0] < 40 * 1024, peaks
+
+
+def test_streamed_scenarios_are_the_whole_draw():
+    """Up to one chunk, streaming draws exactly what one call did; past it, chunks continue
+    the trace (row numbers, fault-storm's new page per access) in any piece size."""
+    from sppjit.datasets import scenarios as S
+
+    for name in S.SCENARIOS:
+        whole = S.make(name, 5000, 9)
+        layout, chunks = S.stream(name, 5000, 9, rows=700)
+        pieces = list(chunks)
+        assert max(len(piece["gpa"]) for piece in pieces) == 700
+        for key in ("gpa", "size", "vcpu", "kind"):
+            assert np.array_equal(np.concatenate([p[key] for p in pieces]), getattr(whole, key))
+        assert np.array_equal(layout.protect_gfn, whole.protect_gfn)
+    total = S.CHUNK_ROWS * 2 + 3
+    layout, chunks = S.stream("fault-storm", total, 1)
+    gfn = np.concatenate([piece["gpa"] for piece in chunks]) >> np.uint64(12)
+    assert len(gfn) == total and len(np.unique(gfn)) == total
+    assert int(gfn.max()) < layout.memory // 4096

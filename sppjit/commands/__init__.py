@@ -38,6 +38,7 @@ DEFAULT_MEMORY = "4GiB"
 DEFAULT_VCPUS = 1
 DEFAULT_BATCH_JIT = 1 << 20
 DEFAULT_BATCH_REFERENCE = 1 << 12
+MAX_BATCH = 1 << 32  # rows; a batch is held in memory whole, and 2**63 overflows pyarrow
 PANEL_INPUT = "Inputs"
 PANEL_VM = "Virtual machine"
 PANEL_OUTPUT = "Outputs"
@@ -63,7 +64,7 @@ EngineOpt = Annotated[Engine, typer.Option(
     "--engine", case_sensitive=False,
     help="jit (compiled) or reference (the plain-Python oracle, slow).")]
 BatchSizeOpt = Annotated[int | None, typer.Option(
-    "--batch-size", metavar="N", min=1,
+    "--batch-size", metavar="N", min=1, max=MAX_BATCH,
     show_default=f"{DEFAULT_BATCH_JIT} (jit), {DEFAULT_BATCH_REFERENCE} (reference)",
     help="Trace rows per batch.")]
 NoProgressOpt = Annotated[bool, typer.Option(

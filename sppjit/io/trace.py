@@ -109,12 +109,16 @@ def open_trace(source, *, batch_size: int = 1 << 20, vcpus: int | None = None) -
     if vcpus is not None and vcpus < 1:
         raise ValueError(f"vcpus must be positive, got {vcpus}")
     path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
-    if path is not None:
-        schema, batches, num_rows = _open_path(path, batch_size)
-        label = path
-    else:
-        schema, batches, num_rows = _open_object(source)
-        label = f"the {type(source).__name__}"
+    label = path if path is not None else f"the {type(source).__name__}"
+    try:
+        if path is not None:
+            schema, batches, num_rows = _open_path(path, batch_size)
+        else:
+            schema, batches, num_rows = _open_object(source)
+        schema.names  # noqa: B018 - pyarrow decodes the names here, and each use again
+    except UnicodeDecodeError:
+        # Arrow names are UTF-8 by its format; a file breaking that can only be refused.
+        raise cannot_read("trace", label, "a column name is not valid UTF-8") from None
     _check_schema(schema)
     return TraceReader(batches, schema, num_rows=num_rows, path=path, label=label,
                        batch_size=batch_size, vcpus=vcpus)
