@@ -528,3 +528,58 @@ def test_streamed_scenarios_are_the_whole_draw():
     gfn = np.concatenate([piece["gpa"] for piece in chunks]) >> np.uint64(12)
     assert len(gfn) == total and len(np.unique(gfn)) == total
     assert int(gfn.max()) < layout.memory // 4096
+
+
+# ---------------------------------------------------------- a trace shrinking mid-replay (7)
+
+_SHRINK = """
+import os, sys
+import numpy as np, pyarrow as pa, pyarrow.ipc as ipc
+from sppjit.errors import InputError
+from sppjit.io.trace import open_trace
+path = sys.argv[1]
+table = pa.table({"gpa": np.arange(400_000, dtype=np.uint64) * 8})
+with ipc.new_file(path, table.schema) as writer:
+    writer.write_table(table, max_chunksize=100_000)
+reader = open_trace(path, batch_size=100_000)
+first = next(reader)
+os.truncate(path, 4096)  # another process rewrites the file under the replay
+try:
+    for batch in reader:
+        int(batch.gpa.sum())
+except InputError as exc:
+    print(exc)
+"""
+
+
+def test_trace_shrinking_during_the_replay(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _SHRINK, str(tmp_path / "t.arrow")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, (done.returncode, done.stderr)  # was -7: SIGBUS
+    assert done.stdout.startswith(f"trace: cannot read {tmp_path / 't.arrow'}: "), done.stdout
+
+
+# ------------------------------------------------------------------ the digest thread (9)
+
+def test_digest_of_a_directory_with_a_name_not_utf8(tmp_path):
+    from sppjit.provenance import BackgroundDigests, file_digest
+
+    (tmp_path / "a.parquet").write_bytes(b"data")
+    with open(os.path.join(os.fsencode(tmp_path), b"\xff.parquet"), "wb") as handle:
+        handle.write(b"more")
+    digest = file_digest(tmp_path)  # was UnicodeEncodeError, printed by the thread
+    assert digest.startswith("sha256:") and digest != file_digest(tmp_path / "a.parquet")
+    assert BackgroundDigests({"trace": str(tmp_path)}).result() == {"trace": digest}
+
+
+def test_digest_thread_records_unexpected_errors(tmp_path, monkeypatch, capsys):
+    import sppjit.provenance as provenance
+
+    def broken(path):
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(provenance, "file_digest", broken)
+    result = provenance.BackgroundDigests({"trace": str(tmp_path)}).result()
+    assert result == {"trace": "unavailable: RuntimeError: something unexpected"}
+    assert capsys.readouterr().err == ""  # no traceback from the thread
