@@ -583,3 +583,14 @@ def test_digest_thread_records_unexpected_errors(tmp_path, monkeypatch, capsys):
     result = provenance.BackgroundDigests({"trace": str(tmp_path)}).result()
     assert result == {"trace": "unavailable: RuntimeError: something unexpected"}
     assert capsys.readouterr().err == ""  # no traceback from the thread
+
+
+def test_text_not_utf8_in_json_lines(tmp_path):
+    """Found by tests/test_fuzz.py: pyarrow.json lets invalid UTF-8 through into a string
+    column, which failed later as an internal UnicodeDecodeError."""
+    trace = _small_trace(tmp_path / "t.parquet", rows=10)
+    (tmp_path / "o.jsonl").write_bytes(b'{"at": 5, "op": "zap\xff\xfe", "gfn": 1}\n')
+    line = assert_one_error_line(invoke("replay", trace, "--memory", "1MiB", "--ops",
+                                        tmp_path / "o.jsonl"))
+    assert line == (f"sppjit: error: ops: cannot read {tmp_path / 'o.jsonl'}: not valid UTF-8 "
+                    "(a column name or the text)")

@@ -62,7 +62,7 @@ def read_table(path: str | os.PathLike, what: str) -> pa.Table:
     try:
         table = _read_any(path, what, magic, suffix)
         table.column_names  # noqa: B018 - decoded here: a name that is not UTF-8 fails now
-        return table
+        return _validated(table, what, path)
     except UnicodeDecodeError:
         raise cannot_read(what, path, "not valid UTF-8 (a column name or the text)") from None
     except (pa.ArrowException, OSError) as exc:
@@ -75,9 +75,9 @@ def _read_any(path: str, what: str, magic: bytes, suffix: str) -> pa.Table:
     if magic.startswith(PARQUET_MAGIC):
         return pq.read_table(path, memory_map=False)
     if magic.startswith(ARROW_FILE_MAGIC):
-        return _validated(ipc.open_file(pa.OSFile(path, "rb")).read_all())
+        return ipc.open_file(pa.OSFile(path, "rb")).read_all()
     if magic.startswith(ARROW_STREAM_MARKER) or suffix in _ARROW_EXTENSIONS:
-        return _validated(ipc.open_stream(pa.OSFile(path, "rb")).read_all())
+        return ipc.open_stream(pa.OSFile(path, "rb")).read_all()
     text_start = _first_text_char(path)
     if suffix != ".csv" and text_start in ("[", "{"):
         _check_json_depth(path, what)
@@ -88,10 +88,17 @@ def _read_any(path: str, what: str, magic: bytes, suffix: str) -> pa.Table:
     return pacsv.read_csv(path)
 
 
-def _validated(table: pa.Table) -> pa.Table:
-    """An Arrow IPC table whose buffers were checked against its schema (a corrupt offset
-    would make the readers read out of bounds); these files are small, so fully."""
-    table.validate(full=True)
+def _validated(table: pa.Table, what: str, path: str) -> pa.Table:
+    """A table whose buffers were checked against its schema, fully (these files are
+    small): a corrupt Arrow offset would make the readers read out of bounds, and text that
+    is not UTF-8 (pyarrow.json lets it through) would fail later, where it is used."""
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        reason = short_reason(exc)
+        if "utf8" in reason.lower() or "utf-8" in reason.lower():
+            reason = "not valid UTF-8 (a column name or the text)"
+        raise cannot_read(what, path, reason) from None
     return table
 
 
