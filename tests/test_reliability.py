@@ -594,3 +594,26 @@ def test_text_not_utf8_in_json_lines(tmp_path):
                                         tmp_path / "o.jsonl"))
     assert line == (f"sppjit: error: ops: cannot read {tmp_path / 'o.jsonl'}: not valid UTF-8 "
                     "(a column name or the text)")
+
+
+_INTERRUPT_AT_IMPORT = """
+import os, runpy, signal, sys
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":  # the first slow import of the command line
+            os.kill(os.getpid(), signal.{signal})
+        return None
+sys.meta_path.insert(0, SignalAtImport())
+sys.argv = ["sppjit", "--version"]
+runpy.run_module("sppjit.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signame, code, line", [("SIGINT", 130, "sppjit: interrupted"),
+                                                  ("SIGTERM", 143, "sppjit: terminated")])
+def test_signal_during_imports_is_one_line(signame, code, line):
+    done = subprocess.run([sys.executable, "-c", _INTERRUPT_AT_IMPORT.format(signal=signame)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == code, done.stderr
+    assert done.stderr.splitlines() == [line]
