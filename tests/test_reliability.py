@@ -617,3 +617,16 @@ def test_signal_during_imports_is_one_line(signame, code, line):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == code, done.stderr
     assert done.stderr.splitlines() == [line]
+
+
+@pytest.mark.parametrize("text", ["0x-1ffff0000", "+-5", "--5"])
+def test_sign_inside_a_number(tmp_path, text):
+    """Found by tests/test_fuzz.py: Python's int() takes the sign after "0x" (or a second
+    one), and the negative value reached pyarrow as an internal OverflowError."""
+    trace = _small_trace(tmp_path / "t.parquet", rows=10)
+    (tmp_path / "p.json").write_text(json.dumps([{"gfn": 1, "access": text},
+                                                 {"gfn": 5, "access": 7}]))
+    line = assert_one_error_line(invoke("replay", trace, "--memory", "1MiB", "--protect",
+                                        tmp_path / "p.json"))
+    assert line == (f"sppjit: error: protection: column 'access' has value '{text}' at row 0, "
+                    "not a decimal or 0x-hex integer")
