@@ -28,6 +28,7 @@ import socket
 from collections.abc import Iterator
 
 from sppjit.errors import InputError
+from sppjit.io import signals
 
 # The host in temporary names: on a directory shared between machines, a pid says whether
 # its owner is alive only on the machine that runs it.
@@ -74,8 +75,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):
-        return pid < 1 << 31  # someone else's live process (OverflowError: not a pid at all)
+    except PermissionError:
+        return True  # someone else's live process
+    except OverflowError:
+        return False  # not a pid at all
     return True
 
 
@@ -157,8 +160,6 @@ class Outputs:
 
     def __exit__(self, kind, error, traceback) -> None:
         _current.reset(self._token)
-        from sppjit.io import signals
-
         if kind is None and signals.received() is None:
             for kept in self._kept.values():
                 if kept is not None:
