@@ -187,9 +187,17 @@ def test_failed_run_restores_the_files_it_replaced(tmp_path, monkeypatch):
     assert (tmp_path / "s.json").read_text() == "the user's earlier summary"
 
 
-def test_outputs_restore_old_files_and_drop_them_on_success(tmp_path):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_outputs_restore_old_files_and_drop_them_on_success(tmp_path, monkeypatch, hard_links):
+    import errno
+
     from sppjit.io.atomic import Outputs, atomic_path
 
+    if not hard_links:  # a file system without them (FAT, some network mounts)
+        def no_link(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
     old, new = tmp_path / "old.txt", tmp_path / "new.txt"
     old.write_text("old")
     with pytest.raises(RuntimeError):
