@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FUZZ_ITERATIONS = 12  # per target in the bounded run (~30 s on 2 cores, all targets)
+FUZZ_ITERATIONS = 40  # per target in the bounded run (15-40 s on 2 cores, all targets)
 
 
 # --------------------------------------------------------------------------- the corpus
