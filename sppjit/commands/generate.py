@@ -76,8 +76,8 @@ def run_generate(*, scenario: str, accesses: int, seed: int, out: str,
 
     if scenario not in SCENARIO_NAMES:
         raise InputError(f"unknown scenario '{scenario}' (one of {', '.join(SCENARIO_NAMES)})")
-    if accesses < 1:
-        raise InputError(f"--accesses must be at least 1, not {accesses}")
+    if not 1 <= accesses <= MAX_ACCESSES:
+        raise InputError(f"--accesses must be 1..{MAX_ACCESSES}, not {accesses}")
     check_output_path(out, option="--out", table=True)
     if protect_out is not None:
         check_output_path(protect_out, option="--protect-out")
