@@ -7,8 +7,9 @@ and typer's CliRunner go through:
 
 - bad usage or bad input (sppjit.InputError, SppError, VmEntryError, a click/typer usage
   error): one line ``sppjit: error: <message>`` on standard error, exit code 2;
-- an interrupt (Ctrl-C): ``sppjit: interrupted``, exit code 130 (outputs are rolled back by
-  the commands themselves, so no partial file is left);
+- an interrupt (Ctrl-C, SIGINT): ``sppjit: interrupted``, exit code 130; SIGTERM:
+  ``sppjit: terminated``, exit code 143 (sppjit.io.signals; outputs are rolled back by the
+  commands themselves, so every output path is left as it was);
 - an operating-system error (disk full, permission denied while writing): one line
   ``sppjit: error: ...``, exit code 1;
 - anything else is a bug: one line ``sppjit: internal error: <type>: <message>``, exit code 1,
@@ -22,29 +23,50 @@ and ``sppjit --version`` stay fast.
 from __future__ import annotations
 
 import os
+import signal
 import sys
-import traceback
-from typing import Annotated, Any, Sequence
 
-import typer
-from typer.core import TyperGroup
 
-from sppjit import __version__
-from sppjit.commands import bench as _bench
-from sppjit.commands import compare as _compare
-from sppjit.commands import convert as _convert
-from sppjit.commands import generate as _generate
-from sppjit.commands import inspect as _inspect
-from sppjit.commands import replay as _replay
-from sppjit.commands import report as _report
-from sppjit.commands import sweep as _sweep
-from sppjit.errors import ERRNO_NAMES, InputError, SppError, VmEntryError
+def _end_during_imports(signum, frame) -> None:
+    """SIGINT or SIGTERM while the modules below load: nothing is written yet, so end now
+    with the one line a run prints, not a traceback from inside an import."""
+    name = "interrupted" if signum == signal.SIGINT else "terminated"
+    os.write(2, f"sppjit: {name}\n".encode())
+    os._exit(128 + signum)
+
+
+# Only when this is the program (the sppjit script, python -m sppjit.cli), not a module
+# imported by another program (tests, a notebook): main() installs the handlers of a run.
+if __name__ == "__main__" or os.path.basename(
+        getattr(sys.modules.get("__main__"), "__file__", None) or "").startswith("sppjit"):
+    for _number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_number, _end_during_imports)
+
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from typing import Annotated, Any, Sequence  # noqa: E402
+
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+from sppjit import __version__  # noqa: E402
+from sppjit.commands import bench as _bench  # noqa: E402
+from sppjit.commands import compare as _compare  # noqa: E402
+from sppjit.commands import convert as _convert  # noqa: E402
+from sppjit.commands import generate as _generate  # noqa: E402
+from sppjit.commands import inspect as _inspect  # noqa: E402
+from sppjit.commands import replay as _replay  # noqa: E402
+from sppjit.commands import report as _report  # noqa: E402
+from sppjit.commands import sweep as _sweep  # noqa: E402
+from sppjit.errors import ERRNO_NAMES, InputError, SppError, Terminated, VmEntryError  # noqa: E402
+from sppjit.io import signals  # noqa: E402
 
 PROG = "sppjit"
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process that SIGINT ended
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def _one_line(text: str) -> str:
@@ -58,9 +80,45 @@ def _fail(prefix: str, message: str) -> None:
     sys.stderr.flush()
 
 
-def _interrupted() -> None:
-    sys.stderr.write(f"{PROG}: interrupted\n")
+def _interrupted(signum: int = signal.SIGINT) -> int:
+    """The one line of a run that a signal ended, and its exit code."""
+    if signum == signal.SIGINT:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        code = EXIT_INTERRUPTED
+    else:
+        sys.stderr.write(f"{PROG}: terminated\n")
+        code = 128 + signum
     sys.stderr.flush()
+    return code
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning raised during a run (the v12 memslot quirk, ...) as one ``note`` line, not
+    Python's two lines naming a source file."""
+    sys.stderr.write(f"{PROG}: note: {_one_line(str(message))}\n")
+    sys.stderr.flush()
+
+
+def _not_utf8(args: Sequence[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (a file name in another encoding), as
+    printable text; Arrow and the file formats sppjit writes take UTF-8 names only."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(arg).decode("utf-8", errors="backslashreplace")
+    return None
+
+
+def _stdout_gone() -> None:
+    """Standard output was closed under us: send what is still buffered nowhere, so that
+    Python's last flush at exit does not print a second message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
 
 
 def _usage_message(exc: Any) -> str:
@@ -80,6 +138,10 @@ def _user_error_message(exc: BaseException) -> str:
     return str(exc)
 
 
+class _StdoutClosed(Exception):
+    """Writing to standard output met a closed pipe (carried past click, which would exit)."""
+
+
 class SppjitGroup(TyperGroup):
     """The root command: runs click in non-standalone mode and maps every outcome to an exit
     code here, the single place where errors become messages."""
@@ -92,10 +154,36 @@ class SppjitGroup(TyperGroup):
             sys.exit(code)
         return code
 
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            # click answers EPIPE with a silent sys.exit(1); say what happened instead.
+            raise _StdoutClosed() from exc
+
     def _run(self, args, prog_name, complete_var, extra) -> int:
+        args = sys.argv[1:] if args is None else list(args)
+        if (bad := _not_utf8(args)) is not None:
+            _fail("error", f"argument is not valid UTF-8: {bad} (sppjit reads and writes "
+                           "UTF-8 file names only)")
+            return EXIT_USAGE
+        if sys.stdout is None:  # started with descriptor 1 closed
+            _fail("error", "standard output is closed")
+            return EXIT_INTERNAL
+        with signals.handled(), warnings.catch_warnings():
+            warnings.showwarning = _note
+            code = self._run_handled(args, prog_name, complete_var, extra)
+            if code == EXIT_OK and (signum := signals.received()) is not None:
+                # The signal's exception was swallowed on its way (see sppjit.io.signals):
+                # the run still ends as interrupted.
+                return _interrupted(signum)
+            return code
+
+    def _run_handled(self, args, prog_name, complete_var, extra) -> int:
         try:
             result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, **extra)
+            sys.stdout.flush()  # a closed pipe is found here, while errors are still mapped
         except typer.TyperException as exc:  # click's usage errors (BadParameter, ...)
             if type(exc).__name__ == "NoArgsIsHelpError":
                 # A command given no arguments shows its help (with rich installed, the help
@@ -109,8 +197,13 @@ class SppjitGroup(TyperGroup):
             _fail("error", _user_error_message(exc))
             return EXIT_USAGE
         except (KeyboardInterrupt, typer.Abort):
-            _interrupted()
-            return EXIT_INTERRUPTED
+            return _interrupted()
+        except Terminated as exc:
+            return _interrupted(exc.signum)
+        except (BrokenPipeError, _StdoutClosed):
+            _stdout_gone()
+            _fail("error", "standard output was closed (broken pipe)")
+            return EXIT_INTERNAL
         except OSError as exc:
             # The environment, not sppjit: a full disk, a permission denied on write, ...
             if os.environ.get("SPPJIT_DEBUG") == "1":
@@ -127,8 +220,7 @@ class SppjitGroup(TyperGroup):
             return EXIT_INTERNAL
         if result == EXIT_INTERRUPTED:
             # typer turns a KeyboardInterrupt raised inside a command into Exit(130).
-            _interrupted()
-            return EXIT_INTERRUPTED
+            return _interrupted()
         return result if isinstance(result, int) else EXIT_OK
 
 

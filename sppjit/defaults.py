@@ -25,6 +25,7 @@ DEFAULT_ENGINE = "jit"
 # Rows per batch: large for the compiled engine (the per-batch cost is amortised), small for
 # the plain-Python reference engine so that the progress line moves.
 BATCH_SIZES = {"jit": 1 << 20, "reference": 1 << 12}
+MAX_BATCH = 1 << 32  # rows; a batch is held in memory whole, and 2**63 overflows pyarrow
 TIMELINE_OPS = ("set_subpages", "zap", "remap", "delete_memslot")
 
 # ---- sppjit compare

@@ -28,3 +28,12 @@ ERRNO_NAMES = {
     _errno.ENODEV: "ENODEV",
     _errno.EINVAL: "EINVAL",
 }
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (sppjit.io.signals): unwinds like KeyboardInterrupt, so that outputs
+    are rolled back, and ends the command line with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -7,7 +7,6 @@ Every summary and report records these so that a number can be traced back and r
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import platform
 import threading
@@ -41,7 +40,7 @@ def file_digest(path: str | os.PathLike) -> str:
             os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path) for f in files
         )
         for name in names:
-            h.update(name.encode() + b"\0")
+            h.update(os.fsencode(name) + b"\0")  # any name the OS allows, UTF-8 or not
             _update(h, os.path.join(path, name))
     else:
         _update(h, path)
@@ -49,20 +48,14 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def _update(h, path: str) -> None:
+    # Read, not memory-mapped: a mapped input that shrinks while it is hashed (the replay
+    # reads the same file) would kill the process with SIGBUS. read() leaves the file's pages
+    # in the page cache, not in this process's RSS; one buffer is reused for every chunk.
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
     with open(path, "rb") as f:
-        try:
-            # Hashed in place from the page cache: no copy into Python buffers (about 15%
-            # faster here). Each chunk is unmapped from this process once hashed, so the
-            # digest does not hold the whole file in the RSS (the pages stay in the cache).
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
-                for start in range(0, len(view), CHUNK):
-                    h.update(view[start:start + CHUNK])
-                    m.madvise(mmap.MADV_DONTNEED, start, min(CHUNK, len(view) - start))
-                return
-        except (ValueError, OSError):  # empty, or not a mappable file (a pipe, a FIFO)
-            pass
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+        while count := f.readinto(buffer):
+            h.update(view[:count])
 
 
 class BackgroundDigests:
@@ -81,6 +74,10 @@ class BackgroundDigests:
                 self._result[key] = file_digest(path)
             except OSError as exc:  # the replay reports unreadable inputs itself
                 self._result[key] = f"unavailable: {exc.strerror or exc}"
+            except Exception as exc:  # noqa: BLE001 - a digest is a note, never a crash
+                # A thread's exception would print a traceback and be lost; the summary
+                # records why the digest is missing instead.
+                self._result[key] = f"unavailable: {type(exc).__name__}: {exc}"
 
     def result(self) -> dict[str, str]:
         self._thread.join()

@@ -19,6 +19,7 @@ from sppjit.defaults import (
     DEFAULT_VCPUS,
     ENGINES,
     GRANULARITIES,
+    MAX_BATCH,
     MAX_VCPUS,
     PROFILES,
     SUBPAGE_CHECKS,
@@ -67,7 +68,7 @@ EngineOpt = Annotated[Engine, typer.Option(
     "--engine", case_sensitive=False,
     help="jit (compiled) or reference (the plain-Python oracle, slow).")]
 BatchSizeOpt = Annotated[int | None, typer.Option(
-    "--batch-size", metavar="N", min=1,
+    "--batch-size", metavar="N", min=1, max=MAX_BATCH,
     show_default=", ".join(f"{size} ({engine})" for engine, size in BATCH_SIZES.items()),
     help="Trace rows per batch.")]
 NoProgressOpt = Annotated[bool, typer.Option(

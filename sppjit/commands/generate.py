@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -11,13 +9,14 @@ from typing import Annotated
 
 import typer
 
-from sppjit.commands import Outputs, atomic_path, check_distinct, format_size
+from sppjit.commands import check_distinct, format_size
 from sppjit.errors import InputError
 
 # The names of datasets/scenarios.py SCENARIOS, for --help without importing numpy; a test
 # checks the two agree.
 SCENARIO_NAMES = ("uniform", "hotset", "sequential", "fault-storm", "guarded", "kernel-guard")
-WRITE_ROWS = 1 << 20  # rows per written batch (a Parquet row group)
+# datasets/scenarios.py MAX_ACCESSES (fault-storm's new page per access fills the 48-bit space).
+MAX_ACCESSES = 1 << 36
 
 HELP = (
     f"Write a seeded synthetic trace (and the protection that goes with it).\n\n"
@@ -46,7 +45,7 @@ def generate(
         metavar="SCENARIO", show_default=False, autocompletion=_complete_scenario,
         help=f"Scenario: {', '.join(SCENARIO_NAMES)}.")],
     accesses: Annotated[int, typer.Option(
-        "--accesses", metavar="N", min=1, show_default=False,
+        "--accesses", metavar="N", min=1, max=MAX_ACCESSES, show_default=False,
         help="Number of accesses (trace rows).")],
     out: Annotated[str, typer.Option(
         "--out", metavar="TRACE", show_default=False,
@@ -77,97 +76,33 @@ def run_generate(*, scenario: str, accesses: int, seed: int, out: str,
 
     if scenario not in SCENARIO_NAMES:
         raise InputError(f"unknown scenario '{scenario}' (one of {', '.join(SCENARIO_NAMES)})")
-    if accesses < 1:
-        raise InputError(f"--accesses must be at least 1, not {accesses}")
+    if not 1 <= accesses <= MAX_ACCESSES:
+        raise InputError(f"--accesses must be 1..{MAX_ACCESSES}, not {accesses}")
     check_output_path(out, option="--out", table=True)
     if protect_out is not None:
         check_output_path(protect_out, option="--protect-out")
         fmt = protect_format(protect_out)
     check_distinct([("--out", out), ("--protect-out", protect_out)])
 
-    from sppjit.datasets.scenarios import make
+    from sppjit.datasets.generate import write_scenario
+    from sppjit.datasets.scenarios import stream
 
-    made = make(scenario, accesses, seed)
-    pages = int(len(made.protect_gfn))
+    layout, _ = stream(scenario, 0, seed)  # the protection, before anything is written
+    pages = int(len(layout.protect_gfn))
     if protect_out is not None and pages == 0 and fmt in ("json", "jsonl"):
         raise InputError(f"--protect-out: scenario {scenario} protects no pages, and JSON "
                          "without rows cannot say which columns it has; use .parquet, "
                          ".arrow or .csv")
-    with contextlib.ExitStack() as stack:
-        outputs = stack.enter_context(Outputs())
-        _write_trace(made, seed, out)
-        outputs.add(out)
-        if protect_out is not None:
-            _write_protection(made, protect_out, fmt)
-            outputs.add(protect_out)
+    made = write_scenario(scenario, accesses, seed, out, protect_out=protect_out,
+                          protect_format=fmt if protect_out is not None else None)
 
     command = ["sppjit", "replay", out]
     if protect_out is not None:
         command += ["--protect", protect_out]
     command += ["--memory", format_size(made.memory), "--vcpus", str(made.vcpus)]
-    what = f"wrote {out} ({len(made):,} accesses, scenario {scenario}, seed {seed})"
+    what = f"wrote {out} ({accesses:,} accesses, scenario {scenario}, seed {seed})"
     if protect_out is not None:
         what += f" and {protect_out} ({pages:,} protected pages)"
     line = f"{what}; replay with: {shlex.join(command)}"
     sys.stdout.write(line + "\n")
     return line
-
-
-def _write_trace(made, seed: int, out: str) -> None:
-    import numpy as np
-    import pyarrow as pa
-
-    from sppjit.io.output import TableWriter
-
-    schema = pa.schema(
-        [("gpa", pa.uint64()), ("size", pa.uint16()), ("vcpu", pa.uint16()),
-         ("kind", pa.uint8()), ("seq", pa.uint64())],
-        metadata={b"sppjit.scenario": made.name.encode(), b"sppjit.seed": str(seed).encode(),
-                  b"sppjit.memory": str(int(made.memory)).encode(),
-                  b"sppjit.vcpus": str(int(made.vcpus)).encode()},
-    )
-    columns = made.columns()
-    n = len(made)
-    with TableWriter(out, schema, option="--out") as writer:
-        for start in range(0, n, WRITE_ROWS):
-            stop = min(start + WRITE_ROWS, n)
-            arrays = [pa.array(np.ascontiguousarray(columns[name][start:stop]),
-                               type=schema.field(name).type)
-                      for name in ("gpa", "size", "vcpu", "kind")]
-            arrays.append(pa.array(np.arange(start, stop, dtype=np.uint64)))
-            writer.write_batch(pa.record_batch(arrays, schema=schema))
-
-
-def _write_protection(made, path: str, fmt: str) -> None:
-    import numpy as np
-    import pyarrow as pa
-
-    if made.hook_gpa is not None:
-        # The hook form: byte ranges with names (docs/contract.md §2.2).
-        schema = pa.schema([("gpa", pa.uint64()), ("length", pa.uint32()), ("name", pa.string())])
-        table = pa.table([pa.array(made.hook_gpa), pa.array(made.hook_length),
-                          pa.array(made.hook_name, type=pa.string())], schema=schema)
-    else:
-        schema = pa.schema([("gfn", pa.uint64()), ("access", pa.uint32())])
-        table = pa.table([pa.array(np.asarray(made.protect_gfn, dtype=np.uint64)),
-                          pa.array(np.asarray(made.protect_access, dtype=np.uint32))],
-                         schema=schema)
-    if fmt in ("parquet", "arrow"):
-        from sppjit.io.output import TableWriter
-
-        with TableWriter(path, schema, option="--protect-out") as writer:
-            writer.write_batch(table)
-        return
-    with atomic_path(path) as temporary:
-        if fmt == "csv":
-            import pyarrow.csv as pacsv
-
-            pacsv.write_csv(table, temporary)
-            return
-        rows = (json.dumps(row) for row in table.to_pylist())
-        with open(temporary, "w", encoding="utf-8") as handle:
-            if fmt == "jsonl":
-                for row in rows:
-                    handle.write(row + "\n")
-            else:
-                handle.write("[\n" + ",\n".join(rows) + "\n]\n")

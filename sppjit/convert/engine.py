@@ -17,6 +17,7 @@ import json
 import lzma
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -188,8 +189,9 @@ def _read(text: io.TextIOWrapper, label: str) -> Iterator[str]:
     try:
         for line in text:
             yield line.rstrip("\n")
-    except (OSError, EOFError, lzma.LZMAError) as exc:
-        # A truncated or corrupt compressed file shows only while reading.
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+        # A truncated or corrupt compressed file shows only while reading (gzip lets zlib's
+        # own error through for a damaged deflate stream: "invalid distance too far back").
         raise InputError(f"convert: cannot read {label}: {exc}") from None
 
 

@@ -111,6 +111,8 @@ def _parse_strings(column: pa.Array, name: str, first_row: int) -> pa.Array:
                 value = int(digits[2:], 16)
             else:
                 value = int(digits, 10)
+            if value < 0:  # a second sign, after the first or the 0x: "0x-1", "+-5"
+                raise ValueError(text)
         except ValueError:
             raise BadValue(row, f"column '{name}' has value '{text}' at row {row}, "
                                 "not a decimal or 0x-hex integer") from None

@@ -60,20 +60,69 @@ def read_table(path: str | os.PathLike, what: str) -> pa.Table:
     magic = read_magic(path, what)
     suffix = Path(path).suffix.lower()
     try:
-        if magic.startswith(PARQUET_MAGIC):
-            return pq.read_table(path)
-        if magic.startswith(ARROW_FILE_MAGIC):
-            return ipc.open_file(pa.memory_map(path)).read_all()
-        if magic.startswith(ARROW_STREAM_MARKER) or suffix in _ARROW_EXTENSIONS:
-            return ipc.open_stream(pa.memory_map(path)).read_all()
-        text_start = _first_text_char(path)
-        if suffix != ".csv" and text_start == "[":
-            return _read_json_array(path, what)
-        if suffix != ".csv" and text_start == "{":
-            return _read_json_lines(path, what)
-        return pacsv.read_csv(path)
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        table = _read_any(path, what, magic, suffix)
+        table.column_names  # noqa: B018 - decoded here: a name that is not UTF-8 fails now
+        return _validated(table, what, path)
+    except UnicodeDecodeError:
+        raise cannot_read(what, path, "not valid UTF-8 (a column name or the text)") from None
+    except (pa.ArrowException, OSError) as exc:
         raise cannot_read(what, path, exc) from None
+
+
+def _read_any(path: str, what: str, magic: bytes, suffix: str) -> pa.Table:
+    # Arrow files are read, not memory-mapped: a mapped file that shrinks while it is in
+    # use kills the process with SIGBUS.
+    if magic.startswith(PARQUET_MAGIC):
+        return pq.read_table(path, memory_map=False)
+    if magic.startswith(ARROW_FILE_MAGIC):
+        return ipc.open_file(pa.OSFile(path, "rb")).read_all()
+    if magic.startswith(ARROW_STREAM_MARKER) or suffix in _ARROW_EXTENSIONS:
+        return ipc.open_stream(pa.OSFile(path, "rb")).read_all()
+    text_start = _first_text_char(path)
+    if suffix != ".csv" and text_start in ("[", "{"):
+        _check_json_depth(path, what)
+    if suffix != ".csv" and text_start == "[":
+        return _read_json_array(path, what)
+    if suffix != ".csv" and text_start == "{":
+        return _read_json_lines(path, what)
+    return pacsv.read_csv(path)
+
+
+def _validated(table: pa.Table, what: str, path: str) -> pa.Table:
+    """A table whose buffers were checked against its schema, fully (these files are
+    small): a corrupt Arrow offset would make the readers read out of bounds, and text that
+    is not UTF-8 (pyarrow.json lets it through) would fail later, where it is used."""
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        reason = short_reason(exc)
+        if "utf8" in reason.lower() or "utf-8" in reason.lower():
+            reason = "not valid UTF-8 (a column name or the text)"
+        raise cannot_read(what, path, reason) from None
+    return table
+
+
+MAX_JSON_DEPTH = 16  # rows are objects of scalars: depth 2; far more is not a table
+
+
+def _check_json_depth(path: str, what: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH before a parser sees it: Python's json
+    module runs out of recursion, and pyarrow.json's C++ parser out of stack (a segfault)."""
+    import re
+
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    # Brackets inside strings do not nest: drop the strings (escapes included) first.
+    data = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', data)
+    codes = np.frombuffer(data, dtype=np.uint8)
+    step = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+            - np.isin(codes, (ord("]"), ord("}"))).astype(np.int64))
+    depth = int(np.cumsum(step).max(initial=0))
+    if depth > MAX_JSON_DEPTH:
+        raise cannot_read(what, path, f"JSON nested {depth} levels deep (a table of rows "
+                                      f"needs 2; at most {MAX_JSON_DEPTH} are read)")
 
 
 def _first_text_char(path: str) -> str:

@@ -1,14 +1,14 @@
 """Write result files atomically: complete under the requested name, or not there at all.
 
 Each output is written to a hidden temporary name in its destination directory (so the final
-rename stays on one file system and is atomic) and renamed only once complete. A failed or
+rename stays on one file system and is atomic) and published only once complete
+(sppjit.io.atomic, which also restores older files when a run fails). A failed or
 interrupted run removes the temporary file, leaving nothing behind.
 """
 
 import contextlib
 import json
 import os
-import secrets
 from pathlib import Path
 from types import TracebackType
 
@@ -18,6 +18,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from sppjit.errors import InputError
+from sppjit.io.atomic import probe_directory, publish, remove_quietly, temporary_name
 from sppjit.io.trace import schema_metadata
 
 _FORMATS = {".parquet": "parquet", ".pq": "parquet",
@@ -35,8 +36,9 @@ def table_format(path: str | os.PathLike, option: str = "--out") -> str:
 
 def check_output_path(path: str | os.PathLike, *, option: str = "--out",
                       table: bool = False) -> None:
-    """Fail before any work if ``path`` cannot be written: no such directory, not writable,
-    a directory itself, or (``table``) an extension that names no table format."""
+    """Fail before any work if ``path`` cannot be written: no such directory, not writable
+    (a new file is tried there: permissions, a read-only mount), a name too long, a
+    directory itself, or (``table``) an extension that names no table format."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -47,19 +49,7 @@ def check_output_path(path: str | os.PathLike, *, option: str = "--out",
         raise InputError(f"{option}: directory is not writable: {directory}")
     if table:
         table_format(path, option)
-
-
-def _temporary_name(path: str) -> str:
-    """A hidden, unique name beside ``path``: same directory, so os.replace is atomic."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+    probe_directory(path, option)
 
 
 class TableWriter:
@@ -79,7 +69,7 @@ class TableWriter:
         self._sink = None
 
     def __enter__(self) -> "TableWriter":
-        self._temporary = _temporary_name(self.path)
+        self._temporary = temporary_name(self.path)
         try:
             if self.format == "parquet":
                 self._writer = pq.ParquetWriter(self._temporary, self.schema,
@@ -89,7 +79,7 @@ class TableWriter:
                 self._writer = ipc.new_file(self._sink, self.schema)
         except BaseException:
             self._close()
-            _remove(self._temporary)
+            remove_quietly(self._temporary)
             raise
         return self
 
@@ -106,13 +96,13 @@ class TableWriter:
             # propagates after this; a second one from closing a half-written file would hide it.
             with contextlib.suppress(Exception):
                 self._close()
-            _remove(self._temporary)
+            remove_quietly(self._temporary)
             return
         try:
             self._close()
-            os.replace(self._temporary, self.path)
+            publish(self._temporary, self.path)
         except BaseException:
-            _remove(self._temporary)
+            remove_quietly(self._temporary)
             raise
 
     def _close(self) -> None:
@@ -131,14 +121,14 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON (numpy scalars and arrays allowed) under ``path``
     atomically, with a trailing newline."""
     path = os.fspath(path)
-    temporary = _temporary_name(path)
+    temporary = temporary_name(path)
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, indent=2, sort_keys=False, default=json_default)
             handle.write("\n")
-        os.replace(temporary, path)
+        publish(temporary, path)
     except BaseException:
-        _remove(temporary)
+        remove_quietly(temporary)
         raise
 
 
