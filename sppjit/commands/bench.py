@@ -17,6 +17,7 @@ from sppjit.defaults import (
     BENCH_END_TO_END_SCENARIO,
     BENCH_REFERENCE_SAMPLE,
     BENCH_SCENARIOS,
+    MAX_BATCH,
 )
 
 SCENARIO_NAMES = BENCH_SCENARIOS
@@ -45,7 +46,8 @@ def bench(
     ] = BENCH_REFERENCE_SAMPLE,
     seed: Annotated[int, typer.Option("--seed", metavar="S", min=0, help="Random seed.")] = 0,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", metavar="N", min=1, help="Rows per replay batch.")] = BATCH_SIZES["jit"],
+        "--batch-size", metavar="N", min=1, max=MAX_BATCH,
+        help="Rows per replay batch.")] = BATCH_SIZES["jit"],
     json_out: Annotated[str | None, typer.Option(
         "--json", metavar="FILE", help="Also write the figures as JSON.")] = None,
     end_to_end: Annotated[bool, typer.Option(

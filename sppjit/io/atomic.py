@@ -111,7 +111,7 @@ def probe_directory(path: str | os.PathLike, option: str) -> None:
 
 # ------------------------------------------------------------------------------ publishing
 
-_current: contextvars.ContextVar["Outputs | None"] = contextvars.ContextVar(
+_current: contextvars.ContextVar[Outputs | None] = contextvars.ContextVar(
     "sppjit_outputs", default=None)
 
 
@@ -154,7 +154,7 @@ class Outputs:
         self._kept: dict[str, str | None] = {}  # path -> its old file kept aside, or None
         self._token = None
 
-    def __enter__(self) -> "Outputs":
+    def __enter__(self) -> Outputs:
         self._token = _current.set(self)
         return self
 
