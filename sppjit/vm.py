@@ -76,6 +76,49 @@ def _parse_memslots(memory, memslots) -> list[tuple[int, int]]:
     return slots
 
 
+def _integral(value) -> int | None:
+    """``value`` as a Python int when it is an integer (or a float with an integral value),
+    None when it is not (1.5, nan, "3", None): the kernel's fields are integers."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def _u64_field(value, name: str) -> int:
+    """A gfn or npages argument of the control plane: an integer a u64 field can carry, else
+    EINVAL (an npages that large is refused by the page limit anyway)."""
+    v = _integral(value)
+    if v is None or not 0 <= v < 1 << 64:
+        raise SppError(B.EINVAL, f"{name} must be an integer 0..2**64-1, not {value!r}")
+    return v
+
+
+def _u32_maps(maps) -> np.ndarray:
+    """Access maps as uint32; InputError for anything that is not a 1-D sequence of u32
+    integers (no silent truncation of 1.5, -1 or 2**32)."""
+    try:
+        arr = np.asarray(maps)
+    except (TypeError, ValueError):
+        raise InputError("maps must be a sequence of u32 values") from None
+    if arr.ndim != 1:
+        raise InputError("maps must be a sequence of u32 values")
+    if arr.dtype.kind not in "biuf":  # Python ints beyond int64, strings, None, mixtures
+        values = [_integral(m) for m in arr.tolist()]
+        if any(v is None or not 0 <= v <= 0xFFFFFFFF for v in values):
+            raise InputError("maps must be a sequence of u32 integers")
+        return np.array(values, dtype=np.uint32)
+    if arr.dtype.kind == "f":
+        if not (np.isfinite(arr).all() and (np.floor(arr) == arr).all()):
+            raise InputError("maps must be a sequence of u32 integers (not fractions)")
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise InputError("maps must be a sequence of u32 values")
+    return arr.astype(np.uint32)
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Every setting that shapes a VM's behaviour (recorded in each summary)."""
@@ -371,28 +414,37 @@ class VM:
         """KVM_SUBPAGES_SET_ACCESS: one u32 map per page from ``base_gfn``. Returns npages.
 
         Raises SppError: ENODEV before init, EINVAL for too many pages (v4: also for 0; v12
-        returns 0 for 0 pages), EFAULT at the first gfn without a memslot (the pages before
-        it stay applied, in both profiles).
+        returns 0 for 0 pages) or a base_gfn that is not an integer of the u64 field, EFAULT at
+        the first gfn without a memslot (the pages before it stay applied, in both profiles).
+        Maps that are not u32 integers (1.5, -1, 2**32) raise InputError: nothing is truncated.
         """
-        arr = np.asarray(maps, dtype=np.int64)
-        if arr.ndim != 1 or ((arr < 0) | (arr > 0xFFFFFFFF)).any():
-            raise InputError("maps must be a sequence of u32 values")
+        arr = _u32_maps(maps)
         if not self._check_range(len(arr)):
             return 0
-        done = self._kvm_set_subpages(int(base_gfn), arr.astype(np.uint32))
+        gfn = _u64_field(base_gfn, "base_gfn")
+        done = self._kvm_set_subpages(gfn, arr)
         if done < len(arr):
-            raise SppError(B.EFAULT, f"gfn {int(base_gfn) + done:#x} is in no memslot")
+            raise SppError(B.EFAULT, f"gfn {gfn + done:#x} is in no memslot")
         return done
 
     def get_subpages(self, base_gfn: int, npages: int) -> np.ndarray:
-        """KVM_SUBPAGES_GET_ACCESS: the stored maps of ``npages`` gfns as a uint32 array."""
-        out = np.empty(int(npages), dtype=np.uint32)
-        if not self._check_range(int(npages)):
-            return out
+        """KVM_SUBPAGES_GET_ACCESS: the stored maps of ``npages`` gfns as a uint32 array.
+
+        Raises SppError: ENODEV before init, EINVAL for an npages out of the profile's range
+        (negative, too many, v4: 0) or a base_gfn / npages that is not an integer (1.5: the
+        kernel's fields are integers, and a value a C caller would have truncated is refused
+        rather than guessed), EFAULT at the first gfn without a memslot."""
+        if not self.spp_active:
+            raise SppError(B.ENODEV, "SPP is not initialised (call init_spp first)")
+        n = _u64_field(npages, "npages")
+        gfn = _u64_field(base_gfn, "base_gfn")
+        if not self._check_range(n):  # before anything is allocated for the answer
+            return np.empty(0, dtype=np.uint32)
+        out = np.empty(n, dtype=np.uint32)
         with self.slots_lock, self.mmu_lock:
-            done = int(K.kvm_get_subpages(self.state, np.uint64(base_gfn), out, int(npages)))
-        if done < npages:
-            raise SppError(B.EFAULT, f"gfn {int(base_gfn) + done:#x} is in no memslot")
+            done = int(K.kvm_get_subpages(self.state, np.uint64(gfn), out, n))
+        if done < n:
+            raise SppError(B.EFAULT, f"gfn {gfn + done:#x} is in no memslot")
         return out
 
     def protect(self, gfns: np.ndarray, maps: np.ndarray) -> int:
