@@ -286,6 +286,8 @@ class VM:
             if cap - used >= extra:
                 return
             new_cap = max(2 * cap, used + extra)
+            if new_cap > L.MAX_TABLES:
+                raise MemoryError(f"the table pool would exceed {L.MAX_TABLES} tables")
             tables = np.zeros((new_cap, B.PT_ENTRIES), dtype=np.uint64)
             tables[:used] = st.tables[:used]
             kind = np.zeros(new_cap, dtype=np.uint8)
@@ -293,6 +295,24 @@ class VM:
             level = np.zeros(new_cap, dtype=np.uint8)
             level[:used] = st.table_level[:used]
             self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
+
+    def ensure_maps(self, extra: int) -> None:
+        """Grow the access-map pools so that ``extra`` more nodes and blocks fit (their indices
+        stay). Under mmu_lock, as ensure_tables."""
+        with self.mmu_lock:
+            st = self.state
+            grown = {}
+            for name, counter, fill in (("map_nodes", L.SC_MAP_NODES, L.MAP_NONE),
+                                        ("map_blocks", L.SC_MAP_BLOCKS, B.FULL_SPP_ACCESS)):
+                pool = getattr(st, name)
+                used = int(st.scal[counter])
+                if pool.shape[0] - used >= extra:
+                    continue
+                bigger = np.full((max(2 * pool.shape[0], used + extra), pool.shape[1]), fill, dtype=pool.dtype)
+                bigger[:used] = pool[:used]
+                grown[name] = bigger
+            if grown:
+                self.state = st._replace(**grown)
 
     def _tables_for_pages(self, npages: int) -> int:
         if self.is_v12:
@@ -325,7 +345,9 @@ class VM:
             st = self.state
             if st.scal[L.SC_SPP_ACTIVE]:
                 return 0
-            st.maps.fill(B.FULL_SPP_ACCESS)
+            st.map_dir.fill(L.MAP_NONE)  # every map FULL: no block anywhere
+            st.scal[L.SC_MAP_NODES] = 0
+            st.scal[L.SC_MAP_BLOCKS] = 0
             if self.config.granularity == "spp":
                 make_roots()  # may grow the table pool: self.state is re-read below
             self.state.scal[L.SC_SPP_ACTIVE] = 1
@@ -404,6 +426,7 @@ class VM:
         n = len(maps)
         with self.slots_lock, self.mmu_lock:
             self.ensure_tables(self._tables_for_pages(n))
+            self.ensure_maps(n // B.PAGES_PER_2M + 2)  # the regions n gfns from base_gfn reach
             done = int(K.kvm_set_subpages(self.state, np.uint64(base_gfn), maps, n))
             if done:
                 self.state.scal[L.SC_TLB_FLUSHES] += 1  # kvm_flush_remote_tlbs after the update

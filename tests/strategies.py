@@ -45,6 +45,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from sppjit import bits as B
+from sppjit.kernels import layout as L
 from sppjit.errors import InputError, SppError, VmEntryError
 
 # How the property tests run (tests/test_equivalence.py, tests/test_fast_check.py):
@@ -605,7 +606,9 @@ def state_arrays(vm) -> dict[str, np.ndarray]:
         "table_level": st_.table_level[:n],
         "vmcs": st_.vmcs,
         "requests": st_.requests,
-        "maps": st_.maps,
+        "map_dir": st_.map_dir,
+        "map_nodes": st_.map_nodes[: int(st_.scal[L.SC_MAP_NODES])],
+        "map_blocks": st_.map_blocks[: int(st_.scal[L.SC_MAP_BLOCKS])],
         "sppt_root": st_.sppt_root,
         "scal": st_.scal,
     }
