@@ -54,14 +54,16 @@ STATUS_NEED_TOUCHED = 5
 
 # The touched-page set of a replay (sppjit.replay owns it): sparse, one bitmap block of
 # TOUCHED_BLOCK_WORDS uint64 (2**TOUCHED_SHIFT pages: 1 GiB) per GiB the trace touches below the
-# top memslot. touched_dir[gfn >> TOUCHED_SHIFT] is the block's row in touched_blocks or -1;
-# touched_n[0] rows are in use. The kernel allocates rows (zeroed in advance) and stops with
-# STATUS_NEED_TOUCHED when none is left; sppjit.replay grows the pool.
+# top memslot, the blocks one after the other in touched_words. touched_dir[gfn >> TOUCHED_SHIFT]
+# is the first word of the GiB's block, or -1; touched_n[0] blocks are in use. The kernel
+# allocates blocks (zeroed in advance) and stops with STATUS_NEED_TOUCHED when none is left;
+# sppjit.replay grows the pool.
 TOUCHED_SHIFT = 18
 TOUCHED_BLOCK_WORDS = (1 << TOUCHED_SHIFT) // 64
 _U_TOUCHED_SHIFT = np.uint64(TOUCHED_SHIFT)
 _U_TOUCHED_WORD_MASK = np.uint64(TOUCHED_BLOCK_WORDS - 1)
 _U_TOUCHED_BYTE_MASK = np.uint64(TOUCHED_BLOCK_WORDS * 8 - 1)
+_TOUCHED_BLOCK_WORDS = np.int64(TOUCHED_BLOCK_WORDS)
 _U_63 = np.uint64(63)
 _TAG_SHIFT = np.int64(CACHE_TAG_SHIFT)
 _U_TABLE_INDEX = np.uint64(CACHE_PAYLOAD_MASK >> 4)
@@ -182,10 +184,9 @@ def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touch
     pages do). Leaves out what the caches hold no walk for."""
     d = gfn >> _U_TOUCHED_SHIFT
     if d < np.uint64(touched_dir.shape[0]):
-        b = touched_dir[d]
-        if b >= 0:
-            prefetch(touched_base + np.uint64(b) * np.uint64(TOUCHED_BLOCK_WORDS * 8)
-                     + ((gfn >> np.uint64(3)) & _U_TOUCHED_BYTE_MASK))
+        w = touched_dir[d]
+        if w >= 0:
+            prefetch(touched_base + np.uint64(w) * np.uint64(8) + ((gfn >> np.uint64(3)) & _U_TOUCHED_BYTE_MASK))
     region = gfn >> np.uint64(9)
     slot = region & cache_mask
     c = st.ept_cache[slot]
@@ -261,26 +262,27 @@ def take_fault_in(st, log, counters, v, row, gfn, gpa, qual, insn):
 
 
 @inline
-def mark_touched(touched_dir, touched_blocks, touched_n, gfn):
+def mark_touched(touched_dir, touched_words, touched_n, gfn):
     """Add ``gfn`` to the touched set (gfns above the top memslot are not counted). Returns
     False, having changed nothing, when gfn's GiB needs a block and the pool has none left."""
     d = gfn >> _U_TOUCHED_SHIFT
     if d >= np.uint64(touched_dir.shape[0]):
         return True
-    b = touched_dir[d]
-    if b < 0:
+    w = touched_dir[d]
+    if w < 0:
         b = touched_n[0]
-        if b >= touched_blocks.shape[0]:
+        w = b * _TOUCHED_BLOCK_WORDS
+        if w + _TOUCHED_BLOCK_WORDS > touched_words.shape[0]:
             return False
         touched_n[0] = b + 1
-        touched_dir[d] = b
-    touched_blocks[b, (gfn >> np.uint64(6)) & _U_TOUCHED_WORD_MASK] |= U1 << (gfn & _U_63)
+        touched_dir[d] = w
+    touched_words[np.uint64(w) + ((gfn >> np.uint64(6)) & _U_TOUCHED_WORD_MASK)] |= U1 << (gfn & _U_63)
     return True
 
 
 @inline
 def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
-              touched_blocks, touched_n, ru, end, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
+              touched_words, touched_n, ru, end, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
               spp_exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base):
     """replay_batch's inner loop: rows ru..end-1 while the caches decide them. Returns (the
     first row it could not finish, fast_check's code and qualification for it, the exits it
@@ -309,10 +311,6 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
         if ((first + np.uint64(size[ru]) - U1) >> U_PAGE_SHIFT) != gfn:
             return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum  # crosses a page: the slow path splits it
         if not (gfn == memo_gfn and ((memo_cum >> k) & U1) != U0):
-            # Every row's first page is touched, whoever takes the row (the outer loop marks
-            # its pieces again): marked first, so that a full pool stops before any effect.
-            if gfn != memo_gfn and not mark_touched(touched_dir, touched_blocks, touched_n, gfn):
-                return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum
             v = np.int64(vcpu[ru])
             last = first + np.uint64(size[ru]) - U1
             code, qual = fast_check(st, v, first, last, k)
@@ -323,6 +321,10 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                     return ru, code, qual, 0, memo_gfn, memo_cum
                 insn = np.uint64(insn_len[ru])
                 row = row0 + np.int64(ru)
+                # A row taken here marks its page before any effect: a full touched pool
+                # stops it untouched (the outer loop asks for room, then replays it).
+                if not mark_touched(touched_dir, touched_words, touched_n, gfn):
+                    return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum
                 if code == FAST_SPP_VIOLATION:
                     if not spp_exits_inline:
                         return ru, code, qual, 0, memo_gfn, memo_cum
@@ -348,6 +350,8 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                 counters[CT_EXITS] += 1
                 ru += U1
                 continue
+            if not mark_touched(touched_dir, touched_words, touched_n, gfn):
+                return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum  # nothing done yet: see above
             memo_gfn = gfn
             memo_cum = qual
         ru += U1  # its results are preset
@@ -356,7 +360,7 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
 
 @kernel
 def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, counters,
-                 touched_dir, touched_blocks, touched_n):
+                 touched_dir, touched_words, touched_n):
     """Replay rows start.. of one batch. Returns (status, row to resume from, detail).
 
     Two loops: the inner one runs the rows the caches decide (allowed, one page); the first
@@ -371,7 +375,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     n = gpa.shape[0]
     margin = table_margin(st.scal[SC_NVCPUS])
     tables_base = np.uint64(st.tables.ctypes.data)  # the pool is never reallocated in here
-    touched_base = np.uint64(touched_blocks.ctypes.data)
+    touched_base = np.uint64(touched_words.ctypes.data)
     cache_mask = np.uint64(st.ept_cache.shape[0] - 1)
     # Prefetch hints: SPP vectors only in a VM with SPP active, anything only once the tables
     # outgrow the core's caches. Both are re-read after each slow row, where KVM's rules run.
@@ -420,7 +424,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         if prefetching or pending or spp_active:
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
                 st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
-                touched_blocks, touched_n, ru, preset, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
+                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
                 spp_exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base)
         else:
             # A small pool, no request pending, SPP off: the loop with no prefetching, no request
@@ -429,7 +433,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             # violation.
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
                 st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
-                touched_blocks, touched_n, ru, preset, nu, memo_gfn, memo_cum, False, False, False, False,
+                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, False, False, False, False,
                 spp_exit_code, log_limit, False, tables_base, cache_mask, touched_base)
         if ru > run_start:
             count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))
@@ -445,7 +449,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             return STATUS_NEED_TABLES, r, 0
         if log.row.shape[0] - log.n[0] < LOG_MARGIN:
             return STATUS_NEED_LOG, r, 0
-        if touched_blocks.shape[0] - touched_n[0] < 2:  # a row touches at most two pages
+        if touched_words.shape[0] // _TOUCHED_BLOCK_WORDS - touched_n[0] < 2:  # a row touches two pages at most
             return STATUS_NEED_TOUCHED, r, 0
         v = np.int64(vcpu[r])
         if pending and st.requests[v] != 0:
@@ -469,7 +473,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         nexits = carried
         reason_last = B.EXIT_REASON_EPT_VIOLATION if carried else 0
         while True:
-            mark_touched(touched_dir, touched_blocks, touched_n, first >> U_PAGE_SHIFT)
+            mark_touched(touched_dir, touched_words, touched_n, first >> U_PAGE_SHIFT)
             if code != FAST_ALLOWED:
                 known = qual if code >= FAST_VIOLATION else _NO_QUAL
                 ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known,

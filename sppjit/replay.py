@@ -112,23 +112,22 @@ class TouchedPages:
     def __init__(self, top: int, capacity: int = 4):
         from .kernels.replay import TOUCHED_BLOCK_WORDS, TOUCHED_SHIFT
 
-        self.shift = TOUCHED_SHIFT
+        self.shift, self.block = TOUCHED_SHIFT, TOUCHED_BLOCK_WORDS
         self.dir = np.full(-(-int(top) >> TOUCHED_SHIFT), -1, dtype=np.int64)
-        capacity = max(1, min(capacity, self.dir.shape[0]))
-        self.blocks = np.zeros((capacity, TOUCHED_BLOCK_WORDS), dtype=np.uint64)
+        self.words = np.zeros(max(1, min(capacity, self.dir.shape[0])) * self.block, dtype=np.uint64)
         self.n = np.zeros(1, dtype=np.int64)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.dir, self.blocks, self.n
+        return self.dir, self.words, self.n
 
     def grow(self, extra: int) -> None:
-        """Room for ``extra`` more blocks (at least doubling); new rows are zero."""
-        used = int(self.n[0])
-        if self.blocks.shape[0] - used >= extra:
+        """Room for ``extra`` more blocks (at least doubling); new blocks are zero."""
+        used = int(self.n[0]) * self.block
+        if self.words.shape[0] - used >= extra * self.block:
             return
-        blocks = np.zeros((max(2 * self.blocks.shape[0], used + extra), self.blocks.shape[1]), dtype=np.uint64)
-        blocks[:used] = self.blocks[:used]
-        self.blocks = blocks
+        words = np.zeros(max(2 * self.words.shape[0], used + extra * self.block), dtype=np.uint64)
+        words[:used] = self.words[:used]
+        self.words = words
 
     def add(self, gfns: np.ndarray) -> None:
         gfns = gfns[(gfns >> np.uint64(self.shift)) < np.uint64(self.dir.shape[0])]
@@ -138,17 +137,17 @@ class TouchedPages:
         new = np.unique(d[self.dir[d] < 0])
         self.grow(new.size)
         used = int(self.n[0])
-        self.dir[new] = np.arange(used, used + new.size)
+        self.dir[new] = np.arange(used, used + new.size) * self.block
         self.n[0] = used + new.size
-        word = ((gfns >> np.uint64(6)) & np.uint64(self.blocks.shape[1] - 1)).astype(np.int64)
-        np.bitwise_or.at(self.blocks, (self.dir[d], word), np.uint64(1) << (gfns & np.uint64(63)))
+        word = self.dir[d] + ((gfns >> np.uint64(6)) & np.uint64(self.block - 1)).astype(np.int64)
+        np.bitwise_or.at(self.words, word, np.uint64(1) << (gfns & np.uint64(63)))
 
     def count(self) -> int:
         """How many gfns are in the set (a popcount over the blocks in use, a few at a time)."""
-        total = 0
-        used = int(self.n[0])
-        for i in range(0, used, 32):
-            total += int(np.unpackbits(self.blocks[i:min(used, i + 32)].view(np.uint8)).sum(dtype=np.int64))
+        total, used = 0, int(self.n[0]) * self.block
+        step = 32 * self.block
+        for i in range(0, used, step):
+            total += int(np.unpackbits(self.words[i:min(used, i + step)].view(np.uint8)).sum(dtype=np.int64))
         return total
 
 
