@@ -108,6 +108,7 @@ def load_state(path: str | os.PathLike):
                          f"this sppjit reads {FORMAT_VERSION}")
     try:
         config = meta["config"]
+        _check_config_types(config)
         vm = VM(
             vcpus=config["vcpus"],
             profile=config["profile"],
@@ -130,6 +131,23 @@ def load_state(path: str | os.PathLike):
     vm.state = state
     vm.invalidate_caches()  # checked, and still dropped: the first walks refill them
     return vm
+
+
+def _check_config_types(config) -> None:
+    """The saved config's values have the types save_state writes (a float or a string where an
+    integer belongs would otherwise be converted silently); TypeError names the first one."""
+    if not isinstance(config, dict):
+        raise TypeError("the config is not a mapping")
+    types = {"vcpus": int, "profile": str, "hugepages": bool, "subpage_check": str, "granularity": str,
+             "spp_supported": bool, "nested": bool, "memslots": list}
+    for key, kind in types.items():
+        value = config.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"{key} is {value!r}")
+    for slot in config["memslots"]:
+        if (not isinstance(slot, list) or len(slot) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in slot)):
+            raise TypeError(f"memslot {slot!r} is not a pair of integers")
 
 
 def _restore(fresh: L.State, arrays: dict[str, np.ndarray], path: str) -> L.State:

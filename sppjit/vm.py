@@ -97,6 +97,25 @@ def _u64_field(value, name: str) -> int:
     return v
 
 
+def _u64_gfns(gfns) -> np.ndarray:
+    """gfns as uint64; InputError for anything but a 1-D sequence of integers 0..2**64-1 (a
+    gfn of 16.5 is refused, not read as 16)."""
+    try:
+        arr = np.asarray(gfns)
+    except (TypeError, ValueError):
+        raise InputError("gfns must be a sequence of integers") from None
+    if arr.ndim != 1:
+        raise InputError("gfns must be a sequence of integers")
+    if arr.dtype.kind not in "iu":
+        values = [_integral(g) for g in arr.tolist()]
+        if any(v is None or not 0 <= v < 1 << 64 for v in values):
+            raise InputError("gfns must be a sequence of integers 0..2**64-1")
+        return np.array(values, dtype=np.uint64)
+    if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
+        raise InputError("gfns must be a sequence of integers 0..2**64-1")
+    return arr.astype(np.uint64)
+
+
 def _u32_maps(maps) -> np.ndarray:
     """Access maps as uint32; InputError for anything that is not a 1-D sequence of u32
     integers (no silent truncation of 1.5, -1 or 2**32)."""
@@ -478,7 +497,7 @@ class VM:
         if not self.spp_active:
             self.init_spp()
         calls = 0
-        for base, values in runs(np.asarray(gfns, dtype=np.uint64), np.asarray(maps, dtype=np.uint32), self.page_limit):
+        for base, values in runs(_u64_gfns(gfns), _u32_maps(maps), self.page_limit):
             self.set_subpages(int(base), values)
             calls += 1
         return calls

@@ -223,6 +223,11 @@ def test_non_integral_arguments_are_refused_not_truncated(profile):
     assert vm.get_subpages(16.0, 1.0).tolist() == [0x1234]
     assert vm.set_subpages(np.uint64(0x11), np.array([7.0])) == 1
     assert vm.get_subpages(np.int32(0x11), np.int64(1)).tolist() == [7]
+    for gfns, maps in (([32.5], [0]), ([-1], [0]), ([0x20], [1.5]), (["x"], [0])):
+        with pytest.raises(InputError):
+            vm.protect(gfns, maps)
+    assert vm.get_subpages(0x20, 1).tolist() == [FULL]
+    assert vm.protect(np.array([32.0]), [3]) == 1 and vm.get_subpages(0x20, 1).tolist() == [3]
 
 
 @pytest.mark.parametrize("profile", ("v4", "v12"))

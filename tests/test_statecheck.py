@@ -207,7 +207,9 @@ def test_a_damaged_config_is_one_line(tmp_path):
     _, arrays = saved(tmp_path)
     meta = json.loads(str(arrays["__meta__"]))
     for config in ({**meta["config"], "vcpus": "many"}, {**meta["config"], "memslots": [[0]]},
-                   {**meta["config"], "memslots": [[0, -5]]}, {**meta["config"], "profile": 4}):
+                   {**meta["config"], "memslots": [[0, -5]]}, {**meta["config"], "profile": 4},
+                   {**meta["config"], "memslots": [[0, 4096.5]]}, {**meta["config"], "vcpus": 2.0},
+                   {**meta["config"], "hugepages": "yes"}, "not a mapping"):
         arrays["__meta__"] = np.array(json.dumps({**meta, "config": config}))
         with pytest.raises(InputError, match="damaged config") as ei:
             load_damaged(tmp_path, arrays)
