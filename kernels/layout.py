@@ -106,7 +106,7 @@ def cache_entries(memslots, vcpus: int = 1) -> int:
     spanned = sum(-(-(int(b) + int(n)) // PAGES_PER_2M) - int(b) // PAGES_PER_2M for b, n in memslots)
     cap = min(MAX_CACHE_ENTRIES, CACHE_BUDGET_ENTRIES // (1 + int(vcpus)))
     entries = 1
-    while entries < spanned and entries < cap:
+    while entries < spanned and 2 * entries <= cap:
         entries *= 2
     return entries
 
