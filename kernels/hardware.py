@@ -36,8 +36,8 @@ from ._jit import (
     U_W,
     inline,
 )
-from .layout import CF_SUBPAGE_CHECK, CHECK_FIRST
-from .mmu import hpa_table, level_index
+from .layout import CACHE_PAYLOAD_MASK, CACHE_REGION_LIMIT, CACHE_TAG_SHIFT, CF_SUBPAGE_CHECK, CHECK_FIRST
+from .mmu import cache_slot, hpa_table, level_index
 
 _I_PROC = B.VMCS_COL_PROC
 _I_SEC = B.VMCS_COL_SECONDARY
@@ -46,6 +46,9 @@ _I_SPPTP = B.VMCS_COL_SPPTP
 _U_WB = np.uint64(B.MEMTYPE_WB)
 _U_MT_MASK = np.uint64(7)
 _U_511 = np.uint64(511)
+_TAG_SHIFT = np.int64(CACHE_TAG_SHIFT)
+_U_TABLE_INDEX = np.uint64(CACHE_PAYLOAD_MASK >> 4)  # a pool index in a payload, above its 4 flag bits
+_U_PAYLOAD = np.uint64(CACHE_PAYLOAD_MASK)
 _U_EVEN = np.uint64(0x5555555555555555)
 _U_FAST_MASK = np.uint64(B.VMX_EPT_READABLE_MASK | B.VMX_EPT_MT_MASK | B.EPT_ADDR_RESERVED_MASK)
 _U_FAST_WANT = np.uint64(B.VMX_EPT_READABLE_MASK | (B.MEMTYPE_WB << B.VMX_EPT_MT_EPTE_SHIFT))
@@ -101,7 +104,9 @@ def hardware_check(st, v, first, last, kind):
     """Check bytes first..last (one page) for vCPU ``v``: (0, 0) if allowed, else (reason, qual)."""
     gfn = first >> U_PAGE_SHIFT
     region = np.int64(gfn >> np.uint64(9))
-    cacheable = region < st.ept_cache.shape[0]
+    cacheable = region < CACHE_REGION_LIMIT
+    tag = region << _TAG_SHIFT
+    slot = cache_slot(st.ept_cache.shape[0], np.uint64(region))
     t = hpa_table(st, st.vmcs[v, _I_EPTP])
     cum = U_RWX
     leaf = U0
@@ -117,7 +122,7 @@ def hardware_check(st, v, first, last, kind):
             return B.EXIT_REASON_EPT_MISCONFIG, U0
         if is_leaf:
             if cacheable and lvl == 2:
-                st.ept_cache[region] = (t << 4) | 8 | np.int64(cum)
+                st.ept_cache[slot] = tag | (t << 4) | 8 | np.int64(cum)
             leaf = e
             level = lvl
             cum &= e & U_RWX
@@ -125,7 +130,7 @@ def hardware_check(st, v, first, last, kind):
         cum &= e & U_RWX
         t = hpa_table(st, e)
         if lvl == 2 and cacheable and t >= 0:
-            st.ept_cache[region] = (t << 4) | np.int64(cum)
+            st.ept_cache[slot] = tag | (t << 4) | np.int64(cum)
     if access_allowed(cum, kind):
         return 0, U0
     if (
@@ -144,7 +149,7 @@ def hardware_check(st, v, first, last, kind):
                 return B.EXIT_REASON_SPP, U0
             s = hpa_table(st, e)
         if cacheable and s >= 0:
-            st.sppt_cache[v, region] = s
+            st.sppt_cache[v, slot] = tag | s
         vec = U0 if s < 0 else st.tables[s, level_index(first, 1)]
         if (vec & U_SPPT_LEAF_RSVD) != U0:
             return B.EXIT_REASON_SPP, U0
@@ -180,12 +185,11 @@ def fast_check(st, v, first, last, kind):
     # Unsigned indices throughout: numba then emits no negative-index wraparound code.
     gfn = first >> U_PAGE_SHIFT
     region = gfn >> np.uint64(9)
-    if region >= np.uint64(st.ept_cache.shape[0]):
+    slot = region & np.uint64(st.ept_cache.shape[0] - 1)
+    c = st.ept_cache[slot]
+    if (c >> _TAG_SHIFT) != np.int64(region):  # another region's walk, or none (-1)
         return FAST_UNKNOWN, U0
-    c = st.ept_cache[region]
-    if c < 0:
-        return FAST_UNKNOWN, U0
-    t = np.uint64(c) >> np.uint64(4)
+    t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
     huge = (c & 8) != 0
     if huge:
         e = st.tables[t, region & _U_511]
@@ -206,10 +210,10 @@ def fast_check(st, v, first, last, kind):
         return FAST_ALLOWED, cum
     if kind == B.ACCESS_WRITE and not huge and (e & U_SPP) != U0 and (cum & U_R) != U0 and spp_enabled(st, v):
         # SPP-eligible: the vector decides (a missing path or odd bits: the full check).
-        s = st.sppt_cache[v, region]
-        if s < 0:
+        s = st.sppt_cache[v, slot]
+        if (s >> _TAG_SHIFT) != np.int64(region):
             return FAST_UNKNOWN, U0
-        vec = st.tables[np.uint64(s), gfn & _U_511]
+        vec = st.tables[np.uint64(s) & _U_PAYLOAD, gfn & _U_511]
         if (vec & U_SPPT_LEAF_RSVD) != U0:
             return FAST_UNKNOWN, U0
         need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])

@@ -9,6 +9,8 @@ from collections import namedtuple
 
 import numpy as np
 
+from sppjit.bits import FULL_SPP_ACCESS
+
 # Indices into State.scal (int64): the scalar part of the state.
 SC_NTABLES = 0  # table-pool entries in use
 SC_EPT_ROOT = 1  # pool index of the EPT level-4 table
@@ -18,7 +20,9 @@ SC_REMAP_NEXT = 4  # next host page handed out by a remap (hpa REMAP_HPA + 4096 
 SC_MMIO_PAGES = 5  # MMIO entries KVM installed (first access to a gfn with no memslot)
 SC_TLB_FLUSHES = 6  # served LOAD_CR3 requests + set/zap/remap/delete calls that changed state
 SC_SHARED_SPPT_ROOT = 7  # v12: pool index of the shared SPPT root (kvm->arch.sppt_root), -1 before enable
-SC_LEN = 8
+SC_MAP_NODES = 8  # rows of map_nodes in use
+SC_MAP_BLOCKS = 9  # rows of map_blocks in use
+SC_LEN = 10
 
 # Indices into State.cfg (int64): settings fixed at VM creation. Each value's code is its
 # index in sppjit.defaults.PROFILES, GRANULARITIES and SUBPAGE_CHECKS.
@@ -46,8 +50,29 @@ REQ_LOAD_CR3 = 1  # v4 KVM_REQ_LOAD_CR3 / v12 KVM_REQ_LOAD_MMU_PGD: load SPPTP a
 REQ_LOAD_MMU_PGD = REQ_LOAD_CR3  # v12's name for the same request
 REQ_ENTRY_CHECK = 2  # the VMCS was written from outside: re-run the VM-entry checks
 
-# Region caches: -1 means "walk the tables"; see kernels/replay.py.
+# Region caches (ept_cache, sppt_cache): direct-mapped over 2 MiB regions, a power-of-two
+# number of entries; region r lives in entry r & (entries - 1), tagged with r itself:
+# entry = r << CACHE_TAG_SHIFT | payload. -1 (CACHE_INVALID) means "walk the tables", and so
+# does a tag that is not the region asked for. See kernels/replay.py.
 CACHE_INVALID = -1
+CACHE_TAG_SHIFT = 36  # payloads (a pool index << 4 | flags) stay below 2**36
+CACHE_PAYLOAD_MASK = (1 << CACHE_TAG_SHIFT) - 1
+CACHE_REGION_LIMIT = 1 << 27  # regions of the 48-bit guest-physical space: tags fit in 27 bits
+MAX_TABLES = 1 << 32  # pool indices fit the caches' payloads
+# Entries per cache row: enough for every region the memslots span (no two of them share an
+# entry), at most 2**18 (512 GiB of guest memory without aliasing), and the caches of all
+# vCPUs together at most 64 MiB. Beyond that regions share entries: a miss walks the tables.
+MAX_CACHE_ENTRIES = 1 << 18
+CACHE_BUDGET_ENTRIES = 1 << 23
+
+# Access maps (KVM's subpage_wp_info) are sparse, allocated when a region is first protected:
+# map_dir has one entry per GiB (2**MAP_DIR_SHIFT gfns) below the top of the highest memslot,
+# -1 or a row of map_nodes; a map_nodes row has one entry per 2 MiB region of that GiB, -1 or
+# a row of map_blocks; a map_blocks row holds the u32 maps of the region's 512 gfns. Where
+# there is no row, every map is FULL_SPP_ACCESS. Maps are keyed by gfn (memslots never
+# overlap; deleting one resets its gfns to FULL).
+MAP_DIR_SHIFT = 18
+MAP_NONE = -1
 
 State = namedtuple(
     "State",
@@ -63,36 +88,39 @@ State = namedtuple(
         #              v12: every entry is the shared root scal[SC_SHARED_SPPT_ROOT]
         "slot_base",  # uint64[slots]: base gfn
         "slot_npages",  # uint64[slots]: 0 for a deleted slot (vm.delete_memslot)
-        "slot_map_off",  # int64[slots]: offset of the slot's access maps in `maps`
-        "maps",  # uint32[sum npages]: KVM's subpage_wp_info, FULL_SPP_ACCESS = unprotected
-        "ept_cache",  # int64[regions]: per 2 MiB region, the table holding its EPT leaves
-        "sppt_cache",  # int64[vcpus, regions]: per vCPU and region, the SPPT level-1 table
+        "map_dir",  # int64[GiBs below the top memslot]: row of map_nodes, -1 none
+        "map_nodes",  # int64[node capacity, 512]: per 2 MiB region, row of map_blocks, -1 none
+        "map_blocks",  # uint32[block capacity, 512]: the regions' maps (FULL_SPP_ACCESS = unprotected)
+        "ept_cache",  # int64[entries]: tagged; payload the table holding the region's EPT leaves << 4 | flags
+        "sppt_cache",  # int64[vcpus, entries]: tagged; payload the vCPU's SPPT level-1 table of the region
     ],
 )
 
 
-# The region caches cover guest-physical space up to the top memslot, at most 8 TiB (4 Mi
-# regions, 32 MiB per cache row); accesses above fall back to full walks.
-MAX_CACHE_REGIONS = 1 << 22
-
-
-def cache_regions(memslots) -> int:
+def cache_entries(memslots, vcpus: int = 1) -> int:
+    """Entries of a region-cache row for these memslots (a power of two, see MAX_CACHE_ENTRIES)."""
     from sppjit.bits import PAGES_PER_2M
 
-    top = int(max((b + n for b, n in memslots), default=0))
-    return min(-(-top // PAGES_PER_2M), MAX_CACHE_REGIONS)
+    spanned = sum(-(-(int(b) + int(n)) // PAGES_PER_2M) - int(b) // PAGES_PER_2M for b, n in memslots)
+    cap = min(MAX_CACHE_ENTRIES, CACHE_BUDGET_ENTRIES // (1 + int(vcpus)))
+    entries = 1
+    while entries < spanned and 2 * entries <= cap:
+        entries *= 2
+    return entries
 
 
-def empty_state(vcpus: int, memslots, table_capacity: int, cfg: np.ndarray) -> State:
+def map_dir_len(memslots) -> int:
+    top = int(max((int(b) + int(n) for b, n in memslots), default=0))
+    return -(-top >> MAP_DIR_SHIFT)
+
+
+def empty_state(vcpus: int, memslots, table_capacity: int, cfg: np.ndarray, map_capacity: int = 4) -> State:
     """A VM with no tables yet: the control plane allocates the EPT root right after."""
     from sppjit.bits import VMCS_NFIELDS
 
     bases = np.array([b for b, _ in memslots], dtype=np.uint64)
     npages = np.array([n for _, n in memslots], dtype=np.uint64)
-    offs = np.zeros(len(memslots), dtype=np.int64)
-    if len(memslots) > 1:
-        offs[1:] = np.cumsum(npages[:-1].astype(np.int64))
-    regions = cache_regions(memslots)
+    entries = cache_entries(memslots, vcpus)
     scal = np.zeros(SC_LEN, dtype=np.int64)
     scal[SC_NVCPUS] = vcpus
     scal[SC_SHARED_SPPT_ROOT] = -1
@@ -107,11 +135,36 @@ def empty_state(vcpus: int, memslots, table_capacity: int, cfg: np.ndarray) -> S
         sppt_root=np.full(vcpus, -1, dtype=np.int64),
         slot_base=bases,
         slot_npages=npages,
-        slot_map_off=offs,
-        maps=np.full(int(npages.sum()), 0xFFFFFFFF, dtype=np.uint32),
-        ept_cache=np.full(regions, CACHE_INVALID, dtype=np.int64),
-        sppt_cache=np.full((vcpus, regions), CACHE_INVALID, dtype=np.int64),
+        map_dir=np.full(map_dir_len(memslots), MAP_NONE, dtype=np.int64),
+        map_nodes=np.full((map_capacity, 512), MAP_NONE, dtype=np.int64),
+        map_blocks=np.full((map_capacity, 512), FULL_SPP_ACCESS, dtype=np.uint32),
+        ept_cache=np.full(entries, CACHE_INVALID, dtype=np.int64),
+        sppt_cache=np.full((vcpus, entries), CACHE_INVALID, dtype=np.int64),
     )
+
+
+def stored_maps(st) -> tuple[np.ndarray, np.ndarray]:
+    """Every stored map that is not FULL_SPP_ACCESS: (gfns ascending, maps), vectorised over the
+    allocated blocks (what a protected region holds, not the guest's size)."""
+    dirs = np.flatnonzero(st.map_dir >= 0)
+    nodes = st.map_nodes[st.map_dir[dirs]]
+    di, ri = np.nonzero(nodes >= 0)
+    blocks = st.map_blocks[nodes[di, ri]]
+    bi, gi = np.nonzero(blocks != np.uint32(FULL_SPP_ACCESS))
+    gfns = ((dirs[di[bi]].astype(np.uint64) << np.uint64(MAP_DIR_SHIFT))
+            | (ri[bi].astype(np.uint64) << np.uint64(9)) | gi.astype(np.uint64))
+    order = np.argsort(gfns, kind="stable")
+    return gfns[order], blocks[bi, gi][order]
+
+
+def stored_map(st, gfn: int) -> int:
+    """The stored map of one gfn (FULL_SPP_ACCESS where no block exists), in Python."""
+    d = gfn >> MAP_DIR_SHIFT
+    if not 0 <= d < st.map_dir.shape[0] or st.map_dir[d] < 0:
+        return FULL_SPP_ACCESS
+    b = int(st.map_nodes[st.map_dir[d], (gfn >> 9) & 511])
+    return FULL_SPP_ACCESS if b < 0 else int(st.map_blocks[b, gfn & 511])
+
 
 # Replay counters (int64 array, one per replay; summed over batches).
 CT_ACCESSES = 0

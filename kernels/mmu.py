@@ -27,6 +27,7 @@ from ._jit import (
     U_EPT_LEAF,
     U_EPT_NONLEAF,
     U_GUEST_RAM_HPA,
+    U_GUEST_RAM_OFFSET,
     U_MMIO_SPTE,
     U_PAGE_SHIFT,
     U_PROC_ACTIVATE_SECONDARY,
@@ -49,6 +50,12 @@ from ._jit import (
 )
 from .layout import (
     CACHE_INVALID,
+    CACHE_PAYLOAD_MASK,
+    CACHE_TAG_SHIFT,
+    MAP_DIR_SHIFT,
+    MAP_NONE,
+    SC_MAP_BLOCKS,
+    SC_MAP_NODES,
     CF_GRANULARITY,
     CF_HUGEPAGES,
     CF_PROFILE,
@@ -87,6 +94,10 @@ _I_SEC = B.VMCS_COL_SECONDARY
 _I_SPPTP = B.VMCS_COL_SPPTP
 _EXIT_KIND_EPT_FAULT = B.EXIT_KIND_EPT_FAULT
 _SHIFT_L = (np.uint64(12), np.uint64(21), np.uint64(30), np.uint64(39))
+_U_MAP_DIR_SHIFT = np.uint64(MAP_DIR_SHIFT)
+_U_511 = np.uint64(511)
+_TAG_SHIFT = np.int64(CACHE_TAG_SHIFT)
+_PAYLOAD = np.int64(CACHE_PAYLOAD_MASK)
 
 
 # ------------------------------------------------------------------ addresses and the pool
@@ -133,10 +144,23 @@ def is_shadow_present(e):
 
 
 @inline
+def cache_slot(cache_len, region):
+    """The entry of a region cache (kernels.layout: direct-mapped, a power-of-two length)."""
+    return np.int64(region & np.uint64(cache_len - 1))
+
+
+@inline
+def cache_lookup(c, region):
+    """The payload of cache entry ``c`` if it is tagged with ``region``, else -1."""
+    if (c >> _TAG_SHIFT) != np.int64(region):
+        return -1
+    return c & _PAYLOAD
+
+
+@inline
 def invalidate_region(st, gfn):
-    r = np.int64(gfn >> np.uint64(9))
-    if r < st.ept_cache.shape[0]:
-        st.ept_cache[r] = CACHE_INVALID
+    """Forget the cached walk of gfn's region (whatever region the entry holds now: harmless)."""
+    st.ept_cache[cache_slot(st.ept_cache.shape[0], gfn >> np.uint64(9))] = CACHE_INVALID
 
 
 # ------------------------------------------------------------------ memslots and access maps
@@ -151,9 +175,50 @@ def memslot_of(st, gfn):
 
 
 @inline
-def map_slot(st, slot, gfn):
-    """Index of gfn's access map (gfn_to_subpage_wp_info)."""
-    return st.slot_map_off[slot] + np.int64(gfn - st.slot_base[slot])
+def map_block_of(st, gfn):
+    """The row of map_blocks holding gfn's map (gfn_to_subpage_wp_info), -1 when the region has
+    none: every map there is FULL (kernels.layout, "Access maps")."""
+    d = gfn >> _U_MAP_DIR_SHIFT
+    if d >= np.uint64(st.map_dir.shape[0]):
+        return -1
+    node = st.map_dir[d]
+    if node < 0:
+        return -1
+    return st.map_nodes[node, (gfn >> np.uint64(9)) & _U_511]
+
+
+@inline
+def stored_map(st, gfn):
+    """The stored u32 map of ``gfn``, FULL where none is stored."""
+    b = map_block_of(st, gfn)
+    if b < 0:
+        return FULL_ACCESS_U32
+    return st.map_blocks[b, gfn & _U_511]
+
+
+@inline
+def store_map(st, gfn, m):
+    """Store gfn's map, allocating its region's node and block unless ``m`` is FULL (which
+    needs none). The caller made room for one node and one block (sppjit.vm.ensure_maps)."""
+    d = np.int64(gfn >> _U_MAP_DIR_SHIFT)
+    node = st.map_dir[d]
+    if node < 0:
+        if m == FULL_ACCESS_U32:
+            return
+        node = st.scal[SC_MAP_NODES]
+        st.scal[SC_MAP_NODES] = node + 1
+        st.map_nodes[node, :] = MAP_NONE
+        st.map_dir[d] = node
+    r = (gfn >> np.uint64(9)) & _U_511
+    b = st.map_nodes[node, r]
+    if b < 0:
+        if m == FULL_ACCESS_U32:
+            return
+        b = st.scal[SC_MAP_BLOCKS]
+        st.scal[SC_MAP_BLOCKS] = b + 1
+        st.map_blocks[b, :] = FULL_ACCESS_U32
+        st.map_nodes[node, r] = b
+    st.map_blocks[b, gfn & _U_511] = m
 
 
 @inline
@@ -161,10 +226,9 @@ def access_map_of(st, gfn):
     """The stored u32 map of ``gfn``; FULL when SPP is off or the gfn has no memslot."""
     if st.scal[SC_SPP_ACTIVE] == 0:
         return FULL_ACCESS_U32
-    s = memslot_of(st, gfn)
-    if s < 0:
+    if memslot_of(st, gfn) < 0:
         return FULL_ACCESS_U32
-    return st.maps[map_slot(st, s, gfn)]
+    return stored_map(st, gfn)
 
 
 @inline
@@ -192,10 +256,11 @@ def region_has_protected_gfn(st, slot, gfn):
     """Whether any gfn of the 2 MiB region of ``gfn`` (inside ``slot``) has map != FULL."""
     if st.scal[SC_SPP_ACTIVE] == 0:
         return False
-    first = gfn & ~np.uint64(511)
-    i0 = map_slot(st, slot, first)
+    b = map_block_of(st, gfn)  # the region lies in ``slot`` (region_fits_memslot)
+    if b < 0:
+        return False
     for k in range(512):
-        if st.maps[i0 + k] != FULL_ACCESS_U32:
+        if st.map_blocks[b, k] != FULL_ACCESS_U32:
             return True
     return False
 
@@ -211,9 +276,7 @@ def cached_leaf_table(st, gfn):
     not answered here (their leaf sits one level up).
     """
     region = gfn >> np.uint64(9)
-    if region >= np.uint64(st.ept_cache.shape[0]):
-        return -1
-    c = st.ept_cache[region]
+    c = cache_lookup(st.ept_cache[cache_slot(st.ept_cache.shape[0], region)], region)
     if c < 0 or (c & 8) != 0:
         return -1
     return c >> 4
@@ -429,10 +492,9 @@ def spp_flush_sppt(st, gfn):
     e = st.tables[t, i]
     if (e & U_SPPT_PRESENT) != U0:
         st.tables[t, i] = e & ~U_SPPT_PRESENT
-        r = np.int64(gfn >> np.uint64(9))
-        if r < st.sppt_cache.shape[1]:
-            for v in range(st.sppt_cache.shape[0]):
-                st.sppt_cache[v, r] = CACHE_INVALID
+        r = cache_slot(st.sppt_cache.shape[1], gfn >> np.uint64(9))
+        for v in range(st.sppt_cache.shape[0]):
+            st.sppt_cache[v, r] = CACHE_INVALID
 
 
 @inline
@@ -480,9 +542,15 @@ def kvm_spp_free_memslot(st):
 
 # ------------------------------------------------------------------ EPT fault, MMIO, set/get
 @inline
+def ram_hpa(gfn):
+    """The host page backing a RAM gfn (sppjit.bits: GUEST_RAM_HPA + gpa mod GUEST_RAM_SIZE)."""
+    return U_GUEST_RAM_HPA + ((gfn << U_PAGE_SHIFT) & U_GUEST_RAM_OFFSET)
+
+
+@inline
 def ram_leaf(gfn):
     """The 4 KiB EPT leaf KVM installs for a RAM gfn, before any protection."""
-    return (U_GUEST_RAM_HPA + (gfn << U_PAGE_SHIFT)) | U_EPT_LEAF
+    return ram_hpa(gfn) | U_EPT_LEAF
 
 
 @inline
@@ -495,7 +563,7 @@ def kvm_map_gfn_common(st, gfn, slot):
     t = cached_leaf_table(st, gfn)
     if t < 0:
         return False
-    if st.scal[SC_SPP_ACTIVE] != 0 and st.maps[map_slot(st, slot, gfn)] != FULL_ACCESS_U32:
+    if st.scal[SC_SPP_ACTIVE] != 0 and stored_map(st, gfn) != FULL_ACCESS_U32:
         return False
     st.tables[t, level_index(gfn << U_PAGE_SHIFT, 1)] = ram_leaf(gfn)
     return True
@@ -514,16 +582,18 @@ def kvm_map_gfn(st, gfn, slot):
         i = level_index(gfn << U_PAGE_SHIFT, 2)
         if t >= 0 and (st.tables[t, i] & (U_R | U_W | U_X)) == U0:
             base = gfn & ~np.uint64(511)
-            st.tables[t, i] = (U_GUEST_RAM_HPA + (base << U_PAGE_SHIFT)) | U_EPT_LEAF | U_PS
+            st.tables[t, i] = ram_hpa(base) | U_EPT_LEAF | U_PS
             invalidate_region(st, gfn)
             return
         # A level-1 table already exists for the region (4 KiB mappings or MMIO entries in
         # it): KVM maps at the level the existing tables allow.
     t = ept_table_for(st, gfn, 1, True)
+    if t < 0:
+        return  # an entry above that is neither a table nor a huge leaf (a hand-poked state)
     i = level_index(gfn << U_PAGE_SHIFT, 1)
     e = ram_leaf(gfn)
     if st.scal[SC_SPP_ACTIVE] != 0:
-        m = st.maps[map_slot(st, slot, gfn)]
+        m = stored_map(st, gfn)
         if m != FULL_ACCESS_U32:
             e = kvm_spp_mark_protection(st, gfn, e, m)
     st.tables[t, i] = e
@@ -558,14 +628,13 @@ def kvm_set_subpages(st, base_gfn, access_maps, npages):
         spp_flush_sppt(st, base_gfn + np.uint64(k))
     for k in range(done):
         gfn = base_gfn + np.uint64(k)
-        s = memslot_of(st, gfn)
         m = np.uint32(access_maps[k])
         t, i, level = ept_leaf(st, gfn)
         if level == 1:
             st.tables[t, i] = kvm_spp_mark_protection(st, gfn, st.tables[t, i], m)
         elif level == 2 and spp_zap_huge_on_set(st, m):
             zap_leaf(st, t, i, gfn)
-        st.maps[map_slot(st, s, gfn)] = m
+        store_map(st, gfn, m)
     return done
 
 
@@ -574,10 +643,9 @@ def kvm_get_subpages(st, base_gfn, out, npages):
     """kvm_mmu_get_subpages: copy the maps; returns k < npages at the first gfn with no memslot."""
     for k in range(npages):
         gfn = base_gfn + np.uint64(k)
-        s = memslot_of(st, gfn)
-        if s < 0:
+        if memslot_of(st, gfn) < 0:
             return k
-        out[k] = st.maps[map_slot(st, s, gfn)]
+        out[k] = stored_map(st, gfn)
     return npages
 
 
@@ -588,10 +656,13 @@ def invalidate_span(st, gfn, lvl):
     if lvl <= 2:
         invalidate_region(st, gfn)
         return
-    r0 = np.int64(gfn >> np.uint64(9)) & ~np.int64((1 << (9 * (lvl - 2))) - 1)
-    r1 = min(r0 + np.int64(1 << (9 * (lvl - 2))), np.int64(st.ept_cache.shape[0]))
-    for r in range(r0, r1):
-        st.ept_cache[r] = CACHE_INVALID
+    span = np.int64(1 << (9 * (lvl - 2)))
+    if span >= st.ept_cache.shape[0]:
+        st.ept_cache[:] = CACHE_INVALID
+        return
+    r0 = np.int64(gfn >> np.uint64(9)) & ~(span - 1)
+    for r in range(r0, r0 + span):
+        st.ept_cache[cache_slot(st.ept_cache.shape[0], np.uint64(r))] = CACHE_INVALID
 
 
 @inline
@@ -658,6 +729,25 @@ def kvm_remap_range(st, gfn0, npages):
     return zap_range(st, gfn0, npages, True)
 
 
+@inline
+def free_maps(st, g0, g1):
+    """Every stored map of gfns g0..g1-1 back to FULL (kvm_spp_free_memslot frees the slot's
+    maps), visiting only the GiBs and regions that hold blocks."""
+    g = g0
+    while g < g1:
+        d = g >> _U_MAP_DIR_SHIFT
+        gib_end = min(g1, (d + np.uint64(1)) << _U_MAP_DIR_SHIFT)
+        node = st.map_dir[d] if d < np.uint64(st.map_dir.shape[0]) else MAP_NONE
+        while node >= 0 and g < gib_end:
+            region_end = min(gib_end, (g | _U_511) + np.uint64(1))
+            b = st.map_nodes[node, (g >> np.uint64(9)) & _U_511]
+            if b >= 0:
+                for x in range(np.int64(g & _U_511), np.int64(((region_end - np.uint64(1)) & _U_511)) + 1):
+                    st.map_blocks[b, x] = FULL_ACCESS_U32
+            g = region_end
+        g = gib_end
+
+
 @kernel
 def kvm_delete_memslot(st, slot):
     """Delete memslot ``slot``: zap its EPT leaves, free its maps (slot_npages = 0 marks the slot
@@ -668,9 +758,7 @@ def kvm_delete_memslot(st, slot):
     base = st.slot_base[slot]
     n = st.slot_npages[slot]
     changed = zap_range(st, base, n, False)
-    off = st.slot_map_off[slot]
-    for k in range(np.int64(n)):
-        st.maps[off + k] = FULL_ACCESS_U32
+    free_maps(st, base, base + n)
     st.slot_npages[slot] = U0
     return changed, kvm_spp_free_memslot(st)
 

@@ -30,6 +30,8 @@ from .hardware import (
     hardware_check,
 )
 from .layout import (
+    CACHE_PAYLOAD_MASK,
+    CACHE_TAG_SHIFT,
     CF_GRANULARITY,
     CT_ACCESSES,
     CT_EXIT_KIND,
@@ -48,6 +50,24 @@ STATUS_NEED_TABLES = 1
 STATUS_NEED_LOG = 2
 STATUS_ENTRY_FAILED = 3
 STATUS_LIVELOCK = 4
+STATUS_NEED_TOUCHED = 5
+
+# The touched-page set of a replay (sppjit.replay owns it): sparse, one bitmap block of
+# TOUCHED_BLOCK_WORDS uint64 (2**TOUCHED_SHIFT pages: 1 GiB) per GiB the trace touches below the
+# top memslot, the blocks one after the other in touched_words. touched_dir[gfn >> TOUCHED_SHIFT]
+# is the first word of the GiB's block, or -1; touched_n[0] blocks are in use. The kernel
+# allocates blocks (zeroed in advance) and stops with STATUS_NEED_TOUCHED when none is left;
+# sppjit.replay grows the pool.
+TOUCHED_SHIFT = 18
+TOUCHED_BLOCK_WORDS = (1 << TOUCHED_SHIFT) // 64
+_U_TOUCHED_SHIFT = np.uint64(TOUCHED_SHIFT)
+_U_TOUCHED_WORD_MASK = np.uint64(TOUCHED_BLOCK_WORDS - 1)
+_U_TOUCHED_BYTE_MASK = np.uint64(TOUCHED_BLOCK_WORDS * 8 - 1)
+_TOUCHED_BLOCK_WORDS = np.int64(TOUCHED_BLOCK_WORDS)
+_U_63 = np.uint64(63)
+_TAG_SHIFT = np.int64(CACHE_TAG_SHIFT)
+_U_TABLE_INDEX = np.uint64(CACHE_PAYLOAD_MASK >> 4)
+_U_PAYLOAD = np.uint64(CACHE_PAYLOAD_MASK)
 
 # At most this many exits on one piece before the model calls it a livelock (a model bug or a
 # hand-poked state no KVM handler can repair): the worst legitimate case is 4.
@@ -157,25 +177,28 @@ _U_PREFETCH_DISTANCE = np.uint64(PREFETCH_DISTANCE)
 
 
 @inline
-def prefetch_leaf(st, tables_base, regions, gfn, v, write, touched_base, touched_bits):
+def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touched_base):
     """Hint the cache about what a later access to page ``gfn`` will read: its byte of the
     touched bitmap, its EPT leaf (found through the region cache) and, for a write, its SPP
     vector (when the region has an SPPT leaf table for that vCPU: only regions with protected
     pages do). Leaves out what the caches hold no walk for."""
-    if gfn < touched_bits:
-        prefetch(touched_base + (gfn >> np.uint64(3)))
+    d = gfn >> _U_TOUCHED_SHIFT
+    if d < np.uint64(touched_dir.shape[0]):
+        w = touched_dir[d]
+        if w >= 0:
+            prefetch(touched_base + np.uint64(w) * np.uint64(8) + ((gfn >> np.uint64(3)) & _U_TOUCHED_BYTE_MASK))
     region = gfn >> np.uint64(9)
-    if region >= regions:
-        return
-    c = st.ept_cache[region]
-    if c < 0:
+    slot = region & cache_mask
+    c = st.ept_cache[slot]
+    if (c >> _TAG_SHIFT) != np.int64(region):
         return
     index = region & _U_511 if (c & 8) != 0 else gfn & _U_511
-    prefetch(tables_base + ((np.uint64(c) >> np.uint64(4)) * np.uint64(512) + index) * np.uint64(8))
+    t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
+    prefetch(tables_base + (t * np.uint64(512) + index) * np.uint64(8))
     if write:
-        s = st.sppt_cache[v, region]
-        if s >= 0:
-            prefetch(tables_base + (np.uint64(s) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
+        s = st.sppt_cache[v, slot]
+        if (s >> _TAG_SHIFT) == np.int64(region):
+            prefetch(tables_base + ((np.uint64(s) & _U_PAYLOAD) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
 
 
 @inline
@@ -239,15 +262,28 @@ def take_fault_in(st, log, counters, v, row, gfn, gpa, qual, insn):
 
 
 @inline
-def mark_touched(touched, touched_bits, gfn):
-    if gfn < touched_bits:
-        touched[gfn >> np.uint64(3)] |= np.uint8(1) << np.uint8(gfn & np.uint64(7))
+def mark_touched(touched_dir, touched_words, touched_n, gfn):
+    """Add ``gfn`` to the touched set (gfns above the top memslot are not counted). Returns
+    False, having changed nothing, when gfn's GiB needs a block and the pool has none left."""
+    d = gfn >> _U_TOUCHED_SHIFT
+    if d >= np.uint64(touched_dir.shape[0]):
+        return True
+    w = touched_dir[d]
+    if w < 0:
+        b = touched_n[0]
+        w = b * _TOUCHED_BLOCK_WORDS
+        if w + _TOUCHED_BLOCK_WORDS > touched_words.shape[0]:
+            return False
+        touched_n[0] = b + 1
+        touched_dir[d] = w
+    touched_words[np.uint64(w) + ((gfn >> np.uint64(6)) & _U_TOUCHED_WORD_MASK)] |= U1 << (gfn & _U_63)
+    return True
 
 
 @inline
-def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched, ru,
-              end, nu, memo_gfn, memo_cum, prefetching, pending, spp_active, spp_exits_inline, spp_exit_code,
-              log_limit, faults_inline, tables_base, regions, touched_base, touched_bits):
+def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
+              touched_words, touched_n, ru, end, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
+              spp_exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base):
     """replay_batch's inner loop: rows ru..end-1 while the caches decide them. Returns (the
     first row it could not finish, fast_check's code and qualification for it, the exits it
     already took for that row, the memo) or, having run them all, (end, FAST_UNKNOWN, 0, 0,
@@ -264,8 +300,8 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
         if prefetching and ahead < nu:
             page_ahead = gpa[ahead] >> U_PAGE_SHIFT
             if page_ahead != page_ahead_prev:  # runs on one page: once
-                prefetch_leaf(st, tables_base, regions, page_ahead, np.int64(vcpu[ahead]),
-                              spp_active and kind[ahead] == B.ACCESS_WRITE, touched_base, touched_bits)
+                prefetch_leaf(st, tables_base, cache_mask, page_ahead, np.int64(vcpu[ahead]),
+                              spp_active and kind[ahead] == B.ACCESS_WRITE, touched_dir, touched_base)
                 page_ahead_prev = page_ahead
         if pending and st.requests[vcpu[ru]] != 0:
             return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum
@@ -285,11 +321,14 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                     return ru, code, qual, 0, memo_gfn, memo_cum
                 insn = np.uint64(insn_len[ru])
                 row = row0 + np.int64(ru)
+                # A row taken here marks its page before any effect: a full touched pool
+                # stops it untouched (the outer loop asks for room, then replays it).
+                if not mark_touched(touched_dir, touched_words, touched_n, gfn):
+                    return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum
                 if code == FAST_SPP_VIOLATION:
                     if not spp_exits_inline:
                         return ru, code, qual, 0, memo_gfn, memo_cum
                     take_spp_violation(st, log, counters, v, row, first, qual, insn, spp_exit_code)
-                    mark_touched(touched, touched_bits, gfn)
                     outcome[ru] = B.OUTCOME_SPP_VIOLATION
                     exits[ru] = 1
                     exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
@@ -306,22 +345,22 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                 # below cost hotset ~10% (the compiler laid the hot path out worse).
                 memo_gfn = gfn
                 memo_cum = qual
-                mark_touched(touched, touched_bits, gfn)
                 exits[ru] = 1
                 exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
                 counters[CT_EXITS] += 1
                 ru += U1
                 continue
+            if not mark_touched(touched_dir, touched_words, touched_n, gfn):
+                return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum  # nothing done yet: see above
             memo_gfn = gfn
             memo_cum = qual
-            mark_touched(touched, touched_bits, gfn)
         ru += U1  # its results are preset
     return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum
 
 
 @kernel
 def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, counters,
-                 touched):
+                 touched_dir, touched_words, touched_n):
     """Replay rows start.. of one batch. Returns (status, row to resume from, detail).
 
     Two loops: the inner one runs the rows the caches decide (allowed, one page); the first
@@ -335,10 +374,9 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     """
     n = gpa.shape[0]
     margin = table_margin(st.scal[SC_NVCPUS])
-    touched_bits = np.uint64(touched.shape[0]) << np.uint64(3)
     tables_base = np.uint64(st.tables.ctypes.data)  # the pool is never reallocated in here
-    touched_base = np.uint64(touched.ctypes.data)
-    regions = np.uint64(st.ept_cache.shape[0])
+    touched_base = np.uint64(touched_words.ctypes.data)
+    cache_mask = np.uint64(st.ept_cache.shape[0] - 1)
     # Prefetch hints: SPP vectors only in a VM with SPP active, anything only once the tables
     # outgrow the core's caches. Both are re-read after each slow row, where KVM's rules run.
     spp_active = st.scal[SC_SPP_ACTIVE] != 0
@@ -385,18 +423,18 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         faults_inline = st.tables.shape[0] - st.scal[SC_NTABLES] >= margin
         if prefetching or pending or spp_active:
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
-                st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched, ru,
-                preset, nu, memo_gfn, memo_cum, prefetching, pending, spp_active, spp_exits_inline, spp_exit_code,
-                log_limit, faults_inline, tables_base, regions, touched_base, touched_bits)
+                st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
+                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
+                spp_exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base)
         else:
             # A small pool, no request pending, SPP off: the loop with no prefetching, no request
             # test and no exit taken in place (constants here: the compiler drops that code).
             # It sees few exits: fewer fault-ins than a 1 MiB pool has leaves, no sub-page
             # violation.
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
-                st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched, ru,
-                preset, nu, memo_gfn, memo_cum, False, False, False, False, spp_exit_code,
-                log_limit, False, tables_base, regions, touched_base, touched_bits)
+                st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
+                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, False, False, False, False,
+                spp_exit_code, log_limit, False, tables_base, cache_mask, touched_base)
         if ru > run_start:
             count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))
         r = np.int64(ru)
@@ -411,6 +449,8 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             return STATUS_NEED_TABLES, r, 0
         if log.row.shape[0] - log.n[0] < LOG_MARGIN:
             return STATUS_NEED_LOG, r, 0
+        if touched_words.shape[0] // _TOUCHED_BLOCK_WORDS - touched_n[0] < 2:  # a row touches two pages at most
+            return STATUS_NEED_TOUCHED, r, 0
         v = np.int64(vcpu[r])
         if pending and st.requests[v] != 0:
             rc = serve_requests(st, v)
@@ -433,7 +473,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         nexits = carried
         reason_last = B.EXIT_REASON_EPT_VIOLATION if carried else 0
         while True:
-            mark_touched(touched, touched_bits, first >> U_PAGE_SHIFT)
+            mark_touched(touched_dir, touched_words, touched_n, first >> U_PAGE_SHIFT)
             if code != FAST_ALLOWED:
                 known = qual if code >= FAST_VIOLATION else _NO_QUAL
                 ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known,

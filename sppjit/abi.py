@@ -95,14 +95,15 @@ def kvm_enable_cap(cap: int, flags: int = 0, args=(0, 0, 0, 0)) -> bytearray:
 
 def _bytes(arg, nbytes: int) -> np.ndarray | None:
     """The first ``nbytes`` of the caller's buffer (shared memory), None if they cannot be read
-    (copy_from_user fails)."""
+    (copy_from_user fails): no buffer, too short, or not one contiguous piece of memory."""
     try:
         mv = memoryview(arg)
-    except TypeError:
+        if mv.nbytes < nbytes:
+            return None
+        flat = mv.cast("B")  # a strided (non-contiguous) buffer is no user pointer: TypeError
+    except (TypeError, ValueError):
         return None
-    if mv.nbytes < nbytes:
-        return None
-    return np.frombuffer(mv.cast("B"), dtype=np.uint8, count=nbytes)
+    return np.frombuffer(flat, dtype=np.uint8, count=nbytes)
 
 
 def _view(arg) -> np.ndarray | None:

@@ -264,13 +264,16 @@ EINVAL = errno.EINVAL
 # Simulated host-physical address space
 # --------------------------------------------------------------------------------------------
 # Page-table pages (EPT and SPPT share one pool, as KVM allocates both from its MMU caches) live
-# at TABLE_POOL_HPA + index * 4 KiB; guest RAM backing pages at GUEST_RAM_HPA + gfn * 4 KiB
-# (2 MiB-aligned for every 2 MiB-aligned gfn, so huge leaves are well formed); pages given by a
-# host remap come from REMAP_HPA upwards. All below 2**MAXPHYADDR.
+# at TABLE_POOL_HPA + index * 4 KiB; guest RAM backing pages at GUEST_RAM_HPA + gpa modulo
+# GUEST_RAM_SIZE (2 MiB-aligned for every 2 MiB-aligned gfn, so huge leaves are well formed; a
+# model holds no data, so a guest above 16 TiB shares backing pages and every backing address
+# stays a valid one, up to the whole 48-bit guest space); pages given by a host remap come
+# from REMAP_HPA upwards. All below 2**MAXPHYADDR.
 TABLE_POOL_HPA = 0x0000_0010_0000_0000  # 64 GiB
 GUEST_RAM_HPA = 0x0000_1000_0000_0000  # 16 TiB
+GUEST_RAM_SIZE = 0x0000_1000_0000_0000  # 16 TiB of backing pages (a power of two)
 REMAP_HPA = 0x0000_2000_0000_0000  # 32 TiB
-assert REMAP_HPA < (1 << MAXPHYADDR)
+assert GUEST_RAM_HPA + GUEST_RAM_SIZE <= REMAP_HPA < (1 << MAXPHYADDR)
 
 # --------------------------------------------------------------------------------------------
 # SPP vector <-> KVM 32-bit access map

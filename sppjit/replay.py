@@ -1,7 +1,7 @@
 """Replay driver: feeds trace batches to an engine and assembles results, exit log and summary.
 
 Both engines fill the same arrays (outcome, exits, exit_reason per access; the exit log;
-counters; the touched-page bitmap), so everything downstream of them is shared.
+counters; the touched-page set), so everything downstream of them is shared.
 """
 
 from __future__ import annotations
@@ -103,6 +103,54 @@ def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
     )
 
 
+class TouchedPages:
+    """The distinct gfns a replay touched below ``top`` (the top of the highest memslot), as
+    kernels.replay's sparse set: a 32 KiB bitmap block per GiB touched, so memory follows the
+    trace, not the guest's size. The JIT kernel fills it itself; the reference engine adds its
+    gfns after each batch."""
+
+    def __init__(self, top: int, capacity: int = 4):
+        from .kernels.replay import TOUCHED_BLOCK_WORDS, TOUCHED_SHIFT
+
+        self.shift, self.block = TOUCHED_SHIFT, TOUCHED_BLOCK_WORDS
+        self.dir = np.full(-(-int(top) >> TOUCHED_SHIFT), -1, dtype=np.int64)
+        self.words = np.zeros(max(1, min(capacity, self.dir.shape[0])) * self.block, dtype=np.uint64)
+        self.n = np.zeros(1, dtype=np.int64)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.dir, self.words, self.n
+
+    def grow(self, extra: int) -> None:
+        """Room for ``extra`` more blocks (at least doubling); new blocks are zero."""
+        used = int(self.n[0]) * self.block
+        if self.words.shape[0] - used >= extra * self.block:
+            return
+        words = np.zeros(max(2 * self.words.shape[0], used + extra * self.block), dtype=np.uint64)
+        words[:used] = self.words[:used]
+        self.words = words
+
+    def add(self, gfns: np.ndarray) -> None:
+        gfns = gfns[(gfns >> np.uint64(self.shift)) < np.uint64(self.dir.shape[0])]
+        if not gfns.size:
+            return
+        d = (gfns >> np.uint64(self.shift)).astype(np.int64)
+        new = np.unique(d[self.dir[d] < 0])
+        self.grow(new.size)
+        used = int(self.n[0])
+        self.dir[new] = np.arange(used, used + new.size) * self.block
+        self.n[0] = used + new.size
+        word = self.dir[d] + ((gfns >> np.uint64(6)) & np.uint64(self.block - 1)).astype(np.int64)
+        np.bitwise_or.at(self.words, word, np.uint64(1) << (gfns & np.uint64(63)))
+
+    def count(self) -> int:
+        """How many gfns are in the set (a popcount over the blocks in use, a few at a time)."""
+        total, used = 0, int(self.n[0]) * self.block
+        step = 32 * self.block
+        for i in range(0, used, step):
+            total += int(np.unpackbits(self.words[i:min(used, i + step)].view(np.uint8)).sum(dtype=np.int64))
+        return total
+
+
 @dataclass
 class ReplayResult:
     table: pa.Table
@@ -126,8 +174,7 @@ class Replay:
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
-        top = max(b + n for b, n in self.vm.config.memslots)
-        self.touched = np.zeros(-(-top // 8), dtype=np.uint8)
+        self.touched = TouchedPages(max(b + n for b, n in self.vm.config.memslots))
         self._log = L.empty_exit_log(EXIT_LOG_CAPACITY)
         self._exit_batches: list[pa.RecordBatch] = []
         self._batch: TraceBatch | None = None  # the batch whose exits the log holds
@@ -221,7 +268,7 @@ class Replay:
             # An empty batch of the same array types: compiles, replays nothing.
             empty = tuple(c[:0] for c in kernel_columns(batch))
             replay_batch(st, *empty, np.int64(0), np.int64(0), outcome[:0], exits[:0], reason[:0], self._log,
-                         self.counters, self.touched)
+                         self.counters, *self.touched.arrays())
         elif hasattr(replay_access_handlers[0], "compile"):  # numba on
             import numba
             from numba import types
@@ -253,6 +300,7 @@ class Replay:
             STATUS_LIVELOCK,
             STATUS_NEED_LOG,
             STATUS_NEED_TABLES,
+            STATUS_NEED_TOUCHED,
             replay_batch,
             table_margin,
         )
@@ -264,10 +312,12 @@ class Replay:
             with vm.mmu_lock:
                 status, row, detail = replay_batch(
                     vm.state, *columns, np.int64(batch.first_row), np.int64(row), outcome, exits, reason, self._log,
-                    self.counters, self.touched,
+                    self.counters, *self.touched.arrays(),
                 )
                 if status == STATUS_NEED_TABLES:
                     vm.ensure_tables(table_margin(vm.vcpus) * 64)
+            if status == STATUS_NEED_TOUCHED:
+                self.touched.grow(2)
             if status == STATUS_DONE:
                 return
             if status == STATUS_NEED_LOG:
@@ -283,7 +333,6 @@ class Replay:
 
         vm, c, log = self.vm, self.counters, []
         touched: set[int] = set()
-        bits = self.touched.shape[0] * 8
         margin = int(table_margin(vm.vcpus))
         for i in range(len(batch)):
             vm.ensure_tables(margin)
@@ -297,9 +346,7 @@ class Replay:
             c[L.CT_KIND + kind] += 1
             c[L.CT_OUTCOME + out] += 1
             c[L.CT_EXITS] += n
-        for gfn in touched:
-            if gfn < bits:
-                self.touched[gfn >> 3] |= np.uint8(1 << (gfn & 7))
+        self.touched.add(np.fromiter(touched, dtype=np.uint64, count=len(touched)))
         for rec in log:
             self.counters[L.CT_EXIT_KIND + rec.kind] += 1
             j = int(self._log.n[0])
@@ -328,7 +375,7 @@ class Replay:
         exits = {"total": int(c[L.CT_EXITS])}
         for code, name in enumerate(B.EXIT_KIND_NAMES):
             exits[name] = int(c[L.CT_EXIT_KIND + code])
-        pages = {"touched": int(np.unpackbits(self.touched).sum())}
+        pages = {"touched": self.touched.count()}
         pages.update(page_counts(self.vm.state))
         extra = {} if self.hooks is None else {"hooks": self.hooks.summary()}
         if self.ops:

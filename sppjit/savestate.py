@@ -22,22 +22,36 @@ from .errors import InputError
 from .kernels import layout as L
 
 FORMAT = "sppjit-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sparse access maps (map_dir/map_nodes/map_blocks), tagged region caches
 _META = "__meta__"
-# State fields indexed by table-pool entry: saved only up to the tables in use.
-_POOL_FIELDS = ("tables", "table_kind", "table_level")
+# State fields indexed by a pool's entries, and the scal counter of the entries in use: saved
+# only up to those.
+_POOL_FIELDS = {
+    "tables": L.SC_NTABLES,
+    "table_kind": L.SC_NTABLES,
+    "table_level": L.SC_NTABLES,
+    "map_nodes": L.SC_MAP_NODES,
+    "map_blocks": L.SC_MAP_BLOCKS,
+}
+_POOL_FILL = {"map_nodes": L.MAP_NONE, "map_blocks": L.FULL_SPP_ACCESS}  # spare rows; others 0
+# Caches of walks: not part of what a VM is. Saved empty; a loaded state starts with them empty.
+_CACHE_FIELDS = ("ept_cache", "sppt_cache")
 
 
 def state_arrays(vm) -> dict[str, np.ndarray]:
-    """The arrays that define ``vm``: every State field, the pool cut to the tables in use.
+    """The arrays that define ``vm``: every State field, the pools cut to the entries in use,
+    the region caches empty (they only spare walks: a VM is the same with or without them).
 
     Two VMs are equal when their configs are equal and these arrays are (capacity aside)."""
     st = vm.state
-    used = int(st.scal[L.SC_NTABLES])
     arrays = {}
     for name in L.State._fields:
         value = getattr(st, name)
-        arrays[name] = value[:used] if name in _POOL_FIELDS else value
+        if name in _POOL_FIELDS:
+            value = value[: int(st.scal[_POOL_FIELDS[name]])]
+        elif name in _CACHE_FIELDS:
+            value = np.full_like(value, L.CACHE_INVALID)
+        arrays[name] = value
     return arrays
 
 
@@ -84,7 +98,7 @@ def load_state(path: str | os.PathLike):
             arrays = {name: data[name] for name in data.files if name != _META}
     except InputError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, MemoryError, RecursionError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"state: cannot read {path}: {reason}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -94,6 +108,7 @@ def load_state(path: str | os.PathLike):
                          f"this sppjit reads {FORMAT_VERSION}")
     try:
         config = meta["config"]
+        _check_config_types(config)
         vm = VM(
             vcpus=config["vcpus"],
             profile=config["profile"],
@@ -104,11 +119,35 @@ def load_state(path: str | os.PathLike):
             nested=config["nested"],
             memslots=[tuple(slot) for slot in config["memslots"]],
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"state: {path} has a damaged config ({exc})") from None
-    # The region caches hold table-pool indices, which the saved pool keeps: they stay valid.
-    vm.state = _restore(vm.state, arrays, path)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"state: {path} has a damaged config ({reason})") from None
+    state = _restore(vm.state, arrays, path)
+    from .statecheck import check_state
+
+    problem = check_state(state, vm.config)
+    if problem:
+        raise InputError(f"state: {path} is damaged: {problem}")
+    vm.state = state
+    vm.invalidate_caches()  # checked, and still dropped: the first walks refill them
     return vm
+
+
+def _check_config_types(config) -> None:
+    """The saved config's values have the types save_state writes (a float or a string where an
+    integer belongs would otherwise be converted silently); TypeError names the first one."""
+    if not isinstance(config, dict):
+        raise TypeError("the config is not a mapping")
+    types = {"vcpus": int, "profile": str, "hugepages": bool, "subpage_check": str, "granularity": str,
+             "spp_supported": bool, "nested": bool, "memslots": list}
+    for key, kind in types.items():
+        value = config.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"{key} is {value!r}")
+    for slot in config["memslots"]:
+        if (not isinstance(slot, list) or len(slot) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in slot)):
+            raise TypeError(f"memslot {slot!r} is not a pair of integers")
 
 
 def _restore(fresh: L.State, arrays: dict[str, np.ndarray], path: str) -> L.State:
@@ -125,17 +164,18 @@ def _restore(fresh: L.State, arrays: dict[str, np.ndarray], path: str) -> L.Stat
             raise InputError(f"state: {path}: array '{name}' has shape {saved.shape}, "
                              f"expected {like.shape} for this config")
         fields[name] = saved
-    used = int(fields["scal"][L.SC_NTABLES])
-    pool = fields["tables"]
-    if (pool.ndim != 2 or pool.shape[1:] != fresh.tables.shape[1:] or pool.shape[0] != used
-            or fields["table_kind"].shape != (used,)
-            or fields["table_level"].shape != (used,)):
-        raise InputError(f"state: {path}: the table pool does not match its "
-                         f"{used} tables in use")
-    capacity = max(used, fresh.tables.shape[0])
-    for name in _POOL_FIELDS:
-        saved = fields[name]
-        grown = np.zeros((capacity,) + saved.shape[1:], dtype=saved.dtype)
+    scal = fields["scal"]
+    for name, counter in _POOL_FIELDS.items():
+        used, saved, like = int(scal[counter]), fields[name], getattr(fresh, name)
+        if used < 0 or saved.shape != (used,) + like.shape[1:]:
+            raise InputError(f"state: {path}: array '{name}' has shape {saved.shape}, not the "
+                             f"{used} entries in use that scal[{counter}] says")
+        if counter == L.SC_NTABLES and not 1 <= used <= L.MAX_TABLES:
+            raise InputError(f"state: {path}: {used} tables in use (1..{L.MAX_TABLES})")
+    for name, counter in _POOL_FIELDS.items():
+        saved, like = fields[name], getattr(fresh, name)
+        used = saved.shape[0]
+        grown = np.full((max(used, like.shape[0]),) + saved.shape[1:], _POOL_FILL.get(name, 0), dtype=saved.dtype)
         grown[:used] = saved
         fields[name] = grown
     for name in L.State._fields:

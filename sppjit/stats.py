@@ -55,13 +55,7 @@ def protected_gfns(st) -> np.ndarray:
     """The gfns whose stored map is not FULL_SPP_ACCESS (none while SPP is inactive)."""
     if not st.scal[L.SC_SPP_ACTIVE]:
         return np.zeros(0, dtype=np.uint64)
-    out = []
-    for s in range(st.slot_base.shape[0]):
-        n = int(st.slot_npages[s])
-        off = int(st.slot_map_off[s])
-        idx = np.flatnonzero(st.maps[off : off + n] != np.uint32(B.FULL_SPP_ACCESS))
-        out.append(st.slot_base[s] + idx.astype(np.uint64))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+    return L.stored_maps(st)[0]
 
 
 def page_counts(st) -> dict[str, int]:

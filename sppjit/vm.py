@@ -87,6 +87,68 @@ def _parse_memslots(memory, memslots) -> list[tuple[int, int]]:
     return slots
 
 
+def _integral(value) -> int | None:
+    """``value`` as a Python int when it is an integer (or a float with an integral value),
+    None when it is not (1.5, nan, "3", None): the kernel's fields are integers."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def _u64_field(value, name: str) -> int:
+    """A gfn or npages argument of the control plane: an integer a u64 field can carry, else
+    EINVAL (an npages that large is refused by the page limit anyway)."""
+    v = _integral(value)
+    if v is None or not 0 <= v < 1 << 64:
+        raise SppError(B.EINVAL, f"{name} must be an integer 0..2**64-1, not {value!r}")
+    return v
+
+
+def _u64_gfns(gfns) -> np.ndarray:
+    """gfns as uint64; InputError for anything but a 1-D sequence of integers 0..2**64-1 (a
+    gfn of 16.5 is refused, not read as 16)."""
+    try:
+        arr = np.asarray(gfns)
+    except (TypeError, ValueError):
+        raise InputError("gfns must be a sequence of integers") from None
+    if arr.ndim != 1:
+        raise InputError("gfns must be a sequence of integers")
+    if arr.dtype.kind not in "iu":
+        values = [_integral(g) for g in arr.tolist()]
+        if any(v is None or not 0 <= v < 1 << 64 for v in values):
+            raise InputError("gfns must be a sequence of integers 0..2**64-1")
+        return np.array(values, dtype=np.uint64)
+    if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
+        raise InputError("gfns must be a sequence of integers 0..2**64-1")
+    return arr.astype(np.uint64)
+
+
+def _u32_maps(maps) -> np.ndarray:
+    """Access maps as uint32; InputError for anything that is not a 1-D sequence of u32
+    integers (no silent truncation of 1.5, -1 or 2**32)."""
+    try:
+        arr = np.asarray(maps)
+    except (TypeError, ValueError):
+        raise InputError("maps must be a sequence of u32 values") from None
+    if arr.ndim != 1:
+        raise InputError("maps must be a sequence of u32 values")
+    if arr.dtype.kind not in "biuf":  # Python ints beyond int64, strings, None, mixtures
+        values = [_integral(m) for m in arr.tolist()]
+        if any(v is None or not 0 <= v <= 0xFFFFFFFF for v in values):
+            raise InputError("maps must be a sequence of u32 integers")
+        return np.array(values, dtype=np.uint32)
+    if arr.dtype.kind == "f":
+        if not (np.isfinite(arr).all() and (np.floor(arr) == arr).all()):
+            raise InputError("maps must be a sequence of u32 integers (not fractions)")
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise InputError("maps must be a sequence of u32 values")
+    return arr.astype(np.uint32)
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Every setting that shapes a VM's behaviour (recorded in each summary)."""
@@ -254,6 +316,8 @@ class VM:
             if cap - used >= extra:
                 return
             new_cap = max(2 * cap, used + extra)
+            if new_cap > L.MAX_TABLES:
+                raise MemoryError(f"the table pool would exceed {L.MAX_TABLES} tables")
             tables = np.zeros((new_cap, B.PT_ENTRIES), dtype=np.uint64)
             tables[:used] = st.tables[:used]
             kind = np.zeros(new_cap, dtype=np.uint8)
@@ -261,6 +325,24 @@ class VM:
             level = np.zeros(new_cap, dtype=np.uint8)
             level[:used] = st.table_level[:used]
             self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
+
+    def ensure_maps(self, extra: int) -> None:
+        """Grow the access-map pools so that ``extra`` more nodes and blocks fit (their indices
+        stay). Under mmu_lock, as ensure_tables."""
+        with self.mmu_lock:
+            st = self.state
+            grown = {}
+            for name, counter, fill in (("map_nodes", L.SC_MAP_NODES, L.MAP_NONE),
+                                        ("map_blocks", L.SC_MAP_BLOCKS, B.FULL_SPP_ACCESS)):
+                pool = getattr(st, name)
+                used = int(st.scal[counter])
+                if pool.shape[0] - used >= extra:
+                    continue
+                bigger = np.full((max(2 * pool.shape[0], used + extra), pool.shape[1]), fill, dtype=pool.dtype)
+                bigger[:used] = pool[:used]
+                grown[name] = bigger
+            if grown:
+                self.state = st._replace(**grown)
 
     def _tables_for_pages(self, npages: int) -> int:
         if self.is_v12:
@@ -293,7 +375,9 @@ class VM:
             st = self.state
             if st.scal[L.SC_SPP_ACTIVE]:
                 return 0
-            st.maps.fill(B.FULL_SPP_ACCESS)
+            st.map_dir.fill(L.MAP_NONE)  # every map FULL: no block anywhere
+            st.scal[L.SC_MAP_NODES] = 0
+            st.scal[L.SC_MAP_BLOCKS] = 0
             if self.config.granularity == "spp":
                 make_roots()  # may grow the table pool: self.state is re-read below
             self.state.scal[L.SC_SPP_ACTIVE] = 1
@@ -372,6 +456,7 @@ class VM:
         n = len(maps)
         with self.slots_lock, self.mmu_lock:
             self.ensure_tables(self._tables_for_pages(n))
+            self.ensure_maps(n // B.PAGES_PER_2M + 2)  # the regions n gfns from base_gfn reach
             done = int(K.kvm_set_subpages(self.state, np.uint64(base_gfn), maps, n))
             if done:
                 self.state.scal[L.SC_TLB_FLUSHES] += 1  # kvm_flush_remote_tlbs after the update
@@ -382,28 +467,37 @@ class VM:
         """KVM_SUBPAGES_SET_ACCESS: one u32 map per page from ``base_gfn``. Returns npages.
 
         Raises SppError: ENODEV before init, EINVAL for too many pages (v4: also for 0; v12
-        returns 0 for 0 pages), EFAULT at the first gfn without a memslot (the pages before
-        it stay applied, in both profiles).
+        returns 0 for 0 pages) or a base_gfn that is not an integer of the u64 field, EFAULT at
+        the first gfn without a memslot (the pages before it stay applied, in both profiles).
+        Maps that are not u32 integers (1.5, -1, 2**32) raise InputError: nothing is truncated.
         """
-        arr = np.asarray(maps, dtype=np.int64)
-        if arr.ndim != 1 or ((arr < 0) | (arr > 0xFFFFFFFF)).any():
-            raise InputError("maps must be a sequence of u32 values")
+        arr = _u32_maps(maps)
         if not self._check_range(len(arr)):
             return 0
-        done = self._kvm_set_subpages(int(base_gfn), arr.astype(np.uint32))
+        gfn = _u64_field(base_gfn, "base_gfn")
+        done = self._kvm_set_subpages(gfn, arr)
         if done < len(arr):
-            raise SppError(B.EFAULT, f"gfn {int(base_gfn) + done:#x} is in no memslot")
+            raise SppError(B.EFAULT, f"gfn {gfn + done:#x} is in no memslot")
         return done
 
     def get_subpages(self, base_gfn: int, npages: int) -> np.ndarray:
-        """KVM_SUBPAGES_GET_ACCESS: the stored maps of ``npages`` gfns as a uint32 array."""
-        out = np.empty(int(npages), dtype=np.uint32)
-        if not self._check_range(int(npages)):
-            return out
+        """KVM_SUBPAGES_GET_ACCESS: the stored maps of ``npages`` gfns as a uint32 array.
+
+        Raises SppError: ENODEV before init, EINVAL for an npages out of the profile's range
+        (negative, too many, v4: 0) or a base_gfn / npages that is not an integer (1.5: the
+        kernel's fields are integers, and a value a C caller would have truncated is refused
+        rather than guessed), EFAULT at the first gfn without a memslot."""
+        if not self.spp_active:
+            raise SppError(B.ENODEV, "SPP is not initialised (call init_spp first)")
+        n = _u64_field(npages, "npages")
+        gfn = _u64_field(base_gfn, "base_gfn")
+        if not self._check_range(n):  # before anything is allocated for the answer
+            return np.empty(0, dtype=np.uint32)
+        out = np.empty(n, dtype=np.uint32)
         with self.slots_lock, self.mmu_lock:
-            done = int(K.kvm_get_subpages(self.state, np.uint64(base_gfn), out, int(npages)))
-        if done < npages:
-            raise SppError(B.EFAULT, f"gfn {int(base_gfn) + done:#x} is in no memslot")
+            done = int(K.kvm_get_subpages(self.state, np.uint64(gfn), out, n))
+        if done < n:
+            raise SppError(B.EFAULT, f"gfn {gfn + done:#x} is in no memslot")
         return out
 
     def protect(self, gfns: np.ndarray, maps: np.ndarray) -> int:
@@ -414,7 +508,7 @@ class VM:
         if not self.spp_active:
             self.init_spp()
         calls = 0
-        for base, values in runs(np.asarray(gfns, dtype=np.uint64), np.asarray(maps, dtype=np.uint32), self.page_limit):
+        for base, values in runs(_u64_gfns(gfns), _u32_maps(maps), self.page_limit):
             self.set_subpages(int(base), values)
             calls += 1
         return calls

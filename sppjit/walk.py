@@ -84,6 +84,5 @@ def walk(vm, gpa: int, vcpu: int = 0) -> dict:
     slot = vm.memslot_of(out["gfn"])
     out["memslot"] = None if slot < 0 else slot
     if slot >= 0 and st.scal[L.SC_SPP_ACTIVE]:
-        index = int(st.slot_map_off[slot]) + out["gfn"] - int(st.slot_base[slot])
-        out["access_map"] = f"{int(st.maps[index]):#010x}"
+        out["access_map"] = f"{L.stored_map(st, out['gfn']):#010x}"
     return out

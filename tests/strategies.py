@@ -45,12 +45,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from sppjit import bits as B
+from sppjit.kernels import layout as L
 from sppjit.errors import InputError, SppError, VmEntryError
 
 # How the property tests run (tests/test_equivalence.py, tests/test_fast_check.py):
 # SPPJIT_HYPOTHESIS_EXAMPLES examples per test (default 60), on a fixed example sequence
 # unless SPPJIT_HYPOTHESIS_RANDOM=1 asks for new examples.
 EXAMPLES = int(os.environ.get("SPPJIT_HYPOTHESIS_EXAMPLES", "60"))
+BIG_EXAMPLES = max(3, EXAMPLES // 10)  # big_scenarios: thousands of pages set, thousands of rows
 DERANDOMIZE = os.environ.get("SPPJIT_HYPOTHESIS_RANDOM", "0") in ("0", "", "no", "false")
 SETTINGS = dict(
     deadline=None,
@@ -439,6 +441,85 @@ def scenarios(draw, max_phases: int = 3, pokes: bool = True, max_trace: int = MA
     return Scenario(vm=spec, phases=tuple(phases))
 
 
+# ------------------------------------------------------------------------------------ big VMs
+GIB_PAGES = 1 << 18
+BIG_PALETTE = (0, 0xFFFF0000, 0x0000FFFF, 0x0F0F0F0F, 0xFFFFFFFE, 0x7FFFFFFF, FULL)
+
+
+@st.composite
+def big_scenarios(draw, profile: str = "v4") -> Scenario:
+    """A VM of several GiB (one memslot of 1..4 GiB, maybe a second after a gap of MMIO) with
+    thousands of protected pages in runs all over it, then two replays: a warm-up touching a few
+    hundred 2 MiB regions (RAM and the gap: the table pool grows past the replay kernel's
+    prefetching threshold, 256 tables, without huge pages), and a trace of a few thousand rows
+    aimed at the protected pages, their neighbours, anywhere and the gap, with a timeline.
+    Rows come from a drawn seed (numpy): hypothesis shrinks the VM, the profile and the seed."""
+    slot0 = draw(st.integers(1, 4)) * GIB_PAGES + draw(st.sampled_from([0, 0, 1, 300]))
+    gap = draw(st.sampled_from([0, 16, GIB_PAGES // 2, GIB_PAGES + 7]))
+    slot1 = draw(st.sampled_from([0, 0, 513, GIB_PAGES]))
+    memslots = ((0, slot0),) + (((slot0 + gap, slot1),) if slot1 else ())
+    spec = VmSpec(
+        memslots=memslots,
+        vcpus=draw(st.integers(1, 3)),
+        hugepages=draw(st.booleans()),
+        subpage_check=draw(st.sampled_from(["all", "first"])),
+        granularity=draw(st.sampled_from(["spp", "spp", "page"])),
+        table_capacity=draw(st.sampled_from([None, 64])),
+        profile=profile,
+    )
+    return big_scenario(spec, draw(st.integers(0, 2**32 - 1)))
+
+
+def big_scenario(spec: VmSpec, seed: int) -> Scenario:
+    """big_scenarios' phases for a VM whose first memslot starts at gfn 0, from ``seed``."""
+    memslots = spec.memslots
+    slot0 = memslots[0][1]
+    gap = memslots[1][0] - slot0 if len(memslots) > 1 else 0
+    rng = np.random.default_rng(seed)
+    limit = 512 if spec.profile == "v12" else 64
+    ops: list = [("init",)]
+    protected: list[int] = []
+    for _ in range(int(rng.integers(40, 80))):
+        base, n = memslots[int(rng.integers(0, len(memslots)))]
+        run = int(rng.integers(1, limit + 1))
+        g = base + int(rng.integers(0, max(1, n - run)))
+        run = min(run, base + n - g)
+        maps = tuple(int(m) for m in rng.choice(BIG_PALETTE, run))
+        ops.append(("set", g, maps))
+        protected.extend(range(g, g + run))
+    prot = np.array(protected, dtype=np.int64)
+    top = max(b + n for b, n in memslots)
+    gap_gfns = np.arange(slot0, slot0 + gap, dtype=np.int64) if gap else np.array([top + 5], dtype=np.int64)
+
+    def rows(gfns, n):
+        kind = rng.choice(np.array([0, 1, 1, 1, 2]), n)
+        size = rng.choice(np.array([1, 8, 8, 64, 200, 4096]), n)
+        off = rng.choice(np.array([0, 0x80, 0x7F8, 0xF80, 0xFF8, 0xFFF]), n) + rng.integers(0, 8, n)
+        vcpu = rng.integers(0, spec.vcpus, n)
+        return tuple((int(g) << 12 | int(o), int(s), int(v), int(k))
+                     for g, o, s, v, k in zip(gfns, off, size, vcpu, kind))
+
+    regions = rng.choice(max(1, top // 512), min(400, max(1, top // 512)), replace=False) * 512
+    warm = np.concatenate([regions + rng.integers(0, 512, regions.size), rng.choice(gap_gfns, 40)])
+    n = int(rng.integers(1500, 3000))
+    aimed = np.concatenate([
+        rng.choice(prot, n // 2), rng.choice(prot, n // 8) + rng.choice(np.array([-1, 1]), n // 8),
+        rng.integers(0, top, n // 4), rng.choice(gap_gfns, n // 16)])
+    aimed = np.clip(aimed, 0, (1 << 36) - 2)
+    rng.shuffle(aimed)
+    trace = rows(aimed, aimed.size)
+    timeline = []
+    for _ in range(int(rng.integers(0, 4))):
+        at = int(rng.integers(0, len(trace)))
+        g = int(rng.choice(prot))
+        op = str(rng.choice(["set_subpages", "zap", "remap", "set_subpages", "delete_memslot"],
+                            p=[0.3, 0.3, 0.2, 0.15, 0.05]))
+        timeline.append((at, op, g, int(rng.integers(1, 65)), int(rng.choice(BIG_PALETTE))))
+    timeline.sort()
+    return Scenario(vm=spec, phases=(Phase(ops=tuple(ops), trace=rows(warm, warm.size)),
+                                     Phase(trace=trace, timeline=tuple(timeline))))
+
+
 # ------------------------------------------------------------------------------------ running
 def _sppt_path(vm, gpa: int, vcpu: int) -> dict[int, int]:
     """{level: entry} of the SPPT path of ``gpa`` in ``vcpu``'s tree (mmu->sppt_root), as far
@@ -606,7 +687,9 @@ def state_arrays(vm) -> dict[str, np.ndarray]:
         "table_level": st_.table_level[:n],
         "vmcs": st_.vmcs,
         "requests": st_.requests,
-        "maps": st_.maps,
+        "map_dir": st_.map_dir,
+        "map_nodes": st_.map_nodes[: int(st_.scal[L.SC_MAP_NODES])],
+        "map_blocks": st_.map_blocks[: int(st_.scal[L.SC_MAP_BLOCKS])],
         "sppt_root": st_.sppt_root,
         "scal": st_.scal,
     }

@@ -191,6 +191,65 @@ def test_efault_through_ioctl():
     assert vm.ioctl(B.KVM_SUBPAGES_GET_ACCESS, subpage_buf(0x101, 2)) == -EFAULT
 
 
+@pytest.mark.parametrize("profile", ("v4", "v12"))
+def test_get_subpages_refuses_bad_npages_with_einval_before_allocating(profile):
+    """KVM answers EINVAL to an npages its limit refuses, whatever the value: 2**40 must not
+    try to allocate the answer (it raised MemoryError), -1 (2**64-1 in the u64 field, and
+    beyond 512 in v12's u32) must not reach numpy (ValueError)."""
+    vm = init_vm(profile=profile)
+    for npages in (2**40, -1, 2**64, 513):
+        with pytest.raises(sppjit.SppError) as ei:
+            vm.get_subpages(0, npages)
+        assert ei.value.errno == EINVAL, npages
+
+
+@pytest.mark.parametrize("profile", ("v4", "v12"))
+def test_non_integral_arguments_are_refused_not_truncated(profile):
+    """1.5 pages is no integer a C caller could pass: EINVAL (it gave a false EFAULT after
+    reading one page). Float gfns and maps with a fraction are refused (they were truncated
+    silently: gfn 16.9 read gfn 16); integral floats are taken at their value."""
+    vm = init_vm(profile=profile)
+    vm.set_subpages(0x10, [0x1234])
+    for call in (lambda: vm.get_subpages(0x10, 1.5), lambda: vm.get_subpages(16.9, 1),
+                 lambda: vm.set_subpages(16.5, [0]), lambda: vm.get_subpages(float("nan"), 1),
+                 lambda: vm.get_subpages("16", 1), lambda: vm.get_subpages(-1, 1)):
+        with pytest.raises(sppjit.SppError) as ei:
+            call()
+        assert ei.value.errno == EINVAL
+    for maps in ([0.5], [1.0, 2.5], [float("inf")], np.array([3.25]), [-1], [2**32], ["7"], [None]):
+        with pytest.raises(InputError):
+            vm.set_subpages(0x11, maps)
+    assert vm.get_subpages(0x10, 2).tolist() == [0x1234, FULL]  # nothing of that was applied
+    assert vm.get_subpages(16.0, 1.0).tolist() == [0x1234]
+    assert vm.set_subpages(np.uint64(0x11), np.array([7.0])) == 1
+    assert vm.get_subpages(np.int32(0x11), np.int64(1)).tolist() == [7]
+    for gfns, maps in (([32.5], [0]), ([-1], [0]), ([0x20], [1.5]), (["x"], [0])):
+        with pytest.raises(InputError):
+            vm.protect(gfns, maps)
+    assert vm.get_subpages(0x20, 1).tolist() == [FULL]
+    assert vm.protect(np.array([32.0]), [3]) == 1 and vm.get_subpages(0x20, 1).tolist() == [3]
+
+
+@pytest.mark.parametrize("profile", ("v4", "v12"))
+def test_ioctl_with_a_non_contiguous_buffer_is_efault(profile):
+    """A strided buffer is not one piece of user memory: copy_from_user fails, -EFAULT (it
+    raised TypeError)."""
+    vm = init_vm(profile=profile)
+    if profile == "v4":
+        good = np.frombuffer(subpage_buf(0x10, 1, [0x55]), dtype=np.uint8)
+    else:
+        good = np.frombuffer(abi.kvm_subpage(0x10, [0x55], profile="v12"), dtype=np.uint8)
+    strided = np.zeros(2 * good.size, dtype=np.uint8)
+    strided[::2] = good
+    for req in (B.KVM_SUBPAGES_SET_ACCESS, B.KVM_SUBPAGES_GET_ACCESS):
+        assert vm.ioctl(req, strided[::2]) == -EFAULT
+        assert vm.ioctl(req, memoryview(strided)[::2]) == -EFAULT
+    cap = np.zeros(2 * abi.KVM_ENABLE_CAP_STRUCT.itemsize, dtype=np.uint8)
+    assert vm.ioctl(B.KVM_ENABLE_CAP, cap[::2]) == -EFAULT
+    assert vm.get_subpages(0x10, 1).tolist() == [FULL]
+    assert vm.ioctl(B.KVM_SUBPAGES_SET_ACCESS, good.copy()) == 1  # the same bytes, contiguous
+
+
 def test_init_twice_returns_0():
     vm = sppjit.VM()
     assert vm.init_spp() == 0

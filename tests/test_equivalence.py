@@ -214,6 +214,38 @@ def _with_examples(fn, *args):
 
 
 # ------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("profile", ("v4", "v12"))
+@settings(max_examples=S.BIG_EXAMPLES, **SETTINGS)
+@given(data=st.data())
+def test_jit_matches_reference_on_big_vms(profile, data):
+    """Reference vs JIT on VMs of several GiB with thousands of protected pages, both profiles,
+    a timeline: the replay kernel's prefetching loop (a pool of 256 tables or more) included."""
+    scn = data.draw(S.big_scenarios(profile), label="scenario")
+    check_scenario(scn, (("reference", BIG_BATCH), ("jit", BIG_BATCH)))
+
+
+FIXED_BIG = S.big_scenario(S.VmSpec(memslots=((0, 2 * S.GIB_PAGES), (3 * S.GIB_PAGES, 513)), vcpus=2), seed=0)
+
+
+@settings(max_examples=1, **SETTINGS)
+@given(st.just(FIXED_BIG))
+def test_the_prefetching_loop_is_reached_and_exact(scn):
+    """One big scenario, fixed (2 GiB, a 1 GiB gap, v4, 2 vCPUs, 4 KiB pages): after its
+    warm-up the pool holds more tables than the threshold at which the replay kernel switches to
+    its prefetching copy of the fast loop, and the trace that follows (SPP on, a timeline) is
+    identical on both engines, and in one batch and in small ones."""
+    from sppjit.kernels.replay import PREFETCH_MIN_TABLES
+
+    assert scn.phases[1].timeline
+    for runs in ((("reference", BIG_BATCH), ("jit", BIG_BATCH)), (("jit", BIG_BATCH), ("jit", 97))):
+        check_scenario(scn, runs)
+    r = S.Runner(scn.vm, "jit")
+    r.apply_ops(scn.phases[0])
+    r.replay(scn.phases[0])
+    assert int(r.vm.state.scal[0]) >= PREFETCH_MIN_TABLES  # SC_NTABLES
+    assert r.replay(scn.phases[1]).result.summary["counts"]["spp_violation"] > 0
+
+
 @settings(max_examples=EXAMPLES, **SETTINGS)
 @given(S.scenarios())
 @_with_examples

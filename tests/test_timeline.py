@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import sppjit
+from sppjit.kernels import layout as L
 
 import conformance_cases as C  # noqa: E402  (tests/ on sys.path: conftest.py)
 
@@ -328,7 +329,7 @@ def state_of(vm) -> dict:
     st = vm.state
     n = int(st.scal[0])
     return {"tables": st.tables[:n], "kind": st.table_kind[:n], "level": st.table_level[:n], "scal": st.scal,
-            "vmcs": st.vmcs, "requests": st.requests, "sppt_root": st.sppt_root, "maps": st.maps,
+            "vmcs": st.vmcs, "requests": st.requests, "sppt_root": st.sppt_root, "maps": L.stored_maps(st)[1], "map_gfns": L.stored_maps(st)[0],
             "slot_npages": st.slot_npages}
 
 
