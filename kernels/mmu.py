@@ -742,7 +742,7 @@ def free_maps(st, g0, g1):
             region_end = min(gib_end, (g | _U_511) + np.uint64(1))
             b = st.map_nodes[node, (g >> np.uint64(9)) & _U_511]
             if b >= 0:
-                for x in range(np.int64(g & _U_511), np.int64(((region_end - np.uint64(1)) & _U_511)) + 1):
+                for x in range(np.int64(g & _U_511), np.int64((region_end - np.uint64(1)) & _U_511) + 1):
                     st.map_blocks[b, x] = FULL_ACCESS_U32
             g = region_end
         g = gib_end

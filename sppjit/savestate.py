@@ -8,11 +8,9 @@ with allow_pickle=False, so loading a file runs no code from it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import zipfile
 
 import numpy as np
@@ -66,16 +64,12 @@ def save_state(vm, path: str | os.PathLike) -> None:
     }
     arrays = {name: np.ascontiguousarray(value) for name, value in state_arrays(vm).items()}
     arrays[_META] = np.array(json.dumps(meta))
-    directory, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with vm.mmu_lock, open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)  # a file object: numpy adds no ".npz" to the name
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
+    from .io.atomic import atomic_path
+
+    # Published like every other output (sppjit.io.atomic): inside a run's Outputs, a file
+    # it replaces comes back if the run fails, and a killed run's temporary is swept later.
+    with atomic_path(path) as temporary, vm.mmu_lock, open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)  # a file object: numpy adds no ".npz" to the name
 
 
 def load_state(path: str | os.PathLike):
@@ -172,7 +166,7 @@ def _restore(fresh: L.State, arrays: dict[str, np.ndarray], path: str) -> L.Stat
                              f"{used} entries in use that scal[{counter}] says")
         if counter == L.SC_NTABLES and not 1 <= used <= L.MAX_TABLES:
             raise InputError(f"state: {path}: {used} tables in use (1..{L.MAX_TABLES})")
-    for name, counter in _POOL_FIELDS.items():
+    for name in _POOL_FIELDS:
         saved, like = fields[name], getattr(fresh, name)
         used = saved.shape[0]
         grown = np.full((max(used, like.shape[0]),) + saved.shape[1:], _POOL_FILL.get(name, 0), dtype=saved.dtype)

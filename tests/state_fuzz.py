@@ -94,7 +94,8 @@ def mutate(rng, arrays: dict) -> str:
         info = np.iinfo(a.dtype)
         v = int(rng.choice(INTERESTING)) if how < 8 else int(rng.integers(info.min, info.max, dtype=np.int64)
                                                              if info.max <= (1 << 63) - 1 else rng.integers(0, 1 << 62))
-        flat[i] = np.array(v).astype(a.dtype) if info.min <= v <= info.max else np.array(v % (info.max + 1)).astype(a.dtype)
+        fitted = v if info.min <= v <= info.max else v % (info.max + 1)
+        flat[i] = np.array(fitted).astype(a.dtype)
         return f"{name}[{i}] = {v}"
     return f"{name} unchanged"
 

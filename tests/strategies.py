@@ -45,8 +45,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from sppjit import bits as B
-from sppjit.kernels import layout as L
 from sppjit.errors import InputError, SppError, VmEntryError
+from sppjit.kernels import layout as L
 
 # How the property tests run (tests/test_equivalence.py, tests/test_fast_check.py):
 # SPPJIT_HYPOTHESIS_EXAMPLES examples per test (default 60), on a fixed example sequence

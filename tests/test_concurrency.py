@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import sppjit
-from sppjit.kernels import layout as L
 from sppjit.io.trace import open_trace
+from sppjit.kernels import layout as L
 from sppjit.replay import Replay
 
 ENGINES = ("reference", "jit")
@@ -83,7 +83,8 @@ def results(session: Replay, batches: list, log: list) -> dict:
 def state_of(vm) -> dict:
     st = vm.state
     n = int(st.scal[0])
-    return {"tables": st.tables[:n].copy(), "maps": L.stored_maps(st)[1], "map_gfns": L.stored_maps(st)[0], "vmcs": st.vmcs.copy(),
+    map_gfns, maps = L.stored_maps(st)
+    return {"tables": st.tables[:n].copy(), "maps": maps, "map_gfns": map_gfns, "vmcs": st.vmcs.copy(),
             "scal": st.scal.copy(), "sppt_root": st.sppt_root.copy(), "requests": st.requests.copy()}
 
 

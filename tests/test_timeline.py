@@ -328,9 +328,10 @@ def comparable_summary(s: dict) -> dict:
 def state_of(vm) -> dict:
     st = vm.state
     n = int(st.scal[0])
-    return {"tables": st.tables[:n], "kind": st.table_kind[:n], "level": st.table_level[:n], "scal": st.scal,
-            "vmcs": st.vmcs, "requests": st.requests, "sppt_root": st.sppt_root, "maps": L.stored_maps(st)[1], "map_gfns": L.stored_maps(st)[0],
-            "slot_npages": st.slot_npages}
+    map_gfns, maps = L.stored_maps(st)
+    return {"tables": st.tables[:n], "kind": st.table_kind[:n], "level": st.table_level[:n],
+            "scal": st.scal, "vmcs": st.vmcs, "requests": st.requests, "sppt_root": st.sppt_root,
+            "maps": maps, "map_gfns": map_gfns, "slot_npages": st.slot_npages}
 
 
 @pytest.mark.parametrize("seed", range(10))
