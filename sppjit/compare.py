@@ -84,12 +84,12 @@ from . import __version__
 from . import bits as B
 from .defaults import (
     COMPARE_SUBPAGE_CHECKS,
+    DEFAULT_EMULATION_COST_US,
     DEFAULT_ENGINE,
     DEFAULT_EXIT_COST_US,
     DEFAULT_KERNEL_EXIT_COST_US,
     DEFAULT_MEMORY,
     DEFAULT_SUBPAGE_CHECK,
-    DEFAULT_EMULATION_COST_US,
     DEFAULT_VCPUS,
     DEFAULT_WRITE_THROUGH,
     GRANULARITIES,
@@ -430,9 +430,9 @@ def profile_notes(document: dict) -> list[dict]:
         a, b = v4["summary"]["exits"], v12["summary"]["exits"]
         pair = [v4["name"], v12["name"]]
 
-        def note(mechanism, text):
+        def note(mechanism, text, pair=pair):
             notes.append({"configs": pair, "mechanism": mechanism,
-                          "text": f"{v4['name']} / {v12['name']}: {text}"})
+                          "text": f"{pair[0]} / {pair[1]}: {text}"})
 
         if b["spp_miss"] > a["spp_miss"]:
             note("lazy_sppt_build",
