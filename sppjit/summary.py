@@ -334,44 +334,13 @@ def savings_lines(document: dict) -> list[str]:
     return out
 
 
-def format_comparison(document: CompareDocument | dict, written=None) -> str:
-    """The human-readable comparison: a header, one column per configuration, the savings
-    against the baseline and the notes on why v4 and v12 differ."""
+def comparison_rows(document: CompareDocument | dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The comparison table as text cells: (configuration names, [(label, a cell per
+    configuration)]), as format_comparison prints it and the HTML report shows it."""
     document = _as_dict(document)
-    info, protection, config = document["input"], document["protection"], document["config"]
     configs = document["configs"]
     through = document.get("write_through") or {}
     policy = through.get("policy", "none")
-    facts = [f"{info.get('format', 'in memory')}", f"{info['rows']:,} rows"]
-    if info.get("scenario") is not None:
-        facts.append(f"scenario {info['scenario']}")
-    if info.get("seed") is not None:
-        facts.append(f"seed {info['seed']}")
-
-    def what(p: dict) -> str:
-        pages = _plural(p["pages"], "page")
-        return (f"{p.get('path')} ({_plural(p['ranges'], 'byte range')} on {pages})"
-                if p["form"] == "byte_ranges" else f"{p.get('path')} (access maps on {pages})")
-
-    header = [("trace", f"{info.get('path')} ({', '.join(facts)})")]
-    for k, p in enumerate(document.get("protections") or [protection]):
-        header.append(("protection" if k == 0 else "", what(p)))
-    header += [
-        ("vm", f"{config['vcpus']} vCPU{'s' if config['vcpus'] != 1 else ''}, {_memory(config)}"
-               f"{', hugepages' if config['hugepages'] else ''}, engine {config['engine']}"),
-        ("exit cost", f"{document['exit_cost_us']:g} us to userspace, "
-                      f"{document['kernel_exit_cost_us']:g} us in the kernel (estimates)"),
-    ]
-    if through:
-        header.append(("writes let through",
-                       {"none": "not charged (--write-through emulate or mtf to add them)",
-                        "emulate": f"emulated, {through['emulation_cost_us']:g} us each "
-                                   "(added to the overhead)",
-                        "mtf": "single-stepped with MTF, its extra exits at the exit "
-                               "costs (added to the overhead)"}[policy]))
-    width = max(len(label) for label, _ in header)
-    out = "".join(f"{label:<{width}}  {text}\n" for label, text in header)
-
     baseline = document.get("baseline")
     vs = f"vs {baseline}" if baseline else "vs baseline"
 
@@ -421,11 +390,52 @@ def format_comparison(document: CompareDocument | dict, written=None) -> str:
             ("irrelevant exits", [_count(h["irrelevant"]) for h in hooks]),
             ("noise ratio", [_number(h["noise_ratio"], 3) for h in hooks]),
         ]
+    return [c["name"] for c in configs], rows
+
+
+def format_comparison(document: CompareDocument | dict, written=None) -> str:
+    """The human-readable comparison: a header, one column per configuration, the savings
+    against the baseline and the notes on why v4 and v12 differ."""
+    document = _as_dict(document)
+    info, protection, config = document["input"], document["protection"], document["config"]
+    through = document.get("write_through") or {}
+    policy = through.get("policy", "none")
+    facts = [f"{info.get('format', 'in memory')}", f"{info['rows']:,} rows"]
+    if info.get("scenario") is not None:
+        facts.append(f"scenario {info['scenario']}")
+    if info.get("seed") is not None:
+        facts.append(f"seed {info['seed']}")
+
+    def what(p: dict) -> str:
+        pages = _plural(p["pages"], "page")
+        return (f"{p.get('path')} ({_plural(p['ranges'], 'byte range')} on {pages})"
+                if p["form"] == "byte_ranges" else f"{p.get('path')} (access maps on {pages})")
+
+    header = [("trace", f"{info.get('path')} ({', '.join(facts)})")]
+    for k, p in enumerate(document.get("protections") or [protection]):
+        header.append(("protection" if k == 0 else "", what(p)))
+    header += [
+        ("vm", f"{config['vcpus']} vCPU{'s' if config['vcpus'] != 1 else ''}, {_memory(config)}"
+               f"{', hugepages' if config['hugepages'] else ''}, engine {config['engine']}"),
+        ("exit cost", f"{document['exit_cost_us']:g} us to userspace, "
+                      f"{document['kernel_exit_cost_us']:g} us in the kernel (estimates)"),
+    ]
+    if through:
+        header.append(("writes let through",
+                       {"none": "not charged (--write-through emulate or mtf to add them)",
+                        "emulate": f"emulated, {through['emulation_cost_us']:g} us each "
+                                   "(added to the overhead)",
+                        "mtf": "single-stepped with MTF, its extra exits at the exit "
+                               "costs (added to the overhead)"}[policy]))
+    width = max(len(label) for label, _ in header)
+    out = "".join(f"{label:<{width}}  {text}\n" for label, text in header)
+
+    names, rows = comparison_rows(document)
     label_width = max(len(label) for label, _ in rows)
-    widths = [max(len(c["name"]), *(len(values[i]) for _, values in rows))
-              for i, c in enumerate(configs)]
+    widths = [max(len(name), *(len(values[i]) for _, values in rows))
+              for i, name in enumerate(names)]
     out += "\n" + " " * label_width + "".join(
-        f"  {c['name']:>{w}}" for c, w in zip(configs, widths)) + "\n"
+        f"  {name:>{w}}" for name, w in zip(names, widths)) + "\n"
     for label, values in rows:
         out += f"{label:<{label_width}}" + "".join(
             f"  {v:>{w}}" for v, w in zip(values, widths)) + "\n"

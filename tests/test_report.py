@@ -315,9 +315,22 @@ def test_missing_matplotlib_is_a_clear_input_error(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    # run from the checkout (as the suite is): the editable install's hint
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(sppjit.__file__))))
     with pytest.raises(sppjit.InputError) as info:
         R.require_matplotlib()
-    assert str(info.value) == "sppjit report --plot needs matplotlib: pip install 'sppjit[plot]'"
+    assert str(info.value) == ("sppjit report --plot and --html need matplotlib: "
+                               "pip install -e '.[plot]'")
+
+
+def test_matplotlib_hint_follows_the_installation(monkeypatch, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sppjit.__file__)))
+    monkeypatch.chdir(tmp_path)  # a checkout, used from elsewhere: its path
+    assert R.install_hint() == f"pip install -e '{root}[plot]'"
+    site = tmp_path / "site-packages" / "sppjit"  # a wheel: no pyproject.toml beside it
+    site.mkdir(parents=True)
+    monkeypatch.setattr(sppjit, "__file__", str(site / "__init__.py"))
+    assert R.install_hint() == "pip install 'sppjit[plot]'"
 
 
 # ------------------------------------------------------------------------------ command line
