@@ -422,7 +422,7 @@ def _pairs_v4_v12(document: dict):
 def profile_notes(document: dict) -> list[dict]:
     """Why SPP v4 and v12 differ where they do: one note per mechanism that shows in the
     counts of a v4 / v12 pair (docs/semantics.md §3, §4), none where they are equal. Each
-    note: ``configs`` (the pair), ``mechanism`` (lazy_sppt_build, shared_root,
+    note: ``configs`` (the pair), ``mechanism`` (lazy_sppt_build, shared_root, sppt_memory,
     huge_pages_left_writable, write_fault_after_unprotect) and ``text``."""
     notes = []
     vcpus = document["config"]["vcpus"]
@@ -448,6 +448,17 @@ def profile_notes(document: dict) -> list[dict]:
                  f"spp_miss {a['spp_miss']:,} / {b['spp_miss']:,}: each v4 vCPU has its own "
                  "SPPT root (docs/semantics.md §3.2) and a miss fills that vCPU's tree only "
                  "(§3.7); v12's vCPUs share one root (§4.1), filled once for all.")
+        tables4, tables12 = v4["derived"]["sppt_tables"], v12["derived"]["sppt_tables"]
+        if tables4 != tables12:
+            from .summary import readable_size
+
+            note("sppt_memory",
+                 f"SPPT memory {readable_size(tables4 * B.PAGE_SIZE)} / "
+                 f"{readable_size(tables12 * B.PAGE_SIZE)}: v4 builds the SPPT path of every "
+                 "protected page in each vCPU's own tree (docs/semantics.md §3.2, §3.4)"
+                 + (f", {vcpus} trees here" if vcpus > 1 else "")
+                 + "; v12 has one tree for all vCPUs (shared root, §4.1), filled only for the "
+                   "2 MiB blocks written (§4.5).")
         left4 = v4["derived"]["protected_left_writable"]
         left12 = v12["derived"]["protected_left_writable"]
         if left4 != left12:

@@ -573,6 +573,9 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         "exits": exits,
         "exits_per_1000_writes": (1000.0 * total_exits / writes) if writes else None,
         "violations": int(ep_viol.sum()),
+        # protection exits over writes only: what a monitor pays per write it guards
+        "protection_exits_per_1000_writes": (1000.0 * int(ep_viol.sum()) / writes
+                                             if writes else None),
         "pages": {
             "touched": per_page.num_rows,
             "with_exits": int(pc.sum(pc.greater(per_page.column("exits"), 0)).as_py() or 0),

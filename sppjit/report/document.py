@@ -114,7 +114,7 @@ def compare_configs(doc: dict) -> list[tuple[str, dict]]:
 def compare_figures(doc: dict) -> list[dict]:
     """What the compare chart shows, per configuration of a compare document: ``name``,
     ``protection_exits`` (spp_violation + write_protect), ``relevant`` / ``irrelevant``
-    (None without hooks), ``overhead`` (the estimated seconds of its exits, with the
+    (None without hooks), ``is_baseline``, ``overhead`` (the estimated seconds of its exits, with the
     write-through price when the document chose one; None when the document has no
     derived figures), ``change_exits`` / ``change_overhead`` against its baseline (None:
     none)."""
@@ -128,6 +128,7 @@ def compare_figures(doc: dict) -> list[dict]:
         overhead = derived.get("total_overhead_seconds", derived.get("overhead_seconds"))
         out.append({
             "name": name,
+            "is_baseline": name == (entry.get("baseline") or doc.get("baseline")),
             "protection_exits": int(sum(exits.get(k, 0) or 0 for k in PROTECTION_EXIT_KINDS)),
             "relevant": hooks.get("relevant"), "irrelevant": hooks.get("irrelevant"),
             "overhead": overhead,
@@ -152,7 +153,16 @@ def describe(summary: dict | None, results: str | None = None) -> str:
     if not isinstance(summary, dict):
         return label
     if is_compare(summary):
-        return f"{label}: " + ", ".join(name for name, _ in compare_configs(summary))
+        # The compare chart shows every configuration; the other plots show the results of
+        # one replay, whose configuration the compare document does not say.
+        cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+        vcpus = cfg.get("vcpus")
+        compared = (", ".join(name for name, _ in compare_configs(summary))
+                    + (f"; {vcpus} vCPU{'s' if vcpus != 1 else ''}" if isinstance(vcpus, int)
+                       else ""))
+        if results is None:
+            return f"{label}: {compared}"
+        return f"{os.path.basename(str(results))}, a replay of {label} (compared: {compared})"
     cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
     bits = []
     if cfg.get("granularity") == "page":

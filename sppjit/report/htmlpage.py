@@ -69,9 +69,9 @@ def _summary_rows(stats: ReportStats, *, results: str, exits: str | None,
              ["VM exits", ex["total"]]]
     if stats.exit_log:
         rows += [[f"  {k}", ex[k]] for k in KINDS]
-    per_k = t["exits_per_1000_writes"]
-    rows.append(["exits per 1,000 writes", "-" if per_k is None else f"{per_k:,.1f}"])
+    per_k = t["protection_exits_per_1000_writes"]
     rows.append(["protection exits", t["violations"]])
+    rows.append(["  per 1,000 writes", "-" if per_k is None else f"{per_k:,.1f}"])
     if "hooks" in t:
         rows += [["relevant exits", t["hooks"]["relevant"]],
                  ["irrelevant exits", t["hooks"]["irrelevant"]]]

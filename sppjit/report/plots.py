@@ -243,6 +243,7 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
     ``about`` names the trace and configuration, under the title."""
     import matplotlib as mpl
     from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Rectangle
     from matplotlib.ticker import FuncFormatter
 
@@ -254,9 +255,9 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
                         else "Protection exits by sub-page")
     with mpl.rc_context(_RC):
         fig = _new_figure()
-        panels = ([("relevant exits (the write touched a hook's bytes)", relevance[0]),
-                   ("irrelevant exits (a protected sub-page, not a hook's bytes)",
-                    relevance[1])] if relevance is not None else [(None, matrix)])
+        panels = ([("relevant: the write touched a hook's bytes", relevance[0]),
+                   ("irrelevant: a protected sub-page, off the hook's bytes", relevance[1])]
+                  if relevance is not None else [(None, matrix)])
         axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
         if gfns.shape[0] == 0:
             ax = axes[0]
@@ -290,14 +291,16 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
             ax.tick_params(which="minor", length=0)
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            for r, c in zip(*np.nonzero(hooked)):
-                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///",
-                                       edgecolor="#2b6cb0", linewidth=0))
             for r, c in zip(*np.nonzero(protected)):
                 ax.add_patch(Rectangle((c - 0.46, r - 0.46), 0.92, 0.92, fill=False,
                                        edgecolor="#1a365d", linewidth=1.4))
+            rows_hooked, cols_hooked = np.nonzero(hooked)
+            if rows_hooked.size:  # a dot in the corner: the cell's colour stays readable
+                ax.scatter(cols_hooked - 0.24, rows_hooked - 0.2, s=9, marker="o",
+                           color="#1a365d", linewidths=0, zorder=3)
             if label is not None:
-                ax.set_title(f"{label}: {int(values.sum()):,}", fontsize=12)
+                ax.set_title(f"{label}\n{int(values.sum()):,} exits on these pages",
+                             fontsize=12, loc="left")
             if k == 0:
                 step = max(1, -(-gfns.shape[0] // 48))  # at most ~48 labels
                 ticks = np.arange(0, gfns.shape[0], step)
@@ -314,8 +317,8 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
             handles.append(Patch(fill=False, edgecolor="#1a365d", linewidth=1.4,
                                  label="write-protected sub-page"))
         if hooked.any():
-            handles.append(Patch(fill=False, hatch="///", edgecolor="#2b6cb0",
-                                 label="hooked sub-page (holds a hook's bytes)"))
+            handles.append(Line2D([], [], marker="o", linestyle="", color="#1a365d",
+                                  markersize=4, label="hooked sub-page (holds a hook's bytes)"))
         if handles:
             fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
                        frameon=False)
@@ -350,8 +353,9 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
         small = len(figures) > 4
 
         def labels(ax, bars, values, changes, fmt):
-            texts = [fmt(v) + ("" if c is None else f"\n{percent_change(c)}")
-                     for v, c in zip(values, changes)]
+            texts = [fmt(v) + ("\nbaseline" if f["is_baseline"] else "" if c is None
+                               else f"\n{percent_change(c)}")
+                     for v, c, f in zip(values, changes, figures)]
             ax.bar_label(bars, labels=texts, padding=3, fontsize=9 if small else 11)
 
         exits = np.array([f["protection_exits"] for f in figures], dtype=np.float64)

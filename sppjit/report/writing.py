@@ -136,7 +136,7 @@ class _Drawing:
 PLOT_CAPTIONS = {
     "exits_over_time": "VM exits per epoch over the trace, by exit kind.",
     "violations_heatmap": "Protection exits by 128-byte sub-page on the hottest protected "
-                          "pages; outlined: write-protected sub-pages, hatched: hooked ones.",
+                          "pages; outlined: write-protected sub-pages, dotted: hooked ones.",
     "compare_bars": "Protection exits and estimated overhead by configuration, with the "
                     "change against the baseline.",
 }
