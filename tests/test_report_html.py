@@ -25,10 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import sppjit
-from sppjit import compare as C
 from sppjit.cli import app
-from sppjit.io.protect import ByteRanges, ranges_to_maps
+from sppjit.io.protect import ByteRanges
 from sppjit.report import write_report
 
 pytest.importorskip("matplotlib")
