@@ -317,9 +317,10 @@ def mtf_extra_exits(granularity: str, profile: str) -> tuple[int, int]:
     """(exits to userspace, exits in the kernel) that single-stepping one protection exit's
     write with the monitor trap flag adds (docs/compare.md): the MTF exit after the write
     (SDM Vol. 3C, "Monitor Trap Flag"), handed to the monitor; under v12 also the wp_fault
-    of the write on the page just unprotected (set_subpages FULL leaves W off, semantics
-    §4.3) and the SPPT miss after re-protection (§4.3 clears the level-2 entry). Page
-    granularity and v4 restore W and the protection at once (§5, §3.4)."""
+    of the write on the page just unprotected (set_subpages FULL leaves W off,
+    docs/semantics.md §4.3) and the SPPT miss after re-protection (docs/semantics.md §4.3
+    clears the level-2 entry). Page granularity and v4 restore W and the protection at once
+    (docs/semantics.md §5, §3.4)."""
     if granularity == "spp" and profile == "v12":
         return 1, 2
     return 1, 0
@@ -331,8 +332,8 @@ def write_through_cost(protection_exits: int, *, granularity: str, profile: str,
     """What letting every protection exit's write through costs, per way of doing it:
     ``emulate`` (the monitor emulates the write in the exit it has: ``emulation_cost_us``
     each) and ``mtf`` (single-step it: the extra exits of mtf_extra_exits at the exit
-    costs). Every protection exit counts: KVM drops the faulting write (semantics §3.9,
-    §4.6), so a write the monitor allows must be completed by it."""
+    costs). Every protection exit counts: KVM drops the faulting write, so a write the
+    monitor allows must be completed by it (docs/semantics.md §3.9, §4.6)."""
     user, kernel = mtf_extra_exits(granularity, profile)
     return {
         "writes": protection_exits,
@@ -430,24 +431,25 @@ def profile_notes(document: dict) -> list[dict]:
         a, b = v4["summary"]["exits"], v12["summary"]["exits"]
         pair = [v4["name"], v12["name"]]
 
-        def note(mechanism, text, pair=pair):
+        def note(mechanism, text, sections, pair=pair):
+            refs = ", ".join(f"\u00a7{x}" for x in sections)  # the sections of semantics.md
             notes.append({"configs": pair, "mechanism": mechanism,
-                          "text": f"{pair[0]} / {pair[1]}: {text}"})
+                          "text": f"{pair[0]} / {pair[1]}: {text} (docs/semantics.md {refs})"})
 
         if b["spp_miss"] > a["spp_miss"]:
             note("lazy_sppt_build",
                  f"spp_miss {a['spp_miss']:,} / {b['spp_miss']:,}: v12 builds no SPPT entry "
-                 "when the protection is set (lazy SPPT build, docs/semantics.md §4.3); the "
-                 "first write under each 2 MiB block of protected pages misses and fills the "
-                 "block's 512 gfns (§4.5). v4 builds the entries when the protection is set "
-                 "or the page is mapped (§3.4, §3.5)."
-                 + (f" v12's one SPPT root is shared by the {vcpus} vCPUs (§4.1): a block "
-                    "misses once for all of them." if vcpus > 1 else ""))
+                 "when the protection is set (lazy SPPT build); the first write under each "
+                 "2 MiB block of protected pages misses and fills the block's 512 gfns. v4 "
+                 "builds the entries when the protection is set or the page is mapped."
+                 + (f" v12's one SPPT root is shared by the {vcpus} vCPUs: a block misses "
+                    "once for all of them." if vcpus > 1 else ""),
+                 ("4.3", "4.5", "3.4", "3.5") + (("4.1",) if vcpus > 1 else ()))
         elif a["spp_miss"] > b["spp_miss"]:
             note("shared_root",
                  f"spp_miss {a['spp_miss']:,} / {b['spp_miss']:,}: each v4 vCPU has its own "
-                 "SPPT root (docs/semantics.md §3.2) and a miss fills that vCPU's tree only "
-                 "(§3.7); v12's vCPUs share one root (§4.1), filled once for all.")
+                 "SPPT root and a miss fills that vCPU's tree only; v12's vCPUs share one "
+                 "root, filled once for all.", ("3.2", "3.7", "4.1"))
         tables4, tables12 = v4["derived"]["sppt_tables"], v12["derived"]["sppt_tables"]
         if tables4 != tables12:
             from .summary import readable_size
@@ -455,24 +457,23 @@ def profile_notes(document: dict) -> list[dict]:
             note("sppt_memory",
                  f"SPPT memory {readable_size(tables4 * B.PAGE_SIZE)} / "
                  f"{readable_size(tables12 * B.PAGE_SIZE)}: v4 builds the SPPT path of every "
-                 "protected page in each vCPU's own tree (docs/semantics.md §3.2, §3.4)"
-                 + (f", {vcpus} trees here" if vcpus > 1 else "")
-                 + "; v12 has one tree for all vCPUs (shared root, §4.1), filled only for the "
-                   "2 MiB blocks written (§4.5).")
+                 "protected page in each vCPU's own tree"
+                 + (f" ({vcpus} trees here)" if vcpus > 1 else "")
+                 + "; v12 has one tree for all vCPUs (shared root), filled only for the 2 MiB "
+                   "blocks written.", ("3.2", "3.4", "4.1", "4.5"))
         left4 = v4["derived"]["protected_left_writable"]
         left12 = v12["derived"]["protected_left_writable"]
         if left4 != left12:
             note("huge_pages_left_writable",
                  f"protected pages left writable {left4:,} / {left12:,}: v4 maps a 2 MiB "
-                 "region whole and leaves its protected pages writable (docs/semantics.md "
-                 "§3.5), so writes there take no protection exit; v12 maps such regions at "
-                 "4 KiB (§4.4). v4's fewer protection exits there are protection missed, not "
-                 "exits saved.")
+                 "region whole and leaves its protected pages writable, so writes there take "
+                 "no protection exit; v12 maps such regions at 4 KiB. v4's fewer protection "
+                 "exits there are protection missed, not exits saved.", ("3.5", "4.4"))
         if a["wp_fault"] != b["wp_fault"]:
             note("write_fault_after_unprotect",
                  f"wp_fault {a['wp_fault']:,} / {b['wp_fault']:,}: v12 leaves a page it "
-                 "unprotects (map FULL) read-only until a write fault restores W "
-                 "(docs/semantics.md §4.3); v4 restores W at once (§3.4).")
+                 "unprotects (map FULL) read-only until a write fault restores W; v4 "
+                 "restores W at once.", ("4.3", "3.4"))
     return notes
 
 

@@ -400,7 +400,7 @@ def format_comparison(document: CompareDocument | dict, written=None) -> str:
     info, protection, config = document["input"], document["protection"], document["config"]
     through = document.get("write_through") or {}
     policy = through.get("policy", "none")
-    facts = [f"{info.get('format', 'in memory')}", f"{info['rows']:,} rows"]
+    facts = [f"{info.get('format', 'in memory')}", _plural(info["rows"], "row")]
     if info.get("scenario") is not None:
         facts.append(f"scenario {info['scenario']}")
     if info.get("seed") is not None:
