@@ -9,7 +9,14 @@ protection, and reports them side by side:
   baseline: every write to a protected page exits to userspace;
 - ``spp_v4`` and ``spp_v12``: SPP as the KVM series v4 and v12 define it (with
   ``subpage_check="both"``: ``spp_v4_all``, ``spp_v4_first``, ``spp_v12_all``,
-  ``spp_v12_first``).
+  ``spp_v12_first``);
+
+or the configurations the user gives (sweep spec strings, ``configs=``), under one protection
+or several side by side (``NAME@STEM``). Each is compared with the page-granular configuration
+of its protection: the change in exits, protection exits and estimated overhead
+(``change_vs_baseline``), the price of letting the protected writes through (emulation or
+single-stepping with MTF), and, where SPP v4 and v12 differ, a note naming the mechanism
+(``profile_notes``). What each figure means and where the costs come from: docs/compare.md.
 
 The trace is read once, batch by batch, with sppjit.io.trace.open_trace, and every batch is
 replayed by each configuration's VM on a pool of threads (the runner of sppjit.sweep), so

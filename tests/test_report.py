@@ -634,3 +634,22 @@ def test_report_marks_the_protection_the_summary_names(files, tmp_path):
                           summary=str(tmp_path / "s.json"), plot=str(tmp_path / "plots"))
     assert any("give --protect" in n for n in done.notes) is False  # the digest matched
     assert writing._protection(str(protect), None)[0].gfn.tolist() == [0x100]
+
+
+def test_output_directories_are_created_or_named_in_the_error(files, tmp_path):
+    """--plot and --stats create their directory (nested levels too); where one cannot be a
+    directory the error names the option. bench --workdir does the same."""
+    from sppjit.bench import run_end_to_end
+
+    made = tmp_path / "a" / "b" / "plots"
+    result = invoke(files / "r.parquet", "--exits", files / "e.arrow", "--plot", made)
+    assert result.exit_code == 0, result.output
+    assert (made / "violations_heatmap.png").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for option in ("--plot", "--stats"):
+        result = invoke(files / "r.parquet", option, blocker)
+        assert result.exit_code == 2
+        assert f"{option}: {blocker} exists and is not a directory" in result.output
+    with pytest.raises(sppjit.InputError, match="--workdir: cannot create"):
+        run_end_to_end(accesses=10, workdir=str(blocker / "sub"))
