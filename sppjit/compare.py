@@ -458,18 +458,28 @@ def profile_notes(document: dict) -> list[dict]:
                  "SPPT root and a miss fills that vCPU's tree only; v12's vCPUs share one "
                  "root, filled once for all.", ("3.2", "3.7", "4.1"))
         tables4, tables12 = v4["derived"]["sppt_tables"], v12["derived"]["sppt_tables"]
+        left4 = v4["derived"]["protected_left_writable"]
+        left12 = v12["derived"]["protected_left_writable"]
         if tables4 != tables12:
             from .summary import readable_size
 
-            note("sppt_memory",
-                 f"SPPT memory {readable_size(tables4 * B.PAGE_SIZE)} / "
-                 f"{readable_size(tables12 * B.PAGE_SIZE)}: v4 builds the SPPT path of every "
-                 "protected page in each vCPU's own tree"
-                 + (f" ({vcpus} trees here)" if vcpus > 1 else "")
-                 + "; v12 has one tree for all vCPUs (shared root), filled only for the 2 MiB "
-                   "blocks written.", ("3.2", "3.4", "4.1", "4.5"))
-        left4 = v4["derived"]["protected_left_writable"]
-        left12 = v12["derived"]["protected_left_writable"]
+            sizes = (f"SPPT memory {readable_size(tables4 * B.PAGE_SIZE)} / "
+                     f"{readable_size(tables12 * B.PAGE_SIZE)}: ")
+            if tables4 > tables12:
+                note("sppt_memory",
+                     sizes + "v4 builds the SPPT path of every protected page in each vCPU's "
+                     "own tree" + (f" ({vcpus} trees here)" if vcpus > 1 else "")
+                     + "; v12 has one tree for all vCPUs (shared root), filled only for the "
+                       "2 MiB blocks written.", ("3.2", "3.4", "4.1", "4.5"))
+            elif left4 > left12:
+                note("sppt_memory",
+                     sizes + "v4 builds no SPPT path for the protected pages it leaves "
+                     "writable under huge leaves.", ("3.5", "4.4"))
+            else:
+                note("sppt_memory",
+                     sizes + "v12 builds its SPPT paths on SPPT misses, for the 2 MiB blocks "
+                     "written; v4 when the protection is set or the page is mapped.",
+                     ("4.5", "3.4", "3.5"))
         if left4 != left12:
             note("huge_pages_left_writable",
                  f"protected pages left writable {left4:,} / {left12:,}: v4 maps a 2 MiB "

@@ -293,8 +293,9 @@ def test_huge_pages_note():
     trace = {"gpa": np.array([PAGE + 124, PAGE + 124], dtype=np.uint64),
              "kind": np.ones(2, np.uint8)}
     doc = C.compare(trace, hook, memory="16MiB", hugepages=True)
-    mechanisms = {n["mechanism"] for n in doc["notes"]}
+    mechanisms = {n["mechanism"]: n["text"] for n in doc["notes"]}
     assert "huge_pages_left_writable" in mechanisms
+    assert "no SPPT path for the protected pages it leaves writable" in mechanisms["sppt_memory"]
     by = {c["name"]: c["derived"] for c in doc["configs"]}
     assert by["spp_v4"]["protected_left_writable"] == 1
     assert by["spp_v12"]["protected_left_writable"] == 0
@@ -358,3 +359,13 @@ def test_cli_config_and_errors(tmp_path):
         assert bad.exit_code == 2, bad.output
         assert message in bad.output
         assert "Traceback" not in bad.output
+
+
+def test_sppt_memory_note_names_the_per_vcpu_trees(guard):
+    trace, hooks = guard
+    doc = C.compare(trace, hooks, memory="2GiB", vcpus=2)
+    by = {c["name"]: c["derived"] for c in doc["configs"]}
+    assert by["spp_v4"]["sppt_tables"] > by["spp_v12"]["sppt_tables"]
+    texts = {n["mechanism"]: n["text"] for n in doc["notes"]}
+    assert "in each vCPU's own tree (2 trees here)" in texts["sppt_memory"]
+    assert "shared by the 2 vCPUs" in texts["lazy_sppt_build"]
