@@ -92,7 +92,7 @@ def _hook_tables(summary: dict | None) -> list[tuple[str, list[str], list[list]]
         if not per_hook:
             return []
         rows = sorted(per_hook, key=lambda h: -(h.get("relevant", 0) + h.get("irrelevant", 0)))
-        return [("hooks of this replay", ["hook", "relevant", "irrelevant"],
+        return [("hooks of this replay" + _shown(len(rows)), ["hook", "relevant", "irrelevant"],
                  [[h.get("name"), h.get("relevant"), h.get("irrelevant")]
                   for h in rows[:HOOK_ROWS]])]
     configs = summary.get("configs") if isinstance(summary.get("configs"), list) else []
@@ -116,7 +116,7 @@ def _hook_tables(summary: dict | None) -> list[tuple[str, list[str], list[list]]
                 row += [entry.get("relevant"), entry.get("irrelevant")]
             rows.append(row)
         rows.sort(key=lambda r: -sum(v for v in r[1:] if isinstance(v, int)))
-        caption = "hooks" + (f" of {protection}" if protection else "")
+        caption = "hooks" + (f" of {protection}" if protection else "") + _shown(len(rows))
         tables.append((caption, header, rows[:HOOK_ROWS]))
     return tables
 
@@ -175,6 +175,11 @@ def render_html(stats: ReportStats, *, about: str, results: str, exits: str | No
     parts.append(f"<footer>sppjit {_e(__version__)}: "
                  f"{_e(os.path.basename(str(results)))}</footer></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _shown(count: int) -> str:
+    return (f" (the {HOOK_ROWS:,} with the most exits, of {count:,})" if count > HOOK_ROWS
+            else "")
 
 
 def _has_derived(summary: dict) -> bool:
