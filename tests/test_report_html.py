@@ -213,3 +213,13 @@ def test_chromium_decodes_the_plots_and_shows_the_tables(replayed, tmp_path):
     # the plots' colours are on the page: the reds of protection exits
     rgb = image[..., :3]
     assert ((rgb[..., 0] - rgb[..., 2]) > 0.3).sum() > 1000
+
+
+def test_without_chromium_skip_outside_ci_and_fail_in_ci(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="chromium is not installed"):
+        chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but chromium is not installed"):
+        chromium()
