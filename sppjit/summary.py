@@ -296,11 +296,10 @@ def readable_seconds(value) -> str:
         return "-"
     if value == 0:
         return "0"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if abs(value) >= scale or unit == "us":
-            shown = value / scale
-            return f"{shown:,.3g} {unit}" if abs(shown) < 1000 else f"{shown:,.0f} {unit}"
-    raise AssertionError("unreachable")
+    unit, scale = next(((u, k) for u, k in (("s", 1.0), ("ms", 1e-3)) if abs(value) >= k),
+                       ("us", 1e-6))
+    shown = value / scale
+    return f"{shown:,.3g} {unit}" if abs(shown) < 1000 else f"{shown:,.0f} {unit}"
 
 
 def percent_change(value) -> str:
