@@ -653,3 +653,18 @@ def test_output_directories_are_created_or_named_in_the_error(files, tmp_path):
         assert f"{option}: {blocker} exists and is not a directory" in result.output
     with pytest.raises(sppjit.InputError, match="--workdir: cannot create"):
         run_end_to_end(accesses=10, workdir=str(blocker / "sub"))
+
+
+def test_compare_chart_with_two_protections_names_each_baseline(tmp_path):
+    from sppjit.compare import compare
+
+    a = ByteRanges(gpa=np.array([PAGE + 120], dtype=np.uint64),
+                   length=np.array([16], dtype=np.uint32), name=["a"])
+    b = ByteRanges(gpa=np.array([PAGE + 1024], dtype=np.uint64),
+                   length=np.array([8], dtype=np.uint32), name=["b"])
+    trace = {"gpa": np.array([PAGE + 124, PAGE + 200, PAGE + 1028], dtype=np.uint64)}
+    doc = compare(trace, [a, b], memory="16MiB", engine="reference")
+    figures = {f["name"]: f for f in R.compare_figures(doc)}
+    assert [n for n, f in figures.items() if f["is_baseline"]] == ["page@p1", "page@p2"]
+    assert R.describe(doc) == "an in-memory trace: 6 configurations; 1 vCPU"
+    png_checks(R.plot_compare_bars(doc, tmp_path / "bars.png"))

@@ -149,7 +149,7 @@ def describe(summary: dict | None, results: str | None = None) -> str:
     if isinstance(summary, dict) and isinstance(summary.get("input"), dict):
         trace = summary["input"].get("path")
     label = os.path.basename(str(trace)) if trace else (
-        os.path.basename(str(results)) if results else "in-memory results")
+        os.path.basename(str(results)) if results else "an in-memory trace")
     if not isinstance(summary, dict):
         return label
     if is_compare(summary):
@@ -157,9 +157,12 @@ def describe(summary: dict | None, results: str | None = None) -> str:
         # one replay, whose configuration the compare document does not say.
         cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
         vcpus = cfg.get("vcpus")
-        compared = (", ".join(name for name, _ in compare_configs(summary))
-                    + (f"; {vcpus} vCPU{'s' if vcpus != 1 else ''}" if isinstance(vcpus, int)
-                       else ""))
+        names = [name for name, _ in compare_configs(summary)]
+        compared = ", ".join(names)
+        if len(compared) > 60:  # a title line, not a list: say how many
+            compared = f"{len(names)} configurations"
+        if isinstance(vcpus, int):
+            compared += f"; {vcpus} vCPU{'s' if vcpus != 1 else ''}"
         if results is None:
             return f"{label}: {compared}"
         return f"{os.path.basename(str(results))}, a replay of {label} (compared: {compared})"

@@ -351,12 +351,16 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
         fig = _new_figure()
         left, right = fig.subplots(1, 2)
         small = len(figures) > 4
+        crowded = len(figures) > 6  # labels on their side, so that they do not overlap
+        headroom = 1.45 if crowded else 1.22
 
         def labels(ax, bars, values, changes, fmt):
-            texts = [fmt(v) + ("\nbaseline" if f["is_baseline"] else "" if c is None
-                               else f"\n{percent_change(c)}")
+            sep = "  " if crowded else "\n"
+            texts = [fmt(v) + (f"{sep}baseline" if f["is_baseline"] else "" if c is None
+                               else f"{sep}{percent_change(c)}")
                      for v, c, f in zip(values, changes, figures)]
-            ax.bar_label(bars, labels=texts, padding=3, fontsize=9 if small else 11)
+            ax.bar_label(bars, labels=texts, padding=3, fontsize=9 if small else 11,
+                         rotation=90 if crowded else 0)
 
         exits = np.array([f["protection_exits"] for f in figures], dtype=np.float64)
         if hooks:
@@ -369,7 +373,7 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
             bars = left.bar(x, exits, color=KIND_COLORS["spp_violation"])
         labels(left, bars, exits, [f["change_exits"] for f in figures], lambda v: f"{v:,.0f}")
         left.set_ylabel("protection exits (spp_violation + write_protect)")
-        left.set_ylim(0, max(exits.max(), 1) * 1.22)
+        left.set_ylim(0, max(exits.max(), 1) * headroom)
         left.yaxis.set_major_formatter(FuncFormatter(_thousands))
         left.set_title("Protection exits", loc="left", fontsize=13)
 
@@ -383,7 +387,7 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
             policy = (doc.get("write_through") or {}).get("policy", "none")
             right.set_ylabel(f"estimated guest overhead ({unit})"
                              + ("" if policy == "none" else f", writes let through by {policy}"))
-            right.set_ylim(0, max(values.max() * scale, 1e-9) * 1.22)
+            right.set_ylim(0, max(values.max() * scale, 1e-9) * headroom)
         else:
             right.set_ylim(0, 1)
             _empty_note(right, "no overhead figures in this document")
@@ -397,7 +401,10 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
         if about is None:
             about = describe(doc)
         base = doc.get("baseline")
-        heading = title or ("Page-granular protection against SPP"
-                            + (f" (changes against {base})" if base else ""))
+        several = len({f["name"] for f in figures if f["is_baseline"]}) > 1 or any(
+            isinstance(c, dict) and c.get("baseline") for c in doc["configs"])
+        heading = title or ("Page-granular protection against SPP" + (
+            " (changes against the page configuration of each protection)" if several
+            else f" (changes against {base})" if base else ""))
         fig.suptitle(f"{heading}\n{about}", x=0.01, ha="left", fontsize=16)
         return _save(fig, path)
