@@ -668,3 +668,9 @@ def test_compare_chart_with_two_protections_names_each_baseline(tmp_path):
     assert [n for n, f in figures.items() if f["is_baseline"]] == ["page@p1", "page@p2"]
     assert R.describe(doc) == "an in-memory trace: 6 configurations; 1 vCPU"
     png_checks(R.plot_compare_bars(doc, tmp_path / "bars.png"))
+
+
+def test_help_names_the_plot_extra_and_the_new_options():
+    out = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "pip install 'sppjit[plot]'" in out and "pip install -e '.[plot]'" in out
+    assert "--html" in out and "--protect" in out

@@ -23,7 +23,8 @@ HELP = (
     "writes per_page.parquet, per_subpage.parquet and epochs.parquet (for DuckDB, Polars or "
     "pandas); --plot writes exits_over_time.png, violations_heatmap.png and, when --summary "
     "is a sppjit compare --json document, compare_bars.png (1200 x 800 PNG, needs "
-    "matplotlib: pip install 'sppjit[plot]', or pip install -e '.[plot]' in a checkout). "
+    # rich reads [plot] as markup: escaped, so that the help shows it
+    "matplotlib: pip install 'sppjit\\[plot]', or pip install -e '.\\[plot]' in a checkout). "
     "--html writes one self-contained HTML file (the summary, the compare table, the plots "
     "inlined, the hottest pages and the per-hook tables) that a browser opens from disk. "
     "--protect (default: the file the summary names, if unchanged) marks the protected and "
