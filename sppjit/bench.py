@@ -228,6 +228,11 @@ def run_end_to_end(
 
     check_scenarios([scenario], "scenario")
     result = {"scenario": scenario, "accesses": accesses, "seed": seed, "repeat": repeat, "runs": []}
+    if workdir is not None:  # created when missing, as --plot and --stats are
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--workdir: cannot create {workdir}: {exc.strerror or exc}") from None
     with tempfile.TemporaryDirectory(dir=workdir, prefix="sppjit-e2e-") as d:
         t = time.perf_counter()
         paths = _write_e2e_traces(d, scenario, accesses, seed)

@@ -30,9 +30,15 @@ TIMELINE_OPS = ("set_subpages", "zap", "remap", "delete_memslot")
 
 # ---- sppjit compare
 COMPARE_SUBPAGE_CHECKS = SUBPAGE_CHECKS + ("both",)  # "both": each SPP profile with each check
-# Order-of-magnitude exit costs for an Ice Lake-era KVM host (sources: sppjit/compare.py).
+# Order-of-magnitude exit costs for an Ice Lake-era KVM host (sources: docs/compare.md §3).
 DEFAULT_EXIT_COST_US = 3.0
 DEFAULT_KERNEL_EXIT_COST_US = 1.0
+# What completing a legitimate write costs the monitor (docs/compare.md, "Letting a write
+# through"): nothing counted (none), emulating it in the exit (emulate), or single-stepping it
+# with the monitor trap flag (mtf: one or two more exits).
+WRITE_THROUGH = ("none", "emulate", "mtf")
+DEFAULT_WRITE_THROUGH = "none"
+DEFAULT_EMULATION_COST_US = 1.0
 
 # ---- sppjit bench
 BENCH_SCENARIOS = ("uniform", "hotset", "sequential", "fault-storm", "guarded")

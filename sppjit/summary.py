@@ -157,6 +157,12 @@ class Derived(Block):
     overhead_seconds: float
     overhead_seconds_per_million_accesses: float | None
     hooks: dict | None  # relevant, irrelevant, noise_ratio (byte-range protection)
+    # Added later (absent from older documents): the price of completing the allowed writes
+    # (writes, emulate_seconds, mtf_exits, mtf_exits_per_write, mtf_seconds), the overhead
+    # with the chosen one, and the changes against the baseline (-0.45: 45% fewer).
+    write_through: dict | None = field(default=None, metadata=_OPTIONAL)
+    total_overhead_seconds: float | None = field(default=None, metadata=_OPTIONAL)
+    change_vs_baseline: dict | None = field(default=None, metadata=_OPTIONAL)
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,8 @@ class ConfigResult(Block):
     subpage_check: str
     summary: ReplaySummary = field(metadata=_block(ReplaySummary))
     derived: Derived = field(metadata=_block(Derived))
+    protect: str | None = field(default=None, metadata=_OPTIONAL)  # its own protection file
+    baseline: str | None = field(default=None, metadata=_OPTIONAL)  # when not the document's
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,12 @@ class CompareDocument(Block):
     baseline: str | None
     provenance: dict
     configs: tuple[ConfigResult, ...] = field(metadata=_block(ConfigResult, many=True))
+    # Added later (absent from older documents): the write-through cost model (policy,
+    # emulation_cost_us, source), every protection compared when there are several, and the
+    # notes on why SPP v4 and v12 differ (sppjit.compare.profile_notes).
+    write_through: dict | None = field(default=None, metadata=_OPTIONAL)
+    protections: list | None = field(default=None, metadata=_OPTIONAL)
+    notes: list | None = field(default=None, metadata=_OPTIONAL)
     extra: dict | None = None
 
 
@@ -199,10 +213,35 @@ def _pairs(items) -> str:
     return "  ".join(f"{name} {value:,}" for name, value in items)
 
 
+_UNITS = (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
+
+
+def readable_size(nbytes: int) -> str:
+    """Bytes in the largest binary unit they reach, for people: "4 GiB", "1.0 MiB" (not
+    1048KiB), "268 KiB", "512 B"; one decimal below 100 units unless the size is whole."""
+    for unit, shift in _UNITS:
+        if nbytes >= 1 << shift:
+            value = nbytes / (1 << shift)
+            if nbytes % (1 << shift) == 0:
+                return f"{nbytes >> shift} {unit}"
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+    return f"{nbytes:,} B"
+
+
+def _memory_size(nbytes: int) -> str:
+    """Guest memory as the user writes it (4GiB, parse_size's form) when that is exact in
+    the largest unit it reaches, else readable_size (1.0 MiB, not 1028KiB)."""
+    exact = format_size(nbytes)
+    for unit, shift in _UNITS:
+        if nbytes >= 1 << shift:
+            return exact if exact.endswith(unit) else readable_size(nbytes)
+    return exact
+
+
 def _memory(config: dict) -> str:
     slots = config["memslots"]
-    return (format_size(config["memory_bytes"]) if len(slots) == 1
-            else f"{format_size(config['memory_bytes'])} in {len(slots)} memslots")
+    return (_memory_size(config["memory_bytes"]) if len(slots) == 1
+            else f"{_memory_size(config['memory_bytes'])} in {len(slots)} memslots")
 
 
 def format_summary(summary: ReplaySummary | dict, written=()) -> str:
@@ -251,78 +290,171 @@ def _number(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _seconds(value) -> str:
+def readable_seconds(value) -> str:
+    """A duration in the unit that suits it: "1.24 s", "3.1 ms", "12 us", "0"."""
     if value is None:
         return "-"
-    return f"{value:.3g}"
+    if value == 0:
+        return "0"
+    unit, scale = next(((u, k) for u, k in (("s", 1.0), ("ms", 1e-3)) if abs(value) >= k),
+                       ("us", 1e-6))
+    shown = value / scale
+    return f"{shown:,.3g} {unit}" if abs(shown) < 1000 else f"{shown:,.0f} {unit}"
+
+
+def percent_change(value) -> str:
+    """A relative change as people read it: -0.45 -> "-45%", 0.031 -> "+3.1%", None -> "-"."""
+    if value is None:
+        return "-"
+    pct = value * 100.0
+    if pct == 0:
+        return "0%"
+    return f"{pct:+.1f}%" if abs(pct) < 10 else f"{pct:+,.0f}%"
 
 
 def _bytes(value: int) -> str:
-    if value == 0:
-        return "0"
-    return format_size(value) if value % 1024 == 0 else f"{value:,} B"
+    return "0" if value == 0 else readable_size(value)
 
 
-def format_comparison(document: CompareDocument | dict, written=None) -> str:
-    """The human-readable comparison: a header, then one column per configuration."""
+def savings_lines(document: dict) -> list[str]:
+    """One line per configuration with a baseline: "spp_v4: -45% exits (-67% protection
+    exits), -51% estimated overhead vs page"."""
+    default = document.get("baseline")
+    out = []
+    for c in document["configs"]:
+        change = c["derived"].get("change_vs_baseline")
+        base = c.get("baseline") or default
+        if not change or base == c["name"]:
+            continue
+        overhead = change.get("total_overhead_seconds", change.get("overhead_seconds"))
+        out.append(f"{c['name']}: {percent_change(change['exits'])} exits "
+                   f"({percent_change(change['protection_exits'])} protection exits), "
+                   f"{percent_change(overhead)} estimated overhead vs {base}")
+    return out
+
+
+def comparison_rows(document: CompareDocument | dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The comparison table as text cells: (configuration names, [(label, a cell per
+    configuration)]), as format_comparison prints it and the HTML report shows it."""
     document = _as_dict(document)
-    info, protection, config = document["input"], document["protection"], document["config"]
     configs = document["configs"]
-    facts = [f"{info.get('format', 'in memory')}", f"{info['rows']:,} rows"]
-    if info.get("scenario") is not None:
-        facts.append(f"scenario {info['scenario']}")
-    if info.get("seed") is not None:
-        facts.append(f"seed {info['seed']}")
-    what = (f"{protection['ranges']:,} byte ranges on {protection['pages']:,} pages"
-            if protection["form"] == "byte_ranges"
-            else f"access maps on {protection['pages']:,} pages")
-    header = [
-        ("trace", f"{info.get('path')} ({', '.join(facts)})"),
-        ("protection", f"{protection.get('path')} ({what})"),
-        ("vm", f"{config['vcpus']} vCPU{'s' if config['vcpus'] != 1 else ''}, {_memory(config)}"
-               f"{', hugepages' if config['hugepages'] else ''}, engine {config['engine']}"),
-        ("exit cost", f"{document['exit_cost_us']:g} us to userspace, "
-                      f"{document['kernel_exit_cost_us']:g} us in the kernel (estimates)"),
-    ]
-    width = max(len(label) for label, _ in header)
-    out = "".join(f"{label:<{width}}  {text}\n" for label, text in header)
-
+    through = document.get("write_through") or {}
+    policy = through.get("policy", "none")
     baseline = document.get("baseline")
+    vs = f"vs {baseline}" if baseline else "vs baseline"
+
+    def change(c, key):
+        ch = c["derived"].get("change_vs_baseline")
+        return percent_change(ch.get(key)) if ch and (c.get("baseline") or baseline) != c["name"] else "-"
+
+    derived = [c["derived"] for c in configs]
     rows: list[tuple[str, list[str]]] = [
-        ("writes", [_count(c["derived"]["writes"]) for c in configs]),
-        ("exits", [_count(c["derived"]["exits"]) for c in configs]),
+        ("writes", [_count(d["writes"]) for d in derived]),
+        ("exits", [_count(d["exits"]) for d in derived]),
     ]
     for kind in B.EXIT_KIND_NAMES:
         rows.append((f"  {kind}", [_count(c["summary"]["exits"][kind]) for c in configs]))
     rows += [
-        ("exits / 1,000 writes", [_number(c["derived"]["exits_per_1000_writes"]) for c in configs]),
-        ("protection exits", [_count(c["derived"]["protection_exits"]) for c in configs]),
-        (f"exits avoided (vs {baseline})" if baseline else "exits avoided",
-         [_count(c["derived"]["exits_avoided"]) for c in configs]),
-        ("exits to userspace", [_count(c["derived"]["exits_to_userspace"]) for c in configs]),
-        ("exits in kernel", [_count(c["derived"]["exits_in_kernel"]) for c in configs]),
-        ("protected left writable",
-         [_count(c["derived"]["protected_left_writable"]) for c in configs]),
-        ("SPPT memory", [_bytes(c["derived"]["sppt_bytes"]) for c in configs]),
-        ("est. overhead (s)", [_seconds(c["derived"]["overhead_seconds"]) for c in configs]),
-        ("  per M accesses (s)",
-         [_seconds(c["derived"]["overhead_seconds_per_million_accesses"]) for c in configs]),
+        (f"  change {vs}", [change(c, "exits") for c in configs]),
+        ("protection exits", [_count(d["protection_exits"]) for d in derived]),
+        ("  per 1,000 writes", [_number(d["protection_exits_per_1000_writes"]) for d in derived]),
+        (f"  change {vs}", [change(c, "protection_exits") for c in configs]),
+        (f"exits avoided ({vs})", [_count(d["exits_avoided"]) for d in derived]),
+        ("exits to userspace", [_count(d["exits_to_userspace"]) for d in derived]),
+        ("exits in kernel", [_count(d["exits_in_kernel"]) for d in derived]),
+        ("protected left writable", [_count(d["protected_left_writable"]) for d in derived]),
+        ("SPPT memory", [_bytes(d["sppt_bytes"]) for d in derived]),
+        ("est. overhead of exits", [readable_seconds(d["overhead_seconds"]) for d in derived]),
+        ("  per M accesses",
+         [readable_seconds(d["overhead_seconds_per_million_accesses"]) for d in derived]),
     ]
-    if configs and configs[0]["derived"]["hooks"] is not None:
-        hooks = [c["derived"]["hooks"] for c in configs]
+    if all(d.get("write_through") for d in derived):
+        wt = [d["write_through"] for d in derived]
+        rows += [
+            ("letting writes through", [_count(w["writes"]) for w in wt]),
+            (f"  emulate ({through.get('emulation_cost_us', 0):g} us each)",
+             [readable_seconds(w["emulate_seconds"]) for w in wt]),
+            ("  MTF: exits added", [f"+{w['mtf_exits']:,}" for w in wt]),
+            ("  MTF: their cost", [readable_seconds(w["mtf_seconds"]) for w in wt]),
+        ]
+        if policy != "none":
+            rows.append((f"est. overhead with {policy}",
+                         [readable_seconds(d["total_overhead_seconds"]) for d in derived]))
+    rows.append((f"  change {vs}", [change(c, "total_overhead_seconds" if policy != "none"
+                                    else "overhead_seconds") for c in configs]))
+    if configs and derived[0]["hooks"] is not None:
+        hooks = [d["hooks"] for d in derived]
         rows += [
             ("relevant exits", [_count(h["relevant"]) for h in hooks]),
             ("irrelevant exits", [_count(h["irrelevant"]) for h in hooks]),
             ("noise ratio", [_number(h["noise_ratio"], 3) for h in hooks]),
         ]
+    return [c["name"] for c in configs], rows
+
+
+def format_comparison(document: CompareDocument | dict, written=None) -> str:
+    """The human-readable comparison: a header, one column per configuration, the savings
+    against the baseline and the notes on why v4 and v12 differ."""
+    document = _as_dict(document)
+    info, protection, config = document["input"], document["protection"], document["config"]
+    through = document.get("write_through") or {}
+    policy = through.get("policy", "none")
+    facts = [f"{info.get('format', 'in memory')}", _plural(info["rows"], "row")]
+    if info.get("scenario") is not None:
+        facts.append(f"scenario {info['scenario']}")
+    if info.get("seed") is not None:
+        facts.append(f"seed {info['seed']}")
+
+    def what(p: dict) -> str:
+        pages = _plural(p["pages"], "page")
+        return (f"{p.get('path')} ({_plural(p['ranges'], 'byte range')} on {pages})"
+                if p["form"] == "byte_ranges" else f"{p.get('path')} (access maps on {pages})")
+
+    header = [("trace", f"{info.get('path')} ({', '.join(facts)})")]
+    for k, p in enumerate(document.get("protections") or [protection]):
+        header.append(("protection" if k == 0 else "", what(p)))
+    header += [
+        ("vm", f"{config['vcpus']} vCPU{'s' if config['vcpus'] != 1 else ''}, {_memory(config)}"
+               f"{', hugepages' if config['hugepages'] else ''}, engine {config['engine']}"),
+        ("exit cost", f"{document['exit_cost_us']:g} us to userspace, "
+                      f"{document['kernel_exit_cost_us']:g} us in the kernel (estimates)"),
+    ]
+    if through:
+        header.append(("writes let through",
+                       {"none": "not charged (--write-through emulate or mtf to add them)",
+                        "emulate": f"emulated, {through['emulation_cost_us']:g} us each "
+                                   "(added to the overhead)",
+                        "mtf": "single-stepped with MTF, its extra exits at the exit "
+                               "costs (added to the overhead)"}[policy]))
+    width = max(len(label) for label, _ in header)
+    out = "".join(f"{label:<{width}}  {text}\n" for label, text in header)
+
+    names, rows = comparison_rows(document)
     label_width = max(len(label) for label, _ in rows)
-    widths = [max(len(c["name"]), *(len(values[i]) for _, values in rows))
-              for i, c in enumerate(configs)]
+    widths = [max(len(name), *(len(values[i]) for _, values in rows))
+              for i, name in enumerate(names)]
     out += "\n" + " " * label_width + "".join(
-        f"  {c['name']:>{w}}" for c, w in zip(configs, widths)) + "\n"
+        f"  {name:>{w}}" for name, w in zip(names, widths)) + "\n"
     for label, values in rows:
         out += f"{label:<{label_width}}" + "".join(
             f"  {v:>{w}}" for v, w in zip(values, widths)) + "\n"
+    savings = savings_lines(document)
+    if savings:
+        out += "\n" + "".join(f"{line}\n" for line in savings)
+    notes = document.get("notes") or []
+    if notes:
+        out += "\nwhy v4 and v12 differ here:\n" + "".join(
+            f"- {_wrap(n['text'], 98, '  ')}\n" for n in notes)
     if written:
         out += f"\nwrote {', '.join(written)}\n"
     return out
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _wrap(text: str, width: int, indent: str) -> str:
+    import textwrap
+
+    return f"\n{indent}".join(textwrap.wrap(text, width))

@@ -339,7 +339,7 @@ def test_cli_table_summary_and_hooks_out(files):
     assert result.exit_code == 0, result.output
     out = result.stdout
     for text in ("page", "spp_v4_all", "spp_v12_first", "noise ratio", "exits avoided",
-                 "SPPT memory", "16KiB", "10 us to userspace"):
+                 "SPPT memory", "16 KiB", "10 us to userspace"):
         assert text in out, text
     doc = json.loads(summary.read_text())
     assert [c["name"] for c in doc["configs"]] == ["page", "spp_v4_all", "spp_v4_first",

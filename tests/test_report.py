@@ -315,9 +315,22 @@ def test_missing_matplotlib_is_a_clear_input_error(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    # run from the checkout (as the suite is): the editable install's hint
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(sppjit.__file__))))
     with pytest.raises(sppjit.InputError) as info:
         R.require_matplotlib()
-    assert str(info.value) == "sppjit report --plot needs matplotlib: pip install 'sppjit[plot]'"
+    assert str(info.value) == ("sppjit report --plot and --html need matplotlib: "
+                               "pip install -e '.[plot]'")
+
+
+def test_matplotlib_hint_follows_the_installation(monkeypatch, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sppjit.__file__)))
+    monkeypatch.chdir(tmp_path)  # a checkout, used from elsewhere: its path
+    assert R.install_hint() == f"pip install -e '{root}[plot]'"
+    site = tmp_path / "site-packages" / "sppjit"  # a wheel: no pyproject.toml beside it
+    site.mkdir(parents=True)
+    monkeypatch.setattr(sppjit, "__file__", str(site / "__init__.py"))
+    assert R.install_hint() == "pip install 'sppjit[plot]'"
 
 
 # ------------------------------------------------------------------------------ command line
@@ -509,3 +522,155 @@ def test_compare_bars_from_a_real_compare_document(tmp_path):
     for config in doc["configs"]:
         assert configs[config["name"]] == config["summary"]["exits"]
     png_checks(R.plot_compare_bars(doc, tmp_path / "bars.png"))
+
+
+# ------------------------------------------------------------- plots a reader can compare
+
+def hook_replay():
+    """The hook of test_hook_relevance_per_page (16 bytes at offset 120: sub-pages 0 and 1)
+    and writes at 124 (on it: relevant, sub-pages 0 and 1), 200 (sub-page 1, off it:
+    irrelevant) and 1000 (sub-page 7: allowed)."""
+    vm = sppjit.VM(memory="16MiB")
+    hook = ByteRanges(gpa=np.array([PAGE + 120], dtype=np.uint64),
+                      length=np.array([16], dtype=np.uint32), name=["cred"])
+    maps = ranges_to_maps(hook)
+    vm.protect(maps.gfn, maps.access)
+    trace = {"gpa": np.array([PAGE + 124, PAGE + 200, PAGE + 1000], dtype=np.uint64)}
+    return hook, replay(vm, trace, engine="reference", hooks=hook)
+
+
+def test_hook_relevance_per_subpage_by_hand():
+    _, res = hook_replay()
+    stats = R.analyze(res)
+    got = {r["subpage"]: (r["violations"], r["relevant"], r["irrelevant"])
+           for r in stats.per_subpage.to_pylist() if r["violations"]}
+    assert got == {0: (1, 1, 0), 1: (2, 1, 1)}
+    assert "relevant" not in R.page_stats(hand_replay())[1].column_names
+
+
+def test_subpage_marks_protected_and_hooked():
+    hook, _ = hook_replay()
+    gfns = np.array([0x200, 0x100], dtype=np.uint64)  # ranked order: 0x100 is the second row
+    protected, hooked = R.subpage_marks(gfns, hook)
+    assert np.flatnonzero(protected[1]).tolist() == [0, 1]
+    assert np.flatnonzero(hooked[1]).tolist() == [0, 1]
+    assert not protected[0].any() and not hooked[0].any()
+    from sppjit.io.protect import AccessMaps
+
+    maps = AccessMaps(gfn=np.array([0x100], dtype=np.uint64),
+                      access=np.array([0xFFFFFFFF & ~(1 << 5) & ~(1 << 31)], dtype=np.uint32))
+    protected, hooked = R.subpage_marks(gfns, maps)
+    assert np.flatnonzero(protected[1]).tolist() == [5, 31] and not hooked.any()
+    assert not R.subpage_marks(gfns, None)[0].any()
+
+
+def test_heatmap_with_hooks_and_marks_is_drawn(tmp_path):
+    hook, res = hook_replay()
+    stats = R.analyze(res)
+    path = R.plot_violations_heatmap(stats.per_subpage, tmp_path / "h.png",
+                                     per_page=stats.per_page, protection=hook,
+                                     about="t.parquet: SPP v4")
+    image = png_checks(path)
+    # the outline of the protected sub-pages: dark blue (#1a365d) pixels
+    rgb = np.round(image[..., :3] * 255).astype(int)
+    assert (np.abs(rgb - [0x1a, 0x36, 0x5d]).sum(axis=2) < 30).sum() > 50
+
+
+def test_titles_name_the_trace_and_configuration():
+    summary = {"input": {"path": "/data/t.parquet"},
+               "config": {"profile": "v12", "granularity": "spp", "subpage_check": "first",
+                          "vcpus": 4}}
+    assert R.describe(summary, "r.parquet") == "t.parquet: SPP v12, sub-page check first, 4 vCPUs"
+    page = {"input": {"path": "t.parquet"}, "config": {"granularity": "page", "vcpus": 1}}
+    assert R.describe(page) == "t.parquet: page-granular protection, 1 vCPU"
+    assert R.describe(None, "/x/r.parquet") == "r.parquet"
+    compare = {"input": {"path": "t.parquet"}, "config": {"vcpus": 2},
+               "configs": [{"name": "page", "exits": {"total": 1}},
+                           {"name": "spp_v4", "exits": {"total": 1}}]}
+    assert R.describe(compare) == "t.parquet: page, spp_v4; 2 vCPUs"
+    assert R.describe(compare, "r.parquet") == ("r.parquet, a replay of t.parquet "
+                                                "(compared: page, spp_v4; 2 vCPUs)")
+
+
+def test_compare_chart_figures_from_a_real_document(tmp_path):
+    from sppjit.compare import compare
+
+    hook, _ = hook_replay()
+    trace = {"gpa": np.array([PAGE + 124, PAGE + 200, PAGE + 1000], dtype=np.uint64)}
+    doc = compare(trace, hook, memory="16MiB", engine="reference")
+    figures = {f["name"]: f for f in R.compare_figures(doc)}
+    for c in doc["configs"]:
+        f, d = figures[c["name"]], c["derived"]
+        assert f["protection_exits"] == d["protection_exits"]
+        assert (f["relevant"], f["irrelevant"]) == (d["hooks"]["relevant"],
+                                                    d["hooks"]["irrelevant"])
+        assert f["overhead"] == d["total_overhead_seconds"]
+        assert f["is_baseline"] == (c["name"] == "page")
+    assert figures["spp_v4"]["change_exits"] == pytest.approx(-1 / 3)  # 2 against page's 3
+    png_checks(R.plot_compare_bars(doc, tmp_path / "bars.png"))
+
+
+def test_report_marks_the_protection_the_summary_names(files, tmp_path):
+    """The heatmap's protection: --protect, else the summary's file while its digest holds;
+    a changed file is not used, and a note says so."""
+    import hashlib as _h
+
+    protect = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"gfn": pa.array([0x100], pa.uint64()),
+                             "access": pa.array([0xFFFFFFFC], pa.uint32())}), protect)
+    summary = json.loads((files / "s.json").read_text())
+    summary["config"]["protection"] = {"path": str(protect), "form": "access_maps", "pages": 1}
+    digest = "sha256:" + _h.sha256(protect.read_bytes()).hexdigest()
+    summary["provenance"] = {"digests": {"protect": digest}}
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    from sppjit.report import writing
+
+    used, note = writing._protection(None, summary)
+    assert note is None and used.gfn.tolist() == [0x100]
+    summary["provenance"]["digests"]["protect"] = "sha256:" + "0" * 64
+    used, note = writing._protection(None, summary)
+    assert used is None and "give --protect" in note
+    done = R.write_report(str(files / "r.parquet"), str(files / "e.arrow"),
+                          summary=str(tmp_path / "s.json"), plot=str(tmp_path / "plots"))
+    assert any("give --protect" in n for n in done.notes) is False  # the digest matched
+    assert writing._protection(str(protect), None)[0].gfn.tolist() == [0x100]
+
+
+def test_output_directories_are_created_or_named_in_the_error(files, tmp_path):
+    """--plot and --stats create their directory (nested levels too); where one cannot be a
+    directory the error names the option. bench --workdir does the same."""
+    from sppjit.bench import run_end_to_end
+
+    made = tmp_path / "a" / "b" / "plots"
+    result = invoke(files / "r.parquet", "--exits", files / "e.arrow", "--plot", made)
+    assert result.exit_code == 0, result.output
+    assert (made / "violations_heatmap.png").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for option in ("--plot", "--stats"):
+        result = invoke(files / "r.parquet", option, blocker)
+        assert result.exit_code == 2
+        assert f"{option}: {blocker} exists and is not a directory" in result.output
+    with pytest.raises(sppjit.InputError, match="--workdir: cannot create"):
+        run_end_to_end(accesses=10, workdir=str(blocker / "sub"))
+
+
+def test_compare_chart_with_two_protections_names_each_baseline(tmp_path):
+    from sppjit.compare import compare
+
+    a = ByteRanges(gpa=np.array([PAGE + 120], dtype=np.uint64),
+                   length=np.array([16], dtype=np.uint32), name=["a"])
+    b = ByteRanges(gpa=np.array([PAGE + 1024], dtype=np.uint64),
+                   length=np.array([8], dtype=np.uint32), name=["b"])
+    trace = {"gpa": np.array([PAGE + 124, PAGE + 200, PAGE + 1028], dtype=np.uint64)}
+    doc = compare(trace, [a, b], memory="16MiB", engine="reference")
+    figures = {f["name"]: f for f in R.compare_figures(doc)}
+    assert [n for n, f in figures.items() if f["is_baseline"]] == ["page@p1", "page@p2"]
+    assert R.describe(doc) == "an in-memory trace: 6 configurations; 1 vCPU"
+    png_checks(R.plot_compare_bars(doc, tmp_path / "bars.png"))
+
+
+def test_help_names_the_plot_extra_and_the_new_options():
+    out = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "pip install 'sppjit[plot]'" in out and "pip install -e '.[plot]'" in out
+    assert "--html" in out and "--protect" in out

@@ -23,13 +23,18 @@ HELP = (
     "writes per_page.parquet, per_subpage.parquet and epochs.parquet (for DuckDB, Polars or "
     "pandas); --plot writes exits_over_time.png, violations_heatmap.png and, when --summary "
     "is a sppjit compare --json document, compare_bars.png (1200 x 800 PNG, needs "
-    "matplotlib). Each directory gets a report.json with the versions, the input paths and "
-    "their SHA-256, and the summary's configuration and seed."
+    # rich reads [plot] as markup: escaped, so that the help shows it
+    "matplotlib: pip install 'sppjit\\[plot]', or pip install -e '.\\[plot]' in a checkout). "
+    "--html writes one self-contained HTML file (the summary, the compare table, the plots "
+    "inlined, the hottest pages and the per-hook tables) that a browser opens from disk. "
+    "--protect (default: the file the summary names, if unchanged) marks the protected and "
+    "hooked sub-pages in the heatmap. Each directory gets a report.json with the versions, "
+    "the input paths and their SHA-256, and the summary's configuration and seed."
 )
 
 EPILOG = ("Example: sppjit replay t.parquet --protect p.parquet --out r.parquet --exits "
           "e.parquet --summary s.json, then sppjit report r.parquet --exits e.parquet "
-          "--summary s.json --stats stats --plot plots")
+          "--summary s.json --stats stats --plot plots --html report.html")
 
 _INPUT = "Inputs"
 _OUTPUT = "Outputs"
@@ -54,6 +59,15 @@ def report(
         "--stats", metavar="DIR", rich_help_panel=_OUTPUT,
         help="Write per_page.parquet, per_subpage.parquet, epochs.parquet and report.json "
              "into DIR (created if missing).")] = None,
+    html: Annotated[str | None, typer.Option(
+        "--html", metavar="FILE", rich_help_panel=_OUTPUT,
+        help="Write the whole report as one self-contained HTML file (plots inlined; opens "
+             "in a browser without a server; needs matplotlib).")] = None,
+    protect: Annotated[str | None, typer.Option(
+        "--protect", metavar="FILE", rich_help_panel=_INPUT,
+        help="The protection the replay applied (access maps or byte ranges): the heatmap "
+             "marks its protected and hooked sub-pages. Default: the file the summary "
+             "names, when unchanged.")] = None,
     epochs: Annotated[int, typer.Option(
         "--epochs", metavar="N", min=1, max=MAX_EPOCHS,
         help="Epochs (equal runs of trace rows) for exits over time.")] = DEFAULT_EPOCHS,
@@ -62,18 +76,19 @@ def report(
         help="Hottest protected pages (most protection exits) in the heatmap.")] = DEFAULT_TOP,
 ) -> None:
     run_report(results=results, exits=exits, summary_path=summary, plot=plot, stats=stats,
-               epochs=epochs, top=top)
+               html=html, protect=protect, epochs=epochs, top=top)
 
 
 def run_report(*, results: str, exits: str | None = None, summary_path: str | None = None,
-               plot: str | None = None, stats: str | None = None,
-               epochs: int = DEFAULT_EPOCHS, top: int = DEFAULT_TOP) -> dict:
+               plot: str | None = None, stats: str | None = None, html: str | None = None,
+               protect: str | None = None, epochs: int = DEFAULT_EPOCHS,
+               top: int = DEFAULT_TOP) -> dict:
     """The report command without typer: write_report, then print; returns report.json's
     document."""
     from sppjit.report import write_report
 
     done = write_report(results, exits, summary=summary_path, plot=plot, stats=stats,
-                        epochs=epochs, top=top)
+                        html=html, protect=protect, epochs=epochs, top=top)
     sys.stdout.write(done.text)
     sys.stdout.flush()
     for note in done.notes:

@@ -21,17 +21,20 @@ Attribution rules (the same in the tables, the text report and the plots):
   trace in epoch 0): row r is in epoch r * epochs // rows.
 
 One module per concern: ``analysis`` (the statistics), ``document`` (report.json and the summary
-it reads), ``plots``, ``text`` (the printed report), ``writing`` (``write_report``, the whole
-command as one call) and ``options`` (defaults and file names, numpy-free). The names below load
-their module on first use, so that importing the package costs nothing.
+it reads), ``plots``, ``text`` (the printed report), ``htmlpage`` (the HTML report), ``writing``
+(``write_report``, the whole command as one call) and ``options`` (defaults and file names,
+numpy-free). The names below load their module on first use, so that importing the package
+costs nothing.
 
 Python API::
 
-    report = write_report(results, exits, summary=s, stats="dir", plot="dir")  # all or nothing
+    report = write_report(results, exits, summary=s, stats="dir", plot="dir",
+                          html="report.html", protect="hooks.parquet")  # all or nothing
     per_page, per_subpage = page_stats(results, exits)        # two pyarrow Tables
     stats = analyze(results, exits, epochs=100)                 # + epochs, totals
     plot_exits_over_time(stats.epochs, "exits.png")
-    plot_violations_heatmap(stats.per_subpage, "heat.png", per_page=stats.per_page, top=32)
+    plot_violations_heatmap(stats.per_subpage, "heat.png", per_page=stats.per_page, top=32,
+                            protection=maps_or_ranges, about="t.parquet: SPP v4")
     plot_compare_bars(compare_document, "bars.png")
 
 ``results`` and ``exits`` are paths (Parquet, Arrow IPC file or stream), pyarrow Tables or
@@ -46,11 +49,13 @@ import importlib
 _HOMES = {
     "analysis": ("ReportStats", "analyze", "page_stats", "top_pages", "KINDS", "PROTECTION_KINDS",
                  "TEXT_TOP", "BATCH_ROWS", "COMPACT_ROWS"),
-    "document": ("read_summary", "check_summary", "is_compare", "compare_configs", "find_seed",
-                 "versions", "report_document", "REPORT_SCHEMA_VERSION"),
+    "document": ("read_summary", "check_summary", "is_compare", "compare_configs",
+                 "compare_figures", "describe", "find_seed", "versions", "report_document",
+                 "REPORT_SCHEMA_VERSION"),
     "plots": ("plot_exits_over_time", "plot_violations_heatmap", "plot_compare_bars",
-              "heatmap_matrix", "require_matplotlib", "KIND_COLORS", "FIG_SIZE", "FIG_DPI",
-              "MATPLOTLIB_MISSING"),
+              "heatmap_matrix", "subpage_marks", "require_matplotlib", "install_hint",
+              "KIND_COLORS", "FIG_SIZE", "FIG_DPI", "MATPLOTLIB_MISSING"),
+    "htmlpage": ("render_html",),
     "text": ("format_report",),
     "writing": ("write_report", "Report", "write_table"),
     "options": ("DEFAULT_EPOCHS", "DEFAULT_TOP", "MAX_EPOCHS", "MAX_TOP", "PLOT_FILES",

@@ -52,7 +52,7 @@ _PAGE_SUMS = ("reads", "writes", "fetches", *KINDS, "relevant", "irrelevant", "e
 _P = {name: i for i, name in enumerate(_PAGE_SUMS)}
 _PAGE_COLUMNS = ("accesses", "reads", "writes", "fetches", "exits", *KINDS, "violations",
                  "relevant", "irrelevant")
-_SUBPAGE_SUMS = ("writes", "violations")
+_SUBPAGE_SUMS = ("writes", "violations", "relevant", "irrelevant")
 
 
 # ============================================================================ reading inputs
@@ -490,6 +490,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
             # the faulting piece: from the logged gpa to the end of the access or the page
             vstart = egpa[prot]
             vend = np.minimum(end[i[prot]], (egfn[prot] + np.uint64(1)) << _PAGE)
+            vrel = erel[prot]
         else:
             # Without a log: exits on the access's first page; violations from the outcome,
             # on the piece of its first page.
@@ -500,6 +501,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
             ep_viol += np.bincount(epoch[prot], minlength=n_epochs)
             vstart = gpa[prot]
             vend = np.minimum(end[prot], (p0[prot] + np.uint64(1)) << _PAGE)
+            vrel = np.full(vstart.shape[0], -1, dtype=np.int8)
 
         # ---- per page: every page an access touches, the page of every exit
         keys = np.concatenate((p0, p1[cross], egfn))
@@ -525,12 +527,19 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         pages.add(gfns, sums, np.minimum.reduceat(at, starts), np.maximum.reduceat(at, starts))
 
         # ---- per sub-page: every sub-page written bytes or faulting bytes touch
+        # (a protection exit's hook relevance goes with each sub-page of its piece)
         wq = _expand(gpa[is_write] >> _SUB, (end[is_write] - np.uint64(1)) >> _SUB)
-        vq = _expand(vstart >> _SUB, (vend - np.uint64(1)) >> _SUB)
+        v0, v1 = vstart >> _SUB, (vend - np.uint64(1)) >> _SUB
+        vq = _expand(v0, v1)
+        vrel = np.repeat(vrel, (v1 - v0).astype(np.int64) + 1)
         qs, inverse, _, _ = group_keys(np.concatenate((wq, vq)))
         category = np.zeros(inverse.shape[0], dtype=np.int64)
         category[wq.shape[0]:] = 1
-        subpages.add(qs, _counts(inverse, category, qs.shape[0], 2))
+        sums = np.zeros((len(_SUBPAGE_SUMS), qs.shape[0]), dtype=np.int64)
+        sums[:2] = _counts(inverse, category, qs.shape[0], 2)
+        rel = _counts(inverse[wq.shape[0]:], vrel.astype(np.int64) + 1, qs.shape[0], 3)
+        sums[2], sums[3] = rel[2], rel[1]  # True, False (null: no hooks)
+        subpages.add(qs, sums)
         first += m
 
     if first != n:
@@ -544,7 +553,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
 
     per_page = _page_table(*pages.result(), exit_log=log is not None,
                            hooks=log is not None and log.hooks)
-    per_subpage = _subpage_table(*subpages.result()[:2])
+    per_subpage = _subpage_table(*subpages.result()[:2], hooks=log is not None and log.hooks)
     epochs_table = _epoch_table(n, n_epochs, ep_accesses, ep_writes, ep_exits, ep_viol,
                                 ep_kinds if log is not None else None)
 
@@ -564,6 +573,9 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         "exits": exits,
         "exits_per_1000_writes": (1000.0 * total_exits / writes) if writes else None,
         "violations": int(ep_viol.sum()),
+        # protection exits over writes only: what a monitor pays per write it guards
+        "protection_exits_per_1000_writes": (1000.0 * int(ep_viol.sum()) / writes
+                                             if writes else None),
         "pages": {
             "touched": per_page.num_rows,
             "with_exits": int(pc.sum(pc.greater(per_page.column("exits"), 0)).as_py() or 0),
@@ -609,16 +621,21 @@ def _page_table(keys, sums, mins, maxs, *, exit_log: bool, hooks: bool) -> pa.Ta
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=_schema_metadata()))
 
 
-def _subpage_table(keys, sums) -> pa.Table:
-    schema = pa.schema([pa.field("gfn", pa.uint64(), nullable=False),
-                        pa.field("subpage", pa.uint8(), nullable=False),
-                        pa.field("writes", pa.int64(), nullable=False),
-                        pa.field("violations", pa.int64(), nullable=False)],
-                       metadata=_schema_metadata())
-    return pa.Table.from_arrays(
-        [pa.array(keys >> _SUB_PER_PAGE_SHIFT, pa.uint64()),
-         pa.array((keys & np.uint64(B.SUBPAGES_PER_PAGE - 1)).astype(np.uint8)),
-         pa.array(sums[0]), pa.array(sums[1])], schema=schema)
+def _subpage_table(keys, sums, *, hooks: bool = False) -> pa.Table:
+    """gfn, subpage, writes, violations, and with hook relevance in the exit log the
+    protection exits on the sub-page that were relevant and irrelevant."""
+    fields = [pa.field("gfn", pa.uint64(), nullable=False),
+              pa.field("subpage", pa.uint8(), nullable=False),
+              pa.field("writes", pa.int64(), nullable=False),
+              pa.field("violations", pa.int64(), nullable=False)]
+    arrays = [pa.array(keys >> _SUB_PER_PAGE_SHIFT, pa.uint64()),
+              pa.array((keys & np.uint64(B.SUBPAGES_PER_PAGE - 1)).astype(np.uint8)),
+              pa.array(sums[0]), pa.array(sums[1])]
+    if hooks:
+        fields += [pa.field("relevant", pa.int64(), nullable=False),
+                   pa.field("irrelevant", pa.int64(), nullable=False)]
+        arrays += [pa.array(sums[2]), pa.array(sums[3])]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=_schema_metadata()))
 
 
 def _epoch_table(n, n_epochs, accesses, writes, exits, violations, kinds) -> pa.Table:

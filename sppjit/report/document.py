@@ -13,6 +13,7 @@ from importlib import metadata
 
 from sppjit import __version__
 from sppjit.errors import InputError
+from sppjit.hooks import PROTECTION_EXIT_KINDS
 from sppjit.io.formats import cannot_read, read_magic
 from sppjit.provenance import file_digest
 from sppjit.provenance import versions as tool_versions
@@ -108,6 +109,76 @@ def compare_configs(doc: dict) -> list[tuple[str, dict]]:
             raise InputError(f"summary: configuration {name!r} has no exit counts")
         out.append((str(name), counts))
     return out
+
+
+def compare_figures(doc: dict) -> list[dict]:
+    """What the compare chart shows, per configuration of a compare document: ``name``,
+    ``protection_exits`` (spp_violation + write_protect), ``relevant`` / ``irrelevant``
+    (None without hooks), ``is_baseline``, ``overhead`` (the estimated seconds of its exits, with the
+    write-through price when the document chose one; None when the document has no
+    derived figures), ``change_exits`` / ``change_overhead`` against its baseline (None:
+    none)."""
+    out = []
+    entries = doc["configs"] if isinstance(doc.get("configs"), list) else [
+        {"name": k, **v} for k, v in doc["configs"].items()]
+    for (name, exits), entry in zip(compare_configs(doc), entries):
+        derived = entry.get("derived") if isinstance(entry.get("derived"), dict) else {}
+        hooks = derived.get("hooks") or {}
+        change = derived.get("change_vs_baseline") or {}
+        overhead = derived.get("total_overhead_seconds", derived.get("overhead_seconds"))
+        out.append({
+            "name": name,
+            "is_baseline": name == (entry.get("baseline") or doc.get("baseline")),
+            "protection_exits": int(sum(exits.get(k, 0) or 0 for k in PROTECTION_EXIT_KINDS)),
+            "relevant": hooks.get("relevant"), "irrelevant": hooks.get("irrelevant"),
+            "overhead": overhead,
+            "change_exits": change.get("protection_exits"),
+            "change_overhead": change.get("total_overhead_seconds",
+                                          change.get("overhead_seconds")),
+        })
+    return out
+
+
+def describe(summary: dict | None, results: str | None = None) -> str:
+    """One line naming what a report shows, for the plots' titles: the trace and the
+    configuration ("t.parquet: SPP v4, sub-page check all, 2 vCPUs"; a compare document:
+    its configurations)."""
+    import os
+
+    trace = None
+    if isinstance(summary, dict) and isinstance(summary.get("input"), dict):
+        trace = summary["input"].get("path")
+    label = os.path.basename(str(trace)) if trace else (
+        os.path.basename(str(results)) if results else "an in-memory trace")
+    if not isinstance(summary, dict):
+        return label
+    if is_compare(summary):
+        # The compare chart shows every configuration; the other plots show the results of
+        # one replay, whose configuration the compare document does not say.
+        cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+        vcpus = cfg.get("vcpus")
+        names = [name for name, _ in compare_configs(summary)]
+        compared = ", ".join(names)
+        if len(compared) > 60:  # a title line, not a list: say how many
+            compared = f"{len(names)} configurations"
+        if isinstance(vcpus, int):
+            compared += f"; {vcpus} vCPU{'s' if vcpus != 1 else ''}"
+        if results is None:
+            return f"{label}: {compared}"
+        return f"{os.path.basename(str(results))}, a replay of {label} (compared: {compared})"
+    cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    bits = []
+    if cfg.get("granularity") == "page":
+        bits.append("page-granular protection")
+    elif "profile" in cfg:
+        bits.append(f"SPP {cfg['profile']}")
+        if cfg.get("subpage_check"):
+            bits.append(f"sub-page check {cfg['subpage_check']}")
+    if isinstance(cfg.get("vcpus"), int):
+        bits.append(f"{cfg['vcpus']} vCPU{'s' if cfg['vcpus'] != 1 else ''}")
+    if cfg.get("hugepages"):
+        bits.append("huge pages")
+    return f"{label}: {', '.join(bits)}" if bits else label
 
 
 def _config_name(config) -> str | None:

@@ -36,11 +36,13 @@ def format_report(stats: ReportStats, *, results: str, exits: str | None,
     exit_items = [("total", ex["total"])]
     if stats.exit_log:
         exit_items += [(k, ex[k]) for k in KINDS if ex[k]]
-    per_k = t["exits_per_1000_writes"]
-    text = _pairs(exit_items) + (f"  ({per_k:,.1f} per 1,000 writes)" if per_k is not None else "")
+    text = _pairs(exit_items)
     if not stats.exit_log:
         text += "  (kinds: give --exits)"
     rows.append(("VM exits", text))
+    per_k = t["protection_exits_per_1000_writes"]
+    rows.append(("protection", f"{t['violations']:,} exits"
+                 + (f" ({per_k:,.1f} per 1,000 writes)" if per_k is not None else "")))
     if "hooks" in t:
         rows.append(("hooks", _pairs([("relevant", t["hooks"]["relevant"]),
                                       ("irrelevant", t["hooks"]["irrelevant"])])))

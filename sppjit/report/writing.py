@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from sppjit.errors import InputError
-from sppjit.io.output import TableWriter, write_json_atomic
+from sppjit.io.output import TableWriter, check_output_path, write_json_atomic
 
 from . import plots
 from .analysis import ReportStats, analyze
-from .document import is_compare, read_summary, report_document
+from .document import describe, is_compare, read_summary, report_document
 from .options import (
     DEFAULT_EPOCHS,
     DEFAULT_TOP,
@@ -45,12 +45,16 @@ class Report:
 
 
 def write_report(results: str, exits: str | None = None, *, summary: str | None = None,
-                 plot: str | None = None, stats: str | None = None,
-                 epochs: int = DEFAULT_EPOCHS, top: int = DEFAULT_TOP) -> Report:
+                 plot: str | None = None, stats: str | None = None, html: str | None = None,
+                 protect: str | None = None, epochs: int = DEFAULT_EPOCHS,
+                 top: int = DEFAULT_TOP) -> Report:
     """Analyse a replay's ``results`` (and ``exits`` log) and write the statistics tables into
-    the directory ``stats``, the plots into ``plot`` (each with a report.json), all or
-    nothing. ``summary`` is the replay's summary JSON or a compare document (which adds the
-    compare bars). InputError for any bad argument or input, before anything is written."""
+    the directory ``stats``, the plots into ``plot`` (each with a report.json) and the
+    self-contained HTML report into the file ``html``, all or nothing. ``summary`` is the
+    replay's summary JSON or a compare document (which adds the compare bars). ``protect``
+    is the protection file of the replay: the heatmap marks its protected and hooked
+    sub-pages (default: the file the summary names, when it is still the one replayed, by
+    its SHA-256). InputError for any bad argument or input, before anything is written."""
     from sppjit.io.atomic import check_distinct
 
     if epochs < 1 or epochs > MAX_EPOCHS:
@@ -59,8 +63,10 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
         raise InputError(f"--top must be 1..{MAX_TOP}, not {top}")
 
     # ---- outputs and inputs, before any work
-    if plot is not None:
+    if plot is not None or html is not None:
         plots.require_matplotlib()
+    if html is not None:
+        check_output_path(html, option="--html")
     if stats is not None and plot is not None and os.path.abspath(stats) == os.path.abspath(plot):
         plot = stats  # one directory for both: one report.json
     create = {}
@@ -69,6 +75,7 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
             create[directory] = _check_directory(directory, option)
     summary_doc = read_summary(summary) if summary is not None else None  # its shape too
     compare = summary_doc is not None and is_compare(summary_doc)
+    protection, protection_note = _protection(protect, summary_doc)
     planned: list[tuple[str, str]] = []  # (option, path) of every file to write
     if stats is not None:
         planned += [("--stats", os.path.join(stats, name)) for name in STATS_FILES.values()]
@@ -78,26 +85,98 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
     for directory in dict.fromkeys(d for d in (stats, plot) if d is not None):
         planned.append(("--stats" if directory == stats else "--plot",
                         os.path.join(directory, REPORT_FILE)))
-    check_distinct([("RESULTS", results), ("--exits", exits), ("--summary", summary)] + planned)
+    if html is not None:
+        planned.append(("--html", html))
+    check_distinct([("RESULTS", results), ("--exits", exits), ("--summary", summary),
+                    ("--protect", protect)] + planned)
 
     # ---- the work (InputError for unreadable or inconsistent inputs)
     analysis = analyze(results, exits, epochs=epochs)
-    document, written = _write(analysis, create, results=results, exits=exits, summary=summary,
-                               summary_doc=summary_doc, compare=compare, plot=plot, stats=stats,
-                               epochs=epochs, top=top)
-    text = format_report(analysis, results=results, exits=exits, summary_path=summary,
-                         summary=summary_doc, written=written)
     notes = list(analysis.warnings)
+    if protection_note:
+        notes.append(protection_note)
     if summary_doc is not None and not compare:
         rows = (summary_doc.get("input") or {}).get("rows")
         if isinstance(rows, int) and rows != analysis.rows:
             notes.append(f"the summary counts {rows:,} rows, the results {analysis.rows:,}: "
                          "not the summary of this replay?")
+    drawing = _Drawing(analysis, summary_doc, protection, top=top, compare=compare,
+                       about=describe(summary_doc, results))
+    document, written = _write(analysis, create, results=results, exits=exits, summary=summary,
+                               summary_doc=summary_doc, compare=compare, plot=plot, stats=stats,
+                               html=html, drawing=drawing, notes=notes, epochs=epochs, top=top)
+    text = format_report(analysis, results=results, exits=exits, summary_path=summary,
+                         summary=summary_doc, written=written)
     return Report(stats=analysis, document=document, text=text, written=written, notes=notes)
 
 
+class _Drawing:
+    """The report's plots, drawn the same way into --plot and into the HTML page."""
+
+    def __init__(self, analysis: ReportStats, summary_doc, protection, *, top: int,
+                 compare: bool, about: str):
+        self.analysis, self.summary_doc, self.protection = analysis, summary_doc, protection
+        self.top, self.compare, self.about = top, compare, about
+
+    def names(self) -> list[str]:
+        return ["exits_over_time", "violations_heatmap"] + (["compare_bars"] if self.compare
+                                                            else [])
+
+    def draw(self, name: str, path: str) -> str:
+        a = self.analysis
+        if name == "exits_over_time":
+            return plots.plot_exits_over_time(a.epochs, path, about=self.about)
+        if name == "violations_heatmap":
+            return plots.plot_violations_heatmap(a.per_subpage, path, top=self.top,
+                                                 per_page=a.per_page, about=self.about,
+                                                 protection=self.protection)
+        return plots.plot_compare_bars(self.summary_doc, path)
+
+
+PLOT_CAPTIONS = {
+    "exits_over_time": "VM exits per epoch over the trace, by exit kind.",
+    "violations_heatmap": "Protection exits by 128-byte sub-page on the hottest protected "
+                          "pages; outlined: write-protected sub-pages, dotted: hooked ones.",
+    "compare_bars": "Protection exits and estimated overhead by configuration, with the "
+                    "change against the baseline.",
+}
+
+
+def _protection(protect: str | None, summary_doc: dict | None):
+    """(the protection the heatmap marks or None, a note for the user or None). Given:
+    ``protect``. Else the file the summary names (a replay summary's config.protection, a
+    compare document's protection), if it is still the one its provenance hashed."""
+    from sppjit.protection import load_protection
+    from sppjit.provenance import file_digest
+
+    if protect is not None:
+        try:
+            return load_protection(protect)[0], None
+        except InputError as exc:
+            raise InputError(f"--protect: {exc}") from None
+    if not isinstance(summary_doc, dict):
+        return None, None
+    block = (summary_doc.get("protection") if is_compare(summary_doc)
+             else (summary_doc.get("config") or {}).get("protection"))
+    if is_compare(summary_doc) and summary_doc.get("protections"):
+        return None, None  # several: none of them is the heatmap's
+    path = block.get("path") if isinstance(block, dict) else None
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None, None
+    digests = (summary_doc.get("provenance") or {}).get("digests") or {}
+    recorded = digests.get("protect") if isinstance(digests, dict) else None
+    if recorded is None or file_digest(path) != recorded:
+        return None, (f"the heatmap does not mark protected sub-pages: {path} is not the "
+                      "file the summary's replay read (give --protect)")
+    try:
+        return load_protection(path)[0], None
+    except InputError:
+        return None, None
+
+
 def _write(analysis: ReportStats, create: dict[str, bool], *, results, exits, summary,
-           summary_doc, compare, plot, stats, epochs, top) -> tuple[dict, list[str]]:
+           summary_doc, compare, plot, stats, html, drawing, notes, epochs,
+           top) -> tuple[dict, list[str]]:
     """Every output file, all or nothing: (report.json's document, the paths written)."""
     from sppjit.io.atomic import Outputs
 
@@ -124,14 +203,13 @@ def _write(analysis: ReportStats, create: dict[str, bool], *, results, exits, su
                                    ("epochs", analysis.epochs)):
                     done(write_table(table, os.path.join(stats, STATS_FILES[key])), stats)
             if plot is not None:
-                done(plots.plot_exits_over_time(
-                    analysis.epochs, os.path.join(plot, PLOT_FILES["exits_over_time"])), plot)
-                done(plots.plot_violations_heatmap(
-                    analysis.per_subpage, os.path.join(plot, PLOT_FILES["violations_heatmap"]),
-                    top=top, per_page=analysis.per_page), plot)
-                if compare:
-                    done(plots.plot_compare_bars(
-                        summary_doc, os.path.join(plot, PLOT_FILES["compare_bars"])), plot)
+                for name in drawing.names():
+                    done(drawing.draw(name, os.path.join(plot, PLOT_FILES[name])), plot)
+            if html is not None:
+                _write_html(html, analysis, drawing, plot=plot, results=results, exits=exits,
+                            summary=summary, summary_doc=summary_doc, notes=notes)
+                outputs.add(html)
+                written.append(html)
             document = report_document(
                 analysis, results=results, exits=exits, summary_path=summary,
                 summary=summary_doc, epochs=epochs, top=top,
@@ -146,6 +224,30 @@ def _write(analysis: ReportStats, create: dict[str, bool], *, results, exits, su
                 os.rmdir(directory)
         raise
     return document, written
+
+
+def _write_html(path: str, analysis: ReportStats, drawing: _Drawing, *, plot, results, exits,
+                summary, summary_doc, notes) -> None:
+    """The HTML report, atomically; its plots are the PNGs of --plot (drawn once) or drawn
+    into a temporary directory."""
+    import tempfile
+
+    from sppjit.io.atomic import atomic_path
+
+    from .htmlpage import render_html
+
+    pngs = []
+    with tempfile.TemporaryDirectory(prefix="sppjit-report-") as scratch:
+        for name in drawing.names():
+            png = os.path.join(plot, PLOT_FILES[name]) if plot is not None else None
+            if png is None or not os.path.isfile(png):
+                png = drawing.draw(name, os.path.join(scratch, PLOT_FILES[name]))
+            with open(png, "rb") as handle:
+                pngs.append((name, PLOT_CAPTIONS[name], handle.read()))
+    page = render_html(analysis, about=drawing.about, results=results, exits=exits,
+                       summary_path=summary, summary=summary_doc, plots=pngs, notes=notes)
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(page)
 
 
 def write_table(table: pa.Table, path: str) -> str:
