@@ -239,11 +239,12 @@ _PLANS = {
 }
 
 
-def stream(name: str, accesses: int, seed: int = 0,
-           rows: int | None = None) -> tuple[Scenario, Iterator[dict[str, np.ndarray]]]:
+def stream(name: str, accesses: int, seed: int = 0, rows: int | None = None,
+           **params) -> tuple[Scenario, Iterator[dict[str, np.ndarray]]]:
     """The scenario's layout (memory, vCPUs, protection; no accesses) and its accesses as an
     iterator of column dicts (gpa, size, vcpu, kind) of at most ``rows`` rows each
-    (CHUNK_ROWS by default): a trace of any length in bounded memory."""
+    (CHUNK_ROWS by default): a trace of any length in bounded memory. ``params``: the
+    scenario's own settings (guarded: vcpus; kernel-guard: vcpus, structures)."""
     rows = CHUNK_ROWS if rows is None else rows
     if name not in _PLANS:
         from sppjit.errors import InputError
@@ -252,7 +253,7 @@ def stream(name: str, accesses: int, seed: int = 0,
     if not 0 <= accesses <= MAX_ACCESSES:
         raise ValueError(f"accesses must be 0..{MAX_ACCESSES}, got {accesses}")
     rng = np.random.default_rng(seed)
-    plan = _PLANS[name](rng, accesses)
+    plan = _PLANS[name](rng, accesses, **params)
 
     def chunks() -> Iterator[dict[str, np.ndarray]]:
         for k, first in enumerate(range(0, accesses, CHUNK_ROWS)):
@@ -264,10 +265,10 @@ def stream(name: str, accesses: int, seed: int = 0,
     return plan.scenario, chunks()
 
 
-def make(name: str, accesses: int, seed: int = 0) -> Scenario:
+def make(name: str, accesses: int, seed: int = 0, **params) -> Scenario:
     """The whole scenario in memory: its layout and every access (bench and the tests; the
     command line writes traces chunk by chunk, with ``stream``)."""
-    scenario, chunks = stream(name, accesses, seed)
+    scenario, chunks = stream(name, accesses, seed, **params)
     drawn = list(chunks)
     for key in ("gpa", "size", "vcpu", "kind"):
         parts = [chunk[key] for chunk in drawn] or [getattr(scenario, key)]
@@ -295,16 +296,17 @@ def fault_storm(accesses: int, seed: int = 0) -> Scenario:
     return make("fault-storm", accesses, seed)
 
 
-def guarded(accesses: int, seed: int = 0) -> Scenario:
+def guarded(accesses: int, seed: int = 0, vcpus: int = 2) -> Scenario:
     """Writes over 256 MiB where 30% of pages are SPP-protected with mixed maps; ~10% of the
     writes hit a write-protected sub-page."""
-    return make("guarded", accesses, seed)
+    return make("guarded", accesses, seed, vcpus=vcpus)
 
 
-def kernel_guard(accesses: int, seed: int = 0) -> Scenario:
+def kernel_guard(accesses: int, seed: int = 0, vcpus: int = 4,
+                 structures: int = 2000) -> Scenario:
     """Small kernel structures guarded as byte ranges, with writes on them and their
-    neighbours, from 4 vCPUs."""
-    return make("kernel-guard", accesses, seed)
+    neighbours, from ``vcpus`` vCPUs."""
+    return make("kernel-guard", accesses, seed, vcpus=vcpus, structures=structures)
 
 
 SCENARIOS = {
