@@ -157,12 +157,13 @@ def _byte_ranges(table: pa.Table) -> ByteRanges:
 
 
 def _names(table: pa.Table) -> list[str | None]:
-    """The optional hook names as text (CSV infers all-digit names as integers)."""
+    """The optional hook names as text (CSV infers all-digit names as integers); an empty
+    name is no name (CSV cannot write a missing one otherwise)."""
     if "name" not in table.column_names:
         return [None] * table.num_rows
     column = table.column("name")
     try:
-        return column.cast(pa.string()).to_pylist()
+        return [name or None for name in column.cast(pa.string()).to_pylist()]
     except (pa.ArrowException, TypeError):
         raise InputError(f"protection: column 'name' has type {column.type}, "
                          "expected text") from None
