@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 import time
 import types
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -19,17 +19,17 @@ from . import __version__
 from . import bits as B
 from .defaults import BATCH_SIZES, ENGINES
 from .errors import InputError, VmEntryError
+from .hooks import HookIndex
 from .io.sizes import format_size
 from .io.trace import TraceBatch, check_vcpus, open_trace, schema_metadata
 from .kernels import layout as L
 from .kernels.exits import kvm_handle_exit
 from .kernels.mmu import ENTRY_FAILURE_MESSAGES, serve_requests
+from .provenance import BackgroundDigests, generator_info, versions
 from .reference import ModelLivelock, replay_access
+from .stats import page_counts
 
 replay_access_handlers = (kvm_handle_exit, serve_requests)  # the compiled rules it calls
-from .hooks import HookIndex
-from .provenance import BackgroundDigests, generator_info, versions
-from .stats import page_counts
 
 SCHEMA_VERSION = 1
 EXIT_LOG_CAPACITY = 1 << 16
@@ -426,7 +426,8 @@ class Replay:
             self._log.n[0] = j + 1
 
     # ---------------------------------------------------------------- summary
-    def summary(self, input_info: dict | None = None, digests: dict | None = None, generator: dict | None = None) -> dict:
+    def summary(self, input_info: dict | None = None, digests: dict | None = None,
+                generator: dict | None = None) -> dict:
         """The summary JSON (docs/contract.md §5.3). ``digests`` (input name -> "sha256:...") and
         ``generator`` (scenario, seed from the trace's metadata) go into its provenance."""
         c = self.counters
@@ -544,8 +545,9 @@ class ReplayStream:
                 f"{self._session.engine}, trace {self._reader.path or 'in memory'}>")
 
 
-def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None,
-                   ops=None, on_exits: Callable[[pa.RecordBatch], None] | None = None) -> ReplayStream:
+def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"],
+                   hooks=None, ops=None,
+                   on_exits: Callable[[pa.RecordBatch], None] | None = None) -> ReplayStream:
     """Replay ``source`` batch by batch: a ReplayStream of the per-access result batches,
     with the exit log and, at its end, the summary. ``on_exits`` receives each exit-log
     batch instead of the stream keeping them (memory bounded in the exits too)."""
@@ -614,7 +616,8 @@ def check_hooks_protected(vm, hooks: HookIndex | None, ops=()) -> None:
         "vm.protect(maps.gfn, maps.access)), or give the VM a timeline that does")
 
 
-def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None, ops=None) -> ReplayResult:
+def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None,
+           ops=None) -> ReplayResult:
     """Replay a whole trace and keep every result in memory (see replay_batches for streams).
 
     ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of
