@@ -491,6 +491,7 @@ class ReplayStream:
         self._digests = BackgroundDigests({"trace": path}) if path else None
         self._summary: dict | None = None
         self._on_exits = on_exits
+        self._failed: str | None = None  # the error that ended the stream early: no summary
 
     @property
     def schema(self) -> pa.Schema:
@@ -506,12 +507,18 @@ class ReplayStream:
         return self
 
     def __next__(self) -> pa.RecordBatch:
+        if self._failed is not None:
+            raise RuntimeError(f"the replay stopped at an error ({self._failed}); it cannot go on")
+        batch = None
         try:
-            batch = next(self._reader)
-        except StopIteration:
-            self._finish()
+            batch = next(self._reader, None)
+            if batch is not None:
+                return self._session.run(batch)
+        except BaseException as exc:  # a half-replayed batch: no summary can be right
+            self._failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise
-        return self._session.run(batch)
+        self._finish()
+        raise StopIteration
 
     def _finish(self) -> None:
         if self._summary is None:
@@ -534,6 +541,8 @@ class ReplayStream:
     @property
     def summary(self) -> dict:
         """The summary (docs/contract.md §5.3), once every batch has been handed out."""
+        if self._failed is not None:
+            raise RuntimeError(f"the replay stopped at an error ({self._failed}): no summary")
         if self._summary is None:
             raise RuntimeError(f"the replay is not finished ({self.rows:,} rows so far): iterate "
                                "the stream to its end first")

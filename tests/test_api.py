@@ -390,3 +390,17 @@ def test_summary_json_of_a_stream_is_plain_json(trace):
     for _ in stream:
         pass
     assert json.loads(json.dumps(stream.summary))["hooks"]["relevant"] >= 0
+
+
+def test_a_stream_stopped_by_an_error_has_no_summary():
+    good, bad = (pa.record_batch({"gpa": pa.array([0x1000], pa.uint64()),
+                                  "vcpu": pa.array([v], pa.uint16())}) for v in (0, 3))
+    # vCPU 3: the VM has one
+    stream = sppjit.VM(memory="16MiB").replay_batches(iter([good, good, bad]), batch_size=1)
+    assert len(next(stream)) == 1
+    with pytest.raises(InputError, match="vcpu"):
+        list(stream)
+    with pytest.raises(RuntimeError, match="stopped at an error"):
+        stream.summary  # noqa: B018
+    with pytest.raises(RuntimeError, match="stopped at an error"):
+        next(stream)
