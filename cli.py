@@ -44,7 +44,8 @@ if __name__ == "__main__" or os.path.basename(
 
 import traceback  # noqa: E402
 import warnings  # noqa: E402
-from typing import Annotated, Any, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402

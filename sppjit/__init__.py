@@ -16,21 +16,40 @@ __version__ = "0.1.0"
 
 from .errors import InputError, SppError, VmEntryError  # noqa: E402  (light, no numba)
 
-__all__ = ["VM", "SppError", "InputError", "VmEntryError", "ReplayResult", "sweep", "__version__"]
+# Names the README uses, loaded on first use: numba and pyarrow load only then, so that
+# `sppjit --version` and `--help` stay instant. name -> (module, attribute).
+_LAZY = {
+    "VM": ("vm", "VM"),
+    "ReplayResult": ("replay", "ReplayResult"),
+    "ReplayStream": ("replay", "ReplayStream"),
+    "open_trace": ("io.trace", "open_trace"),
+    "read_protection": ("io.protect", "read_protection"),
+    "write_protection": ("io.protect", "write_protection"),
+    "ranges_to_maps": ("io.protect", "ranges_to_maps"),
+    "AccessMaps": ("io.protect", "AccessMaps"),
+    "ByteRanges": ("io.protect", "ByteRanges"),
+    "save_state": ("savestate", "save_state"),
+    "load_state": ("savestate", "load_state"),
+}
+# Submodules reachable as attributes; sppjit.replay(vm, trace) and sppjit.sweep(trace,
+# configs) are also callable (their modules call their function).
+_MODULES = ("replay", "sweep", "abi", "job", "compare", "io", "savestate", "bits")
+
+__all__ = ["SppError", "InputError", "VmEntryError", "__version__", *_LAZY, *_MODULES]
 
 
 def __getattr__(name):
-    # numba and pyarrow load on first use, so `sppjit --version` and `--help` stay instant.
-    if name == "VM":
-        from .vm import VM
+    import importlib
 
-        return VM
-    if name == "sweep":  # the module, callable: sppjit.sweep(trace, configs, ...)
-        import importlib
-
-        return importlib.import_module(".sweep", __name__)
-    if name == "ReplayResult":
-        from .replay import ReplayResult
-
-        return ReplayResult
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+        globals()[name] = value  # once: later uses do not come back here
+        return value
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)  # binds the package attribute
     raise AttributeError(f"module 'sppjit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_MODULES))

@@ -6,9 +6,11 @@ counters; the touched-page set), so everything downstream of them is shared.
 
 from __future__ import annotations
 
+import sys
 import time
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -17,16 +19,17 @@ from . import __version__
 from . import bits as B
 from .defaults import BATCH_SIZES, ENGINES
 from .errors import InputError, VmEntryError
+from .hooks import HookIndex
+from .io.sizes import format_size
 from .io.trace import TraceBatch, check_vcpus, open_trace, schema_metadata
 from .kernels import layout as L
 from .kernels.exits import kvm_handle_exit
 from .kernels.mmu import ENTRY_FAILURE_MESSAGES, serve_requests
+from .provenance import BackgroundDigests, generator_info, versions
 from .reference import ModelLivelock, replay_access
+from .stats import page_counts
 
 replay_access_handlers = (kvm_handle_exit, serve_requests)  # the compiled rules it calls
-from .hooks import HookIndex
-from .provenance import BackgroundDigests, generator_info, versions
-from .stats import page_counts
 
 SCHEMA_VERSION = 1
 EXIT_LOG_CAPACITY = 1 << 16
@@ -151,11 +154,74 @@ class TouchedPages:
         return total
 
 
-@dataclass
+@dataclass(repr=False)
 class ReplayResult:
+    """What ``replay`` returns: ``table`` (the trace's columns plus outcome, exits and
+    exit_reason), ``exits`` (the exit log) and ``summary`` (docs/contract.md §5.3)."""
+
     table: pa.Table
     exits: pa.Table
     summary: dict
+
+    def _facts(self) -> list[tuple[str, str]]:
+        """(label, text) rows that say what the result holds, for repr and the notebook."""
+        s = self.summary
+        config, counts, exits = s.get("config", {}), s.get("counts", {}), s.get("exits", {})
+        outcomes = [n.lower() for n in B.OUTCOME_NAMES]
+        path = (s.get("input") or {}).get("path")
+
+        def nonzero(doc: dict, names) -> str:
+            return ", ".join(f"{name} {doc[name]:,}" for name in names if doc.get(name))
+
+        memory = format_size(int(config.get("memory_bytes", 0)))
+        slots = len(config.get("memslots", []))
+        facts = [
+            ("trace", f"{path or 'in memory'}, {self.table.num_rows:,} rows"),
+            ("VM", f"profile {config.get('profile')}, granularity {config.get('granularity')}, "
+                   f"subpage_check {config.get('subpage_check')}, {memory} in {slots} "
+                   f"memslot{'s' if slots != 1 else ''}, {config.get('vcpus')} vCPUs, "
+                   f"engine {s.get('engine')}"),
+            ("accesses", f"{counts.get('accesses', 0):,} ("
+                         + (nonzero(counts, ("reads", "writes", "fetches")) or "none") + ")"),
+            ("outcomes", nonzero(counts, outcomes) or "none"),
+            ("exits", f"{exits.get('total', 0):,}"
+                      + (f" ({kinds})" if (kinds := nonzero(exits, B.EXIT_KIND_NAMES)) else "")),
+        ]
+        pages = s.get("pages") or {}
+        facts.append(("pages", f"{pages.get('touched', 0):,} touched, "
+                               f"{pages.get('protected', 0):,} protected"))
+        if "hooks" in s:
+            facts.append(("hooks", f"{s['hooks']['relevant']:,} relevant, "
+                                   f"{s['hooks']['irrelevant']:,} irrelevant protection exits"))
+        return facts
+
+    def __repr__(self) -> str:
+        facts = "; ".join(f"{label} {text}" for label, text in self._facts())
+        return (f"<ReplayResult {facts}. .table {self.table.num_rows:,} x "
+                f"{self.table.num_columns}, .exits {self.exits.num_rows:,} rows, .summary>")
+
+    def _repr_html_(self, preview: int = 5) -> str:
+        """The notebook's view: what the result holds, then the first rows of ``table``."""
+        from html import escape
+
+        rows = "".join(f"<tr><th style='text-align:left'>{escape(label)}</th>"
+                       f"<td style='text-align:left'>{escape(text)}</td></tr>"
+                       for label, text in self._facts())
+        head = self.table.slice(0, preview)
+        names = head.column_names
+        header = "".join(f"<th>{escape(name)}</th>" for name in names)
+        body = "".join("<tr>" + "".join(f"<td>{escape(_cell(name, row[name]))}</td>" for name in names)
+                       + "</tr>" for row in head.to_pylist())
+        more = self.table.num_rows - head.num_rows
+        caption = f"<p>.table: first {head.num_rows:,} of {self.table.num_rows:,} rows</p>" \
+            if more else ""
+        return (f"<div><table><caption>ReplayResult</caption>{rows}</table>{caption}"
+                f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def _cell(name: str, value) -> str:
+    """A result table cell as text (gpa in hex: that is how addresses are read)."""
+    return f"{value:#x}" if name == "gpa" and isinstance(value, int) else str(value)
 
 
 @dataclass
@@ -360,7 +426,8 @@ class Replay:
             self._log.n[0] = j + 1
 
     # ---------------------------------------------------------------- summary
-    def summary(self, input_info: dict | None = None, digests: dict | None = None, generator: dict | None = None) -> dict:
+    def summary(self, input_info: dict | None = None, digests: dict | None = None,
+                generator: dict | None = None) -> dict:
         """The summary JSON (docs/contract.md §5.3). ``digests`` (input name -> "sha256:...") and
         ``generator`` (scenario, seed from the trace's metadata) go into its provenance."""
         c = self.counters
@@ -403,12 +470,98 @@ class Replay:
         }
 
 
-def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None,
-                   ops=None) -> Iterator[pa.RecordBatch]:
-    """Replay ``source`` batch by batch, yielding the per-access result batches."""
-    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
-    for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
-        yield session.run(batch)
+class ReplayStream:
+    """A replay that hands out its per-access results batch by batch (bounded memory).
+
+    Iterate it for the result batches (the trace's columns plus outcome, exits and
+    exit_reason); ``exits`` is the exit log so far (a table, whole once the stream is
+    exhausted), ``summary`` the summary once it is exhausted, equal to ``replay``'s for the
+    same trace apart from timings. The trace is opened and the hooks checked when the
+    stream is made, so a bad source fails there, not at the first ``next()``.
+    """
+
+    def __init__(self, vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"],
+                 hooks=None, ops=None, on_exits: Callable[[pa.RecordBatch], None] | None = None):
+        ops = list(ops or [])
+        index = _hook_index(hooks)
+        check_hooks_protected(vm, index, ops)
+        self._session = Replay(vm, engine, on_exits=on_exits, hooks=index, ops=ops)
+        self._reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
+        path = self._reader.path
+        self._digests = BackgroundDigests({"trace": path}) if path else None
+        self._summary: dict | None = None
+        self._on_exits = on_exits
+        self._failed: str | None = None  # the error that ended the stream early: no summary
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of the result batches."""
+        return pa.schema(list(self._reader.schema) + RESULT_FIELDS, metadata=schema_metadata())
+
+    @property
+    def rows(self) -> int:
+        """Trace rows replayed so far."""
+        return self._session.rows
+
+    def __iter__(self) -> ReplayStream:
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        if self._failed is not None:
+            raise RuntimeError(f"the replay stopped at an error ({self._failed}); it cannot go on")
+        batch = None
+        try:
+            batch = next(self._reader, None)
+            if batch is not None:
+                return self._session.run(batch)
+        except BaseException as exc:  # a half-replayed batch: no summary can be right
+            self._failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise
+        self._finish()
+        raise StopIteration
+
+    def _finish(self) -> None:
+        if self._summary is None:
+            digests = self._digests.result() if self._digests else None
+            self._summary = self._session.summary({"path": self._reader.path}, digests,
+                                                  generator_info(self._reader.schema))
+
+    @property
+    def exhausted(self) -> bool:
+        return self._summary is not None
+
+    @property
+    def exits(self) -> pa.Table:
+        """The exit log of the rows replayed so far (with ``relevant`` and ``hook`` when the
+        stream has hooks)."""
+        if self._on_exits is not None:
+            raise RuntimeError("this stream hands its exit log to on_exits, and keeps none")
+        return self._session.exit_table()
+
+    @property
+    def summary(self) -> dict:
+        """The summary (docs/contract.md §5.3), once every batch has been handed out."""
+        if self._failed is not None:
+            raise RuntimeError(f"the replay stopped at an error ({self._failed}): no summary")
+        if self._summary is None:
+            raise RuntimeError(f"the replay is not finished ({self.rows:,} rows so far): iterate "
+                               "the stream to its end first")
+        return self._summary
+
+    def __repr__(self) -> str:
+        state = "finished" if self.exhausted else "streaming"
+        return (f"<ReplayStream {state}: {self.rows:,} rows replayed, engine "
+                f"{self._session.engine}, trace {self._reader.path or 'in memory'}>")
+
+
+def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"],
+                   hooks=None, ops=None,
+                   on_exits: Callable[[pa.RecordBatch], None] | None = None) -> ReplayStream:
+    """Replay ``source`` batch by batch: a ReplayStream of the per-access result batches,
+    with the exit log and, at its end, the summary. ``on_exits`` receives each exit-log
+    batch instead of the stream keeping them (memory bounded in the exits too)."""
+    return ReplayStream(vm, source, engine, batch_size=batch_size, hooks=hooks, ops=ops,
+                        on_exits=on_exits)
 
 
 def _hook_index(hooks) -> HookIndex | None:
@@ -417,23 +570,86 @@ def _hook_index(hooks) -> HookIndex | None:
     return HookIndex.from_ranges(hooks)
 
 
-def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None, ops=None) -> ReplayResult:
+def check_hooks_protected(vm, hooks: HookIndex | None, ops=()) -> None:
+    """InputError naming the first hook (by address) whose bytes the VM does not write-protect.
+
+    A hook is covered when every sub-page its bytes touch is write-protected in the VM's
+    stored access maps (granularity page: when its page's map is not FULL, which protects the
+    whole page), or a ``set_subpages`` operation of the timeline ``ops`` gives its page such a
+    map. Without that, its relevant and irrelevant counts would be zero for want of
+    protection, not for want of writes.
+    """
+    if hooks is None or not len(hooks.names):
+        return
+    start, end = hooks.start, hooks.end
+    gfn = start >> np.uint64(B.PAGE_SHIFT)
+    offset = start & np.uint64(B.PAGE_SIZE - 1)
+    low = offset >> np.uint64(B.SUBPAGE_SHIFT)
+    high = (offset + (end - start) + np.uint64(B.SUBPAGE_SIZE - 1)) >> np.uint64(B.SUBPAGE_SHIFT)
+    one = np.uint64(1)
+    needed = ((one << high) - one) ^ ((one << low) - one)  # the hook's sub-pages' bits
+    page = vm.config.granularity == "page"
+
+    def covered_by(maps: np.ndarray) -> np.ndarray:
+        maps = maps.astype(np.uint64)
+        if page:
+            return maps != np.uint64(B.FULL_SPP_ACCESS)
+        return (maps & needed) == 0
+
+    with vm.mmu_lock:  # the maps of an inactive SPP are none (v12's memslot quirk)
+        gfns, maps = L.stored_maps(vm.state) if vm.spp_active else (None, None)
+    stored = np.full(gfn.shape[0], B.FULL_SPP_ACCESS, dtype=np.uint64)
+    if gfns is not None and gfns.size:
+        at = np.minimum(np.searchsorted(gfns, gfn), gfns.shape[0] - 1)
+        hit = gfns[at] == gfn
+        stored[hit] = maps[at[hit]]
+    covered = covered_by(stored)
+    for op in ops:
+        if covered.all():
+            break
+        if not isinstance(op, dict) or op.get("op") != "set_subpages":
+            continue
+        try:
+            base, count, access = (int(op["gfn"]), int(op.get("npages", 1)), int(op["access"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # the replay reports a malformed operation itself
+        inside = (gfn >= np.uint64(max(base, 0))) & (gfn < np.uint64(max(base + count, 0)))
+        covered |= inside & covered_by(np.full(gfn.shape[0], access & B.FULL_SPP_ACCESS, np.uint64))
+    if covered.all():
+        return
+    i = int(np.argmin(covered))
+    raise InputError(
+        f"hooks: hook {hooks.names[i]!r} (gpa {int(start[i]):#x}, {int(end[i] - start[i])} bytes) "
+        "is not write-protected on this VM, so no exit could be told relevant: place the "
+        "matching protection first (maps = sppjit.ranges_to_maps(ranges); "
+        "vm.protect(maps.gfn, maps.access)), or give the VM a timeline that does")
+
+
+def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None,
+           ops=None) -> ReplayResult:
     """Replay a whole trace and keep every result in memory (see replay_batches for streams).
 
     ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of
     docs/contract.md §2.2: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the
-    summary. ``ops`` is
+    summary; the VM must already write-protect every hook (check_hooks_protected). ``ops`` is
     a timeline: dicts {"at", "op", "gfn", "npages", "access"} applied before the access at
     row ``at`` (see VM.apply).
     """
-    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
-    reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
-    digests = BackgroundDigests({"trace": reader.path}) if reader.path else None
-    batches = [session.run(batch) for batch in reader]
+    stream = ReplayStream(vm, source, engine, batch_size=batch_size, hooks=hooks, ops=ops)
+    batches = list(stream)
     if batches:
         table = pa.Table.from_batches(batches)
     else:
-        table = pa.table({f.name: pa.array([], type=f.type) for f in list(reader.schema) + RESULT_FIELDS})
-    info = {"path": reader.path}
-    summary = session.summary(info, digests.result() if digests else None, generator_info(reader.schema))
-    return ReplayResult(table=table, exits=session.exit_table(), summary=summary)
+        table = pa.table({f.name: pa.array([], type=f.type) for f in stream.schema})
+    return ReplayResult(table=table, exits=stream.exits, summary=stream.summary)
+
+
+class _CallableModule(types.ModuleType):
+    """``sppjit.replay(vm, trace, ...)`` calls replay(); ``sppjit.replay.replay``,
+    ``ReplayStream`` and the rest stay reachable as the module's names."""
+
+    def __call__(self, *args, **kwargs):
+        return replay(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

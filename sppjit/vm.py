@@ -656,17 +656,41 @@ class VM:
         return vm_ioctl(self, request, arg)
 
     # ------------------------------------------------------------------ replay and inspection
+    def __repr__(self) -> str:
+        """What the VM is and holds: its settings, its memory, SPP on or off, pages protected."""
+        from .io.sizes import format_size
+
+        c = self.config
+        slots = len(c.memslots)
+        memory = format_size(sum(n for _, n in c.memslots) * B.PAGE_SIZE)
+        extras = [name for name, on in (("hugepages", c.hugepages), ("nested", c.nested),
+                                        ("no SPP support", not c.spp_supported)) if on]
+        with self.mmu_lock:
+            protected = int(L.stored_maps(self.state)[0].shape[0]) if self.spp_active else None
+        if protected is not None:
+            spp = f"SPP active, {protected:,} page{'s' if protected != 1 else ''} protected"
+        else:
+            spp = "SPP off"
+        return (f"<VM profile {c.profile}, granularity {c.granularity}, subpage_check "
+                f"{c.subpage_check}, {memory} in {slots} memslot{'s' if slots != 1 else ''}, "
+                f"{c.vcpus} vCPU{'s' if c.vcpus != 1 else ''}"
+                + "".join(f", {e}" for e in extras) + f"; {spp}>")
+
     def replay(self, trace, engine: str = "jit", **kwargs):
         """Replay a trace on this VM's state; returns a sppjit.replay.ReplayResult."""
         from .replay import replay
 
         return replay(self, trace, engine=engine, **kwargs)
 
-    def replay_batches(self, reader, engine: str = "jit", **kwargs):
-        """Replay a stream of record batches, yielding result batches (bounded memory)."""
+    def replay_batches(self, source, engine: str = "jit", **kwargs):
+        """Replay a trace batch by batch (bounded memory): a sppjit.replay.ReplayStream of the
+        result batches, with ``.exits`` and, once exhausted, ``.summary``. ``source`` is any
+        trace open_trace reads (a path, a pyarrow Table, ParquetFile, Dataset or
+        RecordBatchReader, a polars DataFrame, an iterable of record batches); a bad one
+        fails here, not at the first batch."""
         from .replay import replay_batches
 
-        return replay_batches(self, reader, engine=engine, **kwargs)
+        return replay_batches(self, source, engine=engine, **kwargs)
 
     def walk(self, gpa: int, vcpu: int = 0) -> dict:
         """The EPT and SPPT entries on ``gpa``'s path as the hardware walks them, decoded."""

@@ -1,10 +1,13 @@
 """Each command is a thin shell: its outputs equal those of the library call it makes
 (replay: sppjit.job.run; compare: sppjit.compare.compare_files; sweep: sppjit.sweep.sweep_files; inspect:
-sppjit.inspect.inspect_state; bench: sppjit.bench.run_bench)."""
+sppjit.inspect.inspect_state; bench: sppjit.bench.run_bench; generate:
+sppjit.datasets.generate.write_scenario; convert: sppjit.convert.convert_trace and
+sppjit.convert.vm.convert_vm_trace; report: sppjit.report.write_report)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,3 +150,124 @@ def test_sweep_command_writes_what_sweep_files_writes(files, tmp_path):
     assert untimed_rows(pa.Table.from_pylist(printed["rows"])) == untimed_rows(tables[1])
     # the table is the library's printer
     assert format_sweep(run.document, list(run.written)).splitlines()[0].startswith("trace")
+
+
+def same_files(a: Path, b: Path, names) -> None:
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_generate_command_writes_what_write_scenario_writes(tmp_path):
+    from sppjit.datasets.generate import write_scenario
+    from sppjit.errors import InputError
+
+    for side in ("cli", "lib"):
+        (tmp_path / side).mkdir()
+    for protect in ("p.parquet", "p.csv", "p.jsonl"):
+        cli = invoke("generate", "kernel-guard", "--accesses", 3000, "--seed", 5,
+                     "--out", tmp_path / "cli/t.arrow", "--protect-out", tmp_path / "cli" / protect)
+        made = write_scenario("kernel-guard", 3000, 5, str(tmp_path / "lib/t.arrow"),
+                              protect_out=str(tmp_path / "lib" / protect))
+        same_files(tmp_path / "cli", tmp_path / "lib", ("t.arrow", protect))
+        assert f"({len(made.protect_gfn):,} protected pages)" in cli.stdout
+        assert f"--vcpus {made.vcpus}" in cli.stdout
+    # the checks are the library's: its messages name its parameters, the command's its options
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for call, cli_args, names in (
+        (dict(accesses=5, out="t.txt"), ("--accesses", 5, "--out", tmp_path / "t.txt"),
+         ("out: unknown output format", "--out: unknown output format")),
+        (dict(accesses=5, out=str(tmp_path / "t.parquet"), protect_out=str(tmp_path / "p.xml")),
+         ("--accesses", 5, "--out", tmp_path / "t.parquet", "--protect-out", tmp_path / "p.xml"),
+         ("protect_out: unknown format", "--protect-out: unknown format")),
+        (dict(accesses=5, out=str(tmp_path / "t.parquet"), protect_out=str(tmp_path / "p.json")),
+         ("--accesses", 5, "--out", tmp_path / "t.parquet", "--protect-out", tmp_path / "p.json"),
+         ("protect_out: scenario uniform protects no pages",
+          "--protect-out: scenario uniform protects no pages")),
+        (dict(accesses=5, out=str(tmp_path / "t.parquet"), protect_out=str(tmp_path / "t.parquet")),
+         ("--accesses", 5, "--out", tmp_path / "t.parquet", "--protect-out", tmp_path / "t.parquet"),
+         ("protect_out: " + str(tmp_path / "t.parquet") + " is the same file as out",
+          "is the same file as --out")),
+        (dict(accesses=0, out=str(tmp_path / "t.parquet")), None, ("accesses must be 1..", None)),
+    ):
+        with pytest.raises(InputError) as caught:
+            write_scenario("uniform", call.pop("accesses"), 0, call.pop("out"), **call)
+        assert str(caught.value).startswith(names[0]), str(caught.value)
+        if cli_args is not None:
+            result = runner.invoke(app, ["generate", "uniform", *map(str, cli_args)])
+            assert result.exit_code == 2 and names[1] in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "convert"
+
+
+@pytest.mark.parametrize("fmt, source, extra", [
+    ("pinatrace", "pinatrace_manual.out", {}),
+    ("lackey", "lackey_true.txt", {"page_size": 2 << 20}),
+    ("drmemtrace", "drmemtrace_view.txt", {}),
+    ("csv", "accesses.csv", {}),
+])
+def test_convert_command_writes_what_convert_trace_writes(tmp_path, fmt, source, extra):
+    from sppjit.commands.convert import summary_line
+    from sppjit.convert import convert_trace
+
+    for side in ("cli", "lib"):
+        (tmp_path / side).mkdir()
+    args = ["--page-size", "2MiB"] if extra else []
+    cli = invoke("convert", fmt, FIXTURES / source, "--out", tmp_path / "cli/t.parquet", *args)
+    result = convert_trace(fmt, FIXTURES / source, tmp_path / "lib/t.parquet", **extra)
+    same_files(tmp_path / "cli", tmp_path / "lib", ("t.parquet", "t.parquet.mapping.parquet"))
+    expected = summary_line(result).replace(str(tmp_path / "lib"), str(tmp_path / "cli"))
+    assert cli.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize("fmt, source, options, extra", [
+    ("qemu", "qemu_execlog_smp.log", ("--default-size", 4), {"default_size": 4}),
+    ("qemu", "qemu_memc.log", ("--vcpu", 1), {"vcpu": 1}),
+    ("gem5", "gem5_monitor.trc", (), {}),
+])
+def test_convert_command_writes_what_convert_vm_trace_writes(tmp_path, fmt, source, options,
+                                                             extra):
+    from sppjit.commands.convert import vm_summary_line
+    from sppjit.convert.vm import convert_vm_trace
+
+    for side in ("cli", "lib"):
+        (tmp_path / side).mkdir()
+    cli = invoke("convert", fmt, FIXTURES / source, "--out", tmp_path / "cli/t.arrow", *options)
+    result = convert_vm_trace(fmt, FIXTURES / source, tmp_path / "lib/t.arrow", **extra)
+    same_files(tmp_path / "cli", tmp_path / "lib", ("t.arrow",))
+    expected = vm_summary_line(result).replace(str(tmp_path / "lib"), str(tmp_path / "cli"))
+    assert cli.stdout == expected + "\n"
+
+
+def test_report_command_writes_what_write_report_writes(files, tmp_path):
+    from sppjit.report import write_report
+
+    pytest.importorskip("matplotlib")
+    J.run(J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet"),
+                                   protection=str(files / "hooks.csv")),
+                vm=J.VmSpec(vcpus=2),
+                outputs=J.JobOutputs(results=str(tmp_path / "r.parquet"),
+                                     exit_log=str(tmp_path / "e.parquet"),
+                                     summary=str(tmp_path / "s.json"))))
+    inputs = [tmp_path / "r.parquet", "--exits", tmp_path / "e.parquet", "--summary",
+              tmp_path / "s.json", "--epochs", 7, "--top", 5]
+    cli = invoke("report", *inputs, "--stats", tmp_path / "cli/stats", "--plot",
+                 tmp_path / "cli/plot")
+    done = write_report(str(tmp_path / "r.parquet"), str(tmp_path / "e.parquet"),
+                        summary=str(tmp_path / "s.json"), epochs=7, top=5,
+                        stats=str(tmp_path / "lib/stats"), plot=str(tmp_path / "lib/plot"))
+    for sub in ("stats", "plot"):
+        names = sorted(p.name for p in (tmp_path / "cli" / sub).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "lib" / sub).iterdir())
+        assert "report.json" in names and len(names) >= 3
+        tables = [n for n in names if n.endswith(".parquet")]
+        same_files(tmp_path / "cli" / sub, tmp_path / "lib" / sub, tables)
+        for png in (n for n in names if n.endswith(".png")):
+            cli_png, lib_png = ((tmp_path / side / sub / png).read_bytes()
+                                for side in ("cli", "lib"))
+            assert cli_png[:8] == b"\x89PNG\r\n\x1a\n" and cli_png == lib_png, png
+        docs = [json.loads((tmp_path / side / sub / "report.json").read_text().replace(
+            str(tmp_path / side), "OUT")) for side in ("cli", "lib")]
+        assert docs[0] == docs[1]
+    assert cli.stdout == done.text.replace(str(tmp_path / "lib"), str(tmp_path / "cli"))

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from sppjit.commands import NoProgressOpt, format_size
+from sppjit.commands import NoProgressOpt, format_size, is_tty
 from sppjit.errors import InputError
 
 # sppjit.convert.FORMATS, repeated here so that --help imports nothing heavy; a test checks
@@ -116,7 +116,7 @@ def convert(
                              "addresses are guest-physical, no mapping is made")
         run_convert_vm(format=fmt, source=source, out=out, skip_bad=skip_bad,
                        default_size=default_size, vcpu=vcpu, guest_memory=guest_memory,
-                       progress=not no_progress and _is_tty(sys.stderr))
+                       progress=not no_progress and is_tty(sys.stderr))
         return
     for name, value in (("--default-size", default_size), ("--vcpu", vcpu),
                         ("--guest-memory", guest_memory)):
@@ -169,13 +169,6 @@ def summary_line(result) -> str:
 
 
 # ------------------------------------------------------------------------- whole-VM traces
-
-def _is_tty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
 
 def run_convert_vm(*, format: str, source: str, out: str, skip_bad: bool = False,
                    default_size: int | None = None, vcpu: int | None = None,

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from sppjit.commands import check_distinct, format_size
-from sppjit.errors import InputError
+from sppjit.commands import format_size
 
 # The names of datasets/scenarios.py SCENARIOS, for --help without importing numpy; a test
 # checks the two agree.
@@ -29,12 +27,6 @@ HELP = (
 
 EPILOG = ("Example: sppjit generate guarded --accesses 100000 --seed 1 --out t.parquet "
           "--protect-out p.parquet")
-
-# --protect-out formats by extension.
-_PROTECT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow",
-                    ".feather": "arrow", ".ipc": "arrow", ".csv": "csv", ".json": "json",
-                    ".jsonl": "jsonl", ".ndjson": "jsonl"}
-
 
 def _complete_scenario(incomplete: str) -> list[str]:
     return [name for name in SCENARIO_NAMES if name.startswith(incomplete)]
@@ -61,41 +53,19 @@ def generate(
                  protect_out=protect_out)
 
 
-def protect_format(path: str) -> str:
-    found = _PROTECT_FORMATS.get(Path(path).suffix.lower())
-    if found is None:
-        raise InputError(f"--protect-out: unknown format for {path} (use .parquet, .arrow, "
-                         ".csv, .json or .jsonl)")
-    return found
+# The library's parameters as this command's options: its errors name these.
+OPTION_NAMES = {"accesses": "--accesses", "out": "--out", "protect_out": "--protect-out"}
 
 
 def run_generate(*, scenario: str, accesses: int, seed: int, out: str,
                  protect_out: str | None = None) -> str:
-    """Check, generate, write both files all-or-nothing, print one line; returns it."""
-    from sppjit.io.output import check_output_path
-
-    if scenario not in SCENARIO_NAMES:
-        raise InputError(f"unknown scenario '{scenario}' (one of {', '.join(SCENARIO_NAMES)})")
-    if not 1 <= accesses <= MAX_ACCESSES:
-        raise InputError(f"--accesses must be 1..{MAX_ACCESSES}, not {accesses}")
-    check_output_path(out, option="--out", table=True)
-    if protect_out is not None:
-        check_output_path(protect_out, option="--protect-out")
-        fmt = protect_format(protect_out)
-    check_distinct([("--out", out), ("--protect-out", protect_out)])
-
+    """write_scenario (which checks everything first and writes all-or-nothing), then one
+    line saying what was written and how to replay it; returns the line."""
     from sppjit.datasets.generate import write_scenario
-    from sppjit.datasets.scenarios import stream
 
-    layout, _ = stream(scenario, 0, seed)  # the protection, before anything is written
-    pages = int(len(layout.protect_gfn))
-    if protect_out is not None and pages == 0 and fmt in ("json", "jsonl"):
-        raise InputError(f"--protect-out: scenario {scenario} protects no pages, and JSON "
-                         "without rows cannot say which columns it has; use .parquet, "
-                         ".arrow or .csv")
     made = write_scenario(scenario, accesses, seed, out, protect_out=protect_out,
-                          protect_format=fmt if protect_out is not None else None)
-
+                          names=OPTION_NAMES)
+    pages = int(len(made.protect_gfn))
     command = ["sppjit", "replay", out]
     if protect_out is not None:
         command += ["--protect", protect_out]

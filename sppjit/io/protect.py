@@ -6,20 +6,28 @@ access maps the way bitdefender/hvmi does (hook_gpa.c), and the ranges themselve
 tell relevant protection exits from irrelevant ones.
 """
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from sppjit.errors import InputError
+from sppjit.io.atomic import atomic_path
 from sppjit.io.columns import table_columns
 from sppjit.io.formats import read_table
+from sppjit.io.output import TableWriter, check_output_path
 from sppjit.io.space import GFN_LIMIT, GPA_LIMIT, PAGE_SHIFT, PAGE_SIZE, SUBPAGE_SHIFT
 
 ACCESS_MAX = 0xFFFFFFFF
 _MAP_COLUMNS = ("gfn", "access")
 _RANGE_COLUMNS = ("gpa", "length")
+# The formats write_protection writes, by extension; read_protection reads each of them.
+PROTECTION_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow",
+                      ".feather": "arrow", ".ipc": "arrow", ".csv": "csv", ".json": "json",
+                      ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
 @dataclass
@@ -58,6 +66,75 @@ def read_protection(path: str | os.PathLike) -> AccessMaps | ByteRanges:
     return _access_maps(table) if is_maps else _byte_ranges(table)
 
 
+def protection_format(path: str | os.PathLike, name: str = "path") -> str:
+    """The format write_protection writes to ``path``, from its extension; InputError (its
+    message starting with ``name``) for an extension that names none."""
+    found = PROTECTION_FORMATS.get(Path(path).suffix.lower())
+    if found is None:
+        raise InputError(f"{name}: unknown format for {os.fspath(path)} (use .parquet, "
+                         ".arrow, .csv, .json or .jsonl)")
+    return found
+
+
+def protection_table(protection: AccessMaps | ByteRanges) -> pa.Table:
+    """Protection as the table read_protection reads back: gfn and access, or gpa, length
+    and name."""
+    if isinstance(protection, ByteRanges):
+        schema = pa.schema([("gpa", pa.uint64()), ("length", pa.uint32()), ("name", pa.string())])
+        return pa.table([pa.array(np.asarray(protection.gpa, dtype=np.uint64)),
+                         pa.array(np.asarray(protection.length, dtype=np.uint32)),
+                         pa.array(list(protection.name), type=pa.string())], schema=schema)
+    if isinstance(protection, AccessMaps):
+        schema = pa.schema([("gfn", pa.uint64()), ("access", pa.uint32())])
+        return pa.table([pa.array(np.asarray(protection.gfn, dtype=np.uint64)),
+                         pa.array(np.asarray(protection.access, dtype=np.uint32))],
+                        schema=schema)
+    raise InputError(f"protection must be AccessMaps or ByteRanges, not "
+                     f"{type(protection).__name__}")
+
+
+def check_protection_output(protection: AccessMaps | ByteRanges, path: str | os.PathLike,
+                            name: str = "path", format: str | None = None) -> str:
+    """Every check write_protection makes before writing; returns the format."""
+    check_output_path(path, option=name)
+    if format is not None and format not in set(PROTECTION_FORMATS.values()):
+        raise InputError(f"format must be one of parquet, arrow, csv, json, jsonl, not "
+                         f"{format!r}")
+    fmt = format or protection_format(path, name)
+    rows = len(protection.gpa if isinstance(protection, ByteRanges) else protection.gfn)
+    if rows == 0 and fmt in ("json", "jsonl"):
+        raise InputError(f"{name}: the protection has no rows, and JSON without rows cannot "
+                         "say which columns it has; use .parquet, .arrow or .csv")
+    return fmt
+
+
+def write_protection(protection: AccessMaps | ByteRanges, path: str | os.PathLike, *,
+                     format: str | None = None, name: str = "path") -> str:
+    """Write protection to ``path`` in ``format`` (parquet, arrow, csv, json, jsonl; by
+    default the one its extension names), all or nothing; read_protection reads it back
+    equal. Returns the format. Errors start with ``name`` (what the caller calls ``path``)."""
+    fmt = check_protection_output(protection, path, name, format)
+    table = protection_table(protection)
+    if fmt in ("parquet", "arrow"):
+        with TableWriter(path, table.schema, option=name) as writer:
+            writer.write_batch(table)
+        return fmt
+    with atomic_path(path) as temporary:
+        if fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, temporary)
+            return fmt
+        rows = (json.dumps(row) for row in table.to_pylist())
+        with open(temporary, "w", encoding="utf-8") as handle:
+            if fmt == "jsonl":
+                for row in rows:
+                    handle.write(row + "\n")
+            else:
+                handle.write("[\n" + ",\n".join(rows) + "\n]\n")
+    return fmt
+
+
 def _access_maps(table: pa.Table) -> AccessMaps:
     gfn, access = table_columns(table, [
         ("gfn", np.uint64, 0, GFN_LIMIT - 1, "(beyond the 48-bit guest-physical space)"),
@@ -80,12 +157,13 @@ def _byte_ranges(table: pa.Table) -> ByteRanges:
 
 
 def _names(table: pa.Table) -> list[str | None]:
-    """The optional hook names as text (CSV infers all-digit names as integers)."""
+    """The optional hook names as text (CSV infers all-digit names as integers); an empty
+    name is no name (CSV cannot write a missing one otherwise)."""
     if "name" not in table.column_names:
         return [None] * table.num_rows
     column = table.column("name")
     try:
-        return column.cast(pa.string()).to_pylist()
+        return [name or None for name in column.cast(pa.string()).to_pylist()]
     except (pa.ArrowException, TypeError):
         raise InputError(f"protection: column 'name' has type {column.type}, "
                          "expected text") from None

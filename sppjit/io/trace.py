@@ -5,6 +5,7 @@ of record batches, each checked and turned into the numpy arrays the kernels tak
 original columns kept for the outputs.
 """
 
+import itertools
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -100,9 +101,13 @@ def open_trace(source, *, batch_size: int = 1 << 20, vcpus: int | None = None) -
     """Open a trace for streaming, checking its schema now and its values batch by batch.
 
     ``source`` is a path (Arrow IPC file or stream, Parquet file, or a directory of Parquet
-    files), a pyarrow Table, RecordBatch or RecordBatchReader, any object exporting an Arrow
-    C stream, or a dict of column name -> numpy array or list. Batches hold at most
-    ``batch_size`` rows. With ``vcpus``, a vcpu index outside the VM is an error.
+    files), a pyarrow Table, RecordBatch, RecordBatchReader, ``pq.ParquetFile`` or
+    ``pyarrow.dataset.Dataset``, a polars DataFrame (any object with ``to_arrow()``), any
+    object exporting an Arrow C stream, a dict of column name -> numpy array or list, or an
+    iterable of record batches (its first batch is read now, for the schema). A source of
+    another kind is an InputError (``UnsupportedSource``, also a TypeError) here, not when
+    the first batch is read. Batches hold at most ``batch_size`` rows. With ``vcpus``, a
+    vcpu index outside the VM is an error.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -114,7 +119,7 @@ def open_trace(source, *, batch_size: int = 1 << 20, vcpus: int | None = None) -
         if path is not None:
             schema, batches, num_rows = _open_path(path, batch_size)
         else:
-            schema, batches, num_rows = _open_object(source)
+            schema, batches, num_rows = _open_object(source, batch_size)
         schema.names  # noqa: B018 - pyarrow decodes the names here, and each use again
     except UnicodeDecodeError:
         # Arrow names are UTF-8 by its format; a file breaking that can only be refused.
@@ -235,14 +240,27 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _open_object(source) -> _Opened:
-    """An in-memory trace: Arrow objects as they are, a dict of columns via pa.table."""
+class UnsupportedSource(InputError, TypeError):
+    """A trace source of a kind sppjit cannot read (an InputError, and a TypeError as a
+    Python caller expects of an argument of the wrong type)."""
+
+
+def _open_object(source, batch_size: int) -> _Opened:
+    """An in-memory or caller-opened trace: Arrow objects as they are, a Parquet file or an
+    Arrow dataset batch by batch, a dict of columns via pa.table, a polars frame through
+    Arrow, any iterable of record batches."""
     if isinstance(source, pa.Table):
         return source.schema, source.to_batches(), source.num_rows
     if isinstance(source, pa.RecordBatch):
         return source.schema, [source], source.num_rows
     if isinstance(source, pa.RecordBatchReader):
         return source.schema, source, None
+    if isinstance(source, pq.ParquetFile):
+        # The caller's file, read as it was opened (memory map and pre-buffering are theirs).
+        return (source.schema_arrow, source.iter_batches(batch_size=batch_size),
+                source.metadata.num_rows)
+    if isinstance(source, ds.Dataset):
+        return _open_arrow_dataset(source, batch_size)
     if isinstance(source, Mapping):
         try:
             table = pa.table({str(name): values for name, values in source.items()})
@@ -250,11 +268,82 @@ def _open_object(source) -> _Opened:
             raise InputError(f"trace: cannot build a table from the given columns: "
                              f"{str(exc).splitlines()[0]}") from None
         return table.schema, table.to_batches(), table.num_rows
-    if hasattr(source, "__arrow_c_stream__"):  # polars, DuckDB, nanoarrow and friends
-        reader = pa.RecordBatchReader.from_stream(source)
+    if _is_polars_lazy(source):
+        raise UnsupportedSource("trace: a polars LazyFrame is a query, not data: give "
+                                "lazy.collect() (or open the files it scans by path)")
+    if hasattr(source, "to_arrow") and not isinstance(source, (str, bytes)):
+        # polars DataFrame (and pandas-like frames): an Arrow table, columns zero-copy where
+        # the types allow. polars itself is never imported here.
+        table = source.to_arrow()
+        if isinstance(table, pa.Table):
+            return table.schema, table.to_batches(), table.num_rows
+    if hasattr(source, "__arrow_c_stream__"):  # DuckDB, nanoarrow, pandas and friends
+        try:
+            reader = pa.RecordBatchReader.from_stream(source)
+        except (pa.ArrowException, TypeError, ValueError):  # a stream of arrays, not tables
+            raise UnsupportedSource(_unsupported(source)) from None
         return reader.schema, reader, None
-    raise TypeError(f"cannot read a trace from {type(source).__name__}: give a path, a pyarrow "
-                    "Table, RecordBatch or RecordBatchReader, or a dict of columns")
+    if isinstance(source, Iterable) and not isinstance(source, (str, bytes, np.ndarray)):
+        return _open_batches(source, label=type(source).__name__)
+    raise UnsupportedSource(_unsupported(source))
+
+
+_SOURCES = ("a path, a pyarrow Table, RecordBatch, RecordBatchReader, ParquetFile or Dataset, "
+            "a polars DataFrame, a dict of columns, or an iterable of record batches")
+
+
+def _unsupported(source) -> str:
+    return f"trace: cannot read a trace from {type(source).__name__}: give {_SOURCES}"
+
+
+def _is_polars_lazy(source) -> bool:
+    return type(source).__module__.split(".")[0] == "polars" and hasattr(source, "collect") \
+        and not hasattr(source, "to_arrow")
+
+
+def _open_arrow_dataset(dataset: ds.Dataset, batch_size: int) -> _Opened:
+    """A pyarrow Dataset in its own order, scanned with the bounded read-ahead of a Parquet
+    directory; its row count when its files record one (Parquet, Arrow IPC)."""
+    num_rows = None
+    if isinstance(dataset, ds.FileSystemDataset) and isinstance(
+            dataset.format, (ds.ParquetFileFormat, ds.IpcFileFormat)):
+        try:
+            num_rows = dataset.count_rows()
+        except (pa.ArrowException, OSError) as exc:
+            raise cannot_read("trace", "the Dataset", exc) from None
+
+    def scan() -> Iterator[pa.RecordBatch]:
+        yield from dataset.to_batches(batch_size=batch_size, batch_readahead=1,
+                                      fragment_readahead=1)
+
+    return dataset.schema, scan(), num_rows
+
+
+def _open_batches(source: Iterable, label: str) -> _Opened:
+    """Any iterable of RecordBatch (or Table): its first item gives the schema, now; every
+    later one must have the same."""
+    items = iter(source)
+    try:
+        first = next(items)
+    except StopIteration:
+        raise InputError(f"trace: the {label} holds no record batches, so it has no "
+                         "columns") from None
+    if not isinstance(first, (pa.RecordBatch, pa.Table)):
+        raise UnsupportedSource(f"trace: the {label} holds {type(first).__name__} items, not "
+                                f"record batches: give {_SOURCES}")
+    schema = first.schema
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for index, item in enumerate(itertools.chain([first], items)):
+            if not isinstance(item, (pa.RecordBatch, pa.Table)):
+                raise InputError(f"trace: item {index} of the {label} is a "
+                                 f"{type(item).__name__}, not a record batch")
+            if not item.schema.equals(schema):
+                raise InputError(f"trace: batch {index} of the {label} has other columns or "
+                                 "types than its first batch")
+            yield from (item.to_batches() if isinstance(item, pa.Table) else [item])
+
+    return schema, batches(), None
 
 
 def _validated(batches: Iterable[pa.RecordBatch], label: str) -> Iterator[pa.RecordBatch]:
