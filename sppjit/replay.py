@@ -6,9 +6,7 @@ counters; the touched-page set), so everything downstream of them is shared.
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +15,7 @@ import pyarrow as pa
 
 from . import __version__
 from . import bits as B
+from .callable_module import make_callable
 from .defaults import BATCH_SIZES, ENGINES
 from .errors import InputError, VmEntryError
 from .hooks import HookIndex
@@ -644,12 +643,5 @@ def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["ji
     return ReplayResult(table=table, exits=stream.exits, summary=stream.summary)
 
 
-class _CallableModule(types.ModuleType):
-    """``sppjit.replay(vm, trace, ...)`` calls replay(); ``sppjit.replay.replay``,
-    ``ReplayStream`` and the rest stay reachable as the module's names."""
-
-    def __call__(self, *args, **kwargs):
-        return replay(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``sppjit.replay(...)`` calls replay(); the module's other names stay reachable.
+make_callable(__name__, "replay")

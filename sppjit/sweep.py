@@ -30,10 +30,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from . import bits as B
+from .callable_module import make_callable
 from .defaults import (
     DEFAULT_MEMORY,
     DEFAULT_VCPUS,
@@ -934,12 +933,5 @@ def _cell(key: str, value) -> str:
     return str(value)
 
 
-class _CallableModule(types.ModuleType):
-    """``sppjit.sweep(trace, configs, ...)`` calls sweep(); ``sppjit.sweep.Config`` and the
-    runner's pieces stay reachable as the module's names."""
-
-    def __call__(self, *args, **kwargs):
-        return sweep(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``sppjit.sweep(...)`` calls sweep(); the module's other names stay reachable.
+make_callable(__name__, "sweep")
