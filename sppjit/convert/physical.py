@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from sppjit.convert import engine
 from sppjit.convert.engine import MAX_ACCESS_SIZE, UINT64_LIMIT, BadLine, shown
 from sppjit.errors import InputError
 
@@ -34,21 +35,15 @@ PAGE_SIZE = 4096
 MIB = 1 << 20
 
 
-class Records:
-    """The accesses of one chunk, as plain lists (cheap to append to)."""
+class Records(engine.Records):
+    """The accesses of one chunk, as plain lists, with each access's flags (FLAG_*); an
+    access is checked as it is added (a whole-VM tracer's line carries no size limit)."""
 
-    __slots__ = ("addr", "size", "kind", "vcpu", "seq", "flags")
+    __slots__ = ("flags",)
 
     def __init__(self) -> None:
-        self.addr: list[int] = []
-        self.size: list[int] = []
-        self.kind: list[int] = []
-        self.vcpu: list[int] = []
-        self.seq: list[int] = []
+        super().__init__()
         self.flags: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.addr)
 
     def add(self, addr: int, size: int, kind: int, vcpu: int, seq: int, flags: int) -> None:
         if size < 1 or size > MAX_ACCESS_SIZE:
@@ -56,11 +51,7 @@ class Records:
         if addr + size > UINT64_LIMIT:
             raise BadLine(f"access at {addr:#x} of {size} bytes wraps past the end of the "
                           "64-bit address space")
-        self.addr.append(addr)
-        self.size.append(size)
-        self.kind.append(kind)
-        self.vcpu.append(vcpu)
-        self.seq.append(seq)
+        super().add(addr, size, kind, vcpu, seq)
         self.flags.append(flags)
 
 

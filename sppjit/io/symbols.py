@@ -225,18 +225,13 @@ def resolve_protection(*, protect: str | None = None, protect_virtual: str | Non
 
 
 def parse_phys_base(text: str | None) -> int | None:
-    """``--phys-base``: hex with 0x, or decimal."""
+    """``--phys-base``: hex with 0x, or decimal (an address below 2**48, as every address the
+    command line takes: sppjit.io.sizes.parse_address)."""
     if text is None:
         return None
-    raw = str(text).strip().lower().replace("_", "")
-    try:
-        value = int(raw[2:], 16) if raw.startswith("0x") else int(raw, 10)
-    except ValueError:
-        raise InputError(f"--phys-base: cannot parse address '{text}' (use hex 0x... or "
-                         "decimal)") from None
-    if not 0 <= value < GPA_LIMIT:
-        raise InputError(f"--phys-base: {text} is beyond the 48-bit guest-physical space")
-    return value
+    from sppjit.io.sizes import parse_address
+
+    return parse_address(text, "--phys-base")
 
 
 def check_protection_options(*, protect: str | None = None, protect_virtual: str | None = None,
