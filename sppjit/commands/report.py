@@ -36,9 +36,11 @@ _OUTPUT = "Outputs"
 
 
 def report(
-    results: Annotated[str, typer.Argument(
-        metavar="RESULTS", show_default=False,
-        help="Per-access results of sppjit replay (--out): Parquet or Arrow IPC.")],
+    results: Annotated[str | None, typer.Argument(
+        metavar="[RESULTS]", show_default=False,
+        help="Per-access results of sppjit replay (--out): Parquet or Arrow IPC. Without "
+             "them, --exits and --summary make the report (the per-access columns are "
+             "null).")] = None,
     exits: Annotated[str | None, typer.Option(
         "--exits", metavar="FILE", rich_help_panel=_INPUT,
         help="Exit log of the same replay (--exits): exit kinds per page and epoch, "
@@ -65,7 +67,7 @@ def report(
                epochs=epochs, top=top)
 
 
-def run_report(*, results: str, exits: str | None = None, summary_path: str | None = None,
+def run_report(*, results: str | None, exits: str | None = None, summary_path: str | None = None,
                plot: str | None = None, stats: str | None = None,
                epochs: int = DEFAULT_EPOCHS, top: int = DEFAULT_TOP) -> dict:
     """The report command without typer: write_report, then print; returns report.json's

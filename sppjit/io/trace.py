@@ -170,7 +170,7 @@ def _open_ipc_file(path: str) -> _Opened:
     """
     reader = ipc.open_file(pa.OSFile(path, "rb"))
     count = reader.num_record_batches
-    num_rows = _ipc_file_rows(path)
+    num_rows = ipc_file_rows(path)
 
     def batches() -> Iterator[pa.RecordBatch]:
         for i in range(count):
@@ -179,7 +179,7 @@ def _open_ipc_file(path: str) -> _Opened:
     return reader.schema, batches(), num_rows
 
 
-def _ipc_file_rows(path: str) -> int:
+def ipc_file_rows(path: str) -> int:
     """The rows of an Arrow IPC file, from its batches' headers alone.
 
     Through a buffered file, pyarrow reads every batch's body to count its rows (measured:

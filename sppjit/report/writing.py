@@ -44,13 +44,16 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def write_report(results: str, exits: str | None = None, *, summary: str | None = None,
+def write_report(results: str | None, exits: str | None = None, *, summary: str | None = None,
                  plot: str | None = None, stats: str | None = None,
                  epochs: int = DEFAULT_EPOCHS, top: int = DEFAULT_TOP) -> Report:
     """Analyse a replay's ``results`` (and ``exits`` log) and write the statistics tables into
     the directory ``stats``, the plots into ``plot`` (each with a report.json), all or
     nothing. ``summary`` is the replay's summary JSON or a compare document (which adds the
-    compare bars). InputError for any bad argument or input, before anything is written."""
+    compare bars). Without ``results`` (None), the report is made from ``exits`` and a
+    replay's ``summary`` alone (sppjit.report.analysis.analyze_exit_log: the per-access
+    columns are null). InputError for any bad argument or input, before anything is
+    written."""
     from sppjit.io.atomic import check_distinct
 
     if epochs < 1 or epochs > MAX_EPOCHS:
@@ -67,6 +70,9 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
     for option, directory in (("--stats", stats), ("--plot", plot)):
         if directory is not None:
             create[directory] = _check_directory(directory, option)
+    if results is None and (exits is None or summary is None):
+        raise InputError("RESULTS is missing: give the results of sppjit replay (--out), or "
+                         "--exits and --summary for a report without them")
     summary_doc = read_summary(summary) if summary is not None else None  # its shape too
     compare = summary_doc is not None and is_compare(summary_doc)
     planned: list[tuple[str, str]] = []  # (option, path) of every file to write
@@ -81,14 +87,14 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
     check_distinct([("RESULTS", results), ("--exits", exits), ("--summary", summary)] + planned)
 
     # ---- the work (InputError for unreadable or inconsistent inputs)
-    analysis = analyze(results, exits, epochs=epochs)
+    analysis = analyze(results, exits, epochs=epochs, summary=summary_doc)
     document, written = _write(analysis, create, results=results, exits=exits, summary=summary,
                                summary_doc=summary_doc, compare=compare, plot=plot, stats=stats,
                                epochs=epochs, top=top)
     text = format_report(analysis, results=results, exits=exits, summary_path=summary,
                          summary=summary_doc, written=written)
     notes = list(analysis.warnings)
-    if summary_doc is not None and not compare:
+    if summary_doc is not None and not compare and results is not None:
         rows = (summary_doc.get("input") or {}).get("rows")
         if isinstance(rows, int) and rows != analysis.rows:
             notes.append(f"the summary counts {rows:,} rows, the results {analysis.rows:,}: "
