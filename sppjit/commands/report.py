@@ -37,7 +37,7 @@ _OUTPUT = "Outputs"
 
 def report(
     results: Annotated[str | None, typer.Argument(
-        metavar="[RESULTS]", show_default=False,
+        metavar="RESULTS", show_default=False,
         help="Per-access results of sppjit replay (--out): Parquet or Arrow IPC. Without "
              "them, --exits and --summary make the report (the per-access columns are "
              "null).")] = None,
