@@ -191,6 +191,7 @@ def group_keys(keys: np.ndarray):
     return k[head], inverse, order, np.flatnonzero(head)
 
 
+INDEX_SPAN = 1 << 22  # a running table whose keys span at most this is indexed directly (32 MiB)
 DENSE_SLACK = 1 << 16  # a batch's keys are counted densely when they span at most 4 n + this
 
 
@@ -247,6 +248,7 @@ class _Grouped:
         self._table: tuple | None = None  # (keys, sums[ncols, n], mins, maxs)
         self._parts: list[tuple] = []
         self._pending = 0
+        self._index = None  # (first key, position of each key - first, -1: none), or False
 
     def add(self, keys, sums, mins=None, maxs=None) -> None:
         """A grouped part: unique sorted keys, sums[ncols, len(keys)], min and max rows."""
@@ -254,7 +256,7 @@ class _Grouped:
             return
         part = (keys, sums, mins, maxs) if self.extremes else (keys, sums, None, None)
         if self._table is None:
-            self._table = part
+            self._table, self._index = part, None
             return
         new, _ = self._update(part)
         if not new.any():
@@ -276,14 +278,38 @@ class _Grouped:
                 np.minimum(mins, bmins, out=mins)
                 np.maximum(maxs, bmaxs, out=maxs)
             return np.zeros(bkeys.shape[0], dtype=bool), None
-        pos = np.searchsorted(keys, bkeys)
-        found = keys[np.minimum(pos, keys.shape[0] - 1)] == bkeys
+        pos, found = self._positions(bkeys)
         at = pos[found]  # distinct positions: plain fancy-index updates are exact
         sums[:, at] += bsums[:, found]
         if self.extremes:
             mins[at] = np.minimum(mins[at], bmins[found])
             maxs[at] = np.maximum(maxs[at], bmaxs[found])
         return ~found, pos
+
+    def _positions(self, bkeys):
+        """(position of each key in the table, or where it would be inserted; whether the
+        table holds it). Through a direct index of the table's keys when they span at most
+        INDEX_SPAN (a binary search per key cost a fifth of a report), else searched."""
+        keys = self._table[0]
+        if self._index is None:
+            span = int(keys[-1] - keys[0]) + 1
+            if span <= INDEX_SPAN:
+                index = np.full(span, -1, dtype=np.int64)
+                index[(keys - keys[0]).astype(np.intp)] = np.arange(keys.shape[0])
+                self._index = (keys[0], index)
+            else:
+                self._index = False
+        if self._index:
+            base, index = self._index
+            offset = bkeys - base  # keys below the base wrap around to huge offsets
+            if bkeys[0] >= base and offset[-1] < index.shape[0]:  # bkeys are sorted
+                pos = index[offset.astype(np.intp)]
+                found = pos >= 0
+                if not found.all():
+                    pos[~found] = np.searchsorted(keys, bkeys[~found])
+                return pos, found
+        pos = np.searchsorted(keys, bkeys)
+        return pos, keys[np.minimum(pos, keys.shape[0] - 1)] == bkeys
 
     def _combine(self):
         """The pending parts as one grouped part."""
@@ -309,6 +335,7 @@ class _Grouped:
         where = pos[new]
         keys, sums, mins, maxs = self._table
         bkeys, bsums, bmins, bmaxs = _select(part, new)
+        self._index = None  # the positions move
         self._table = (np.insert(keys, where, bkeys), np.insert(sums, where, bsums, axis=1),
                        None if mins is None else np.insert(mins, where, bmins),
                        None if maxs is None else np.insert(maxs, where, bmaxs))
