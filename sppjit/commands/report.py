@@ -24,7 +24,9 @@ HELP = (
     "pandas); --plot writes exits_over_time.png, violations_heatmap.png and, when --summary "
     "is a sppjit compare --json document, compare_bars.png (1200 x 800 PNG, needs "
     "matplotlib). Each directory gets a report.json with the versions, the input paths and "
-    "their SHA-256, and the summary's configuration and seed."
+    "their digests (BLAKE3), and the summary's configuration and seed. Without RESULTS, "
+    "--exits and --summary give every exit figure (per page, epoch and sub-page); the "
+    "per-access columns (accesses, reads, writes, fetches) are then null."
 )
 
 EPILOG = ("Example: sppjit replay t.parquet --protect p.parquet --out r.parquet --exits "
