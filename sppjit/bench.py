@@ -345,7 +345,11 @@ def run_end_to_end_file(trace: str, protect: str | None = None, *, repeat: int =
             args += ["--protect", protect]
         runs = []
         for _ in range(repeat):
-            wall, rss, _ = _run_cli(args)
+            try:
+                wall, rss, _ = _run_cli(args)
+            except RuntimeError as exc:  # the user's trace or protection is refused
+                said = str(exc).splitlines()[-1].rpartition("sppjit: error: ")[2]
+                raise InputError(f"--trace: sppjit replay refused it: {said}") from None
             with open(summary_path, encoding="utf-8") as f:
                 summary = json.load(f)
             runs.append((wall, rss, summary))

@@ -62,3 +62,10 @@ def test_bench_end_to_end_options_are_checked(user_trace, args, message):
     trace, _ = user_trace
     r = CliRunner().invoke(app, ["bench", *[str(trace) if a == "T" else a for a in args]])
     assert r.exit_code == 2 and message in r.output
+
+
+def test_bench_end_to_end_on_a_bad_trace_is_one_error_line(tmp_path):
+    bad = tmp_path / "bad.arrow"
+    bad.write_bytes(b"ARROW1\0\0 not really")
+    r = CliRunner().invoke(app, ["bench", "--end-to-end", "--trace", str(bad)])
+    assert r.exit_code == 2 and "--trace:" in r.output and "Traceback" not in r.output
