@@ -267,6 +267,151 @@ def run_end_to_end(
     return result
 
 
+E2E_TARGET = 1.3  # wall clock of `sppjit replay --summary` / (replay loop + interpreter start-up)
+
+
+def _interpreter_seconds(repeat: int) -> float:
+    """Best wall seconds of the bare interpreter (``python -c pass``) in a child process."""
+    import subprocess
+    import sys
+
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# Run in a fresh interpreter (the first thing it does is import): the phases of a replay of
+# the given trace measured one after the other, each alone, with the library's own calls.
+_PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+import sppjit.job, sppjit.vm, sppjit.io.trace, sppjit.replay, sppjit.io.output
+t1 = time.perf_counter()
+from sppjit.bench import e2e_phases
+print(json.dumps(e2e_phases(json.loads(sys.argv[1]), imports=t1 - t0)))
+"""
+
+
+def e2e_phases(args: dict, imports: float) -> dict:
+    """Seconds of each phase of ``sppjit replay`` (importing, loading the cached kernels,
+    reading and checking the trace alone, digesting it alone, the replay loop), measured one
+    at a time in this process: where the wall clock of the command goes."""
+    from .io.trace import open_trace
+    from .job import Job, JobInputs, JobOutputs, VmSpec, run
+    from .provenance import default_algorithm, file_digest
+
+    trace, protect = args["trace"], args.get("protect")
+    out = {"imports": imports}
+    t = time.perf_counter()
+    from .vm import VM
+
+    VM(memory="2MiB").replay({"gpa": np.zeros(1, dtype=np.uint64)})  # loads the kernels
+    out["kernel_cache_load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rows = sum(len(b) for b in open_trace(trace))
+    out["read_and_check"] = time.perf_counter() - t
+    t = time.perf_counter()
+    file_digest(trace)
+    out["digest"] = time.perf_counter() - t
+    out["digest_algorithm"] = default_algorithm()
+    t = time.perf_counter()
+    result = run(Job(inputs=JobInputs(trace=trace, protection=protect), vm=VmSpec(**args.get("vm", {})),
+                     outputs=JobOutputs()))
+    out["job"] = time.perf_counter() - t
+    out["replay_loop"] = result.summary.seconds
+    out["rows"] = rows
+    return out
+
+
+def run_end_to_end_file(trace: str, protect: str | None = None, *, repeat: int = 2,
+                        workdir: str | None = None, extra_args: list[str] | None = None) -> dict:
+    """``sppjit replay TRACE [--protect FILE] --summary S`` of a trace the user gives, in a
+    child process: its wall clock against the replay loop plus the interpreter's start-up
+    (the target: within E2E_TARGET of it), peak RSS, and where the wall goes (each phase
+    measured alone in another child: imports, kernel cache load, reading, digest, replay)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    for path, option in ((trace, "TRACE"), (protect, "--protect")):
+        if path is not None and not os.path.exists(path):
+            raise InputError(f"{option}: no such file: {path}")
+    extra_args = list(extra_args or [])
+    result = {"trace": trace, "protect": protect, "repeat": repeat,
+              "trace_bytes": _size_of(trace), "target": E2E_TARGET}
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="sppjit-e2e-") as d:
+        summary_path = os.path.join(d, "summary.json")
+        args = ["replay", trace, "--no-progress", "--summary", summary_path, *extra_args]
+        if protect is not None:
+            args += ["--protect", protect]
+        runs = []
+        for _ in range(repeat):
+            try:
+                wall, rss, _ = _run_cli(args)
+            except RuntimeError as exc:  # the user's trace or protection is refused
+                said = str(exc).splitlines()[-1].rpartition("sppjit: error: ")[2]
+                raise InputError(f"--trace: sppjit replay refused it: {said}") from None
+            with open(summary_path, encoding="utf-8") as f:
+                summary = json.load(f)
+            runs.append((wall, rss, summary))
+    wall, _, summary = min(runs, key=lambda r: r[0])
+    interpreter = _interpreter_seconds(max(repeat, 3))
+    startup, _, _ = _run_cli(["--version"])
+    rows = summary["counts"]["accesses"]
+    loop = summary["seconds"]
+    result.update({
+        "rows": rows,
+        "wall_seconds": wall,
+        "replay_loop_seconds": loop,
+        "interpreter_seconds": interpreter,
+        "cli_version_seconds": startup,
+        "wall_over_loop_and_interpreter": wall / (loop + interpreter),
+        "rows_per_second": rows / wall,
+        "replay_rows_per_second": rows / loop if loop else None,
+        "peak_rss_bytes": max(r[1] for r in runs),
+        "digests": summary.get("provenance", {}).get("digests", {}),
+    })
+    phase_args = {"trace": trace, "protect": protect}
+    proc = subprocess.run([sys.executable, "-c", _PHASES, json.dumps(phase_args)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the phase measurement failed: {proc.stderr.strip()[-400:]}")
+    result["phases"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _size_of(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def format_end_to_end_file(result: dict) -> str:
+    r, ph = result, result["phases"]
+    verdict = "within" if r["wall_over_loop_and_interpreter"] <= r["target"] else "beyond"
+    rows = [
+        f"end to end: sppjit replay {r['trace']}"
+        + (f" --protect {r['protect']}" if r["protect"] else "")
+        + f" --summary: {r['rows']:,} rows, {r['trace_bytes'] / 1e6:,.0f} MB (best wall of {r['repeat']})",
+        f"wall {r['wall_seconds']:.2f} s ({r['rows_per_second'] / 1e6:.1f} M rows/s), replay loop "
+        f"{r['replay_loop_seconds']:.2f} s, interpreter start-up {r['interpreter_seconds']:.3f} s "
+        f"('sppjit --version' {r['cli_version_seconds']:.2f} s), peak RSS "
+        f"{r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        f"wall / (replay loop + interpreter) = {r['wall_over_loop_and_interpreter']:.2f} "
+        f"({verdict} the {r['target']}x target)",
+        "where the wall goes (each phase alone, in one fresh process): "
+        f"imports {ph['imports']:.2f} s, kernel cache load {ph['kernel_cache_load']:.2f} s, "
+        f"read and check {ph['read_and_check']:.2f} s, digest ({ph['digest_algorithm']}, on its "
+        f"own thread in a replay) {ph['digest']:.2f} s, whole job {ph['job']:.2f} s of which "
+        f"replay loop {ph['replay_loop']:.2f} s",
+    ]
+    return "\n".join(rows)
+
+
 def format_end_to_end(result: dict) -> str:
     rows = [
         f"end to end: {result['accesses']:,} rows of {result['scenario']} (generated in "

@@ -73,7 +73,7 @@ Reproducibility: the document records the seed and scenario (``sppjit.seed`` and
 ``sppjit.scenario`` in the trace's schema metadata, when ``sppjit generate`` wrote it) in
 ``input``, the full configuration in ``config``, and in ``provenance`` (as every replay
 summary does, sppjit.provenance) the sppjit, numba, numpy, pyarrow and Python versions and the
-SHA-256 digests of the trace and protection files (a directory: its files in sorted order).
+digests of the trace and protection files (BLAKE3, docs/contract.md §8; a directory: its files in sorted order).
 """
 
 from __future__ import annotations

@@ -427,7 +427,7 @@ class Replay:
     # ---------------------------------------------------------------- summary
     def summary(self, input_info: dict | None = None, digests: dict | None = None,
                 generator: dict | None = None) -> dict:
-        """The summary JSON (docs/contract.md §5.3). ``digests`` (input name -> "sha256:...") and
+        """The summary JSON (docs/contract.md §5.3). ``digests`` (input name -> "blake3:...") and
         ``generator`` (scenario, seed from the trace's metadata) go into its provenance."""
         c = self.counters
         counts = {

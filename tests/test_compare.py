@@ -225,9 +225,10 @@ def test_reproducibility_seed_versions_and_digests(tmp_path):
     assert doc["input"]["seed"] == 42 and doc["input"]["scenario"] == "hand"
     provenance = doc["provenance"]
     assert provenance["generator"] == {"scenario": "hand", "seed": 42}
+    blake3 = pytest.importorskip("blake3").blake3  # the digest the summaries record
     assert provenance["digests"] == {
-        "trace": "sha256:" + hashlib.sha256(trace.read_bytes()).hexdigest(),
-        "protect": "sha256:" + hashlib.sha256(protect.read_bytes()).hexdigest()}
+        "trace": "blake3:" + blake3(trace.read_bytes()).hexdigest(),
+        "protect": "blake3:" + blake3(protect.read_bytes()).hexdigest()}
     assert set(provenance["versions"]) >= {"sppjit", "numba", "numpy", "pyarrow"}
     assert all(c["summary"]["provenance"] == provenance for c in doc["configs"])
     assert doc["protection"]["path"] == str(protect)
@@ -237,16 +238,17 @@ def test_reproducibility_seed_versions_and_digests(tmp_path):
     json.dumps(doc)  # plain JSON all the way down
 
 
-@pytest.mark.parametrize("size", [0, 1, (1 << 22) * 2 + 5])
+@pytest.mark.parametrize("size", [0, 1, (1 << 23) * 2 + 5])
 def test_file_digest_is_the_sha256_of_the_bytes(tmp_path, size):
-    """Hashed from a memory map (an empty file cannot be mapped: read instead), in chunks."""
+    """Read in chunks (the largest size spans three, the last one short); SHA-256 on
+    request, as summaries recorded it before BLAKE3 (tests/test_digest.py)."""
     from sppjit.provenance import CHUNK, file_digest
 
-    assert CHUNK == 1 << 22  # the largest size above spans three chunks, the last one short
+    assert CHUNK == 1 << 23
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    assert file_digest(path) == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert file_digest(path, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def test_parquet_directory_trace_is_read_per_configuration(tmp_path):
@@ -258,7 +260,7 @@ def test_parquet_directory_trace_is_read_per_configuration(tmp_path):
                        directory / f"part-{i}.parquet")
     doc = C.compare(str(directory), HOOK, memory="16MiB")
     assert doc["input"]["rows"] == 3
-    assert doc["provenance"]["digests"]["trace"].startswith("sha256:")
+    assert doc["provenance"]["digests"]["trace"].startswith("blake3:")
     assert by_name(doc)["page"]["summary"]["exits"] == exits(ept_fault=1, write_protect=3)
 
 

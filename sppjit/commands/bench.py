@@ -59,6 +59,14 @@ def bench(
     workdir: Annotated[str | None, typer.Option(
         "--workdir", metavar="DIR", help="Where --end-to-end writes its traces (needs ~50 bytes "
              "per row).")] = None,
+    trace: Annotated[str | None, typer.Option(
+        "--trace", metavar="FILE",
+        help="With --end-to-end: time 'sppjit replay FILE --summary' on this trace instead of "
+             "a generated one (VM defaults), against its replay loop plus the interpreter's "
+             "start-up, and show where the wall clock goes.")] = None,
+    protect: Annotated[str | None, typer.Option(
+        "--protect", metavar="FILE", help="With --end-to-end --trace: the protection to "
+             "replay it with.")] = None,
     parallel: Annotated[bool, typer.Option(
         "--parallel",
         help="Instead: a 3-configuration sweep (page, spp_v4, spp_v12) against three serial "
@@ -85,7 +93,20 @@ def bench(
             write_json_atomic(json_out, result)
         return
 
-    if end_to_end:
+    if (trace is not None or protect is not None) and not end_to_end:
+        from sppjit.errors import InputError
+
+        raise InputError("--trace and --protect go with --end-to-end")
+    if protect is not None and trace is None:
+        from sppjit.errors import InputError
+
+        raise InputError("--protect needs --trace")
+    if end_to_end and trace is not None:
+        from sppjit.bench import format_end_to_end_file, run_end_to_end_file
+
+        result = run_end_to_end_file(trace, protect, workdir=workdir)
+        typer.echo(format_end_to_end_file(result))
+    elif end_to_end:
         from sppjit.bench import format_end_to_end, run_end_to_end
 
         result = run_end_to_end(names[0] if scenario else BENCH_END_TO_END_SCENARIO,

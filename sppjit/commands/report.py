@@ -29,7 +29,9 @@ HELP = (
     "inlined, the hottest pages and the per-hook tables) that a browser opens from disk. "
     "--protect (default: the file the summary names, if unchanged) marks the protected and "
     "hooked sub-pages in the heatmap. Each directory gets a report.json with the versions, "
-    "the input paths and their SHA-256, and the summary's configuration and seed."
+    "the input paths and their digests (BLAKE3), and the summary's configuration and seed. Without "
+    "RESULTS, --exits and --summary give every exit figure (per page, epoch and sub-page); "
+    "the per-access columns (accesses, reads, writes, fetches) are then null."
 )
 
 EPILOG = ("Example: sppjit replay t.parquet --protect p.parquet --out r.parquet --exits "
@@ -41,9 +43,11 @@ _OUTPUT = "Outputs"
 
 
 def report(
-    results: Annotated[str, typer.Argument(
+    results: Annotated[str | None, typer.Argument(
         metavar="RESULTS", show_default=False,
-        help="Per-access results of sppjit replay (--out): Parquet or Arrow IPC.")],
+        help="Per-access results of sppjit replay (--out): Parquet or Arrow IPC. Without "
+             "them, --exits and --summary make the report (the per-access columns are "
+             "null).")] = None,
     exits: Annotated[str | None, typer.Option(
         "--exits", metavar="FILE", rich_help_panel=_INPUT,
         help="Exit log of the same replay (--exits): exit kinds per page and epoch, "
@@ -79,7 +83,7 @@ def report(
                html=html, protect=protect, epochs=epochs, top=top)
 
 
-def run_report(*, results: str, exits: str | None = None, summary_path: str | None = None,
+def run_report(*, results: str | None, exits: str | None = None, summary_path: str | None = None,
                plot: str | None = None, stats: str | None = None, html: str | None = None,
                protect: str | None = None, epochs: int = DEFAULT_EPOCHS,
                top: int = DEFAULT_TOP) -> dict:

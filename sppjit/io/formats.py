@@ -73,7 +73,9 @@ def _read_any(path: str, what: str, magic: bytes, suffix: str) -> pa.Table:
     # Arrow files are read, not memory-mapped: a mapped file that shrinks while it is in
     # use kills the process with SIGBUS.
     if magic.startswith(PARQUET_MAGIC):
-        return pq.read_table(path, memory_map=False)
+        # One file: ParquetFile, not read_table, whose dataset machinery costs ~100 ms of
+        # imports (pyarrow.dataset, pyarrow.compute) on every replay with a protection file.
+        return pq.ParquetFile(path, memory_map=False).read()
     if magic.startswith(ARROW_FILE_MAGIC):
         return ipc.open_file(pa.OSFile(path, "rb")).read_all()
     if magic.startswith(ARROW_STREAM_MARKER) or suffix in _ARROW_EXTENSIONS:

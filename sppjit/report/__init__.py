@@ -47,7 +47,8 @@ import importlib
 
 # name -> the module that defines it
 _HOMES = {
-    "analysis": ("ReportStats", "analyze", "page_stats", "top_pages", "KINDS", "PROTECTION_KINDS",
+    "analysis": ("ReportStats", "analyze", "analyze_exit_log", "page_stats", "top_pages",
+                 "KINDS", "PROTECTION_KINDS",
                  "TEXT_TOP", "BATCH_ROWS", "COMPACT_ROWS"),
     "document": ("read_summary", "check_summary", "is_compare", "compare_configs",
                  "compare_figures", "describe", "find_seed", "versions", "report_document",

@@ -30,7 +30,13 @@ from sppjit.io.formats import (
     cannot_read,
     read_magic,
 )
-from sppjit.io.trace import DEFAULT_KIND, DEFAULT_SIZE, MAX_ACCESS_SIZE, schema_metadata
+from sppjit.io.trace import (
+    DEFAULT_KIND,
+    DEFAULT_SIZE,
+    MAX_ACCESS_SIZE,
+    ipc_file_rows,
+    schema_metadata,
+)
 
 from .options import DEFAULT_EPOCHS
 
@@ -114,14 +120,17 @@ def _open_path(path: str, what: str, wanted: tuple[str, ...]) -> _Source:
 
             return _Source(what, path, path, "parquet", num_rows, all_names, read_parquet)
         if magic.startswith(ARROW_FILE_MAGIC):
-            reader = ipc.open_file(pa.memory_map(path))
-            all_names = reader.schema.names
+            # Read, not memory-mapped (a mapped file's pages count in this process's RSS:
+            # 1.2 GB for 100 M results rows; and a file that shrinks would kill it with
+            # SIGBUS), batch by batch, and only the wanted columns' buffers are read.
+            all_names = ipc.open_file(pa.OSFile(path, "rb")).schema.names
             names = [n for n in wanted if n in all_names]
-            num_rows = sum(reader.get_batch(i).num_rows
-                           for i in range(reader.num_record_batches))  # zero-copy: headers
+            fields = [all_names.index(n) for n in names]
+            num_rows = ipc_file_rows(path)
 
             def read_file():
-                r = ipc.open_file(pa.memory_map(path))
+                r = ipc.open_file(pa.OSFile(path, "rb"),
+                                  options=ipc.IpcReadOptions(included_fields=fields))
                 return (r.get_batch(i).select(names) for i in range(r.num_record_batches))
 
             return _Source(what, path, path, "arrow", num_rows, all_names, read_file)
@@ -182,6 +191,41 @@ def group_keys(keys: np.ndarray):
     return k[head], inverse, order, np.flatnonzero(head)
 
 
+INDEX_SPAN = 1 << 22  # a running table whose keys span at most this is indexed directly (32 MiB)
+DENSE_SLACK = 1 << 16  # a batch's keys are counted densely when they span at most 4 n + this
+
+
+def group_index(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique sorted keys, group of each key): ``group_keys`` without the sort order.
+
+    Keys that span little (a working set: the pages or sub-pages of one batch usually do)
+    are grouped by counting, in time and memory linear in the batch: no sort, which cost
+    three quarters of a report's time. Keys spread wider are sorted (group_keys)."""
+    n = keys.shape[0]
+    if n == 0:
+        return keys.astype(np.uint64), np.zeros(0, dtype=np.int64)
+    lo = keys.min()
+    span = int(keys.max() - lo) + 1
+    if span > 4 * n + DENSE_SLACK:
+        unique, inverse, _, _ = group_keys(keys)
+        return unique, inverse
+    offset = (keys - lo).astype(np.intp)
+    present = np.zeros(span, dtype=bool)
+    present[offset] = True
+    unique = np.flatnonzero(present)
+    rank = np.cumsum(present, dtype=np.int64) - 1
+    return unique.astype(np.uint64) + np.uint64(lo), rank[offset]
+
+
+def _extremes(inverse: np.ndarray, rows: np.ndarray, groups: int):
+    """(min, max) of ``rows`` per group."""
+    lo = np.full(groups, np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full(groups, -1, dtype=np.int64)
+    np.minimum.at(lo, inverse, rows)
+    np.maximum.at(hi, inverse, rows)
+    return lo, hi
+
+
 def _counts(inverse: np.ndarray, category: np.ndarray, ngroups: int, ncats: int) -> np.ndarray:
     """counts[c, g]: how many rows of group g have category c (one bincount pass)."""
     flat = np.bincount(inverse * ncats + category, minlength=ngroups * ncats)
@@ -204,6 +248,7 @@ class _Grouped:
         self._table: tuple | None = None  # (keys, sums[ncols, n], mins, maxs)
         self._parts: list[tuple] = []
         self._pending = 0
+        self._index = None  # (first key, position of each key - first, -1: none), or False
 
     def add(self, keys, sums, mins=None, maxs=None) -> None:
         """A grouped part: unique sorted keys, sums[ncols, len(keys)], min and max rows."""
@@ -211,7 +256,7 @@ class _Grouped:
             return
         part = (keys, sums, mins, maxs) if self.extremes else (keys, sums, None, None)
         if self._table is None:
-            self._table = part
+            self._table, self._index = part, None
             return
         new, _ = self._update(part)
         if not new.any():
@@ -226,14 +271,45 @@ class _Grouped:
         their insertion positions)."""
         keys, sums, mins, maxs = self._table
         bkeys, bsums, bmins, bmaxs = part
-        pos = np.searchsorted(keys, bkeys)
-        found = keys[np.minimum(pos, keys.shape[0] - 1)] == bkeys
+        if bkeys.shape == keys.shape and np.array_equal(bkeys, keys):
+            # The same keys as the table (a working set seen again): add whole rows.
+            sums += bsums
+            if self.extremes:
+                np.minimum(mins, bmins, out=mins)
+                np.maximum(maxs, bmaxs, out=maxs)
+            return np.zeros(bkeys.shape[0], dtype=bool), None
+        pos, found = self._positions(bkeys)
         at = pos[found]  # distinct positions: plain fancy-index updates are exact
         sums[:, at] += bsums[:, found]
         if self.extremes:
             mins[at] = np.minimum(mins[at], bmins[found])
             maxs[at] = np.maximum(maxs[at], bmaxs[found])
         return ~found, pos
+
+    def _positions(self, bkeys):
+        """(position of each key in the table, or where it would be inserted; whether the
+        table holds it). Through a direct index of the table's keys when they span at most
+        INDEX_SPAN (a binary search per key cost a fifth of a report), else searched."""
+        keys = self._table[0]
+        if self._index is None:
+            span = int(keys[-1] - keys[0]) + 1
+            if span <= INDEX_SPAN:
+                index = np.full(span, -1, dtype=np.int64)
+                index[(keys - keys[0]).astype(np.intp)] = np.arange(keys.shape[0])
+                self._index = (keys[0], index)
+            else:
+                self._index = False
+        if self._index:
+            base, index = self._index
+            offset = bkeys - base  # keys below the base wrap around to huge offsets
+            if bkeys[0] >= base and offset[-1] < index.shape[0]:  # bkeys are sorted
+                pos = index[offset.astype(np.intp)]
+                found = pos >= 0
+                if not found.all():
+                    pos[~found] = np.searchsorted(keys, bkeys[~found])
+                return pos, found
+        pos = np.searchsorted(keys, bkeys)
+        return pos, keys[np.minimum(pos, keys.shape[0] - 1)] == bkeys
 
     def _combine(self):
         """The pending parts as one grouped part."""
@@ -259,6 +335,7 @@ class _Grouped:
         where = pos[new]
         keys, sums, mins, maxs = self._table
         bkeys, bsums, bmins, bmaxs = _select(part, new)
+        self._index = None  # the positions move
         self._table = (np.insert(keys, where, bkeys), np.insert(sums, where, bsums, axis=1),
                        None if mins is None else np.insert(mins, where, bmins),
                        None if maxs is None else np.insert(maxs, where, bmaxs))
@@ -409,10 +486,17 @@ def page_stats(results, exits=None, *, batch_size: int = BATCH_ROWS) -> tuple[pa
 
 
 def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
-            batch_size: int = BATCH_ROWS) -> ReportStats:
-    """Read results (and an exit log) once, in bounded batches, and compute every statistic."""
+            batch_size: int = BATCH_ROWS, summary: dict | None = None) -> ReportStats:
+    """Read results (and an exit log) once, in bounded batches, and compute every statistic.
+
+    Without results (``results`` None), from the exit log and the replay's ``summary``
+    alone: see analyze_exit_log."""
     if epochs < 1:
         raise InputError(f"--epochs must be at least 1, not {epochs}")
+    if results is None:
+        if exits is None or summary is None:
+            raise InputError("a report needs the results, or the exit log and the summary")
+        return analyze_exit_log(exits, summary, epochs=epochs, batch_size=batch_size)
     results, exits = _unwrap(results, exits)
     res = _open_source(results, "results", ("gpa", "size", "kind", "outcome", "exits"))
     _require(res, ("gpa", "outcome", "exits"),
@@ -433,6 +517,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
     ep_exits = np.zeros(n_epochs, dtype=np.int64)
     ep_viol = np.zeros(n_epochs, dtype=np.int64)
     ep_kinds = np.zeros((len(KINDS), n_epochs), dtype=np.int64)
+    ep_start = _epoch_starts(n, n_epochs)
     kinds_total = np.zeros(3, dtype=np.int64)
     outcomes_total = np.zeros(len(B.OUTCOME_NAMES), dtype=np.int64)
     exit_kinds_total = np.zeros(len(KINDS), dtype=np.int64)
@@ -456,15 +541,18 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         end = gpa + size  # one past the last byte
         p0, p1 = gpa >> _PAGE, (end - np.uint64(1)) >> _PAGE
         cross = p1 != p0
-        epoch = rows * n_epochs // n
+        # The batch's rows are consecutive: the epochs it spans are runs of it, summed with
+        # reduceat from their first rows (no epoch computed per row).
+        e0, e1 = first * n_epochs // n, (first + m - 1) * n_epochs // n + 1
+        runs = np.maximum(ep_start[e0:e1] - first, 0)
 
         # ---- totals and epochs
         kinds_total += np.bincount(kind, minlength=3)
         outcomes_total += np.bincount(outcome, minlength=len(B.OUTCOME_NAMES))
         results_exits += int(nexits.sum())
         is_write = kind == B.ACCESS_WRITE
-        ep_accesses += np.bincount(epoch, minlength=n_epochs)
-        ep_writes += np.bincount(epoch[is_write], minlength=n_epochs)
+        ep_accesses[e0:e1] += np.diff(np.append(runs, m))
+        ep_writes[e0:e1] += np.add.reduceat(is_write, runs, dtype=np.int64)
 
         # ---- the exits of these rows, and the pieces of the protection exits
         if log is not None:
@@ -497,8 +585,8 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
             erow = np.zeros(0, dtype=np.int64)
             egfn = np.zeros(0, dtype=np.uint64)
             prot = (outcome == B.OUTCOME_SPP_VIOLATION) | (outcome == B.OUTCOME_WRITE_PROTECT_VIOLATION)
-            ep_exits += np.bincount(epoch, weights=nexits, minlength=n_epochs).astype(np.int64)
-            ep_viol += np.bincount(epoch[prot], minlength=n_epochs)
+            ep_exits[e0:e1] += np.add.reduceat(nexits, runs, dtype=np.int64)
+            ep_viol[e0:e1] += np.add.reduceat(prot, runs, dtype=np.int64)
             vstart = gpa[prot]
             vend = np.minimum(end[prot], (p0[prot] + np.uint64(1)) << _PAGE)
             vrel = np.full(vstart.shape[0], -1, dtype=np.int8)
@@ -506,7 +594,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         # ---- per page: every page an access touches, the page of every exit
         keys = np.concatenate((p0, p1[cross], egfn))
         at = np.concatenate((rows, rows[cross], erow))  # an exit's row touched its page too
-        gfns, inverse, order, starts = group_keys(keys)
+        gfns, inverse = group_index(keys)
         u, na = gfns.shape[0], m + int(np.count_nonzero(cross))
         sums = np.zeros((len(_PAGE_SUMS), u), dtype=np.int64)
         sums[_P["reads"]:_P["fetches"] + 1] = _counts(
@@ -523,8 +611,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         else:
             sums[_P["exits"]] = np.bincount(inverse[:m], weights=nexits, minlength=u)
             sums[_P["violations"]] = np.bincount(inverse[:m][prot], minlength=u)
-        at = at[order]
-        pages.add(gfns, sums, np.minimum.reduceat(at, starts), np.maximum.reduceat(at, starts))
+        pages.add(gfns, sums, *_extremes(inverse, at, u))
 
         # ---- per sub-page: every sub-page written bytes or faulting bytes touch
         # (a protection exit's hook relevance goes with each sub-page of its piece)
@@ -532,7 +619,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         v0, v1 = vstart >> _SUB, (vend - np.uint64(1)) >> _SUB
         vq = _expand(v0, v1)
         vrel = np.repeat(vrel, (v1 - v0).astype(np.int64) + 1)
-        qs, inverse, _, _ = group_keys(np.concatenate((wq, vq)))
+        qs, inverse = group_index(np.concatenate((wq, vq)))
         category = np.zeros(inverse.shape[0], dtype=np.int64)
         category[wq.shape[0]:] = 1
         sums = np.zeros((len(_SUBPAGE_SUMS), qs.shape[0]), dtype=np.int64)
@@ -598,11 +685,152 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
                        hooks=log is not None and log.hooks, inputs=inputs, warnings=warnings)
 
 
+# ============================================================ from the exit log and summary
+
+# What a report without the per-access results can and cannot tell (docs/performance.md,
+# "End to end"): every exit figure comes from the exit log, the trace's length and the access
+# counts from the summary; what needs each access (accesses, reads, writes and fetches per
+# page, writes per sub-page and per epoch) is null.
+EXIT_LOG_ONLY_NOTE = ("report from the exit log and the summary alone: accesses, reads, "
+                      "writes and fetches per page, writes per sub-page and per epoch need the "
+                      "results (null here); a protection exit counts on the sub-page of its "
+                      "logged gpa only (its first faulting byte)")
+
+
+def _summary_rows(summary: dict) -> int:
+    """The trace's rows, as a replay summary records them (input.rows, else counts)."""
+    from .document import is_compare
+
+    if is_compare(summary):
+        raise InputError("summary: a report without results needs the --summary of sppjit "
+                         "replay, not a compare document (it has one replay's rows)")
+    for value in ((summary.get("input") or {}).get("rows"),
+                  (summary.get("counts") or {}).get("accesses")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise InputError("summary: it records no number of rows (input.rows), which a report "
+                     "without results needs")
+
+
+def _summary_counts(summary: dict, rows: int) -> dict:
+    counts = summary.get("counts") or {}
+    out = {"accesses": rows}
+    for key in ("reads", "writes", "fetches", *(n.lower() for n in B.OUTCOME_NAMES)):
+        value = counts.get(key)
+        out[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return out
+
+
+def analyze_exit_log(exits, summary: dict, *, epochs: int = DEFAULT_EPOCHS,
+                     batch_size: int = BATCH_ROWS) -> ReportStats:
+    """The report's statistics from the exit log and the replay's summary, without the
+    per-access results: exits by kind per page, per epoch and in total, protection exits per
+    sub-page (on the logged gpa's sub-page), hook relevance; the access counts come from the
+    summary, the per-access columns are null (EXIT_LOG_ONLY_NOTE)."""
+    if epochs < 1:
+        raise InputError(f"--epochs must be at least 1, not {epochs}")
+    if hasattr(exits, "exits") and hasattr(exits, "summary"):  # a ReplayResult
+        exits = exits.exits
+    n = _summary_rows(summary)
+    log_src = _open_source(exits, "exits", ("row", "gpa", "kind", "relevant"))
+    _require(log_src, ("row", "gpa", "kind"), "EXITS is the --exits file of sppjit replay")
+    log = _ExitCursor(log_src, batch_size)
+    n_epochs = min(epochs, n)
+    pages = _Grouped(len(_PAGE_SUMS), extremes=True)
+    subpages = _Grouped(len(_SUBPAGE_SUMS))
+    ep_exits = np.zeros(n_epochs, dtype=np.int64)
+    ep_viol = np.zeros(n_epochs, dtype=np.int64)
+    ep_kinds = np.zeros((len(KINDS), n_epochs), dtype=np.int64)
+    exit_kinds_total = np.zeros(len(KINDS), dtype=np.int64)
+    relevant_total = irrelevant_total = 0
+    # Trace rows in windows of batch_size: each window's exits are one bounded batch.
+    for stop in range(batch_size, n + batch_size, batch_size):
+        erow, egpa, ekind, erel = log.take(min(stop, n))
+        if not erow.shape[0]:
+            continue
+        egfn = egpa >> _PAGE
+        prot = (ekind == PROTECTION_KINDS[0]) | (ekind == PROTECTION_KINDS[1])
+        exit_kinds_total += np.bincount(ekind, minlength=len(KINDS))
+        relevant_total += int(np.count_nonzero(erel == 1))
+        irrelevant_total += int(np.count_nonzero(erel == 0))
+        eepoch = erow * n_epochs // n
+        ep_kinds += _counts(eepoch, ekind, n_epochs, len(KINDS))
+        ep_exits += np.bincount(eepoch, minlength=n_epochs)
+        ep_viol += np.bincount(eepoch[prot], minlength=n_epochs)
+        gfns, inverse = group_index(egfn)
+        u = gfns.shape[0]
+        sums = np.zeros((len(_PAGE_SUMS), u), dtype=np.int64)
+        by_kind = _counts(inverse, ekind, u, len(KINDS))
+        sums[_P[KINDS[0]]:_P[KINDS[-1]] + 1] = by_kind
+        sums[_P["exits"]] = by_kind.sum(axis=0)
+        sums[_P["violations"]] = by_kind[PROTECTION_KINDS[0]] + by_kind[PROTECTION_KINDS[1]]
+        if log.hooks:
+            rel = _counts(inverse, erel.astype(np.int64) + 1, u, 3)  # null, False, True
+            sums[_P["relevant"]], sums[_P["irrelevant"]] = rel[2], rel[1]
+        pages.add(gfns, sums, *_extremes(inverse, erow, u))
+        qs, inverse = group_index(egpa[prot] >> _SUB)
+        sums = np.zeros((len(_SUBPAGE_SUMS), qs.shape[0]), dtype=np.int64)
+        sums[:2] = _counts(inverse, np.ones(inverse.shape[0], dtype=np.int64), qs.shape[0], 2)
+        if log.hooks:  # a protection exit's hook relevance goes with its sub-page
+            rel = _counts(inverse, erel[prot].astype(np.int64) + 1, qs.shape[0], 3)
+            sums[2], sums[3] = rel[2], rel[1]  # True, False
+        subpages.add(qs, sums)
+    log.finish(n)
+
+    per_page = _page_table(*pages.result(), exit_log=True, hooks=log.hooks, accesses=False)
+    per_subpage = _subpage_table(*subpages.result()[:2], writes=False, hooks=log.hooks)
+    starts = _epoch_starts(n, n_epochs)
+    rows_per_epoch = np.diff(np.append(starts, n))
+    epochs_table = _epoch_table(n, n_epochs, rows_per_epoch, None, ep_exits, ep_viol, ep_kinds)
+    counts = _summary_counts(summary, n)
+    writes = counts["writes"]
+    exits_out = {"total": log.count,
+                 **{name: int(exit_kinds_total[code]) for code, name in enumerate(KINDS)}}
+    touched = (summary.get("pages") or {}).get("touched")
+    viol = per_page.column("violations")
+    totals = {
+        "rows": n,
+        "counts": counts,
+        "exits": exits_out,
+        "exits_per_1000_writes": (1000.0 * log.count / writes) if writes else None,
+        "violations": int(ep_viol.sum()),
+        # protection exits over writes only (the writes from the summary's counts)
+        "protection_exits_per_1000_writes": (1000.0 * int(ep_viol.sum()) / writes
+                                             if writes else None),
+        "pages": {
+            "touched": touched if isinstance(touched, int) else None,
+            "with_exits": int(pc.sum(pc.greater(per_page.column("exits"), 0)).as_py() or 0),
+            "with_violations": int(pc.sum(pc.greater(viol, 0)).as_py() or 0),
+        },
+        "subpages": {
+            "written": None,
+            "violated": int(pc.sum(pc.greater(per_subpage.column("violations"), 0)).as_py() or 0),
+        },
+        "exits_source": "exit_log",
+    }
+    if log.hooks:
+        totals["hooks"] = {"relevant": relevant_total, "irrelevant": irrelevant_total}
+    warnings = [EXIT_LOG_ONLY_NOTE]
+    recorded = (summary.get("exits") or {}).get("total")
+    if isinstance(recorded, int) and recorded != log.count:
+        warnings.append(f"the exit log holds {log.count:,} exits but the summary counts "
+                        f"{recorded:,}: a filtered log, or not the same replay")
+    inputs = {"results": None,
+              "exits": {"path": log_src.path, "format": log_src.format, "rows": log_src.num_rows}}
+    return ReportStats(per_page=per_page, per_subpage=per_subpage, epochs=epochs_table,
+                       totals=totals, rows=n, exit_log=True, hooks=log.hooks, inputs=inputs,
+                       warnings=warnings)
+
+
 def _schema_metadata() -> dict[bytes, bytes]:
     return {**schema_metadata(), b"sppjit.version": __version__.encode()}
 
 
-def _page_table(keys, sums, mins, maxs, *, exit_log: bool, hooks: bool) -> pa.Table:
+_ACCESS_COLUMNS = ("accesses", "reads", "writes", "fetches")  # known from the results only
+
+
+def _page_table(keys, sums, mins, maxs, *, exit_log: bool, hooks: bool,
+                accesses: bool = True) -> pa.Table:
     n = keys.shape[0]
     fields, arrays = [pa.field("gfn", pa.uint64(), nullable=False)], [pa.array(keys, pa.uint64())]
     for name in _PAGE_COLUMNS:
@@ -612,7 +840,7 @@ def _page_table(keys, sums, mins, maxs, *, exit_log: bool, hooks: bool) -> pa.Ta
             values = sums[_P["reads"]] + sums[_P["writes"]] + sums[_P["fetches"]]
         else:
             values = sums[_P[name]]
-        nullable = name in KINDS and not exit_log
+        nullable = (name in KINDS and not exit_log) or (name in _ACCESS_COLUMNS and not accesses)
         fields.append(pa.field(name, pa.int64(), nullable=nullable))
         arrays.append(pa.nulls(n, pa.int64()) if nullable else pa.array(values))
     fields += [pa.field("first_row", pa.int64(), nullable=False),
@@ -621,16 +849,17 @@ def _page_table(keys, sums, mins, maxs, *, exit_log: bool, hooks: bool) -> pa.Ta
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=_schema_metadata()))
 
 
-def _subpage_table(keys, sums, *, hooks: bool = False) -> pa.Table:
-    """gfn, subpage, writes, violations, and with hook relevance in the exit log the
-    protection exits on the sub-page that were relevant and irrelevant."""
+def _subpage_table(keys, sums, *, writes: bool = True, hooks: bool = False) -> pa.Table:
+    """gfn, subpage, writes (null without the results), violations, and with hook relevance
+    in the exit log the protection exits on the sub-page that were relevant and irrelevant."""
     fields = [pa.field("gfn", pa.uint64(), nullable=False),
               pa.field("subpage", pa.uint8(), nullable=False),
-              pa.field("writes", pa.int64(), nullable=False),
+              pa.field("writes", pa.int64(), nullable=not writes),
               pa.field("violations", pa.int64(), nullable=False)]
     arrays = [pa.array(keys >> _SUB_PER_PAGE_SHIFT, pa.uint64()),
               pa.array((keys & np.uint64(B.SUBPAGES_PER_PAGE - 1)).astype(np.uint8)),
-              pa.array(sums[0]), pa.array(sums[1])]
+              pa.array(sums[0]) if writes else pa.nulls(keys.shape[0], pa.int64()),
+              pa.array(sums[1])]
     if hooks:
         fields += [pa.field("relevant", pa.int64(), nullable=False),
                    pa.field("irrelevant", pa.int64(), nullable=False)]
@@ -638,18 +867,26 @@ def _subpage_table(keys, sums, *, hooks: bool = False) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=_schema_metadata()))
 
 
+def _epoch_starts(n: int, n_epochs: int) -> np.ndarray:
+    """The first row of each epoch: row r is in epoch r * n_epochs // n."""
+    e = np.arange(n_epochs, dtype=np.int64)
+    return (e * n + n_epochs - 1) // n_epochs  # ceil(e * n / n_epochs)
+
+
 def _epoch_table(n, n_epochs, accesses, writes, exits, violations, kinds) -> pa.Table:
     e = np.arange(n_epochs, dtype=np.int64)
-    start = (e * n + n_epochs - 1) // n_epochs  # ceil(e * n / n_epochs)
+    start = _epoch_starts(n, n_epochs)
     stop = np.append(start[1:], n)
     fields = [pa.field("epoch", pa.int32(), nullable=False),
               pa.field("first_row", pa.int64(), nullable=False),
               pa.field("rows", pa.int64(), nullable=False),
               pa.field("accesses", pa.int64(), nullable=False),
-              pa.field("writes", pa.int64(), nullable=False),
+              pa.field("writes", pa.int64(), nullable=writes is None),
               pa.field("exits", pa.int64(), nullable=False)]
     arrays = [pa.array(e.astype(np.int32)), pa.array(start), pa.array(stop - start),
-              pa.array(accesses), pa.array(writes), pa.array(exits)]
+              pa.array(accesses),
+              pa.nulls(n_epochs, pa.int64()) if writes is None else pa.array(writes),
+              pa.array(exits)]
     for code, name in enumerate(KINDS):
         fields.append(pa.field(name, pa.int64(), nullable=kinds is None))
         arrays.append(pa.nulls(n_epochs, pa.int64()) if kinds is None else pa.array(kinds[code]))

@@ -7,14 +7,17 @@ from .analysis import KINDS, TEXT_TOP, ReportStats, top_pages
 from .document import compare_configs, find_seed, is_compare
 
 
-def format_report(stats: ReportStats, *, results: str, exits: str | None,
+def format_report(stats: ReportStats, *, results: str | None, exits: str | None,
                   summary_path: str | None, summary: dict | None,
                   written: list[str]) -> str:
     """The printed report: inputs, totals and the pages with the most exits."""
     t = stats.totals
     counts, ex = t["counts"], t["exits"]
-    fmt = stats.inputs["results"]["format"]
-    rows = [("results", f"{results} ({fmt}, {stats.rows:,} rows)")]
+    if results is None:
+        rows = [("results", f"none: from the exit log and the summary ({stats.rows:,} rows)")]
+    else:
+        fmt = stats.inputs["results"]["format"]
+        rows = [("results", f"{results} ({fmt}, {stats.rows:,} rows)")]
     if exits is not None:
         hooks = ", with hook relevance" if stats.hooks else ""
         rows.append(("exits", f"{exits} ({ex['total']:,} exits{hooks})"))
@@ -56,7 +59,7 @@ def format_report(stats: ReportStats, *, results: str, exits: str | None,
         out += f"top pages by exits ({len(top)} of {t['pages']['with_exits']:,}):\n"
         header = ("gfn", "exits", "violations", "writes", "first_row", "last_row")
         table = [header] + [(f"{p['gfn']:#x}", f"{p['exits']:,}", f"{p['violations']:,}",
-                             f"{p['writes']:,}", f"{p['first_row']:,}", f"{p['last_row']:,}")
+                             _n(p['writes']), f"{p['first_row']:,}", f"{p['last_row']:,}")
                             for p in top]
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         for r in table:
@@ -68,4 +71,9 @@ def format_report(stats: ReportStats, *, results: str, exits: str | None,
 
 
 def _pairs(items) -> str:
-    return "  ".join(f"{name} {value:,}" for name, value in items)
+    return "  ".join(f"{name} {_n(value)}" for name, value in items)
+
+
+def _n(value) -> str:
+    """A count, or "-" where the inputs do not tell it (a report without results)."""
+    return "-" if value is None else f"{value:,}"

@@ -44,17 +44,20 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def write_report(results: str, exits: str | None = None, *, summary: str | None = None,
-                 plot: str | None = None, stats: str | None = None, html: str | None = None,
+def write_report(results: str | None, exits: str | None = None, *,
+                 summary: str | None = None, plot: str | None = None,
+                 stats: str | None = None, html: str | None = None,
                  protect: str | None = None, epochs: int = DEFAULT_EPOCHS,
                  top: int = DEFAULT_TOP) -> Report:
     """Analyse a replay's ``results`` (and ``exits`` log) and write the statistics tables into
     the directory ``stats``, the plots into ``plot`` (each with a report.json) and the
     self-contained HTML report into the file ``html``, all or nothing. ``summary`` is the
-    replay's summary JSON or a compare document (which adds the compare bars). ``protect``
+    replay's summary JSON or a compare document (which adds the compare bars). Without
+    ``results`` (None), the report is made from ``exits`` and a replay's ``summary`` alone
+    (sppjit.report.analysis.analyze_exit_log: the per-access columns are null). ``protect``
     is the protection file of the replay: the heatmap marks its protected and hooked
     sub-pages (default: the file the summary names, when it is still the one replayed, by
-    its SHA-256). InputError for any bad argument or input, before anything is written."""
+    its digest). InputError for any bad argument or input, before anything is written."""
     from sppjit.io.atomic import check_distinct
 
     if epochs < 1 or epochs > MAX_EPOCHS:
@@ -73,6 +76,9 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
     for option, directory in (("--stats", stats), ("--plot", plot)):
         if directory is not None:
             create[directory] = _check_directory(directory, option)
+    if results is None and (exits is None or summary is None):
+        raise InputError("RESULTS is missing: give the results of sppjit replay (--out), or "
+                         "--exits and --summary for a report without them")
     summary_doc = read_summary(summary) if summary is not None else None  # its shape too
     compare = summary_doc is not None and is_compare(summary_doc)
     protection, protection_note = _protection(protect, summary_doc)
@@ -91,11 +97,11 @@ def write_report(results: str, exits: str | None = None, *, summary: str | None 
                     ("--protect", protect)] + planned)
 
     # ---- the work (InputError for unreadable or inconsistent inputs)
-    analysis = analyze(results, exits, epochs=epochs)
+    analysis = analyze(results, exits, epochs=epochs, summary=summary_doc)
     notes = list(analysis.warnings)
     if protection_note:
         notes.append(protection_note)
-    if summary_doc is not None and not compare:
+    if summary_doc is not None and not compare and results is not None:
         rows = (summary_doc.get("input") or {}).get("rows")
         if isinstance(rows, int) and rows != analysis.rows:
             notes.append(f"the summary counts {rows:,} rows, the results {analysis.rows:,}: "
@@ -147,7 +153,7 @@ def _protection(protect: str | None, summary_doc: dict | None):
     ``protect``. Else the file the summary names (a replay summary's config.protection, a
     compare document's protection), if it is still the one its provenance hashed."""
     from sppjit.protection import load_protection
-    from sppjit.provenance import file_digest
+    from sppjit.provenance import verify_digest
 
     if protect is not None:
         try:
@@ -165,7 +171,11 @@ def _protection(protect: str | None, summary_doc: dict | None):
         return None, None
     digests = (summary_doc.get("provenance") or {}).get("digests") or {}
     recorded = digests.get("protect") if isinstance(digests, dict) else None
-    if recorded is None or file_digest(path) != recorded:
+    try:  # the summary's algorithm: SHA-256 in older summaries, BLAKE3 now
+        same = isinstance(recorded, str) and verify_digest(path, recorded)
+    except (ValueError, OSError):
+        same = False
+    if not same:
         return None, (f"the heatmap does not mark protected sub-pages: {path} is not the "
                       "file the summary's replay read (give --protect)")
     try:
