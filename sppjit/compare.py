@@ -444,7 +444,7 @@ def compare_files(trace: str, protection: str | None = None, *,
     from .io.output import check_output_path
     from .io.protect import ByteRanges
     from .io.trace import open_trace
-    from .provenance import generated_hint
+    from .provenance import vm_settings
 
     def name(parameter: str) -> str:
         return (names or {}).get(parameter, parameter)
@@ -472,10 +472,13 @@ def compare_files(trace: str, protection: str | None = None, *,
 
         parse_size(memory, name=name("memory"))
 
-    reader = open_trace(trace, vcpus=vcpus or DEFAULT_VCPUS)
+    # The memory and vCPUs the trace records are the defaults (options override).
+    memory, vcpus, vm_from = vm_settings(open_trace(trace).schema, memory=memory,
+                                         memslots=memslots, vcpus=vcpus)
+    reader = open_trace(trace, vcpus=vcpus)
     if reader.num_rows == 0:
         raise InputError("trace: no rows")
-    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
+    hint = None
     slots = read_memslots(memslots) if memslots is not None else None
     from .io.symbols import resolve_protection
 
@@ -496,7 +499,7 @@ def compare_files(trace: str, protection: str | None = None, *,
     # ---- the comparison (it reads the protection and hashes the inputs)
     try:
         document = compare(
-            trace, protection, memory=memory, memslots=slots, vcpus=vcpus or DEFAULT_VCPUS,
+            trace, protection, memory=memory, memslots=slots, vcpus=vcpus,
             hugepages=hugepages, subpage_check=subpage_check, exit_cost_us=exit_cost_us,
             kernel_exit_cost_us=kernel_exit_cost_us, engine=engine, batch_size=batch_size,
             progress=(None if progress is None
@@ -513,6 +516,7 @@ def compare_files(trace: str, protection: str | None = None, *,
     if whole_vm is not None:  # the shared protection facts: every configuration shows it
         document["protection"]["path"] = label
     document["config"]["memslots_file"] = memslots
+    document["config"]["vm_from"] = vm_from
     for config in document["configs"]:
         config["summary"]["input"]["format"] = document["input"]["format"]
         config["summary"]["config"]["memslots_file"] = memslots

@@ -124,3 +124,46 @@ def generated_hint(schema, *, memory=None, memslots=None, vcpus=None) -> str | N
         return None
     return (f"the trace was generated for scenario {scenario.decode(errors='replace')}: "
             f"replay it with {' '.join(suggest)}")
+
+
+# Where a VM setting of a replay came from, as the summary's config records it (vm_from).
+FROM_OPTION, FROM_TRACE, FROM_DEFAULT, FROM_MEMSLOTS = "option", "trace", "default", "memslots"
+
+
+def recorded_vm(schema) -> dict[str, int]:
+    """The guest memory (bytes) and vCPUs a trace was made for, as ``sppjit generate`` (and
+    a converter that knows them) records them in its schema metadata (sppjit.memory,
+    sppjit.vcpus); a key absent or unreadable is left out."""
+    meta = (schema.metadata if schema is not None else None) or {}
+    out = {}
+    for key in ("memory", "vcpus"):
+        text = meta.get(f"sppjit.{key}".encode(), b"").decode(errors="replace").strip()
+        if text.isdigit() and int(text) > 0:
+            out[key] = int(text)
+    return out
+
+
+def vm_settings(schema, *, memory=None, memslots=None, vcpus=None):
+    """The memory and vCPUs to replay with and where each came from: an option given wins,
+    then what the trace records (recorded_vm), then the default. Returns (memory, vcpus,
+    vm_from) with memory None when --memslots defines it; vm_from maps memory and vcpus to
+    option, trace, default or memslots."""
+    from .defaults import DEFAULT_MEMORY, DEFAULT_VCPUS, MAX_VCPUS
+
+    recorded = recorded_vm(schema)
+    vm_from = {}
+    if memslots is not None:
+        vm_from["memory"] = FROM_MEMSLOTS
+    elif memory is not None:
+        vm_from["memory"] = FROM_OPTION
+    elif "memory" in recorded:
+        memory, vm_from["memory"] = recorded["memory"], FROM_TRACE
+    else:
+        memory, vm_from["memory"] = DEFAULT_MEMORY, FROM_DEFAULT
+    if vcpus is not None:
+        vm_from["vcpus"] = FROM_OPTION
+    elif 1 <= recorded.get("vcpus", 0) <= MAX_VCPUS:
+        vcpus, vm_from["vcpus"] = recorded["vcpus"], FROM_TRACE
+    else:
+        vcpus, vm_from["vcpus"] = DEFAULT_VCPUS, FROM_DEFAULT
+    return memory, vcpus, vm_from

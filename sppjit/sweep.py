@@ -753,7 +753,7 @@ def sweep_files(trace: str, configs=None, *, protect: Iterable[str] = (),
     from .io.memslots import read_memslots
     from .io.output import TableWriter, check_output_path, write_json_atomic
     from .io.trace import open_trace
-    from .provenance import generated_hint
+    from .provenance import vm_settings
 
     def name(parameter: str) -> str:
         return (names or {}).get(parameter, parameter)
@@ -795,7 +795,11 @@ def sweep_files(trace: str, configs=None, *, protect: Iterable[str] = (),
     reader = open_trace(trace)
     if reader.num_rows == 0:
         raise InputError("trace: no rows")
-    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
+    # The memory and vCPUs the trace records are the defaults (options and a
+    # configuration's own vcpus= override).
+    memory, vcpus, _ = vm_settings(reader.schema, memory=memory, memslots=memslots,
+                                   vcpus=vcpus)
+    hint = None
     slots = read_memslots(memslots) if memslots is not None else None
 
     # ---- the sweep, its per-configuration files written as it goes, all or nothing

@@ -29,6 +29,25 @@ from sppjit.io.atomic import Outputs, atomic_path, check_distinct, same_file, te
 from sppjit.io.sizes import format_size, parse_address  # noqa: F401
 
 
+def _flags_without_type() -> None:
+    """typer's rich help prints a type column, ``<bool>`` for a flag, which reads as if the
+    flag took a value: a flag (--json, --help, --hugepages) is shown with no type."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_sppjit", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._sppjit = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
+
+
 def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     """A typer choice built from the library's names (sppjit.defaults): one home for each."""
     return Enum(name, [(value, value) for value in values], type=str)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-import time
 from typing import Annotated
 
 import typer
 
 from sppjit.commands import NoProgressOpt, format_size
+from sppjit.commands.progress import Shown, wanted
 from sppjit.errors import InputError
 
 # sppjit.convert.FORMATS, repeated here so that --help imports nothing heavy; a test checks
@@ -21,7 +21,6 @@ FORMAT_NAMES = ("lackey", "pinatrace", "drmemtrace", "csv")
 # sppjit.convert.vm.VM_FORMATS, likewise: traces of a whole VM, guest-physical already.
 VM_FORMAT_NAMES = ("qemu", "gem5")
 ALL_FORMATS = FORMAT_NAMES + VM_FORMAT_NAMES
-PROGRESS_INTERVAL_S = 0.1
 _VM = "Whole-VM traces (qemu, gem5)"
 
 HELP = (
@@ -116,7 +115,7 @@ def convert(
                              "addresses are guest-physical, no mapping is made")
         run_convert_vm(format=fmt, source=source, out=out, skip_bad=skip_bad,
                        default_size=default_size, vcpu=vcpu, guest_memory=guest_memory,
-                       progress=not no_progress and _is_tty(sys.stderr))
+                       progress=wanted(no_progress))
         return
     for name, value in (("--default-size", default_size), ("--vcpu", vcpu),
                         ("--guest-memory", guest_memory)):
@@ -170,13 +169,6 @@ def summary_line(result) -> str:
 
 # ------------------------------------------------------------------------- whole-VM traces
 
-def _is_tty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def run_convert_vm(*, format: str, source: str, out: str, skip_bad: bool = False,
                    default_size: int | None = None, vcpu: int | None = None,
                    guest_memory: str | None = None, chunk: int | None = None,
@@ -186,48 +178,15 @@ def run_convert_vm(*, format: str, source: str, out: str, skip_bad: bool = False
     from sppjit.io.sizes import parse_size
 
     memory = parse_size(guest_memory) if guest_memory else None
-    shown = Progress(enabled=progress, noun="lines" if format == "qemu" else "messages")
-    try:
+    noun = "lines" if format == "qemu" else "messages"
+    with Shown(progress) as shown:
         result = convert_vm_trace(format, source, out, skip_bad=skip_bad,
                                   default_size=default_size, vcpu=vcpu, guest_memory=memory,
-                                  chunk=chunk or DEFAULT_CHUNK, progress=shown.update)
-    finally:
-        shown.close()
+                                  chunk=chunk or DEFAULT_CHUNK,
+                                  progress=shown.rows(f"convert {format}", noun))
     line = vm_summary_line(result)
     sys.stdout.write(line + "\n")
     return line
-
-
-class Progress:
-    """``convert: N lines  R lines/s`` on standard error, at most every PROGRESS_INTERVAL_S,
-    only when enabled (a terminal, no --no-progress); like replay's progress line."""
-
-    def __init__(self, *, enabled: bool, stream=None, noun: str = "records"):
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.noun = noun
-        self.start = time.monotonic()
-        self.last = float("-inf")
-        self.shown = False
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL_S:
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        self.stream.write(f"\rconvert: {done:,} {self.noun}  {rate:,.0f} {self.noun}/s\033[K")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False
 
 
 def vm_summary_line(result) -> str:

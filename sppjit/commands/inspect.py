@@ -45,7 +45,10 @@ def inspect(
     addresses = [parse_address(text, "--gpa") for text in (gpa or [])]
     from sppjit.inspect import format_report, inspect_state
 
-    report = inspect_state(state_file, addresses, vcpu, names={"vcpu": "--vcpu"})
+    from sppjit.commands.progress import Shown, wanted
+
+    with Shown(wanted(False)):  # the compile note, if its walk kernels compile now
+        report = inspect_state(state_file, addresses, vcpu, names={"vcpu": "--vcpu"})
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
