@@ -27,6 +27,7 @@ from typing import Protocol
 FIRST_RUN = "about a minute on 2 cores"
 NOTE = (f"compiling the kernels (first run only, {FIRST_RUN}; numba caches them on disk, "
         "later runs load them in about a second)")
+SHORT_NOTE = f"compiling the kernels (first run only, {FIRST_RUN})"  # beside a spinner
 
 
 class Presenter(Protocol):

@@ -22,7 +22,6 @@ import sppjit
 from sppjit import bits as B
 from sppjit.cli import app
 from sppjit.commands.generate import SCENARIO_NAMES
-from sppjit.commands.replay import Progress
 from sppjit.datasets.scenarios import SCENARIOS
 from sppjit.io.protect import read_protection
 
@@ -242,20 +241,6 @@ def test_byte_ranges_memslots_and_reference_engine(tmp_path):
     # 16-page memslot.
     assert jit["counts"]["spp_violation"] == 3
     assert jit["counts"]["mmio"] == 1
-
-
-def test_progress_line_is_rate_limited():
-    stream = io.StringIO()
-    progress = Progress(1000, enabled=True, stream=stream)
-    for rows in range(0, 1000, 10):
-        progress.update(rows)
-    progress.close()
-    text = stream.getvalue()
-    assert text.count("\r") <= 3  # one draw, maybe a second, and the clearing
-    assert "/1,000 rows" in text and "rows/s" in text
-    silent = io.StringIO()
-    Progress(1000, enabled=False, stream=silent).update(5)
-    assert silent.getvalue() == ""
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -31,8 +31,9 @@ def wanted(no_progress: bool, stream=None) -> bool:
 class Shown:
     """One rich display for a command; a context manager. Disabled: every call is a no-op."""
 
-    def __init__(self, enabled: bool, *, stream=None):
+    def __init__(self, enabled: bool, *, stream=None, width: int | None = None):
         self.enabled = enabled
+        self.width = width  # None: the terminal's
         self.stream = sys.stderr if stream is None else stream
         self._progress = None
         self._tasks: dict[str, int] = {}
@@ -58,7 +59,8 @@ class Shown:
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                 TaskProgressColumn(), TextColumn("{task.fields[count]}"),
                 TimeElapsedColumn(), TimeRemainingColumn(),
-                console=Console(file=self.stream, stderr=self.stream is sys.stderr),
+                console=Console(file=self.stream, stderr=self.stream is sys.stderr,
+                                width=self.width),
                 transient=True)
             self._stack.enter_context(self._progress)
         # Disabled, the presenter still replaces the Python API's line: a command is quiet
@@ -116,7 +118,9 @@ class Shown:
     # ---------------------------------------------------------------- compile notes
     def compile_started(self, note: str) -> None:
         if self.enabled and self._compile_task is None:
-            self._compile_task = self._progress.add_task(note, total=None, count="")
+            from sppjit.compilation import SHORT_NOTE
+
+            self._compile_task = self._progress.add_task(SHORT_NOTE, total=None, count="")
 
     def compile_finished(self) -> None:
         if self._compile_task is not None:

@@ -1,0 +1,97 @@
+"""The README's walkthrough runs as written, and what a newcomer meets first.
+
+The walkthrough is the fenced shell block after ``<!-- walkthrough -->`` in README.md: each of
+its ``sppjit ...`` lines runs through the command line here, in a temporary directory, with
+a smaller --accesses, so that the README cannot rot.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sppjit.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+ACCESSES = "20000"  # the README's 200,000, smaller: the commands, not the numbers
+
+
+def walkthrough() -> list[list[str]]:
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"<!-- walkthrough -->\s*```(?:bash|sh|console)?\n(.*?)```", text, re.S)
+    assert found, "README.md has no fenced block after <!-- walkthrough -->"
+    commands = [shlex.split(line) for line in found.group(1).splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert commands and all(c[0] == "sppjit" for c in commands), commands
+    return commands
+
+
+def test_the_walkthrough_has_generate_or_convert_then_replay_compare_report():
+    names = [c[1] for c in walkthrough()]
+    assert names[0] in ("generate", "convert")
+    assert names.index("replay") < names.index("compare") < names.index("report")
+
+
+def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for command in walkthrough():
+        args = command[1:]
+        if "--accesses" in args:
+            args[args.index("--accesses") + 1] = ACCESSES
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (command, result.output)
+    assert (tmp_path / "plots" / "violations_heatmap.png").stat().st_size > 0
+    # The README's picture is the one this walkthrough writes.
+    assert (ROOT / "docs" / "images" / "violations_heatmap.png").is_file()
+    assert "docs/images/violations_heatmap.png" in README.read_text(encoding="utf-8")
+
+
+def test_a_csv_given_as_a_trace_points_at_sppjit_convert_csv(tmp_path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("addr,size,kind\n0x1000,8,w\n")
+    result = CliRunner().invoke(app, ["replay", str(trace)])
+    assert result.exit_code == 2
+    assert f"sppjit convert csv {trace} --out" in result.output
+
+
+def test_python_m_sppjit_is_the_command():
+    run = subprocess.run([sys.executable, "-m", "sppjit", "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("sppjit "), run.stderr
+
+
+COMMANDS = ("replay", "generate", "inspect", "compare", "convert", "report", "bench", "sweep")
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_shows_flags_as_flags(command):
+    args = ([command] if command else []) + ["--help"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output  # a flag takes no value
+    assert "--help" in result.output
+
+
+def test_bench_help_keeps_its_bracketed_defaults():
+    # Square brackets are rich markup: "[default: ...]" in a help text vanished.
+    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert "Accesses per scenario (default 10,000,000;" in result.output
+
+
+def test_shell_completion_is_offered():
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+
+
+def test_the_license_and_the_typing_marker_ship():
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
+    assert (ROOT / "sppjit" / "py.typed").is_file()  # hatch packages all of sppjit/
