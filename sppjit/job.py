@@ -369,6 +369,21 @@ def run(job: Job, progress: Progress | None = None, *,
                                     one_slot=job.vm.memslots is None))
 
 
+def _top(batch) -> int:
+    """One past the highest byte a batch accesses in RAM: a whole-VM trace's device accesses
+    (flags bit 0, sppjit.convert.physical.FLAG_DEVICE) are MMIO on purpose."""
+    import numpy as np
+
+    ends = batch.gpa + batch.size
+    names = batch.record_batch.schema.names
+    if "flags" in names:
+        from .convert.physical import FLAG_DEVICE, FLAG_ROM_OFFSET
+
+        flags = batch.record_batch.column(names.index("flags")).to_numpy(zero_copy_only=False)
+        ends = ends[(flags & (FLAG_DEVICE | FLAG_ROM_OFFSET)) == 0]
+    return int(np.max(ends)) if len(ends) else 0
+
+
 def mmio_note(summary: ReplaySummary, top: int, vm, *, one_slot: bool) -> str | None:
     """With memory as one slot from gfn 0 (no memslots file), accesses beyond it are MMIO:
     most likely the trace needs more memory. The note says how much would cover every
@@ -411,7 +426,7 @@ def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progr
             one_slot = job.vm.memslots is None
             for batch in reader:
                 if one_slot and len(batch):  # for the MMIO note (mmio_note)
-                    opened.top = max(opened.top, int((batch.gpa + batch.size).max()))
+                    opened.top = max(opened.top, _top(batch))
                 result = session.run(batch, keep=out is not None)
                 if out is not None:
                     if out_writer is None:  # the schema is the first result's
