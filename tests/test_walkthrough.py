@@ -95,3 +95,27 @@ def test_shell_completion_is_offered():
 def test_the_license_and_the_typing_marker_ship():
     assert "MIT License" in (ROOT / "LICENSE").read_text()
     assert (ROOT / "sppjit" / "py.typed").is_file()  # hatch packages all of sppjit/
+
+
+def test_inspect_says_when_a_write_does_not_consult_the_spp_vector(tmp_path):
+    import numpy as np
+
+    import sppjit
+    from sppjit.inspect import format_report, inspect_state
+    from sppjit.savestate import save_state
+
+    vm = sppjit.VM(memory="64MiB")
+    vm.init_spp()
+    vm.set_subpages(0x100, [0xFFFF0000])  # sub-pages 0..15 of gfn 0x100 protected
+    # A write to the protected page and one to gfn 0x101 (its SPPT leaf is shared: the
+    # vector shown for 0x101 is the empty one, but its EPT leaf has no SPP bit).
+    vm.replay({"gpa": np.array([0x100040, 0x101040], dtype=np.uint64)})
+    save_state(vm, tmp_path / "state.npz")
+    report = inspect_state(str(tmp_path / "state.npz"), [0x100040, 0x101040, 0x3000000], None)
+    protected, plain, unmapped = report["walks"]
+    assert protected["spp_vector_consulted"] is True and "spp_vector_why_not" not in protected
+    assert plain["spp_vector_consulted"] is False
+    assert plain["spp_vector_why_not"] == "the EPT leaf has no SPP bit (61)"
+    assert unmapped["spp_vector_why_not"] == "no EPT leaf maps the gpa"
+    text = format_report(report)
+    assert text.count("does not consult the SPP vector") == 2
