@@ -35,7 +35,6 @@ from .defaults import (
     DEFAULT_MEMORY,
     DEFAULT_PROFILE,
     DEFAULT_SUBPAGE_CHECK,
-    DEFAULT_VCPUS,
     ENGINES,
     MAX_VCPUS,
     default_batch_size,

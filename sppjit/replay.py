@@ -13,9 +13,8 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
+from . import __version__, compilation
 from . import bits as B
-from . import compilation
 from .defaults import BATCH_SIZES, ENGINES
 from .errors import InputError, VmEntryError
 from .io.trace import TraceBatch, check_vcpus, open_trace, schema_metadata

@@ -4,7 +4,6 @@ errors, inspect, and a real subprocess run of ``python -m sppjit.cli``."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess

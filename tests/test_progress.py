@@ -83,3 +83,21 @@ def test_a_first_run_reports_compilation_apart_from_replaying(tmp_path):
     assert summary["compile_seconds"] > 1.0
     assert summary["seconds"] < summary["compile_seconds"] / 10
     assert "compiling the kernels" not in run.stderr  # not a terminal: quiet
+
+
+def test_convert_reports_the_bytes_of_its_input(tmp_path, monkeypatch):
+    import gzip
+
+    from sppjit.convert import convert_trace, engine
+
+    monkeypatch.setattr(engine, "PROGRESS_LINES", 100)
+    lines = "".join(f" S {0x1000 + 8 * i:x},8\n" for i in range(1000))
+    source = tmp_path / "t.lackey.gz"
+    source.write_bytes(gzip.compress(lines.encode()))
+    calls = []
+    convert_trace("lackey", source, tmp_path / "t.parquet",
+                  progress=lambda done, total: calls.append((done, total)))
+    size = source.stat().st_size
+    assert len(calls) >= 2 and all(total == size for _, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)  # never back
+    assert calls[-1] == (size, size)  # the compressed file's bytes, read to the end

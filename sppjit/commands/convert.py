@@ -122,20 +122,23 @@ def convert(
         if value is not None:
             raise InputError(f"{name} is for the whole-VM formats ({', '.join(VM_FORMAT_NAMES)})")
     run_convert(format=fmt, source=source, out=out, mapping_out=mapping_out,
-                skip_bad=skip_bad, page_size=parse_page_size(page_size))
+                skip_bad=skip_bad, page_size=parse_page_size(page_size),
+                progress=wanted(no_progress))
 
 
 def run_convert(*, format: str, source: str, out: str, mapping_out: str | None = None,
                 skip_bad: bool = False, page_size: int = 4096,
-                chunk_lines: int | None = None) -> str:
+                chunk_lines: int | None = None, progress: bool = False) -> str:
     """Convert, print one line saying what was written and how to replay it; returns it."""
     if format not in FORMAT_NAMES:
         raise InputError(f"unknown format '{format}' (one of {', '.join(ALL_FORMATS)})")
     from sppjit.convert import DEFAULT_CHUNK_LINES, convert_trace
 
-    result = convert_trace(format, source, out, mapping_out=mapping_out, skip_bad=skip_bad,
-                           page_size=page_size,
-                           chunk_lines=chunk_lines or DEFAULT_CHUNK_LINES)
+    with Shown(progress) as shown:
+        result = convert_trace(format, source, out, mapping_out=mapping_out,
+                               skip_bad=skip_bad, page_size=page_size,
+                               chunk_lines=chunk_lines or DEFAULT_CHUNK_LINES,
+                               progress=shown.bytes(f"convert {format}"))
     line = summary_line(result)
     sys.stdout.write(line + "\n")
     return line

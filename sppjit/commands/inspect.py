@@ -43,9 +43,8 @@ def inspect(
         "--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     addresses = [parse_address(text, "--gpa") for text in (gpa or [])]
-    from sppjit.inspect import format_report, inspect_state
-
     from sppjit.commands.progress import Shown, wanted
+    from sppjit.inspect import format_report, inspect_state
 
     with Shown(wanted(False)):  # the compile note, if its walk kernels compile now
         report = inspect_state(state_file, addresses, vcpu, names={"vcpu": "--vcpu"})

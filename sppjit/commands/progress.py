@@ -77,17 +77,25 @@ class Shown:
     def _update(self, label: str, done: int, total: int | None, unit: str) -> None:
         progress = self._progress
         with self._lock:
+            if (waiting := self._tasks.pop(_PREPARING, None)) is not None:
+                progress.remove_task(waiting)  # the first rows: preparing is over
             task = self._tasks.get(label)
             if task is None:
                 task = self._tasks[label] = progress.add_task(label, total=total, count="")
         progress.update(task, completed=done, total=total, count=_count(done, total, unit))
 
-    def rows(self, label: str, unit: str = "rows") -> Callback:
+    def rows(self, label: str, unit: str = "rows", *, preparing: str | None = None) -> Callback:
         """A ``progress(rows_done, rows_total)`` callback drawing the step ``label`` (the
-        total may be left out: a converter's input lines)."""
+        total may be left out: a converter's input lines). With ``preparing``, a spinner
+        says what happens before the first rows (reading the inputs, placing protection)."""
         if not self.enabled:
             return _nothing
+        if preparing is not None:
+            self._preparing(preparing)
         return lambda done, total=None: self._update(label, done, total, unit)
+
+    def _preparing(self, text: str) -> None:
+        self._tasks[_PREPARING] = self._progress.add_task(text, total=None, count="")
 
     def bytes(self, label: str) -> Callback:
         """A ``progress(bytes_done, bytes_total)`` callback (a converter's input)."""
@@ -100,6 +108,7 @@ class Shown:
         configuration of compare)."""
         if not self.enabled:
             return lambda *args: None
+        self._preparing(PREPARING)
         return lambda name, done, total=None: self._update(f"{label} {name}", done, total,
                                                           "rows")
 
@@ -126,6 +135,10 @@ class Shown:
         if self._compile_task is not None:
             self._progress.remove_task(self._compile_task)
             self._compile_task = None
+
+
+_PREPARING = object()  # the key of the spinner shown before the first rows
+PREPARING = "reading the inputs and placing the protection"
 
 
 def _nothing(done: int, total: int | None = None) -> None:

@@ -32,7 +32,7 @@ from sppjit.commands import (
     err,
     vmprotect,
 )
-from sppjit.commands.progress import Shown, wanted
+from sppjit.commands.progress import PREPARING, Shown, wanted
 from sppjit.defaults import (
     DEFAULT_ENGINE,
     DEFAULT_GRANULARITY,
@@ -157,7 +157,8 @@ def run_replay(*, json_out: bool = False, progress: bool = False, **options) -> 
     from sppjit.summary import format_summary
 
     with Shown(progress) as shown:
-        result = J.run(make_job(**options), progress=shown.rows("replay"), names=OPTION_NAMES)
+        result = J.run(make_job(**options), names=OPTION_NAMES,
+                       progress=shown.rows("replay", preparing=PREPARING))
     summary = result.summary.to_dict()
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")

@@ -27,7 +27,7 @@ from sppjit.commands import (
     VcpusOpt,
     err,
 )
-from sppjit.commands.progress import Shown, wanted
+from sppjit.commands.progress import PREPARING, Shown, wanted
 
 # sweep_files' parameters as the user gave them here: its errors name these options.
 OPTION_NAMES = {
@@ -102,7 +102,8 @@ def run_sweep(*, json_out: bool = False, progress: bool = False, **options) -> d
     from sppjit.sweep import format_sweep, sweep_files
 
     with Shown(progress) as shown:
-        run = sweep_files(progress=shown.rows("sweep"), names=OPTION_NAMES, **options)
+        run = sweep_files(progress=shown.rows("sweep", preparing=PREPARING),
+                          names=OPTION_NAMES, **options)
     if json_out:
         sys.stdout.write(json.dumps(run.document, indent=2, default=json_default) + "\n")
     else:
