@@ -78,6 +78,7 @@ def test_help_shows_flags_as_flags(command):
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "<bool>" not in result.output  # a flag takes no value
+    assert "<str>" not in result.output  # TRACE, FORMAT, ... say what the argument is
     assert "--help" in result.output
 
 

@@ -31,18 +31,21 @@ from sppjit.io.sizes import format_size, parse_address  # noqa: F401
 
 def _flags_without_type() -> None:
     """typer's rich help prints a type column, ``<bool>`` for a flag, which reads as if the
-    flag took a value: a flag (--json, --help, --hugepages) is shown with no type."""
-    from typer.core import TyperOption
+    flag took a value: a flag (--json, --help, --hugepages) is shown with no type, and an
+    argument named by its metavar (TRACE) without ``<str>``."""
+    from typer.core import TyperArgument, TyperOption
 
-    shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "_sppjit", False):
-        return
+    for cls, bare in ((TyperOption, lambda p: p.is_flag),
+                      (TyperArgument, lambda p: p.metavar is not None)):
+        shown = getattr(cls, "display_type_rich", None)
+        if shown is None or getattr(shown, "_sppjit", False):
+            continue
 
-    def display_type_rich(self, ctx):
-        return None if self.is_flag else shown(self, ctx)
+        def display_type_rich(self, ctx, _shown=shown, _bare=bare):
+            return None if _bare(self) else _shown(self, ctx)
 
-    display_type_rich._sppjit = True
-    TyperOption.display_type_rich = display_type_rich
+        display_type_rich._sppjit = True
+        cls.display_type_rich = display_type_rich
 
 
 _flags_without_type()
