@@ -167,3 +167,33 @@ def vm_settings(schema, *, memory=None, memslots=None, vcpus=None):
     else:
         vcpus, vm_from["vcpus"] = DEFAULT_VCPUS, FROM_DEFAULT
     return memory, vcpus, vm_from
+
+
+def record_vm(path: str, *, memory: int, vcpus: int) -> None:
+    """Record in the trace at ``path`` (a Parquet or Arrow IPC file a converter just wrote)
+    the VM it needs, as ``sppjit generate`` does: ``sppjit.memory`` (bytes) and
+    ``sppjit.vcpus`` in its schema metadata. A converter learns them only at the end of its
+    input, after the schema was written, so the file is rewritten (batches as they are, no
+    re-parsing: a few percent of a conversion), under a temporary name renamed over it."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    from .io.output import TableWriter
+
+    with open(path, "rb") as handle:
+        parquet = handle.read(4) == b"PAR1"
+    if parquet:  # row group by row group: the file keeps its row groups
+        source = pq.ParquetFile(path, memory_map=False, pre_buffer=False)
+        schema = source.schema_arrow
+        parts = (source.read_row_group(i) for i in range(source.num_row_groups))
+    else:
+        source = ipc.open_file(pa.memory_map(path))
+        schema = source.schema
+        parts = (source.get_batch(i) for i in range(source.num_record_batches))
+    meta = {**(schema.metadata or {}), b"sppjit.memory": str(int(memory)).encode(),
+            b"sppjit.vcpus": str(int(vcpus)).encode()}
+    schema = schema.with_metadata(meta)
+    with TableWriter(path, schema, option="--out") as writer:
+        for part in parts:
+            writer.write_batch(part.replace_schema_metadata(meta))

@@ -120,3 +120,36 @@ def test_inspect_says_when_a_write_does_not_consult_the_spp_vector(tmp_path):
     assert unmapped["spp_vector_why_not"] == "no EPT leaf maps the gpa"
     text = format_report(report)
     assert text.count("does not consult the SPP vector") == 2
+
+
+# ---------------------------------------------------------------- answers that cannot be wrong
+
+FIXTURES = ROOT / "tests" / "fixtures" / "convert"
+
+
+@pytest.mark.parametrize("fmt, source, suffix", [
+    ("lackey", "lackey_true.txt", ".parquet"), ("lackey", "lackey_true.txt", ".arrow"),
+    ("qemu", "qemu_execlog_smp.log", ".parquet"), ("qemu", "qemu_execlog_smp.log", ".arrow")])
+def test_a_converted_trace_records_its_vm_and_replays_on_it(tmp_path, fmt, source, suffix):
+    import json
+
+    from sppjit.io.trace import open_trace
+
+    out = tmp_path / f"t{suffix}"
+    runner = CliRunner()
+    converted = runner.invoke(app, ["convert", fmt, str(FIXTURES / source), "--out", str(out)])
+    assert converted.exit_code == 0, converted.output
+    # The line says how to replay; the trace's metadata says the same.
+    said = shlex.split(converted.stdout.strip().split("replay with: ")[1])
+    memory = said[said.index("--memory") + 1]
+    vcpus = int(said[said.index("--vcpus") + 1]) if "--vcpus" in said else 1
+    meta = open_trace(str(out)).schema.metadata
+    from sppjit.io.sizes import parse_size
+
+    assert int(meta[b"sppjit.memory"]) == parse_size(memory)
+    assert int(meta[b"sppjit.vcpus"]) == vcpus
+    replayed = runner.invoke(app, ["replay", str(out), "--json", "--no-progress"])
+    assert replayed.exit_code == 0, replayed.output
+    config = json.loads(replayed.stdout)["config"]
+    assert config["vm_from"] == {"memory": "trace", "vcpus": "trace"}
+    assert config["memory_bytes"] == parse_size(memory) and config["vcpus"] == vcpus

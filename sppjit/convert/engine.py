@@ -248,6 +248,7 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
     from sppjit.convert.mapping import PageMapper
     from sppjit.io.atomic import Outputs
     from sppjit.io.output import TableWriter
+    from sppjit.provenance import record_vm
 
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
@@ -302,6 +303,9 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
                     what += f" ({result.bad_lines:,} malformed lines skipped)"
                 raise InputError(f"convert: {what}")
         outputs.add(out)
+        # The VM it needs, for replay's defaults (known only now that the input is read).
+        result.memory_bytes = mapper.memory_bytes
+        record_vm(out, memory=result.replay_memory(), vcpus=max(result.vcpus, 1))
         mapping = mapper.table()
         if len(threads):
             meta = dict(mapping.schema.metadata or {})
