@@ -69,7 +69,10 @@ def test_a_first_run_reports_compilation_apart_from_replaying(tmp_path):
     lazily inside the replay loop): the summary's seconds must not count that."""
     gpa = np.arange(2000, dtype=np.uint64) * 64
     pq.write_table(pa.table({"gpa": gpa}), tmp_path / "t.parquet")
-    (tmp_path / "ops.csv").write_text("at,op,gfn,npages,access\n10,zap,0,1,\n")
+    # set_subpages and remap call kernels the replay kernel does not: they compile lazily,
+    # inside the replay loop, when the trace reaches them.
+    (tmp_path / "ops.csv").write_text("at,op,gfn,npages,access\n10,set_subpages,5,2,0\n"
+                                      "20,zap,0,1,\n30,remap,1,1,\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     run = subprocess.run(
         [sys.executable, "-m", "sppjit", "replay", str(tmp_path / "t.parquet"), "--ops",
@@ -77,11 +80,11 @@ def test_a_first_run_reports_compilation_apart_from_replaying(tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
-    assert summary["ops"] == {"count": 1, "applied": 1}
+    assert summary["ops"] == {"count": 3, "applied": 3}
     # Compiling takes tens of seconds; replaying 2,000 rows a few milliseconds. Before the
-    # fix the zap kernel's compile landed in seconds (several seconds for 2,000 rows).
+    # fix the timeline kernels' compile landed in seconds: 6.2 s measured here (1M rows).
     assert summary["compile_seconds"] > 1.0
-    assert summary["seconds"] < summary["compile_seconds"] / 10
+    assert summary["seconds"] < 1.0
     assert "compiling the kernels" not in run.stderr  # not a terminal: quiet
 
 
