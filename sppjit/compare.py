@@ -478,7 +478,6 @@ def compare_files(trace: str, protection: str | None = None, *,
     reader = open_trace(trace, vcpus=vcpus)
     if reader.num_rows == 0:
         raise InputError("trace: no rows")
-    hint = None
     slots = read_memslots(memslots) if memslots is not None else None
     from .io.symbols import resolve_protection
 
@@ -497,19 +496,14 @@ def compare_files(trace: str, protection: str | None = None, *,
                          "table needs byte ranges (columns gpa, length, optional name)")
 
     # ---- the comparison (it reads the protection and hashes the inputs)
-    try:
-        document = compare(
-            trace, protection, memory=memory, memslots=slots, vcpus=vcpus,
-            hugepages=hugepages, subpage_check=subpage_check, exit_cost_us=exit_cost_us,
-            kernel_exit_cost_us=kernel_exit_cost_us, engine=engine, batch_size=batch_size,
-            progress=(None if progress is None
-                      else lambda config, rows: progress(config, rows, reader.num_rows)),
-            inputs={"memslots": memslots},
-        )
-    except InputError as exc:
-        if hint and str(exc).startswith("trace:"):
-            raise InputError(f"{exc} ({hint})") from None
-        raise
+    document = compare(
+        trace, protection, memory=memory, memslots=slots, vcpus=vcpus,
+        hugepages=hugepages, subpage_check=subpage_check, exit_cost_us=exit_cost_us,
+        kernel_exit_cost_us=kernel_exit_cost_us, engine=engine, batch_size=batch_size,
+        progress=(None if progress is None
+                  else lambda config, rows: progress(config, rows, reader.num_rows)),
+        inputs={"memslots": memslots},
+    )
     if document["input"]["rows"] == 0:
         raise InputError("trace: no rows")
     document["input"]["format"] = trace_format(trace)
@@ -525,7 +519,7 @@ def compare_files(trace: str, protection: str | None = None, *,
     written = _write_outputs(document, summary=summary, hooks_out=hooks_out,
                              hooks_name=name("hooks_out"))
     return CompareRun(document=CompareDocument.from_dict(document), written=tuple(written),
-                      note=hint)
+                      note=None)
 
 
 def _write_outputs(document: dict, *, summary: str | None, hooks_out: str | None,
