@@ -99,33 +99,6 @@ def generator_info(schema) -> dict:
     return out
 
 
-def generated_hint(schema, *, memory=None, memslots=None, vcpus=None) -> str | None:
-    """If ``sppjit generate`` wrote the trace for another VM than the one asked for (memory or
-    vCPUs left at their defaults: None), the options that would match it."""
-    from .defaults import DEFAULT_MEMORY, DEFAULT_VCPUS
-    from .io.sizes import format_size, parse_size
-
-    meta = schema.metadata or {}
-    scenario = meta.get(b"sppjit.scenario")
-    if scenario is None:
-        return None
-    suggest = []
-    try:
-        want_memory = int(meta.get(b"sppjit.memory", b"0"))
-        want_vcpus = int(meta.get(b"sppjit.vcpus", b"0"))
-    except ValueError:
-        return None
-    if memory is None and memslots is None and want_memory:
-        if want_memory != parse_size(DEFAULT_MEMORY):
-            suggest.append(f"--memory {format_size(want_memory)}")
-    if vcpus is None and want_vcpus and want_vcpus != DEFAULT_VCPUS:
-        suggest.append(f"--vcpus {want_vcpus}")
-    if not suggest:
-        return None
-    return (f"the trace was generated for scenario {scenario.decode(errors='replace')}: "
-            f"replay it with {' '.join(suggest)}")
-
-
 # Where a VM setting of a replay came from, as the summary's config records it (vm_from).
 FROM_OPTION, FROM_TRACE, FROM_DEFAULT, FROM_MEMSLOTS = "option", "trace", "default", "memslots"
 
