@@ -234,7 +234,7 @@ app = typer.Typer(
          "and plot results, generate seeded scenarios, inspect saved VM states, and measure "
          "speed.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion (bash, zsh, fish)
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )

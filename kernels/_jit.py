@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from sppjit import bits as B
+from sppjit import compilation
 
 
 
@@ -61,6 +62,7 @@ def _prepare_cache() -> bool:
 
 
 NUMBA_CACHE = _prepare_cache()
+compilation.install()  # says when the kernels compile, and times it apart from replaying
 
 
 def kernel(*args, **kwargs):

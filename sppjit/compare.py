@@ -727,7 +727,7 @@ def compare_files(trace: str, protection: str | list[str] | None = None, *,
     from .io.output import check_output_path
     from .io.protect import ByteRanges
     from .io.trace import open_trace
-    from .provenance import generated_hint
+    from .provenance import vm_settings
 
     def name(parameter: str) -> str:
         return (names or {}).get(parameter, parameter)
@@ -767,10 +767,12 @@ def compare_files(trace: str, protection: str | list[str] | None = None, *,
 
         parse_size(memory, name=name("memory"))
 
-    reader = open_trace(trace, vcpus=vcpus or DEFAULT_VCPUS)
+    # The memory and vCPUs the trace records are the defaults (options override).
+    memory, vcpus, vm_from = vm_settings(open_trace(trace).schema, memory=memory,
+                                         memslots=memslots, vcpus=vcpus)
+    reader = open_trace(trace, vcpus=vcpus)
     if reader.num_rows == 0:
         raise InputError("trace: no rows")
-    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
     slots = read_memslots(memslots) if memslots is not None else None
     from .io.symbols import resolve_protection
 
@@ -794,27 +796,23 @@ def compare_files(trace: str, protection: str | list[str] | None = None, *,
             raise InputError(f"{name('configs')}: {exc}") from None
 
     # ---- the comparison (it reads the protection and hashes the inputs)
-    try:
-        document = compare(
-            trace, protections if len(protections) > 1 else protections[0], memory=memory,
-            memslots=slots, vcpus=vcpus or DEFAULT_VCPUS, hugepages=hugepages,
-            configs=configs, subpage_check=subpage_check, exit_cost_us=exit_cost_us,
-            kernel_exit_cost_us=kernel_exit_cost_us, write_through=write_through,
-            emulation_cost_us=emulation_cost_us, engine=engine, batch_size=batch_size,
-            progress=(None if progress is None
-                      else lambda config, rows: progress(config, rows, reader.num_rows)),
-            inputs={"memslots": memslots},
-        )
-    except InputError as exc:
-        if hint and str(exc).startswith("trace:"):
-            raise InputError(f"{exc} ({hint})") from None
-        raise
+    document = compare(
+        trace, protections if len(protections) > 1 else protections[0], memory=memory,
+        memslots=slots, vcpus=vcpus, hugepages=hugepages,
+        configs=configs, subpage_check=subpage_check, exit_cost_us=exit_cost_us,
+        kernel_exit_cost_us=kernel_exit_cost_us, write_through=write_through,
+        emulation_cost_us=emulation_cost_us, engine=engine, batch_size=batch_size,
+        progress=(None if progress is None
+                  else lambda config, rows: progress(config, rows, reader.num_rows)),
+        inputs={"memslots": memslots},
+    )
     if document["input"]["rows"] == 0:
         raise InputError("trace: no rows")
     document["input"]["format"] = trace_format(trace)
     if whole_vm is not None:  # the shared protection facts: every configuration shows it
         document["protection"]["path"] = label
     document["config"]["memslots_file"] = memslots
+    document["config"]["vm_from"] = vm_from
     for config in document["configs"]:
         config["summary"]["input"]["format"] = document["input"]["format"]
         config["summary"]["config"]["memslots_file"] = memslots
@@ -823,7 +821,7 @@ def compare_files(trace: str, protection: str | list[str] | None = None, *,
     written = _write_outputs(document, summary=summary, hooks_out=hooks_out,
                              hooks_name=name("hooks_out"))
     return CompareRun(document=CompareDocument.from_dict(document), written=tuple(written),
-                      note=hint)
+                      note=None)
 
 
 def _write_outputs(document: dict, *, summary: str | None, hooks_out: str | None,

@@ -118,8 +118,26 @@ def build_report(vm, path: str, addresses: list[int], vcpu: int | None) -> dict:
         "spp_active": vm.spp_active,
         "tables": int(vm.state.scal[L.SC_NTABLES]),
         "vcpus": [decode_vmcs(vm, i) for i in indices],
-        "walks": [vm.walk(address, walk_vcpu) for address in addresses],
+        "walks": [_with_vector_use(vm.walk(address, walk_vcpu)) for address in addresses],
     }
+
+
+def _with_vector_use(walk: dict) -> dict:
+    """Whether a write to this gpa consults its SPP vector: only when the EPT leaf is a
+    present 4 KiB leaf with the SPP bit (61) and without W (SDM: sub-page permission is
+    evaluated for a write that the EPT entry alone would not allow). Otherwise the vector an
+    SPPT walk shows is there but not used."""
+    leaf = next((entry for entry in reversed(walk["ept"])
+                 if entry["present"] and entry["leaf"]), None)
+    walk["spp_vector_consulted"] = bool(leaf is not None and leaf["level"] == 1
+                                        and leaf["spp"] and not leaf["w"])
+    if leaf is None:
+        walk["spp_vector_why_not"] = "no EPT leaf maps the gpa"
+    elif not walk["spp_vector_consulted"]:
+        walk["spp_vector_why_not"] = ("the EPT leaf is writable" if leaf["w"] and leaf["spp"]
+                                      else "the EPT leaf is a huge page" if leaf["level"] != 1
+                                      else "the EPT leaf has no SPP bit (61)")
+    return walk
 
 
 # ------------------------------------------------------------------------------ text
@@ -209,4 +227,7 @@ def format_report(report: dict) -> str:
             lines.extend(_sppt_line(entry) for entry in walk["sppt"])
         else:
             lines.append("  SPPT     no SPPT loaded (SPPTP is 0)")
+        if not walk.get("spp_vector_consulted", True):
+            lines.append(f"  a write here does not consult the SPP vector: "
+                         f"{walk['spp_vector_why_not']}")
     return "\n".join(lines) + "\n"

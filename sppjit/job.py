@@ -35,7 +35,6 @@ from .defaults import (
     DEFAULT_MEMORY,
     DEFAULT_PROFILE,
     DEFAULT_SUBPAGE_CHECK,
-    DEFAULT_VCPUS,
     ENGINES,
     MAX_VCPUS,
     default_batch_size,
@@ -285,7 +284,8 @@ class _Opened:
     hooks: Any
     timeline: list
     protection_info: dict | None
-    hint: str | None
+    vm_from: dict  # memory, vcpus -> option, trace, default or memslots
+    top: int = 0  # one past the highest byte the trace accessed
 
 
 def _open(job: Job, name: _Names) -> _Opened:
@@ -295,17 +295,19 @@ def _open(job: Job, name: _Names) -> _Opened:
     from .io.ops import read_ops
     from .io.trace import open_trace
     from .protection import apply_protection, hook_index, load_protection, protection_info
-    from .provenance import generated_hint
+    from .provenance import vm_settings
     from .vm import VM
 
     spec, inputs = job.vm, job.inputs
-    vcpus = spec.vcpus if spec.vcpus is not None else DEFAULT_VCPUS
     batch_size = job.batch_size or default_batch_size(job.engine)
+    # The memory and vCPUs the trace records (sppjit generate) are the defaults: a trace
+    # replayed on a smaller VM than it was made for would give wrong answers with exit 0.
+    schema = open_trace(inputs.trace, batch_size=batch_size).schema
+    memory, vcpus, vm_from = vm_settings(schema, memory=spec.memory, memslots=spec.memslots,
+                                         vcpus=spec.vcpus)
     reader = open_trace(inputs.trace, batch_size=batch_size, vcpus=vcpus)
     if reader.num_rows == 0:
         raise InputError("trace: no rows")
-    hint = generated_hint(reader.schema, memory=spec.memory, memslots=spec.memslots,
-                          vcpus=spec.vcpus)
     slots = spec.memslots
     if isinstance(slots, str):
         slots = read_memslots(slots)
@@ -315,7 +317,7 @@ def _open(job: Job, name: _Names) -> _Opened:
     elif (whole_vm := inputs.resolve()) is not None:
         protection, label = whole_vm
     timeline = read_ops(inputs.timeline) if inputs.timeline is not None else []
-    vm = VM(memory=spec.memory if spec.memory is not None else DEFAULT_MEMORY, vcpus=vcpus,
+    vm = VM(memory=memory if memory is not None else DEFAULT_MEMORY, vcpus=vcpus,
             profile=spec.profile, hugepages=spec.hugepages, subpage_check=spec.subpage_check,
             granularity=spec.granularity, spp_supported=spec.spp_supported, nested=spec.nested,
             memslots=slots, table_capacity=spec.table_capacity)
@@ -326,7 +328,7 @@ def _open(job: Job, name: _Names) -> _Opened:
         maps = apply_protection(vm, protection)
         info = protection_info(protection, label, maps)
     return _Opened(reader=reader, vm=vm, hooks=hook_index(protection), timeline=timeline,
-                   protection_info=info, hint=hint)
+                   protection_info=info, vm_from=vm_from)
 
 
 def check(job: Job, *, names: Mapping[str, str] | None = None) -> None:
@@ -359,8 +361,43 @@ def run(job: Job, progress: Progress | None = None, *,
         job, opened, name, digests=digests, progress=progress,
         input_info={"path": inputs.trace, "format": trace_format(inputs.trace)},
         config_extra={"engine": job.engine, "protection": opened.protection_info,
-                      "memslots_file": job.vm.memslots_file, "ops_file": inputs.timeline})
-    return JobResult(summary=summary, written=tuple(written), note=opened.hint)
+                      "memslots_file": job.vm.memslots_file, "ops_file": inputs.timeline,
+                      "vm_from": opened.vm_from})
+    return JobResult(summary=summary, written=tuple(written),
+                     note=mmio_note(summary, opened.top, opened.vm,
+                                    one_slot=job.vm.memslots is None))
+
+
+def _top(batch) -> int:
+    """One past the highest byte a batch accesses in RAM: a whole-VM trace's device accesses
+    (flags bit 0, sppjit.convert.physical.FLAG_DEVICE) are MMIO on purpose."""
+    import numpy as np
+
+    ends = batch.gpa + batch.size
+    names = batch.record_batch.schema.names
+    if "flags" in names:
+        from .convert.physical import FLAG_DEVICE, FLAG_ROM_OFFSET
+
+        flags = batch.record_batch.column(names.index("flags")).to_numpy(zero_copy_only=False)
+        ends = ends[(flags & (FLAG_DEVICE | FLAG_ROM_OFFSET)) == 0]
+    return int(np.max(ends)) if len(ends) else 0
+
+
+def mmio_note(summary: ReplaySummary, top: int, vm, *, one_slot: bool) -> str | None:
+    """With memory as one slot from gfn 0 (no memslots file), accesses beyond it are MMIO:
+    most likely the trace needs more memory. The note says how much would cover every
+    access (``top``: one past the highest byte accessed)."""
+    from .io.sizes import format_size
+
+    mmio = summary.counts.mmio
+    memory = max(base + n for base, n in vm.config.memslots) << 12
+    if not one_slot or mmio == 0 or top <= memory:
+        return None  # MMIO from a deleted memslot, not from too little memory
+    mib = 1 << 20
+    cover = -(-top // mib) * mib
+    return (f"{mmio:,} access{'es' if mmio != 1 else ''} fell outside the guest's memory and "
+            f"{'were' if mmio != 1 else 'was'} treated as MMIO; --memory {format_size(cover)} "
+            "would cover them (or --memslots for a layout with holes)")
 
 
 def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progress,
@@ -385,21 +422,19 @@ def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progr
                     TableWriter(exits, session.exit_schema, option=name("exit_log")))
                 session.on_exits = exit_writer.write_batch
             out_writer = None
-            try:
-                for batch in reader:
-                    result = session.run(batch, keep=out is not None)
-                    if out is not None:
-                        if out_writer is None:  # the schema is the first result's
-                            tables.push(outputs.track(out))
-                            out_writer = tables.enter_context(
-                                TableWriter(out, result.schema, option=name("results")))
-                        out_writer.write_batch(result)
-                    if progress is not None:
-                        progress(session.rows, reader.num_rows)
-            except InputError as exc:
-                if opened.hint:
-                    raise InputError(f"{exc} ({opened.hint})") from None
-                raise
+            one_slot = job.vm.memslots is None
+            for batch in reader:
+                if one_slot and len(batch):  # for the MMIO note (mmio_note)
+                    opened.top = max(opened.top, _top(batch))
+                result = session.run(batch, keep=out is not None)
+                if out is not None:
+                    if out_writer is None:  # the schema is the first result's
+                        tables.push(outputs.track(out))
+                        out_writer = tables.enter_context(
+                            TableWriter(out, result.schema, option=name("results")))
+                    out_writer.write_batch(result)
+                if progress is not None:
+                    progress(session.rows, reader.num_rows)
             if session.rows == 0:
                 raise InputError("trace: no rows")
         summary = session.summary(input_info, digests.result() if digests else None,

@@ -184,28 +184,74 @@ def generator_info(schema) -> dict:
     return out
 
 
-def generated_hint(schema, *, memory=None, memslots=None, vcpus=None) -> str | None:
-    """If ``sppjit generate`` wrote the trace for another VM than the one asked for (memory or
-    vCPUs left at their defaults: None), the options that would match it."""
-    from .defaults import DEFAULT_MEMORY, DEFAULT_VCPUS
-    from .io.sizes import format_size, parse_size
+# Where a VM setting of a replay came from, as the summary's config records it (vm_from).
+FROM_OPTION, FROM_TRACE, FROM_DEFAULT, FROM_MEMSLOTS = "option", "trace", "default", "memslots"
 
-    meta = schema.metadata or {}
-    scenario = meta.get(b"sppjit.scenario")
-    if scenario is None:
-        return None
-    suggest = []
-    try:
-        want_memory = int(meta.get(b"sppjit.memory", b"0"))
-        want_vcpus = int(meta.get(b"sppjit.vcpus", b"0"))
-    except ValueError:
-        return None
-    if memory is None and memslots is None and want_memory:
-        if want_memory != parse_size(DEFAULT_MEMORY):
-            suggest.append(f"--memory {format_size(want_memory)}")
-    if vcpus is None and want_vcpus and want_vcpus != DEFAULT_VCPUS:
-        suggest.append(f"--vcpus {want_vcpus}")
-    if not suggest:
-        return None
-    return (f"the trace was generated for scenario {scenario.decode(errors='replace')}: "
-            f"replay it with {' '.join(suggest)}")
+
+def recorded_vm(schema) -> dict[str, int]:
+    """The guest memory (bytes) and vCPUs a trace was made for, as ``sppjit generate`` (and
+    a converter that knows them) records them in its schema metadata (sppjit.memory,
+    sppjit.vcpus); a key absent or unreadable is left out."""
+    meta = (schema.metadata if schema is not None else None) or {}
+    out = {}
+    for key in ("memory", "vcpus"):
+        text = meta.get(f"sppjit.{key}".encode(), b"").decode(errors="replace").strip()
+        if text.isdigit() and int(text) > 0:
+            out[key] = int(text)
+    return out
+
+
+def vm_settings(schema, *, memory=None, memslots=None, vcpus=None):
+    """The memory and vCPUs to replay with and where each came from: an option given wins,
+    then what the trace records (recorded_vm), then the default. Returns (memory, vcpus,
+    vm_from) with memory None when --memslots defines it; vm_from maps memory and vcpus to
+    option, trace, default or memslots."""
+    from .defaults import DEFAULT_MEMORY, DEFAULT_VCPUS, MAX_VCPUS
+
+    recorded = recorded_vm(schema)
+    vm_from = {}
+    if memslots is not None:
+        vm_from["memory"] = FROM_MEMSLOTS
+    elif memory is not None:
+        vm_from["memory"] = FROM_OPTION
+    elif "memory" in recorded:
+        memory, vm_from["memory"] = recorded["memory"], FROM_TRACE
+    else:
+        memory, vm_from["memory"] = DEFAULT_MEMORY, FROM_DEFAULT
+    if vcpus is not None:
+        vm_from["vcpus"] = FROM_OPTION
+    elif 1 <= recorded.get("vcpus", 0) <= MAX_VCPUS:
+        vcpus, vm_from["vcpus"] = recorded["vcpus"], FROM_TRACE
+    else:
+        vcpus, vm_from["vcpus"] = DEFAULT_VCPUS, FROM_DEFAULT
+    return memory, vcpus, vm_from
+
+
+def record_vm(path: str, *, memory: int, vcpus: int) -> None:
+    """Record in the trace at ``path`` (a Parquet or Arrow IPC file a converter just wrote)
+    the VM it needs, as ``sppjit generate`` does: ``sppjit.memory`` (bytes) and
+    ``sppjit.vcpus`` in its schema metadata. A converter learns them only at the end of its
+    input, after the schema was written, so the file is rewritten (batches as they are, no
+    re-parsing: a few percent of a conversion), under a temporary name renamed over it."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    from .io.output import TableWriter
+
+    with open(path, "rb") as handle:
+        parquet = handle.read(4) == b"PAR1"
+    if parquet:  # row group by row group: the file keeps its row groups
+        source = pq.ParquetFile(path, memory_map=False, pre_buffer=False)
+        schema = source.schema_arrow
+        parts = (source.read_row_group(i) for i in range(source.num_row_groups))
+    else:
+        source = ipc.open_file(pa.memory_map(path))
+        schema = source.schema
+        parts = (source.get_batch(i) for i in range(source.num_record_batches))
+    meta = {**(schema.metadata or {}), b"sppjit.memory": str(int(memory)).encode(),
+            b"sppjit.vcpus": str(int(vcpus)).encode()}
+    schema = schema.with_metadata(meta)
+    with TableWriter(path, schema, option="--out") as writer:
+        for part in parts:
+            writer.write_batch(part.replace_schema_metadata(meta))

@@ -253,6 +253,7 @@ def format_summary(summary: ReplaySummary | dict, written=()) -> str:
           f"{'s' if config['vcpus'] != 1 else ''}, {_memory(config)}, granularity "
           f"{config['granularity']}, subpage-check {config['subpage_check']}"
           f"{', hugepages' if config['hugepages'] else ''}, engine {summary['engine']}")
+    vm += _vm_from(config.get("vm_from"))
     protection = config.get("protection")
     rows = [
         ("trace", f"{info.get('path')} ({info.get('format', '?')}, {info['rows']:,} rows)"),
@@ -268,6 +269,11 @@ def format_summary(summary: ReplaySummary | dict, written=()) -> str:
         ("exits", _pairs([("total", exits["total"])]
                          + [(name, exits[name]) for name in B.EXIT_KIND_NAMES])),
         ("pages", _pairs((name, value) for name, value in summary["pages"].items())),
+        *([("ops", f"applied {summary['ops']['applied']:,} of {summary['ops']['count']:,} "
+                   "timeline operations" + (" (the trace ends before the rest are due)"
+                                            if summary['ops']['applied'] < summary['ops']['count']
+                                            else ""))]
+          if summary.get("ops") else []),
         *([("hooks", f"relevant {summary['hooks']['relevant']:,}  irrelevant "
                      f"{summary['hooks']['irrelevant']:,}  ({len(summary['hooks']['per_hook']):,} hooks)")]
           if "hooks" in summary else []),
@@ -280,6 +286,21 @@ def format_summary(summary: ReplaySummary | dict, written=()) -> str:
         rows.append(("wrote", ", ".join(written)))
     width = max(len(label) for label, _ in rows)
     return "".join(f"{label:<{width}}  {text}\n" for label, text in rows)
+
+
+def _vm_from(vm_from) -> str:
+    """Where the memory and vCPUs came from, when not from the options: `` (memory and
+    vCPUs from the trace's metadata)``, `` (memory: default)``."""
+    if not vm_from:
+        return ""
+    by_source: dict[str, list[str]] = {}
+    for setting in ("memory", "vcpus"):
+        source = vm_from.get(setting)
+        if source in ("trace", "default"):
+            by_source.setdefault(source, []).append("vCPUs" if setting == "vcpus" else setting)
+    parts = [f"{' and '.join(names)} from the trace's metadata" if source == "trace"
+             else f"{' and '.join(names)}: default" for source, names in by_source.items()]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _count(value) -> str:

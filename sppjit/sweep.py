@@ -752,7 +752,7 @@ def sweep_files(trace: str, configs=None, *, protect: Iterable[str] = (),
     from .io.memslots import read_memslots
     from .io.output import TableWriter, check_output_path, write_json_atomic
     from .io.trace import open_trace
-    from .provenance import generated_hint
+    from .provenance import vm_settings
 
     def name(parameter: str) -> str:
         return (names or {}).get(parameter, parameter)
@@ -794,7 +794,10 @@ def sweep_files(trace: str, configs=None, *, protect: Iterable[str] = (),
     reader = open_trace(trace)
     if reader.num_rows == 0:
         raise InputError("trace: no rows")
-    hint = generated_hint(reader.schema, memory=memory, memslots=memslots, vcpus=vcpus)
+    # The memory and vCPUs the trace records are the defaults (options and a
+    # configuration's own vcpus= override).
+    memory, vcpus, _ = vm_settings(reader.schema, memory=memory, memslots=memslots,
+                                   vcpus=vcpus)
     slots = read_memslots(memslots) if memslots is not None else None
 
     # ---- the sweep, its per-configuration files written as it goes, all or nothing
@@ -830,19 +833,14 @@ def sweep_files(trace: str, configs=None, *, protect: Iterable[str] = (),
 
                 return write
 
-            try:
-                result = sweep(trace, expanded,
-                               protection=protect[0] if len(protect) == 1 else None,
-                               memory=memory, memslots=slots, vcpus=vcpus or DEFAULT_VCPUS,
-                               hugepages=hugepages, engine=engine, batch_size=batch_size,
-                               threads=threads,
-                               on_exits=exit_sink if outdir is not None else None,
-                               on_results=results_sink if results else None, progress=update,
-                               inputs={"memslots": memslots})
-            except InputError as exc:
-                if hint and "trace:" in str(exc):
-                    raise InputError(f"{exc} ({hint})") from None
-                raise
+            result = sweep(trace, expanded,
+                           protection=protect[0] if len(protect) == 1 else None,
+                           memory=memory, memslots=slots, vcpus=vcpus,
+                           hugepages=hugepages, engine=engine, batch_size=batch_size,
+                           threads=threads,
+                           on_exits=exit_sink if outdir is not None else None,
+                           on_results=results_sink if results else None, progress=update,
+                           inputs={"memslots": memslots})
         document = result.document
         document["input"]["format"] = trace_format(trace)
         document["config"]["memslots_file"] = memslots
@@ -860,7 +858,7 @@ def sweep_files(trace: str, configs=None, *, protect: Iterable[str] = (),
             write_json_atomic(summary, document)
             written.add(summary)
         files = tuple(written.committed)
-    return SweepRun(document=document, written=files, note=hint)
+    return SweepRun(document=document, written=files, note=None)
 
 
 def _without_repeats(named_paths):

@@ -501,17 +501,3 @@ def test_flags_column_survives_the_replay_output(tmp_path):
     assert r.exit_code == 0, r.output
     flags = np.array(table(results)["flags"])
     assert int(np.count_nonzero(flags & FLAG_ROM_OFFSET)) > 0
-
-
-def test_progress_line_only_when_enabled():
-    import io
-
-    stream = io.StringIO()
-    shown = convert_command.Progress(enabled=True, stream=stream)
-    shown.update(65536)
-    shown.close()
-    assert stream.getvalue().startswith("\rconvert: 65,536 records") and \
-        stream.getvalue().endswith("\r\033[K")
-    quiet = io.StringIO()
-    convert_command.Progress(enabled=False, stream=quiet).update(1)
-    assert quiet.getvalue() == ""

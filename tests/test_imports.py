@@ -53,7 +53,9 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> set[
 
 
 def library_files() -> list[Path]:
-    files = [p for p in (ROOT / "sppjit").rglob("*.py") if "commands" not in p.parts]
+    # sppjit/__main__.py is `python -m sppjit`: the command line itself, not the library.
+    files = [p for p in (ROOT / "sppjit").rglob("*.py")
+             if "commands" not in p.parts and p.name != "__main__.py"]
     files += list((ROOT / "kernels").rglob("*.py")) + list((ROOT / "datasets").rglob("*.py"))
     return sorted(files)
 

@@ -390,4 +390,5 @@ def test_text_file_is_named_as_no_trace_format(tmp_path):
     with pytest.raises(InputError) as caught:
         open_trace(path)
     assert str(caught.value) == (f"trace: cannot read {path}: not an Arrow IPC file or "
-                                 "stream, nor a Parquet file")
+                                 "stream, nor a Parquet file; a CSV text trace? convert it "
+                                 f"first: sppjit convert csv {path} --out TRACE.parquet")

@@ -123,16 +123,50 @@ def test_a_job_without_outputs_returns_the_summary(files):
     assert result.summary.exits.total == result.summary.to_dict()["exits"]["total"] > 0
 
 
-def test_note_suggests_the_vm_a_generated_trace_was_made_for(tmp_path):
+def _recorded_trace(path, gpas, memory=b"16777216", vcpus=b"2"):
     from sppjit.io.trace import schema_metadata
 
-    table = pa.table({"gpa": np.array([0x1000], np.uint64)})
-    meta = {**schema_metadata(), b"sppjit.scenario": b"guarded", b"sppjit.memory": b"16777216",
-            b"sppjit.vcpus": b"2"}
-    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "t.parquet")
+    table = pa.table({"gpa": np.array(gpas, np.uint64),
+                      "vcpu": np.array([i % 2 for i in range(len(gpas))], np.uint16)})
+    meta = {**schema_metadata(), b"sppjit.scenario": b"guarded", b"sppjit.memory": memory,
+            b"sppjit.vcpus": vcpus}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    return str(path)
+
+
+def test_the_vm_a_trace_records_is_the_default(tmp_path):
+    # 16 MiB and 2 vCPUs recorded: vCPU 1 exists (no error) and 0xF00000 is RAM, not MMIO.
+    trace = _recorded_trace(tmp_path / "t.parquet", [0x1000, 0xF00000])
+    result = J.run(J.Job(inputs=J.JobInputs(trace=trace)))
+    config = result.summary.config
+    assert config["vcpus"] == 2 and config["vm_from"] == {"memory": "trace", "vcpus": "trace"}
+    assert config["memory_bytes"] == 16 << 20
+    assert result.note is None and result.summary.counts.mmio == 0
+
+
+def test_options_override_what_the_trace_records(tmp_path):
+    trace = _recorded_trace(tmp_path / "t.parquet", [0x1000, 0x2000])
+    result = J.run(J.Job(inputs=J.JobInputs(trace=trace), vm=J.VmSpec(memory="8MiB", vcpus=3)))
+    config = result.summary.config
+    assert config["vcpus"] == 3 and config["vm_from"] == {"memory": "option", "vcpus": "option"}
+    assert config["memory_bytes"] == 8 << 20
+
+
+def test_accesses_beyond_memory_give_a_note_with_the_memory_that_covers_them(tmp_path):
+    table = pa.table({"gpa": np.array([0x1000, 0x2_8000_0000], np.uint64)})  # 10 GiB
+    pq.write_table(table, tmp_path / "t.parquet")
     result = J.run(J.Job(inputs=J.JobInputs(trace=str(tmp_path / "t.parquet"))))
-    assert result.note == ("the trace was generated for scenario guarded: replay it with "
-                           "--memory 16MiB --vcpus 2")
+    assert result.summary.counts.mmio == 1
+    assert result.summary.config["vm_from"] == {"memory": "default", "vcpus": "default"}
+    # The access's 8 bytes end just past 10 GiB: the next MiB covers it.
+    assert result.note == ("1 access fell outside the guest's memory and was treated as MMIO; "
+                           "--memory 10241MiB would cover them (or --memslots for a layout "
+                           "with holes)")
+    slots = tmp_path / "slots.csv"
+    slots.write_text("slot,base_gfn,npages\n0,0,1024\n")
+    with_slots = J.run(J.Job(inputs=J.JobInputs(trace=str(tmp_path / "t.parquet")),
+                             vm=J.VmSpec(memslots=str(slots))))
+    assert with_slots.summary.counts.mmio == 1 and with_slots.note is None  # a layout: meant
 
 
 def test_progress_is_called_after_every_batch(files):

@@ -30,6 +30,28 @@ from sppjit.io.atomic import Outputs, atomic_path, check_distinct, same_file, te
 from sppjit.io.sizes import format_size, parse_address  # noqa: F401
 
 
+def _flags_without_type() -> None:
+    """typer's rich help prints a type column, ``<bool>`` for a flag, which reads as if the
+    flag took a value: a flag (--json, --help, --hugepages) is shown with no type, and an
+    argument named by its metavar (TRACE) without ``<str>``."""
+    from typer.core import TyperArgument, TyperOption
+
+    for cls, bare in ((TyperOption, lambda p: p.is_flag),
+                      (TyperArgument, lambda p: p.metavar is not None)):
+        shown = getattr(cls, "display_type_rich", None)
+        if shown is None or getattr(shown, "_sppjit", False):
+            continue
+
+        def display_type_rich(self, ctx, _shown=shown, _bare=bare):
+            return None if _bare(self) else _shown(self, ctx)
+
+        display_type_rich._sppjit = True
+        cls.display_type_rich = display_type_rich
+
+
+_flags_without_type()
+
+
 def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     """A typer choice built from the library's names (sppjit.defaults): one home for each."""
     return Enum(name, [(value, value) for value in values], type=str)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from sppjit.commands import NoProgressOpt
 from sppjit.defaults import (
     BATCH_SIZES,
     BENCH_ACCESSES,
@@ -35,8 +36,8 @@ EPILOG = "Example: sppjit bench --accesses 10000000 --scenario hotset --json ben
 def bench(
     accesses: Annotated[int | None, typer.Option(
         "--accesses", metavar="N", min=1, show_default=False,
-        help=f"Accesses per scenario [default: {BENCH_ACCESSES:,}; "
-             f"{BENCH_END_TO_END_ACCESSES:,} with --end-to-end].")] = None,
+        help=f"Accesses per scenario (default {BENCH_ACCESSES:,}; "
+             f"{BENCH_END_TO_END_ACCESSES:,} with --end-to-end; see --parallel).")] = None,
     scenario: Annotated[list[str] | None, typer.Option(
         "--scenario", metavar="NAME",
         help=f"Scenario to run (repeatable): {', '.join(SCENARIO_NAMES)}. Default: all.")] = None,
@@ -72,8 +73,12 @@ def bench(
         help="Instead: a 3-configuration sweep (page, spp_v4, spp_v12) against three serial "
              "replays of the same trace (--accesses, default 4M), on 1 thread and on every "
              "core, per scenario.")] = False,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     from sppjit.bench import check_scenarios
+    from sppjit.commands.progress import Shown, wanted
+
+    shown = Shown(wanted(no_progress))
 
     names = check_scenarios(scenario or SCENARIO_NAMES, "--scenario")
     if json_out is not None:
@@ -84,8 +89,9 @@ def bench(
     if parallel:
         from sppjit.bench import PARALLEL_ACCESSES, format_parallel, run_parallel
 
-        result = run_parallel(names, accesses=accesses or PARALLEL_ACCESSES, seed=seed,
-                              batch_size=batch_size)
+        with shown, shown.step("bench: sweeps against serial replays"):
+            result = run_parallel(names, accesses=accesses or PARALLEL_ACCESSES, seed=seed,
+                                  batch_size=batch_size)
         typer.echo(format_parallel(result))
         if json_out is not None:
             from sppjit.io.output import write_json_atomic
@@ -109,14 +115,17 @@ def bench(
     elif end_to_end:
         from sppjit.bench import format_end_to_end, run_end_to_end
 
-        result = run_end_to_end(names[0] if scenario else BENCH_END_TO_END_SCENARIO,
-                                accesses or BENCH_END_TO_END_ACCESSES, seed, workdir)
+        with shown, shown.step("bench: end to end"):
+            result = run_end_to_end(names[0] if scenario else BENCH_END_TO_END_SCENARIO,
+                                    accesses or BENCH_END_TO_END_ACCESSES, seed, workdir)
         typer.echo(format_end_to_end(result))
     else:
         from sppjit.bench import format_bench, run_bench
 
-        result = run_bench(names, accesses=accesses or BENCH_ACCESSES,
-                           reference_sample=reference_sample, seed=seed, batch_size=batch_size)
+        with shown, shown.step(f"bench: {', '.join(names)}"):
+            result = run_bench(names, accesses=accesses or BENCH_ACCESSES,
+                               reference_sample=reference_sample, seed=seed,
+                               batch_size=batch_size)
         typer.echo(format_bench(result))
     if json_out is not None:
         from sppjit.io.output import write_json_atomic

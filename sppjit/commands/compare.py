@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Annotated
 
 import typer
@@ -30,9 +29,9 @@ from sppjit.commands import (
     VcpusOpt,
     choices,
     err,
-    is_tty,
     vmprotect,
 )
+from sppjit.commands.progress import Shown, wanted
 from sppjit.defaults import (
     DEFAULT_EMULATION_COST_US,
     DEFAULT_ENGINE,
@@ -44,8 +43,6 @@ from sppjit.defaults import (
 )
 
 WriteThrough = choices("WriteThrough", WRITE_THROUGH)
-
-PROGRESS_INTERVAL_S = 0.1
 
 # compare_files' parameters as the user gave them here: its errors name these options.
 OPTION_NAMES = {
@@ -160,7 +157,7 @@ def compare(
         kernel_exit_cost_us=kernel_exit_cost_us, write_through=write_through.value,
         emulation_cost_us=emulation_cost_us, configs=config or None, engine=engine.value, json_out=json_out,
         summary_path=summary, hooks_out=hooks_out, batch_size=batch_size,
-        progress=not no_progress and is_tty(sys.stderr),
+        progress=wanted(no_progress),
     )
 
 
@@ -173,12 +170,9 @@ def run_compare(*, trace: str, protect: str | list[str] | None = None, json_out:
     from sppjit.summary import format_comparison
 
     protect = protect[0] if isinstance(protect, list) and len(protect) == 1 else protect
-    shown = _Progress(None, enabled=progress)
-    try:
-        run = compare_files(trace, protect, summary=summary_path, progress=shown.update,
+    with Shown(progress) as shown:
+        run = compare_files(trace, protect, summary=summary_path, progress=shown.named("compare"),
                             names=OPTION_NAMES, **options)
-    finally:
-        shown.close()
     document = run.document.to_dict()
     if json_out:
         sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
@@ -188,35 +182,3 @@ def run_compare(*, trace: str, protect: str | list[str] | None = None, json_out:
     if run.note:
         err(f"sppjit: note: {run.note}")
     return document
-
-
-class _Progress:
-    """``compare: <config> rows/total`` on standard error, at most every
-    PROGRESS_INTERVAL_S, only when enabled (a terminal, no --no-progress)."""
-
-    def __init__(self, total: int | None, *, enabled: bool, stream=None):
-        self.total = total
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.last = float("-inf")
-        self.shown = False
-
-    def update(self, name: str, rows: int, total: int | None = None) -> None:
-        if total is not None:
-            self.total = total
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL_S:
-            return
-        self.last = now
-        total = f"/{self.total:,}" if self.total else ""
-        self.stream.write(f"\rcompare: {name} {rows:,}{total} rows\033[K")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False

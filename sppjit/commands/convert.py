@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-import time
 from typing import Annotated
 
 import typer
 
-from sppjit.commands import NoProgressOpt, format_size, is_tty
+from sppjit.commands import NoProgressOpt, format_size
+from sppjit.commands.progress import Shown, wanted
 from sppjit.errors import InputError
 
 # sppjit.convert.FORMATS, repeated here so that --help imports nothing heavy; a test checks
@@ -21,7 +21,6 @@ FORMAT_NAMES = ("lackey", "pinatrace", "drmemtrace", "csv")
 # sppjit.convert.vm.VM_FORMATS, likewise: traces of a whole VM, guest-physical already.
 VM_FORMAT_NAMES = ("qemu", "gem5")
 ALL_FORMATS = FORMAT_NAMES + VM_FORMAT_NAMES
-PROGRESS_INTERVAL_S = 0.1
 _VM = "Whole-VM traces (qemu, gem5)"
 
 HELP = (
@@ -42,8 +41,9 @@ HELP = (
     "boundary is split into one access per page. The mapping (columns vpage, gfn) is "
     "written beside the trace so that protection can be given by virtual address "
     "(sppjit.convert.mapping.translate_protection). The trace's seq column is the input "
-    "line number. A malformed line stops the conversion with its line number (exit code "
-    "2, no output), unless --skip-bad skips and counts such lines.\n\n"
+    "line number. The trace records the memory and vCPUs it needs in its metadata: sppjit "
+    "replay, compare and sweep take them as their defaults. A malformed line stops the "
+    "conversion with its line number (exit code 2, no output), unless --skip-bad skips and counts such lines.\n\n"
     "Whole-VM traces keep their guest-physical addresses (no mapping is written) and get a "
     "flags column (1 device, 2 rom_offset, 4 size_default, 8 page_crossing): qemu reads a "
     "QEMU log (-d plugin -D FILE) of contrib/plugins/execlog.c (vCPU, instruction, "
@@ -116,27 +116,30 @@ def convert(
                              "addresses are guest-physical, no mapping is made")
         run_convert_vm(format=fmt, source=source, out=out, skip_bad=skip_bad,
                        default_size=default_size, vcpu=vcpu, guest_memory=guest_memory,
-                       progress=not no_progress and is_tty(sys.stderr))
+                       progress=wanted(no_progress))
         return
     for name, value in (("--default-size", default_size), ("--vcpu", vcpu),
                         ("--guest-memory", guest_memory)):
         if value is not None:
             raise InputError(f"{name} is for the whole-VM formats ({', '.join(VM_FORMAT_NAMES)})")
     run_convert(format=fmt, source=source, out=out, mapping_out=mapping_out,
-                skip_bad=skip_bad, page_size=parse_page_size(page_size))
+                skip_bad=skip_bad, page_size=parse_page_size(page_size),
+                progress=wanted(no_progress))
 
 
 def run_convert(*, format: str, source: str, out: str, mapping_out: str | None = None,
                 skip_bad: bool = False, page_size: int = 4096,
-                chunk_lines: int | None = None) -> str:
+                chunk_lines: int | None = None, progress: bool = False) -> str:
     """Convert, print one line saying what was written and how to replay it; returns it."""
     if format not in FORMAT_NAMES:
         raise InputError(f"unknown format '{format}' (one of {', '.join(ALL_FORMATS)})")
     from sppjit.convert import DEFAULT_CHUNK_LINES, convert_trace
 
-    result = convert_trace(format, source, out, mapping_out=mapping_out, skip_bad=skip_bad,
-                           page_size=page_size,
-                           chunk_lines=chunk_lines or DEFAULT_CHUNK_LINES)
+    with Shown(progress) as shown:
+        result = convert_trace(format, source, out, mapping_out=mapping_out,
+                               skip_bad=skip_bad, page_size=page_size,
+                               chunk_lines=chunk_lines or DEFAULT_CHUNK_LINES,
+                               progress=shown.bytes(f"convert {format}"))
     line = summary_line(result)
     sys.stdout.write(line + "\n")
     return line
@@ -179,48 +182,15 @@ def run_convert_vm(*, format: str, source: str, out: str, skip_bad: bool = False
     from sppjit.io.sizes import parse_size
 
     memory = parse_size(guest_memory) if guest_memory else None
-    shown = Progress(enabled=progress, noun="lines" if format == "qemu" else "messages")
-    try:
+    noun = "lines" if format == "qemu" else "messages"
+    with Shown(progress) as shown:
         result = convert_vm_trace(format, source, out, skip_bad=skip_bad,
                                   default_size=default_size, vcpu=vcpu, guest_memory=memory,
-                                  chunk=chunk or DEFAULT_CHUNK, progress=shown.update)
-    finally:
-        shown.close()
+                                  chunk=chunk or DEFAULT_CHUNK,
+                                  progress=shown.rows(f"convert {format}", noun))
     line = vm_summary_line(result)
     sys.stdout.write(line + "\n")
     return line
-
-
-class Progress:
-    """``convert: N lines  R lines/s`` on standard error, at most every PROGRESS_INTERVAL_S,
-    only when enabled (a terminal, no --no-progress); like replay's progress line."""
-
-    def __init__(self, *, enabled: bool, stream=None, noun: str = "records"):
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.noun = noun
-        self.start = time.monotonic()
-        self.last = float("-inf")
-        self.shown = False
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL_S:
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        self.stream.write(f"\rconvert: {done:,} {self.noun}  {rate:,.0f} {self.noun}/s\033[K")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False
 
 
 def vm_summary_line(result) -> str:

@@ -43,9 +43,11 @@ def inspect(
         "--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     addresses = [parse_address(text, "--gpa") for text in (gpa or [])]
+    from sppjit.commands.progress import Shown, wanted
     from sppjit.inspect import format_report, inspect_state
 
-    report = inspect_state(state_file, addresses, vcpu, names={"vcpu": "--vcpu"})
+    with Shown(wanted(False)):  # the compile note, if its walk kernels compile now
+        report = inspect_state(state_file, addresses, vcpu, names={"vcpu": "--vcpu"})
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

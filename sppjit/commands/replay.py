@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Annotated
 
 import typer
@@ -31,17 +30,15 @@ from sppjit.commands import (
     TraceArg,
     VcpusOpt,
     err,
-    is_tty,
     vmprotect,
 )
+from sppjit.commands.progress import PREPARING, Shown, wanted
 from sppjit.defaults import (
     DEFAULT_ENGINE,
     DEFAULT_GRANULARITY,
     DEFAULT_PROFILE,
     DEFAULT_SUBPAGE_CHECK,
 )
-
-PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress updates per second
 
 # The job's parameters as the user gave them here: its errors name these options.
 OPTION_NAMES = {
@@ -127,7 +124,7 @@ def replay(
         profile=profile.value, hugepages=hugepages, subpage_check=subpage_check.value,
         granularity=granularity.value, engine=engine.value, out=out, exits=exits,
         summary_path=summary, save_state_path=save_state, json_out=json_out,
-        batch_size=batch_size, progress=not no_progress and is_tty(sys.stderr),
+        batch_size=batch_size, progress=wanted(no_progress),
     )
 
 
@@ -159,16 +156,9 @@ def run_replay(*, json_out: bool = False, progress: bool = False, **options) -> 
     from sppjit.io.output import json_default
     from sppjit.summary import format_summary
 
-    shown = Progress(None, enabled=progress)
-
-    def update(rows: int, total: int | None) -> None:
-        shown.total = total
-        shown.update(rows)
-
-    try:
-        result = J.run(make_job(**options), progress=update, names=OPTION_NAMES)
-    finally:
-        shown.close()
+    with Shown(progress) as shown:
+        result = J.run(make_job(**options), names=OPTION_NAMES,
+                       progress=shown.rows("replay", preparing=PREPARING))
     summary = result.summary.to_dict()
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")
@@ -178,55 +168,3 @@ def run_replay(*, json_out: bool = False, progress: bool = False, **options) -> 
     if result.note:
         err(f"sppjit: note: {result.note}")
     return summary
-
-
-# ------------------------------------------------------------------------------ progress
-
-class Progress:
-    """A progress line on standard error (rows, rows/s, ETA when the total is known), redrawn
-    at most every PROGRESS_INTERVAL_S; only when enabled (a terminal, no --no-progress)."""
-
-    def __init__(self, total: int | None, *, enabled: bool, stream=None):
-        self.total = total
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.start = time.monotonic()
-        self.last = float("-inf")
-        self.shown = False
-
-    def update(self, rows: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL_S:
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = rows / elapsed if elapsed > 0 else 0.0
-        if self.total:
-            text = f"replay: {rows:,}/{self.total:,} rows ({100 * rows / self.total:.0f}%)"
-        else:
-            text = f"replay: {rows:,} rows"
-        text += f"  {rate:,.0f} rows/s"
-        if self.total and rate > 0 and rows < self.total:
-            text += f"  ETA {_duration((self.total - rows) / rate)}"
-        self.stream.write("\r" + text + "\033[K")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from sppjit.commands import err
+from sppjit.commands import NoProgressOpt, err
+from sppjit.commands.progress import Shown, wanted
 from sppjit.report.options import DEFAULT_EPOCHS, DEFAULT_TOP, MAX_EPOCHS, MAX_TOP
 
 HELP = (
@@ -78,21 +79,24 @@ def report(
     top: Annotated[int, typer.Option(
         "--top", metavar="N", min=1, max=MAX_TOP,
         help="Hottest protected pages (most protection exits) in the heatmap.")] = DEFAULT_TOP,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     run_report(results=results, exits=exits, summary_path=summary, plot=plot, stats=stats,
-               html=html, protect=protect, epochs=epochs, top=top)
+               html=html, protect=protect, epochs=epochs, top=top,
+               progress=wanted(no_progress))
 
 
 def run_report(*, results: str | None, exits: str | None = None, summary_path: str | None = None,
                plot: str | None = None, stats: str | None = None, html: str | None = None,
                protect: str | None = None, epochs: int = DEFAULT_EPOCHS,
-               top: int = DEFAULT_TOP) -> dict:
+               top: int = DEFAULT_TOP, progress: bool = False) -> dict:
     """The report command without typer: write_report, then print; returns report.json's
     document."""
     from sppjit.report import write_report
 
-    done = write_report(results, exits, summary=summary_path, plot=plot, stats=stats,
-                        html=html, protect=protect, epochs=epochs, top=top)
+    with Shown(progress) as shown, shown.step("report: reading the results"):
+        done = write_report(results, exits, summary=summary_path, plot=plot, stats=stats,
+                            html=html, protect=protect, epochs=epochs, top=top)
     sys.stdout.write(done.text)
     sys.stdout.flush()
     for note in done.notes:

@@ -26,8 +26,8 @@ from sppjit.commands import (
     TraceArg,
     VcpusOpt,
     err,
-    is_tty,
 )
+from sppjit.commands.progress import PREPARING, Shown, wanted
 
 # sweep_files' parameters as the user gave them here: its errors name these options.
 OPTION_NAMES = {
@@ -92,26 +92,18 @@ def sweep(
               memslots=memslots, vcpus=vcpus, hugepages=hugepages, engine=engine.value,
               threads=threads, out=out, summary=summary, json_out=json_out, outdir=outdir,
               results=results, batch_size=batch_size,
-              progress=not no_progress and is_tty(sys.stderr))
+              progress=wanted(no_progress))
 
 
 def run_sweep(*, json_out: bool = False, progress: bool = False, **options) -> dict:
     """The sweep command without typer: sppjit.sweep.sweep_files, then printed; returns the
     document."""
-    from sppjit.commands.replay import Progress
     from sppjit.io.output import json_default
     from sppjit.sweep import format_sweep, sweep_files
 
-    shown = Progress(None, enabled=progress)
-
-    def update(rows: int, total: int | None) -> None:
-        shown.total = total
-        shown.update(rows)
-
-    try:
-        run = sweep_files(progress=update, names=OPTION_NAMES, **options)
-    finally:
-        shown.close()
+    with Shown(progress) as shown:
+        run = sweep_files(progress=shown.rows("sweep", preparing=PREPARING),
+                          names=OPTION_NAMES, **options)
     if json_out:
         sys.stdout.write(json.dumps(run.document, indent=2, default=json_default) + "\n")
     else:

@@ -55,14 +55,15 @@ def _parser(fmt: str):
 
 def convert_trace(fmt: str, source: str | os.PathLike, out: str | os.PathLike, *,
                   mapping_out: str | os.PathLike | None = None, skip_bad: bool = False,
-                  page_size: int = 4096, chunk_lines: int = DEFAULT_CHUNK_LINES
-                  ) -> ConvertResult:
+                  page_size: int = 4096, chunk_lines: int = DEFAULT_CHUNK_LINES,
+                  progress=None) -> ConvertResult:
     """Convert the text trace ``source`` (a path, or ``-`` for standard input) of format
     ``fmt`` into the trace ``out`` and its page mapping ``mapping_out``.
 
     Everything is checked before any work (format, page size, output paths, no two paths the
     same); then the input is read ``chunk_lines`` lines at a time. Raises InputError for bad
-    input, leaving no output file.
+    input, leaving no output file. ``progress(bytes_read, bytes_total)`` is called as the
+    input is read (bytes as stored; the total None for standard input).
     """
     from sppjit.convert import engine
     from sppjit.convert.mapping import check_page_size
@@ -79,7 +80,7 @@ def convert_trace(fmt: str, source: str | os.PathLike, out: str | os.PathLike, *
     check_distinct([("IN", None if source == "-" else source), ("--out", out),
                     ("--mapping-out", mapping_out)])
     return engine.run(parser, fmt, source, out, mapping_out, skip_bad=skip_bad,
-                      page_size=page_size, chunk_lines=chunk_lines)
+                      page_size=page_size, chunk_lines=chunk_lines, progress=progress)
 
 
 def __getattr__(name):

@@ -18,7 +18,7 @@ import lzma
 import os
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sppjit.errors import InputError
@@ -154,9 +154,15 @@ def _decompressed(raw: io.BufferedIOBase, magic: bytes):
     return raw
 
 
+PROGRESS_LINES = 1 << 16  # lines between two progress calls
+
+
 @contextlib.contextmanager
-def open_lines(source: str) -> Iterator[tuple[Iterator[str], str]]:
-    """Yield (lines without their endings, label) for a path or ``-`` (standard input)."""
+def open_lines(source: str, progress: Callable[[int, int | None], None] | None = None
+               ) -> Iterator[tuple[Iterator[str], str]]:
+    """Yield (lines without their endings, label) for a path or ``-`` (standard input).
+    ``progress(bytes_read, bytes_total)`` is called every PROGRESS_LINES lines: bytes of the
+    file as stored (compressed, if it is), the total None for standard input."""
     from sppjit.io.formats import read_magic
 
     if source == "-":
@@ -175,8 +181,9 @@ def open_lines(source: str) -> Iterator[tuple[Iterator[str], str]]:
         close = True
     stream = _decompressed(raw, magic)
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=None)
+    total = os.fstat(raw.fileno()).st_size if close else None
     try:
-        yield _read(text, label), label
+        yield _read(text, label, raw, total, progress), label
     finally:
         if close:
             text.close()  # a decompressor does not close the file under it
@@ -185,14 +192,30 @@ def open_lines(source: str) -> Iterator[tuple[Iterator[str], str]]:
             text.detach()
 
 
-def _read(text: io.TextIOWrapper, label: str) -> Iterator[str]:
+def _read(text: io.TextIOWrapper, label: str, raw=None, total: int | None = None,
+          progress: Callable[[int, int | None], None] | None = None) -> Iterator[str]:
     try:
-        for line in text:
+        if progress is None:
+            for line in text:
+                yield line.rstrip("\n")
+            return
+        for n, line in enumerate(text, 1):
             yield line.rstrip("\n")
+            if n % PROGRESS_LINES == 0:
+                progress(_position(raw), total)
+        progress(total if total is not None else _position(raw), total)
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         # A truncated or corrupt compressed file shows only while reading (gzip lets zlib's
         # own error through for a damaged deflate stream: "invalid distance too far back").
         raise InputError(f"convert: cannot read {label}: {exc}") from None
+
+
+def _position(raw) -> int:
+    """Bytes of the input read so far (0 where the stream cannot tell: a pipe)."""
+    try:
+        return raw.tell()
+    except (OSError, ValueError):
+        return 0
 
 
 def shown(line: str) -> str:
@@ -217,7 +240,8 @@ def trace_schema(fmt: str, source_label: str, page_size: int):
 
 
 def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out: str, *,
-        skip_bad: bool, page_size: int, chunk_lines: int) -> ConvertResult:
+        skip_bad: bool, page_size: int, chunk_lines: int,
+        progress: Callable[[int, int | None], None] | None = None) -> ConvertResult:
     """Convert ``source`` to the trace ``out`` and the mapping ``mapping_out``, both or
     neither (the caller has checked the paths)."""
     import numpy as np
@@ -226,6 +250,7 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
     from sppjit.convert.mapping import PageMapper
     from sppjit.io.atomic import Outputs
     from sppjit.io.output import TableWriter
+    from sppjit.provenance import record_vm
 
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
@@ -263,7 +288,7 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
 
     with contextlib.ExitStack() as stack:
         outputs = stack.enter_context(Outputs())
-        lines, label = stack.enter_context(open_lines(source))
+        lines, label = stack.enter_context(open_lines(source, progress))
         parser = parser_class(threads, label)
         schema = trace_schema(fmt, label, mapper.page_size)
         with TableWriter(out, schema, option="--out") as writer:
@@ -280,6 +305,9 @@ def run(parser_class: type[Parser], fmt: str, source: str, out: str, mapping_out
                     what += f" ({result.bad_lines:,} malformed lines skipped)"
                 raise InputError(f"convert: {what}")
         outputs.add(out)
+        # The VM it needs, for replay's defaults (known only now that the input is read).
+        result.memory_bytes = mapper.memory_bytes
+        record_vm(out, memory=result.replay_memory(), vcpus=max(result.vcpus, 1))
         mapping = mapper.table()
         if len(threads):
             meta = dict(mapping.schema.metadata or {})

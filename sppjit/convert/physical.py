@@ -157,5 +157,13 @@ def run(fmt: str, source: str, out: str, chunks: Callable[[PhysicalResult, BadHa
             if result.bad_records:
                 what += f" ({result.bad_records:,} malformed {record_noun}s skipped)"
             raise InputError(f"convert: {what}")
+    # The VM it needs, for replay's defaults (known only now that the input is read); the
+    # trace goes with it if that fails: all or nothing.
+    from sppjit.io.atomic import Outputs
+    from sppjit.provenance import record_vm
+
+    with Outputs() as outputs:
+        outputs.add(out)
+        record_vm(out, memory=result.replay_memory(), vcpus=max(result.vcpus, 1))
     result.flagged = {name: flagged[name] for name in FLAG_NAMES.values() if flagged[name]}
     return result

@@ -160,8 +160,10 @@ def _open_path(path: str, batch_size: int) -> _Opened:
         if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, ARROW_STREAM_MARKER)):
             raise cannot_read("trace", path, exc) from None
         # Whatever pyarrow says about a CSV read as a stream would only confuse.
-        raise cannot_read("trace", path, "not an Arrow IPC file or stream, nor a Parquet "
-                                         "file") from None
+        text = magic.isascii() and (b"," in magic or magic[:1].isalpha())
+        raise cannot_read("trace", path, "not an Arrow IPC file or stream, nor a Parquet file"
+                          + ("; a CSV text trace? convert it first: sppjit convert csv "
+                             f"{path} --out TRACE.parquet" if text else "")) from None
 
 
 def _open_ipc_file(path: str) -> _Opened:
