@@ -33,6 +33,7 @@ from sppjit import __version__
 from sppjit.commands import bench as _bench
 from sppjit.commands import compare as _compare
 from sppjit.commands import convert as _convert
+from sppjit.commands import fleet as _fleet
 from sppjit.commands import generate as _generate
 from sppjit.commands import inspect as _inspect
 from sppjit.commands import replay as _replay
@@ -178,6 +179,7 @@ app.command("report", no_args_is_help=True, help=_report.HELP,
             epilog=_report.EPILOG)(_report.report)
 app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
 app.command("sweep", no_args_is_help=True, help=_sweep.HELP, epilog=_sweep.EPILOG)(_sweep.sweep)
+app.command("fleet", no_args_is_help=True, help=_fleet.HELP, epilog=_fleet.EPILOG)(_fleet.fleet)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

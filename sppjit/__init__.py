@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 from .errors import InputError, SppError, VmEntryError  # noqa: E402  (light, no numba)
 
-__all__ = ["VM", "SppError", "InputError", "VmEntryError", "ReplayResult", "sweep", "__version__"]
+__all__ = ["VM", "SppError", "InputError", "VmEntryError", "ReplayResult", "sweep", "fleet",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -25,10 +26,10 @@ def __getattr__(name):
         from .vm import VM
 
         return VM
-    if name == "sweep":  # the module, callable: sppjit.sweep(trace, configs, ...)
+    if name in ("sweep", "fleet"):  # the modules, callable: sppjit.sweep(trace, configs, ...)
         import importlib
 
-        return importlib.import_module(".sweep", __name__)
+        return importlib.import_module(f".{name}", __name__)
     if name == "ReplayResult":
         from .replay import ReplayResult
 
