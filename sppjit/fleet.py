@@ -50,6 +50,7 @@ _PATH_COLUMNS = ("trace", "protect", "ops", "memslots", "results", "exits", "sum
 _CROSS_KEYS = ("traces", "configs") + tuple(c for c in MANIFEST_COLUMNS
                                             if c not in ("trace", "trace_name", "config"))
 ROW_KEY_COLUMNS = ("trace_name", "trace")  # before sppjit sweep's columns
+LOOPBACK = "127.0.0.1"  # a local cluster listens here only
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -495,19 +496,29 @@ def _client(scheduler, workers: int | None) -> Iterator[tuple[object, dict]]:
         with client:
             yield client, {"scheduler": str(scheduler), "local": False}
         return
+    with local_cluster(workers) as cluster, distributed.Client(cluster) as client:
+        yield client, {"scheduler": cluster.scheduler_address, "local": True,
+                       "workers": len(cluster.workers)}
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int | None = None):
+    """A LocalCluster of ``workers`` processes (default: the cores), one thread each (a job
+    is one replay on one core), reachable from this machine only: the scheduler, the
+    nannies, the workers and their HTTP servers (health and metrics routes, no dashboard)
+    listen on 127.0.0.1, at ports the system picks. The workers' log lines stay out of the
+    caller's output."""
+    import logging
+
+    distributed = _dask()
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise InputError(f"workers must be at least 1, not {workers}")
     count = int(workers) if workers is not None else (os.cpu_count() or 1)
-    import logging
-
-    # Processes, one thread each (a job is one replay on one core); loopback only, no
-    # dashboard; the workers' log lines stay out of the command's output.
-    with distributed.LocalCluster(n_workers=count, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None,
-                                  silence_logs=logging.ERROR) as cluster, \
-            distributed.Client(cluster) as client:
-        yield client, {"scheduler": cluster.scheduler_address, "local": True,
-                       "workers": count}
+    with distributed.LocalCluster(
+            n_workers=count, threads_per_worker=1, processes=True, host=LOOPBACK,
+            dashboard_address=None, scheduler_kwargs={"dashboard_address": f"{LOOPBACK}:0"},
+            silence_logs=logging.ERROR) as cluster:
+        yield cluster
 
 
 def fleet(manifest, *, scheduler=None, workers: int | None = None, outdir: str | None = None,
