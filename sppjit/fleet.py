@@ -51,6 +51,7 @@ _CROSS_KEYS = ("traces", "configs") + tuple(c for c in MANIFEST_COLUMNS
                                             if c not in ("trace", "trace_name", "config"))
 ROW_KEY_COLUMNS = ("trace_name", "trace")  # before sppjit sweep's columns
 LOOPBACK = "127.0.0.1"  # a local cluster listens here only
+CONNECT_TIMEOUT = "10s"  # to reach an existing scheduler
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -489,10 +490,10 @@ def _client(scheduler, workers: int | None) -> Iterator[tuple[object, dict]]:
         return
     if scheduler is not None:
         try:
-            client = distributed.Client(scheduler, timeout="20s")
+            client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError, ValueError) as exc:
-            raise InputError(f"scheduler: cannot connect to {scheduler}: "
-                             f"{error_line(exc)}") from None
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InputError(f"scheduler: cannot connect to {scheduler}: {reason}") from None
         with client:
             yield client, {"scheduler": str(scheduler), "local": False}
         return
