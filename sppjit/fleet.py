@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from .defaults import DEFAULT_ENGINE, DEFAULT_VCPUS
 from .errors import InputError, SppError, VmEntryError
-from .sweep import NO_PROTECTION, Config, _stem, parse_config
+from .sweep import _FALSE, _NAME, _TRUE, NO_PROTECTION, Config, _stem, parse_config
 
 DASK_MISSING = "sppjit fleet needs dask.distributed: pip install 'sppjit[dask]'"
 # Manifest columns (docs/fleet.md §2): the trace, its configuration, the VM, the outputs.
@@ -199,9 +199,9 @@ def _bool(value, key: str, where: str) -> bool:
     if value is None or isinstance(value, bool):
         return bool(value)
     text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
+    if text in _TRUE:
         return True
-    if text in ("0", "false", "no", "off"):
+    if text in _FALSE:
         return False
     raise InputError(f"{where}: {key} must be true or false, not {value!r}")
 
@@ -230,6 +230,9 @@ def plan(manifest, *, outdir: str | None = None, base: str | None = None,
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
         trace_name = row["trace_name"] or _stem(row["trace"])
+        if not (isinstance(trace_name, str) and _NAME.match(trace_name)):  # a file name part
+            raise InputError(f"{where}: trace_name {trace_name!r} must be letters, digits and "
+                             "_ . + @ - (starting with a letter or digit)")
         # A configuration's own files are taken from the manifest's directory too.
         protect = _path(config.protect, row["base"]) if config.protect is not None \
             else row["protect"]

@@ -123,6 +123,7 @@ def test_every_manifest_form_gives_the_same_jobs(files, tmp_path, monkeypatch):
     ([{"config": "v4"}], "row 0: trace must be a file name"),
     ([{"trace": "a.parquet", "vcpus": "two"}], "row 0: vcpus must be a number"),
     ([{"trace": "a.parquet", "hugepages": "maybe"}], "row 0: hugepages must be true or false"),
+    ([{"trace": "a.parquet", "trace_name": "../up"}], "row 0: trace_name '../up' must be"),
     ([{"trace": "a.parquet", "exits": "e.csv"}], "row 0: exit_log"),
     ([{"trace": "a.parquet", "exits": "e.parquet"}, {"trace": "b.parquet", "exits": "e.parquet"}],
      "is the same file as"),
