@@ -229,6 +229,14 @@ def test_warm_up_happens_once_per_process_under_a_machine_wide_lock(tmp_path):
     assert subprocess.run([sys.executable, "-c", probe, str(lock)]).returncode == 0
 
 
+def test_without_dask_one_line_says_what_to_install(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed fails
+    with pytest.raises(InputError, match=r"pip install 'sppjit\[dask\]'"):
+        F.fleet(files / "crossed.json", workers=1)
+    result = runner.invoke(cli.app, ["fleet", "--help"])
+    assert result.exit_code == 0 and "--scheduler" in result.stdout
+
+
 def test_scheduler_and_workers_exclude_each_other(files):
     with pytest.raises(InputError, match="cannot be given together"):
         F.fleet(files / "crossed.json", scheduler="tcp://127.0.0.1:1", workers=2)
