@@ -213,7 +213,6 @@ def plan(manifest, *, outdir: str | None = None, base: str | None = None,
     are not read here (a bad trace fails its rows, on the workers). ``outdir``: every row
     without outputs of its own writes ``TRACE_NAME.CONFIG.summary.json`` and
     ``TRACE_NAME.CONFIG.exits.parquet`` there."""
-    from .io.atomic import check_distinct
     from .io.output import check_output_path
     from .job import Job, JobInputs, JobOutputs, VmSpec
 
@@ -270,15 +269,27 @@ def plan(manifest, *, outdir: str | None = None, base: str | None = None,
                 check_output_path(path, option=f"{where}: {parameter}",
                                   table=parameter in ("results", "exit_log"))
         tasks.append(FleetTask(trace_name, config, job))
-    # An output may not be an input or another row's output; inputs may repeat.
-    inputs = {os.path.abspath(p): (f"{t.name} {k}") for t in tasks
-              for k, p in (("trace", t.job.inputs.trace), ("protect", t.job.inputs.protection),
-                           ("ops", t.job.inputs.timeline),
-                           ("memslots", t.job.vm.memslots_file)) if p is not None}
-    named = [(what, path) for path, what in inputs.items()]
-    named += [(f"{t.name} {k}", p) for t in tasks for k, p in t.job.outputs.paths()]
-    check_distinct(named)
+    _check_distinct(tasks)
     return tasks
+
+
+def _check_distinct(tasks: list[FleetTask]) -> None:
+    """No output is an input or another output (inputs may repeat: rows share traces and
+    protections). By resolved path, in one pass: a fleet may have many thousand rows."""
+    seen: dict[str, str] = {}
+    for t in tasks:
+        for what, path in (("trace", t.job.inputs.trace), ("protect", t.job.inputs.protection),
+                           ("ops", t.job.inputs.timeline), ("memslots", t.job.vm.memslots_file)):
+            if path is not None:
+                seen.setdefault(os.path.realpath(path), f"{t.name} {what}")
+    for t in tasks:
+        for what, path in t.job.outputs.paths():
+            if path is None:
+                continue
+            key = os.path.realpath(path)
+            if key in seen:
+                raise InputError(f"{t.name} {what}: {path} is the same file as {seen[key]}")
+            seen[key] = f"{t.name} {what}"
 
 
 def _int(value, key: str, where: str) -> int | None:
