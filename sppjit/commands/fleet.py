@@ -27,7 +27,7 @@ HELP = (
     "(the error column) and the others complete; the exit code is then 2."
 )
 EPILOG = ("Example: sppjit fleet jobs.json --workers 2 --out fleet.parquet --outdir runs/; "
-          "on a cluster: sppjit fleet /shared/jobs.csv --scheduler tcp://head:8786")
+          "on a cluster: sppjit fleet /nfs/sppjit/jobs.csv --scheduler tcp://head:8786")
 
 
 def fleet(
