@@ -54,6 +54,7 @@ from sppjit import __version__  # noqa: E402
 from sppjit.commands import bench as _bench  # noqa: E402
 from sppjit.commands import compare as _compare  # noqa: E402
 from sppjit.commands import convert as _convert  # noqa: E402
+from sppjit.commands import fleet as _fleet  # noqa: E402
 from sppjit.commands import generate as _generate  # noqa: E402
 from sppjit.commands import inspect as _inspect  # noqa: E402
 from sppjit.commands import replay as _replay  # noqa: E402
@@ -271,6 +272,7 @@ app.command("report", no_args_is_help=True, help=_report.HELP,
             epilog=_report.EPILOG)(_report.report)
 app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
 app.command("sweep", no_args_is_help=True, help=_sweep.HELP, epilog=_sweep.EPILOG)(_sweep.sweep)
+app.command("fleet", no_args_is_help=True, help=_fleet.HELP, epilog=_fleet.EPILOG)(_fleet.fleet)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

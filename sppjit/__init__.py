@@ -31,9 +31,9 @@ _LAZY = {
     "save_state": ("savestate", "save_state"),
     "load_state": ("savestate", "load_state"),
 }
-# Submodules reachable as attributes; sppjit.replay(vm, trace) and sppjit.sweep(trace,
-# configs) are also callable (their modules call their function).
-_MODULES = ("replay", "sweep", "abi", "job", "compare", "io", "savestate", "bits")
+# Submodules reachable as attributes; sppjit.replay(vm, trace), sppjit.sweep(trace, configs)
+# and sppjit.fleet(manifest) are also callable (their modules call their function).
+_MODULES = ("replay", "sweep", "fleet", "abi", "job", "compare", "io", "savestate", "bits")
 
 __all__ = ["SppError", "InputError", "VmEntryError", "__version__", *_LAZY, *_MODULES]
 

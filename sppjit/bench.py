@@ -586,3 +586,185 @@ def format_parallel(result: dict) -> str:
                 f"{s['sweep_speedup']:>6.2f}x {s['replays_per_second'] / 1e6:>9.1f}"
             )
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- fleet
+FLEET_ACCESSES = 1_000_000
+FLEET_TRACES = 4
+FLEET_WORKERS = 2
+FLEET_SCENARIO = "guarded"
+
+
+def _fleet_manifest(directory: str, scenario: str, accesses: int, seed: int, traces: int) -> dict:
+    """``traces`` seeded traces of ``scenario`` and their protections (Parquet files in
+    ``directory``), crossed with compare's three configurations: a fleet manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .datasets import scenarios as S
+    from .sweep import DEFAULT_CONFIGS
+
+    entries = []
+    for i in range(traces):
+        sc = S.make(scenario, accesses, seed + i)
+        trace = os.path.join(directory, f"{scenario}-{i}.parquet")
+        _write_trace(sc, trace)
+        entry = {"trace": trace}
+        if sc.protect_gfn.shape[0]:
+            entry["protect"] = os.path.join(directory, f"{scenario}-{i}.protect.parquet")
+            pq.write_table(pa.table({"gfn": sc.protect_gfn, "access": sc.protect_access}),
+                           entry["protect"])
+        entries.append(entry)
+    return {"traces": entries, "configs": [c.as_dict() for c in DEFAULT_CONFIGS],
+            "memory": sc.memory, "vcpus": sc.vcpus}
+
+
+def _plain_part() -> None:
+    """A child of _plain_processes: warm up, read its jobs (a JSON list), say ready, wait
+    for the go line, run them one after the other, print the seconds."""
+    import json
+    import sys
+
+    from . import fleet as F
+    from . import job as J
+
+    F.warm_worker()
+    jobs = [J.Job.from_dict(j) for j in json.loads(sys.stdin.readline())]
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t = time.perf_counter()
+    for job in jobs:
+        J.run(job)
+    print(time.perf_counter() - t, flush=True)
+
+
+def _plain_processes(tasks, workers: int) -> float:
+    """Wall seconds of the jobs shared out over ``workers`` plain processes (a job in k
+    goes to process k mod workers), no Dask: what the machine gives that many processes,
+    now."""
+    import json
+    import subprocess
+    import sys
+
+    children = [subprocess.Popen([sys.executable, "-c", "from sppjit.bench import _plain_part; "
+                                  "_plain_part()"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    try:
+        for k, child in enumerate(children):
+            child.stdin.write(json.dumps([t.job.to_dict() for t in tasks[k::workers]]) + "\n")
+            child.stdin.flush()
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("a plain worker process failed to start")
+        t = time.perf_counter()
+        for child in children:
+            child.stdin.write("\n")
+            child.stdin.flush()
+        for child in children:
+            child.stdout.readline()
+        return time.perf_counter() - t
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait()
+
+
+def run_fleet_bench(scenario: str = FLEET_SCENARIO, accesses: int = FLEET_ACCESSES,
+                    seed: int = 0, traces: int = FLEET_TRACES, workers: int = FLEET_WORKERS,
+                    repeat: int = 3) -> dict:
+    """A fleet of ``traces`` traces x compare's three configurations on a LocalCluster of
+    ``workers`` processes against the same jobs run one after the other here (sppjit.job.run:
+    the serial sum), in one run: the fleet's wall clock (best of ``repeat``, on a started
+    cluster), its ratio to the ideal (serial sum / workers), and where the rest goes: the
+    cluster's start, each worker's warm-up (numba's cache load) and the scheduling between
+    jobs (the wall clock less the busiest worker's jobs). The fleet's rows are checked equal
+    to the serial jobs' (RuntimeError otherwise)."""
+    import tempfile
+
+    from . import fleet as F
+    from . import job as J
+    from .sweep import TIMING_COLUMNS
+
+    check_scenarios([scenario], "scenario")
+    distributed = F._dask()
+
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
+
+    result = {"sppjit_version": __version__,
+              "machine": {"processor": platform.processor() or platform.machine(),
+                          "cpus": os.cpu_count(), "python": platform.python_version()},
+              "scenario": scenario, "accesses": accesses, "seed": seed, "traces": traces,
+              "workers": workers, "repeat": repeat, "compile_seconds": warm_up()}
+    with tempfile.TemporaryDirectory(prefix="sppjit-fleet-") as d:
+        manifest = _fleet_manifest(d, scenario, accesses, seed, traces)
+        tasks = F.plan(manifest)
+        result["jobs"] = len(tasks)
+        t = time.perf_counter()
+        with F.local_cluster(workers) as cluster, distributed.Client(cluster) as client:
+            result["cluster_start_seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            warm = client.run(F.warm_worker)  # every worker at once, as a fleet's first jobs
+            result["warm_seconds"] = time.perf_counter() - t
+            result["worker_warm_seconds"] = sorted(warm.values())
+            serial, runs, plain = [], [], []
+            for _ in range(repeat):  # interleaved, so that a noisy minute hits all alike
+                plain.append(_plain_processes(tasks, workers))
+                t = time.perf_counter()
+                rows = [F.fleet_row(task, J.run(task.job).summary.to_dict()) for task in tasks]
+                serial.append((time.perf_counter() - t, rows))
+                t = time.perf_counter()
+                run = F.fleet(manifest, scheduler=client)
+                runs.append((time.perf_counter() - t, run))
+    expect = timeless(serial[0][1])
+    for _seconds, run in runs:
+        if timeless(run.table.to_pylist()) != expect or run.errors:
+            raise RuntimeError("a fleet's rows differ from the serial jobs'")
+    serial_s = min(s for s, _ in serial)
+    fleet_s, best = min(runs, key=lambda r: r[0])
+    busy: dict = {}
+    for task in best.document["tasks"]:
+        busy[task["pid"]] = busy.get(task["pid"], 0.0) + task["seconds"]
+    ideal = serial_s / workers
+    result.update({
+        "serial_seconds": serial_s, "ideal_seconds": ideal, "fleet_seconds": fleet_s,
+        "fleet_over_ideal": fleet_s / ideal, "speedup": serial_s / fleet_s,
+        "worker_busy_seconds": sorted(busy.values()),
+        # the workers' jobs against the same jobs here: above 1, the cores gave less than
+        # one job each (other tenants, two vCPUs sharing a core), not Dask
+        "job_slowdown": sum(busy.values()) / serial_s,
+        # the wall clock no worker spent in a job: submitting, scheduling, gathering, idling
+        "scheduling_seconds": fleet_s - max(busy.values()),
+        "with_start_over_ideal": (result["cluster_start_seconds"] + result["warm_seconds"]
+                                  + fleet_s) / ideal,
+        "machine_parallelism": machine_parallelism(workers),
+        # the same jobs over as many plain processes, no Dask: the machine's own ceiling
+        "plain_processes_seconds": min(plain),
+        "fleet_over_plain_processes": fleet_s / min(plain),
+    })
+    return result
+
+
+def format_fleet_bench(result: dict) -> str:
+    busy = ", ".join(f"{s:.2f}" for s in result["worker_busy_seconds"])
+    warm = ", ".join(f"{s:.2f}" for s in result["worker_warm_seconds"])
+    return "\n".join([
+        f"sppjit {result['sppjit_version']} bench --fleet: {result['traces']} traces of "
+        f"{result['scenario']} x 3 configurations ({result['jobs']} jobs, "
+        f"{result['accesses']:,} accesses each, seed {result['seed']}) on a LocalCluster of "
+        f"{result['workers']} workers ({result['machine']['cpus']} cores), best of "
+        f"{result['repeat']}",
+        f"serial sum        {result['serial_seconds']:8.2f} s  (the jobs one after the other, here)",
+        f"ideal             {result['ideal_seconds']:8.2f} s  (serial sum / {result['workers']})",
+        f"fleet             {result['fleet_seconds']:8.2f} s  {result['fleet_over_ideal']:.2f}x the "
+        f"ideal, {result['speedup']:.2f}x the serial sum",
+        f"  workers busy    {busy} s ({result['job_slowdown']:.2f}x the serial sum); scheduling "
+        f"and gathering {result['scheduling_seconds']:.2f} s",
+        f"cluster start     {result['cluster_start_seconds']:8.2f} s; warm-up {result['warm_seconds']:.2f} s "
+        f"(per worker {warm} s); with both: {result['with_start_over_ideal']:.2f}x the ideal",
+        f"plain processes   {result['plain_processes_seconds']:8.2f} s  (the jobs over "
+        f"{result['workers']} processes, no Dask): the fleet takes "
+        f"{result['fleet_over_plain_processes']:.2f}x that",
+        f"machine: {result['workers']} threads hashing ran {result['machine_parallelism']:.2f}x "
+        "one thread, in this run",
+    ])

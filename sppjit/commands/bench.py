@@ -74,6 +74,11 @@ def bench(
              "replays of the same trace (--accesses, default 4M), on 1 thread and on every "
              "core, per scenario.")] = False,
     no_progress: NoProgressOpt = False,
+    fleet: Annotated[bool, typer.Option(
+        "--fleet",
+        help="Instead: a fleet of 4 traces (first --scenario, default guarded; --accesses "
+             "each, default 1M) x 3 configurations on a local Dask cluster of 2 workers, "
+             "against the same jobs run one after the other (needs sppjit[dask]).")] = False,
 ) -> None:
     from sppjit.bench import check_scenarios
     from sppjit.commands.progress import Shown, wanted
@@ -85,6 +90,18 @@ def bench(
         from sppjit.io.output import check_output_path
 
         check_output_path(json_out, option="--json")
+
+    if fleet:
+        from sppjit.bench import FLEET_ACCESSES, FLEET_SCENARIO, format_fleet_bench, run_fleet_bench
+
+        result = run_fleet_bench(names[0] if scenario else FLEET_SCENARIO,
+                                 accesses=accesses or FLEET_ACCESSES, seed=seed)
+        typer.echo(format_fleet_bench(result))
+        if json_out is not None:
+            from sppjit.io.output import write_json_atomic
+
+            write_json_atomic(json_out, result)
+        return
 
     if parallel:
         from sppjit.bench import PARALLEL_ACCESSES, format_parallel, run_parallel

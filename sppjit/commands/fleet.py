@@ -1,0 +1,148 @@
+"""``sppjit fleet``: replay every trace x configuration of a manifest on a Dask cluster.
+
+The logic is sppjit.fleet (also the Python API); this module parses the options, checks the
+table's path before any work, writes it all-or-nothing and prints a row per job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from sppjit.commands import PANEL_OUTPUT, err, is_tty
+from sppjit.errors import InputError
+
+HELP = (
+    "Replay many traces under many configurations as jobs on a Dask cluster.\n\n"
+    "MANIFEST (Parquet, CSV or JSON) lists the jobs: a row per trace and configuration "
+    "(columns trace, config: a spec as sppjit sweep --config takes, protect, ops, vcpus, "
+    "memory, ...), or one JSON object with a list of traces and a list of configs, crossed "
+    "(docs/fleet.md). Each job runs on a worker of a local cluster (--workers N processes, "
+    "default the cores) or of an existing one (--scheduler ADDRESS), reading its trace from "
+    "its path. Prints a row per job, as sppjit sweep does; a job that fails fails its row "
+    "(the error column) and the others complete; the exit code is then 2."
+)
+EPILOG = ("Example: sppjit fleet jobs.json --workers 2 --out fleet.parquet --outdir runs/; "
+          "on a cluster: sppjit fleet /nfs/sppjit/jobs.csv --scheduler tcp://head:8786")
+
+
+def fleet(
+    manifest: Annotated[str, typer.Argument(
+        metavar="MANIFEST", show_default=False,
+        help="The jobs: a table (Parquet, Arrow, CSV, JSON) or a JSON object of traces and "
+             "configs to cross.")],
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", metavar="ADDRESS",
+        help="An existing Dask scheduler (tcp://host:8786); not with --workers.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", metavar="N", min=1, max=1024, show_default="the cores",
+        help="Worker processes of a local cluster started for this fleet.")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", metavar="TABLE", rich_help_panel=PANEL_OUTPUT,
+        help="The table, a row per job (.parquet or .arrow).")] = None,
+    outdir: Annotated[str | None, typer.Option(
+        "--outdir", metavar="DIR", rich_help_panel=PANEL_OUTPUT,
+        help="An existing directory (shared by the workers): TRACE.CONFIG.summary.json and "
+             "TRACE.CONFIG.exits.parquet for every job whose row names no outputs.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", rich_help_panel=PANEL_OUTPUT,
+        help="Print the table and every job's summary as JSON instead of the table.")] = False,
+) -> None:
+    run_fleet(manifest=manifest, scheduler=scheduler, workers=workers, out=out,
+              outdir=outdir, json_out=json_out)
+
+
+def run_fleet(*, manifest: str, scheduler: str | None = None, workers: int | None = None,
+              out: str | None = None, outdir: str | None = None,
+              json_out: bool = False) -> dict:
+    """The fleet command without typer: check, run, write, print; returns the document."""
+    from sppjit.fleet import fleet as run
+    from sppjit.io.output import TableWriter, check_output_path, json_default
+
+    if scheduler is not None and workers is not None:
+        raise InputError("--scheduler and --workers cannot be used together (--workers "
+                         "starts a local cluster)")
+    if out is not None:
+        check_output_path(out, option="--out", table=True)
+    if outdir is not None and not os.path.isdir(outdir):
+        raise InputError(f"--outdir: {outdir} is not an existing directory")
+    shown = is_tty(sys.stderr)
+
+    def progress(done: int, total: int, row: dict) -> None:
+        if shown:
+            sys.stderr.write(f"\rfleet: {done}/{total} jobs\033[K")
+            sys.stderr.flush()
+
+    try:
+        result = run(manifest, scheduler=scheduler, workers=workers, outdir=outdir,
+                     progress=progress)
+    finally:
+        if shown:
+            sys.stderr.write("\r\033[K")
+    written = []
+    if out is not None:  # written whole under a temporary name, then renamed
+        with TableWriter(out, result.table.schema, option="--out") as writer:
+            writer.write_batch(result.table)
+        written.append(out)
+    document = result.document
+    if json_out:
+        sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
+    else:
+        sys.stdout.write(format_fleet(document, written))
+    sys.stdout.flush()
+    for task in document["tasks"]:
+        if task["note"]:
+            err(f"sppjit: note: {task['name']}: {task['note']}")
+    if result.errors:
+        raise InputError(f"{len(result.errors)} of {len(result.tasks)} jobs failed (their "
+                         "rows say why)")
+    return document
+
+
+_COLUMNS = (  # (heading, row key)
+    ("trace", "trace_name"), ("name", "name"), ("profile", "profile"),
+    ("gran", "granularity"), ("check", "subpage_check"), ("protect", "protect"),
+    ("accesses", "accesses"), ("exits", "exits"), ("violations", "spp_violation"),
+    ("touched", "pages_touched"), ("M acc/s", "accesses_per_second"),
+)
+_LEFT = {"trace_name", "name", "profile", "granularity", "subpage_check", "protect"}
+
+
+def format_fleet(document: dict, written: list[str] | None = None) -> str:
+    """A header, one line per job, then the errors."""
+    cluster, rows = document["cluster"], document["rows"]
+    kind = "local cluster" if cluster.get("local") else "cluster"
+    failed = sum(r["error"] is not None for r in rows)
+    out = (f"fleet    {len(rows)} jobs on a {kind} of {cluster['workers_seen']} workers "
+           f"({cluster['scheduler']}), {document['seconds']['total']:.1f} s"
+           f"{f', {failed} failed' if failed else ''}\n\n")
+    cells = [[_cell(key, r[key]) for _, key in _COLUMNS] for r in rows]
+    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (head, _) in enumerate(_COLUMNS)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if key in _LEFT else v.rjust(w)
+                         for v, w, (_, key) in zip(values, widths, _COLUMNS)).rstrip() + "\n"
+
+    out += line([head for head, _ in _COLUMNS]) + "".join(line(c) for c in cells)
+    for r in rows:
+        if r["error"] is not None:
+            out += f"error    {r['trace_name']}/{r['name']}: {r['error']}\n"
+    if written:
+        out += f"\nwrote    {', '.join(written)}\n"
+    return out
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "accesses_per_second":
+        return f"{value / 1e6:.1f}"
+    if key == "protect":
+        return os.path.basename(str(value))
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
