@@ -157,7 +157,7 @@ def _maps_for_pages(npages):
 
 def _protection_runs(gfns: np.ndarray, maps: np.ndarray, max_pages: int):
     """(gfn, map) pairs as the set_subpages calls VM.protect makes, vectorised: the pairs
-    sorted by gfn (stably), and per call its base gfn, its first pair and its page count
+    sorted by gfn, and per call its base gfn, its first pair and its page count
     (runs of consecutive gfns, cut every ``max_pages``). The same calls as
     sppjit.io.protect.runs, and the same InputError for a gfn given twice."""
     if gfns.shape != maps.shape:
@@ -168,11 +168,16 @@ def _protection_runs(gfns: np.ndarray, maps: np.ndarray, max_pages: int):
     if gfns.size > 1 and (gfns[1:] > gfns[:-1]).all():
         order = None  # already ascending (the common case: no sort, no copy)
     else:
-        order = np.argsort(gfns, kind="stable")
-        gfns, maps = gfns[order], maps[order]
+        # Distinct gfns have one ascending order: quicksort (4x faster than a stable sort)
+        # gives it; a duplicate is reported from the stable order, as io.protect.runs does.
+        raw = gfns
+        order = np.argsort(raw)
+        gfns, maps = raw[order], maps[order]
     steps = gfns[1:] - gfns[:-1]
     if order is not None and (steps == 0).any():
-        at = int(np.argmax(steps == 0))
+        order = np.argsort(raw, kind="stable")
+        gfns = raw[order]
+        at = int(np.argmax(gfns[1:] == gfns[:-1]))
         first, second = sorted((int(order[at]), int(order[at + 1])))
         raise InputError(f"protection: gfn {int(gfns[at]):#x} is given twice "
                          f"(rows {first} and {second})")
