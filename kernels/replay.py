@@ -73,6 +73,7 @@ _U_PAYLOAD = np.uint64(CACHE_PAYLOAD_MASK)
 # hand-poked state no KVM handler can repair): the worst legitimate case is 4.
 MAX_EXITS_PER_PIECE = 8
 LOG_MARGIN = 2 * MAX_EXITS_PER_PIECE + 2
+_NO_LOG_LIMIT = np.int64(1 << 62)  # a replay keeping counts only: the log is never full
 
 _U_511 = np.uint64(511)
 _NO_QUAL = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -100,8 +101,10 @@ def write_exit_fields(st, v, reason, qual, gpa, insn):
 
 
 @inline
-def log_exit(log, v, row, gpa, reason, qual, ek, user, insn):
-    """One exit-log entry (the caller counts it)."""
+def log_exit(log, keep_log, v, row, gpa, reason, qual, ek, user, insn):
+    """One exit-log entry (the caller counts it); nothing when the replay keeps counts only."""
+    if not keep_log:
+        return
     j = log.n[0]
     log.row[j] = row
     log.vcpu[j] = v
@@ -115,7 +118,7 @@ def log_exit(log, v, row, gpa, reason, qual, ek, user, insn):
 
 
 @inline
-def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, counters):
+def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, keep_log, counters):
     """Bytes first..plast of one page through the full check / exit / retry loop.
 
     ``known_qual`` is the qualification of the EPT violation fast_check already established
@@ -150,7 +153,7 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, counte
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
         write_exit_fields(st, v, reason, qual, first, insn)
         ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
-        log_exit(log, v, row, first, reason, qual, ek, user, insn)
+        log_exit(log, keep_log, v, row, first, reason, qual, ek, user, insn)
         counters[CT_EXIT_KIND + ek] += 1
         nexits += 1
         reason_last = reason
@@ -230,14 +233,14 @@ def count_fast_rows(counters, kind, r0, r1):
 
 
 @inline
-def take_spp_violation(st, log, counters, v, row, gpa, qual, insn, spp_exit_code):
+def take_spp_violation(st, log, keep_log, counters, v, row, gpa, qual, insn, spp_exit_code):
     """A sub-page violation taken in the fast loop: what slow_piece would leave, without
     running kvm_handle_exit (whose answer for it is known: a write fault on a leaf with the
     SPP bit and W clear, in SPP granularity) and with the row's counts moved from allowed,
     where count_fast_rows puts the loop's rows. The caller writes the row's results."""
     write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, gpa, insn)
-    log_exit(log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_SPP_VIOLATION, spp_exit_code,
-             insn)
+    log_exit(log, keep_log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_SPP_VIOLATION,
+             spp_exit_code, insn)
     counters[CT_EXIT_KIND + B.EXIT_KIND_SPP_VIOLATION] += 1
     counters[CT_OUTCOME + B.OUTCOME_ALLOWED] -= 1
     counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += 1
@@ -245,7 +248,7 @@ def take_spp_violation(st, log, counters, v, row, gpa, qual, insn, spp_exit_code
 
 
 @inline
-def take_fault_in(st, log, counters, v, row, gfn, gpa, qual, insn):
+def take_fault_in(st, log, keep_log, counters, v, row, gfn, gpa, qual, insn):
     """An EPT violation on a not-present 4 KiB leaf taken in the fast loop, when KVM's fault-in
     is kvm_map_gfn_common's case (a RAM gfn whose region has its level-1 table, nothing to
     protect: it writes gfn's leaf and nothing else). Returns False, having done nothing, when
@@ -256,7 +259,7 @@ def take_fault_in(st, log, counters, v, row, gfn, gpa, qual, insn):
     # The exit fields after the map (slow_piece writes them before the handler): the map does
     # not read them, and a fault-in that is not this case must leave nothing behind.
     write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, gpa, insn)
-    log_exit(log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_EPT_FAULT, 0, insn)
+    log_exit(log, keep_log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_EPT_FAULT, 0, insn)
     counters[CT_EXIT_KIND + B.EXIT_KIND_EPT_FAULT] += 1
     return True
 
@@ -294,6 +297,9 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
     faster on hot and sequential traces (less code in the loop, better laid out) and adds
     little compile time (the in-place exits are not duplicated).
     """
+    # (keep_log is not a parameter: 31 arguments would make CPython pass them as *args, which
+    # numba cannot inline.)
+    keep_log = log_limit != _NO_LOG_LIMIT
     page_ahead_prev = _NO_PAGE
     while ru < end:
         ahead = ru + _U_PREFETCH_DISTANCE
@@ -328,7 +334,7 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                 if code == FAST_SPP_VIOLATION:
                     if not spp_exits_inline:
                         return ru, code, qual, 0, memo_gfn, memo_cum
-                    take_spp_violation(st, log, counters, v, row, first, qual, insn, spp_exit_code)
+                    take_spp_violation(st, log, keep_log, counters, v, row, first, qual, insn, spp_exit_code)
                     outcome[ru] = B.OUTCOME_SPP_VIOLATION
                     exits[ru] = 1
                     exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
@@ -336,7 +342,7 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                     continue
                 if code != FAST_NOT_PRESENT or not faults_inline:
                     return ru, code, qual, 0, memo_gfn, memo_cum
-                if not take_fault_in(st, log, counters, v, row, gfn, first, qual, insn):
+                if not take_fault_in(st, log, keep_log, counters, v, row, gfn, first, qual, insn):
                     return ru, code, qual, 0, memo_gfn, memo_cum
                 code, qual = fast_check(st, v, first, last, k)  # the guest's retry
                 if code != FAST_ALLOWED:
@@ -359,9 +365,12 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
 
 
 @kernel
-def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, counters,
-                 touched_dir, touched_words, touched_n):
+def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, keep_log,
+                 counters, touched_dir, touched_words, touched_n):
     """Replay rows start.. of one batch. Returns (status, row to resume from, detail).
+
+    With ``keep_log`` False the replay keeps counts only: no exit is written to ``log`` (and
+    it never stops for room there); every counter and result column is as with it.
 
     Two loops: the inner one runs the rows the caches decide (allowed, one page); the first
     row it cannot decide breaks out to the outer one, which takes that row through the full
@@ -391,7 +400,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     # The rest, and any exit when the log is nearly full, leave for the outer loop.
     spp_exits_inline = st.cfg[CF_GRANULARITY] != GRAN_PAGE
     spp_exit_code = kvm_exit_spp_code(st)
-    log_limit = log.row.shape[0] - LOG_MARGIN
+    log_limit = log.row.shape[0] - LOG_MARGIN if keep_log else _NO_LOG_LIMIT
     # Requests are only ever cleared in here (serve_requests), never raised: once none is
     # pending, the inner loop need not look at them.
     pending = False
@@ -447,7 +456,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         # nothing and log nothing.
         if st.tables.shape[0] - st.scal[SC_NTABLES] < margin:
             return STATUS_NEED_TABLES, r, 0
-        if log.row.shape[0] - log.n[0] < LOG_MARGIN:
+        if keep_log and log.row.shape[0] - log.n[0] < LOG_MARGIN:
             return STATUS_NEED_LOG, r, 0
         if touched_words.shape[0] // _TOUCHED_BLOCK_WORDS - touched_n[0] < 2:  # a row touches two pages at most
             return STATUS_NEED_TOUCHED, r, 0
@@ -477,7 +486,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             if code != FAST_ALLOWED:
                 known = qual if code >= FAST_VIOLATION else _NO_QUAL
                 ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known,
-                                             carried, log, counters)
+                                             carried, log, keep_log, counters)
                 memo_gfn = _NO_PAGE
                 if not ok:
                     return STATUS_LIVELOCK, r, np.int64(first)

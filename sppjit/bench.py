@@ -64,9 +64,8 @@ def _replay_seconds(scenario, engine: str, rows: int, batch_size: int) -> tuple[
     from .replay import Replay, discard_exits
 
     vm = _vm_for(scenario)
-    # As `sppjit replay --summary` runs: every exit is written to the kernel's log buffer,
-    # counted and dropped (the exit log's Arrow conversion is output work, measured by
-    # --end-to-end).
+    # As `sppjit replay --summary` runs: counts only, no exit-log rows (the exit log's
+    # writing is output work, measured by --end-to-end).
     session = Replay(vm, engine, on_exits=discard_exits)
     cols = {k: v[:rows] for k, v in scenario.columns().items()}
     for batch in open_trace(cols, batch_size=batch_size):
