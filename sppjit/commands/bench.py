@@ -59,6 +59,16 @@ def bench(
     workdir: Annotated[str | None, typer.Option(
         "--workdir", metavar="DIR", help="Where --end-to-end writes its traces (needs ~50 bytes "
              "per row).")] = None,
+    workloads: Annotated[bool, typer.Option(
+        "--workloads",
+        help="Instead: the whole call (VM, protection, replay; summary only and with the "
+             "results table) against the numpy check on a protected hot set (20M writes) and "
+             "guarded (10M writes).")] = False,
+    exit_costs: Annotated[bool, typer.Option(
+        "--exit-costs",
+        help="Instead: the per-access cost of an exit taken on every access (sub-page "
+             "violation, page-granular write protect, fault-in) against the same accesses "
+             "allowed.")] = False,
     parallel: Annotated[bool, typer.Option(
         "--parallel",
         help="Instead: a 3-configuration sweep (page, spp_v4, spp_v12) against three serial "
@@ -72,6 +82,21 @@ def bench(
         from sppjit.io.output import check_output_path
 
         check_output_path(json_out, option="--json")
+
+    if workloads or exit_costs:
+        from sppjit import bench as B
+
+        if workloads:
+            result = B.run_workloads(seed=seed, batch_size=batch_size)
+            typer.echo(B.format_workloads(result))
+        else:
+            result = B.run_exit_costs(seed=seed, batch_size=batch_size)
+            typer.echo(B.format_exit_costs(result))
+        if json_out is not None:
+            from sppjit.io.output import write_json_atomic
+
+            write_json_atomic(json_out, result)
+        return
 
     if parallel:
         from sppjit.bench import PARALLEL_ACCESSES, format_parallel, run_parallel
