@@ -317,6 +317,7 @@ class Replay:
         row = 0
         while True:
             with vm.mmu_lock:
+                vm.caches_in_use()  # under the lock: a control-plane reset cannot slip in between
                 status, row, detail = replay_batch(
                     vm.state, *columns, np.int64(batch.first_row), np.int64(row), outcome, exits, reason, self._log,
                     keep_log, self.counters, *self.touched.arrays(),

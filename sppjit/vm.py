@@ -312,6 +312,7 @@ class VM:
         elif not 1 <= int(table_capacity) <= MAX_INITIAL_TABLES:
             raise InputError(f"table_capacity must be 1..{MAX_INITIAL_TABLES}, not {table_capacity}")
         self.state = L.empty_state(int(vcpus), slots, int(table_capacity), cfg)
+        self._caches_clean = True  # empty_state's caches hold no walk
         st = self.state
         root = K.alloc_table(st, L.TABLE_EPT, 4)
         st.scal[L.SC_EPT_ROOT] = root
@@ -321,6 +322,21 @@ class VM:
         self._vcpus = [Vcpu(self, i) for i in range(int(vcpus))]
 
     # ------------------------------------------------------------------ plumbing
+    @property
+    def state(self) -> L.State:
+        return self._state
+
+    @state.setter
+    def state(self, value: L.State) -> None:
+        # A state from elsewhere (grown pools, a loaded save) may hold cached walks.
+        self._state = value
+        self._caches_clean = False
+
+    def caches_in_use(self) -> None:
+        """Say that a replay kernel is about to run on this state: it may fill the region
+        caches, so the next invalidate_caches must reset them (sppjit.replay calls this)."""
+        self._caches_clean = False
+
     @property
     def vcpus(self) -> int:
         return self.config.vcpus
@@ -343,9 +359,17 @@ class VM:
         return B.KVM_SUBPAGE_MAX_PAGES if self.is_v12 else B.SUBPAGE_MAX_BITMAP
 
     def invalidate_caches(self) -> None:
-        """Forget every cached walk (after any change made outside the replay kernels)."""
+        """Forget every cached walk (after any change made outside the replay kernels).
+
+        Only the replay kernels fill the caches (hardware_check); every other kernel only
+        resets entries. So when no replay ran since the last reset, and the state was not
+        replaced, there is nothing to forget: a VM with 2**18-entry caches per vCPU would
+        otherwise pay milliseconds of memset on every control-plane call."""
+        if self._caches_clean:
+            return
         self.state.ept_cache.fill(L.CACHE_INVALID)
         self.state.sppt_cache.fill(L.CACHE_INVALID)
+        self._caches_clean = True
 
     def ensure_tables(self, extra: int) -> None:
         """Grow the table pool so that ``extra`` more tables fit (indices, hence addresses, stay).
@@ -367,7 +391,7 @@ class VM:
             kind[:used] = st.table_kind[:used]
             level = np.zeros(new_cap, dtype=np.uint8)
             level[:used] = st.table_level[:used]
-            self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
+            self._state = st._replace(tables=tables, table_kind=kind, table_level=level)  # same caches
 
     def ensure_maps(self, extra: int) -> None:
         """Grow the access-map pools so that ``extra`` more nodes and blocks fit (their indices
@@ -385,7 +409,7 @@ class VM:
                 bigger[:used] = pool[:used]
                 grown[name] = bigger
             if grown:
-                self.state = st._replace(**grown)
+                self._state = st._replace(**grown)  # same caches
 
     def _tables_for_pages(self, npages: int) -> int:
         if self.is_v12:
