@@ -166,3 +166,23 @@ def test_runs_match_io_protect_runs():
     dup = np.array([7, 0x42, 3, 0x42], np.uint64), np.zeros(4, np.uint32)
     assert outcome(lambda: _protection_runs(*dup, 8)) == outcome(lambda: runs(*dup, 8))
     assert outcome(lambda: runs(*dup, 8))[0] == "InputError"
+
+
+def test_control_plane_resets_caches_a_replay_filled():
+    """invalidate_caches skips its memset only while no replay ran (sppjit.vm): after one, the
+    next control-plane call resets every entry, and a replaced state counts as filled."""
+    from sppjit.kernels import layout as L
+
+    vm = VM(memory="64M")
+    trace = {"gpa": np.arange(0, 1 << 24, 1 << 12, dtype=np.uint64), "size": np.full(4096, 8, np.uint16)}
+    for change in (lambda: vm.protect([5], [0]), lambda: vm.zap(7), lambda: vm.set_subpages(9, [1])):
+        vm.replay(trace)
+        assert (vm.state.ept_cache != L.CACHE_INVALID).any()
+        change()
+        assert (vm.state.ept_cache == L.CACHE_INVALID).all() and (vm.state.sppt_cache == L.CACHE_INVALID).all()
+    vm.replay(trace)
+    filled = vm.state.ept_cache.copy()
+    fresh = VM(memory="64M")
+    fresh.state = vm.state._replace(ept_cache=filled)  # as loading a saved state does
+    fresh.invalidate_caches()
+    assert (fresh.state.ept_cache == L.CACHE_INVALID).all()
