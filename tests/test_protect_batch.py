@@ -15,7 +15,17 @@ from sppjit.errors import InputError, SppError
 from sppjit.io.protect import runs
 from sppjit.vm import VM, _protection_runs
 
-from strategies import EXAMPLES, SETTINGS, access_maps, mmio_gfns, ram_gfns, spaces, trace_arrays, traces, vm_specs
+from strategies import (
+    EXAMPLES,
+    SETTINGS,
+    access_maps,
+    mmio_gfns,
+    ram_gfns,
+    spaces,
+    trace_arrays,
+    traces,
+    vm_specs,
+)
 
 
 def per_call_protect(vm, gfns, maps):
@@ -106,8 +116,8 @@ def test_batch_protect_equals_per_call(case):
     for prot in (first, second):
         if prot is None:
             continue
-        got = outcome(lambda: batch.protect(*prot))
-        want = outcome(lambda: per_call_protect(calls, *prot))
+        got = outcome(lambda p=prot: batch.protect(*p))
+        want = outcome(lambda p=prot: per_call_protect(calls, *p))
         assert got == want
         assert_same_state(batch, calls)
     assert replay_figures(batch, after) == replay_figures(calls, after)
