@@ -79,6 +79,7 @@ def kvm_handle_exit(st, v, reason, qual, gpa, kind):
     if kind == B.ACCESS_WRITE and (e & U_W) == U0:
         if st.cfg[CF_GRANULARITY] == GRAN_PAGE:
             if access_map_of(st, gfn) != FULL_ACCESS_U32:
+                # Taken in the replay's fast loop too (kernels.replay.is_write_protect_exit).
                 return B.EXIT_KIND_WRITE_PROTECT, B.KVM_EXIT_MEMORY_FAULT, B.OUTCOME_WRITE_PROTECT_VIOLATION
         elif (e & U_SPP) != U0:
             # fast_page_fault: a write fault on an SPTE with the SPP bit is a sub-page
@@ -86,7 +87,7 @@ def kvm_handle_exit(st, v, reason, qual, gpa, kind):
             # reports its length and lets userspace decide, and sppjit's userspace skips it:
             # in both profiles the write is dropped.
             # The replay's fast loop takes this exit without calling here
-            # (kernels.replay.take_spp_violation): a change to this rule changes it there too,
+            # (kernels.replay.take_refused_write): a change to this rule changes it there too,
             # and the engine-equivalence tests compare the two.
             return B.EXIT_KIND_SPP_VIOLATION, kvm_exit_spp_code(st), B.OUTCOME_SPP_VIOLATION
         # A page KVM itself left write-protected: make it writable and retry.

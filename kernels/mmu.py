@@ -609,9 +609,10 @@ def kvm_install_mmio(st, gfn):
     st.scal[SC_MMIO_PAGES] += 1
 
 
-@kernel
-def kvm_set_subpages(st, base_gfn, access_maps, npages):
-    """kvm_mmu_set_subpages (v4) / kvm_spp_set_permission (v12) for ``npages`` gfns.
+@inline
+def set_subpages_pages(st, base_gfn, access_maps, offset, npages):
+    """kvm_mmu_set_subpages (v4) / kvm_spp_set_permission (v12) for ``npages`` gfns from
+    ``base_gfn``, their maps at access_maps[offset:offset + npages].
 
     Returns the number of gfns applied: npages on success, k < npages when gfn base+k has no
     memslot (-EFAULT; the k earlier gfns stay applied: no rollback, in both profiles).
@@ -628,7 +629,7 @@ def kvm_set_subpages(st, base_gfn, access_maps, npages):
         spp_flush_sppt(st, base_gfn + np.uint64(k))
     for k in range(done):
         gfn = base_gfn + np.uint64(k)
-        m = np.uint32(access_maps[k])
+        m = np.uint32(access_maps[offset + k])
         t, i, level = ept_leaf(st, gfn)
         if level == 1:
             st.tables[t, i] = kvm_spp_mark_protection(st, gfn, st.tables[t, i], m)
@@ -636,6 +637,45 @@ def kvm_set_subpages(st, base_gfn, access_maps, npages):
             zap_leaf(st, t, i, gfn)
         store_map(st, gfn, m)
     return done
+
+
+@kernel
+def kvm_set_subpages(st, base_gfn, access_maps, npages):
+    """One KVM_SUBPAGES_SET_ACCESS call (set_subpages_pages). Returns the gfns applied."""
+    return set_subpages_pages(st, base_gfn, access_maps, 0, npages)
+
+
+# Results of kvm_set_subpages_runs.
+RUNS_DONE = 0
+RUNS_NEED_ROOM = 1  # run ``j`` needs the pools grown first (sppjit.vm grows them, calls again)
+RUNS_EFAULT = 2  # run ``j`` stopped at its gfn ``done`` (no memslot); the earlier ones stay
+
+
+@kernel
+def kvm_set_subpages_runs(st, run_gfn, run_offset, run_len, access_maps, need_tables, need_maps, first):
+    """Runs first.. of a protection as the set_subpages calls sppjit.vm would make for them, one
+    after the other, in one kernel call: run j is a call for run_len[j] gfns from run_gfn[j],
+    maps at access_maps[run_offset[j]:], counting one TLB flush when it applied any page
+    (kvm_flush_remote_tlbs after the update), exactly as VM._kvm_set_subpages does per call.
+
+    Before each run it checks the room the per-call path makes for it (``need_tables[j]``
+    free tables, ``need_maps[j]`` free map nodes and blocks) and stops, with RUNS_NEED_ROOM,
+    where there is not: the caller grows the pools as that call would have, and calls again
+    from run j, so the pools grow at the same points. Returns (status, run, pages applied in
+    it): (RUNS_DONE, runs, 0), (RUNS_NEED_ROOM, j, 0) or (RUNS_EFAULT, j, done).
+    """
+    for j in range(first, run_gfn.shape[0]):
+        if (st.tables.shape[0] - st.scal[SC_NTABLES] < need_tables[j]
+                or st.map_nodes.shape[0] - st.scal[SC_MAP_NODES] < need_maps[j]
+                or st.map_blocks.shape[0] - st.scal[SC_MAP_BLOCKS] < need_maps[j]):
+            return RUNS_NEED_ROOM, j, 0
+        n = run_len[j]
+        done = set_subpages_pages(st, run_gfn[j], access_maps, run_offset[j], n)
+        if done > 0:
+            st.scal[SC_TLB_FLUSHES] += 1
+        if done < n:
+            return RUNS_EFAULT, j, done
+    return RUNS_DONE, run_gfn.shape[0], 0
 
 
 @kernel

@@ -8,8 +8,9 @@ through ``fast_check`` first; anything it cannot decide from the caches takes th
 
 Where the time goes (README, "Performance"): a hot trace is bound by the instructions of the
 inner loop, a random one by cache misses (hence the prefetching), an exit-heavy one by KVM's
-handler and the exit log. The two common exits (a sub-page violation, a fault-in in
-kvm_map_gfn_common's case) are taken in the inner loop itself; the others leave it. numba
+handler and the exit log. The common exits (a sub-page violation, a page-granular
+write-protect exit, a fault-in in kvm_map_gfn_common's case) are taken in the inner loop
+itself; the others leave it. numba
 passes every array of the state by value (~180 words) to a function that is not inlined, so
 nothing on a path taken per exit is out of line.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U0, U1, U_PAGE_OFFSET, U_PAGE_SHIFT, inline, kernel, prefetch
+from ._jit import FULL_ACCESS_U32, U0, U1, U_PAGE_OFFSET, U_PAGE_SHIFT, U_W, inline, kernel, prefetch
 from .exits import kvm_handle_exit
 from .hardware import (
     FAST_ALLOWED,
@@ -43,7 +44,15 @@ from .layout import (
     SC_NVCPUS,
     SC_SPP_ACTIVE,
 )
-from .mmu import RESUME, kvm_exit_spp_code, kvm_map_gfn_common, memslot_of, serve_requests
+from .mmu import (
+    RESUME,
+    access_map_of,
+    ept_leaf,
+    kvm_exit_spp_code,
+    kvm_map_gfn_common,
+    memslot_of,
+    serve_requests,
+)
 
 STATUS_DONE = 0
 STATUS_NEED_TABLES = 1
@@ -73,6 +82,7 @@ _U_PAYLOAD = np.uint64(CACHE_PAYLOAD_MASK)
 # hand-poked state no KVM handler can repair): the worst legitimate case is 4.
 MAX_EXITS_PER_PIECE = 8
 LOG_MARGIN = 2 * MAX_EXITS_PER_PIECE + 2
+_NO_LOG_LIMIT = np.int64(1 << 62)  # a replay keeping counts only: the log is never full
 
 _U_511 = np.uint64(511)
 _NO_QUAL = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -100,8 +110,10 @@ def write_exit_fields(st, v, reason, qual, gpa, insn):
 
 
 @inline
-def log_exit(log, v, row, gpa, reason, qual, ek, user, insn):
-    """One exit-log entry (the caller counts it)."""
+def log_exit(log, keep_log, v, row, gpa, reason, qual, ek, user, insn):
+    """One exit-log entry (the caller counts it); nothing when the replay keeps counts only."""
+    if not keep_log:
+        return
     j = log.n[0]
     log.row[j] = row
     log.vcpu[j] = v
@@ -115,7 +127,7 @@ def log_exit(log, v, row, gpa, reason, qual, ek, user, insn):
 
 
 @inline
-def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, counters):
+def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, keep_log, counters):
     """Bytes first..plast of one page through the full check / exit / retry loop.
 
     ``known_qual`` is the qualification of the EPT violation fast_check already established
@@ -150,7 +162,7 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, counte
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
         write_exit_fields(st, v, reason, qual, first, insn)
         ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
-        log_exit(log, v, row, first, reason, qual, ek, user, insn)
+        log_exit(log, keep_log, v, row, first, reason, qual, ek, user, insn)
         counters[CT_EXIT_KIND + ek] += 1
         nexits += 1
         reason_last = reason
@@ -230,22 +242,35 @@ def count_fast_rows(counters, kind, r0, r1):
 
 
 @inline
-def take_spp_violation(st, log, counters, v, row, gpa, qual, insn, spp_exit_code):
-    """A sub-page violation taken in the fast loop: what slow_piece would leave, without
-    running kvm_handle_exit (whose answer for it is known: a write fault on a leaf with the
-    SPP bit and W clear, in SPP granularity) and with the row's counts moved from allowed,
-    where count_fast_rows puts the loop's rows. The caller writes the row's results."""
+def take_refused_write(st, log, keep_log, counters, v, row, gpa, qual, insn, ek, user, out):
+    """A write refused by KVM's handler, taken in the fast loop: what slow_piece would leave,
+    without running kvm_handle_exit (whose answer is known: a sub-page violation, or a
+    page-granular write-protect exit, see is_write_protect_exit), and with the row's counts
+    moved from allowed, where count_fast_rows puts the loop's rows. The caller writes the
+    row's results."""
     write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, gpa, insn)
-    log_exit(log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_SPP_VIOLATION, spp_exit_code,
-             insn)
-    counters[CT_EXIT_KIND + B.EXIT_KIND_SPP_VIOLATION] += 1
+    log_exit(log, keep_log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, ek, user, insn)
+    counters[CT_EXIT_KIND + ek] += 1
     counters[CT_OUTCOME + B.OUTCOME_ALLOWED] -= 1
-    counters[CT_OUTCOME + B.OUTCOME_SPP_VIOLATION] += 1
+    counters[CT_OUTCOME + out] += 1
     counters[CT_EXITS] += 1
 
 
 @inline
-def take_fault_in(st, log, counters, v, row, gfn, gpa, qual, insn):
+def is_write_protect_exit(st, gfn, k):
+    """Whether kvm_handle_exit answers an EPT violation at ``gfn`` with a write-protect exit
+    (the page-granular baseline): a write, a present leaf without W, a map != FULL: its own
+    test, in its order (kernels.exits). The caller knows the granularity is page."""
+    if k != np.uint64(B.ACCESS_WRITE):
+        return False
+    t, i, level = ept_leaf(st, gfn)
+    if level == 0 or (st.tables[t, i] & U_W) != U0:
+        return False
+    return access_map_of(st, gfn) != FULL_ACCESS_U32
+
+
+@inline
+def take_fault_in(st, log, keep_log, counters, v, row, gfn, gpa, qual, insn):
     """An EPT violation on a not-present 4 KiB leaf taken in the fast loop, when KVM's fault-in
     is kvm_map_gfn_common's case (a RAM gfn whose region has its level-1 table, nothing to
     protect: it writes gfn's leaf and nothing else). Returns False, having done nothing, when
@@ -256,9 +281,16 @@ def take_fault_in(st, log, counters, v, row, gfn, gpa, qual, insn):
     # The exit fields after the map (slow_piece writes them before the handler): the map does
     # not read them, and a fault-in that is not this case must leave nothing behind.
     write_exit_fields(st, v, B.EXIT_REASON_EPT_VIOLATION, qual, gpa, insn)
-    log_exit(log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_EPT_FAULT, 0, insn)
+    log_exit(log, keep_log, v, row, gpa, B.EXIT_REASON_EPT_VIOLATION, qual, B.EXIT_KIND_EPT_FAULT, 0, insn)
     counters[CT_EXIT_KIND + B.EXIT_KIND_EPT_FAULT] += 1
     return True
+
+
+# Which refused writes the fast loop takes in place (the granularity decides; none in the
+# copy of the loop for a VM with SPP off).
+EXITS_INLINE_NONE = 0
+EXITS_INLINE_SPP = 1  # sub-page violations
+EXITS_INLINE_PAGE = 2  # page-granular write-protect exits
 
 
 @inline
@@ -283,7 +315,7 @@ def mark_touched(touched_dir, touched_words, touched_n, gfn):
 @inline
 def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
               touched_words, touched_n, ru, end, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
-              spp_exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base):
+              exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base):
     """replay_batch's inner loop: rows ru..end-1 while the caches decide them. Returns (the
     first row it could not finish, fast_check's code and qualification for it, the exits it
     already took for that row, the memo) or, having run them all, (end, FAST_UNKNOWN, 0, 0,
@@ -294,6 +326,9 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
     faster on hot and sequential traces (less code in the loop, better laid out) and adds
     little compile time (the in-place exits are not duplicated).
     """
+    # (keep_log is not a parameter: 31 arguments would make CPython pass them as *args, which
+    # numba cannot inline.)
+    keep_log = log_limit != _NO_LOG_LIMIT
     page_ahead_prev = _NO_PAGE
     while ru < end:
         ahead = ru + _U_PREFETCH_DISTANCE
@@ -315,9 +350,12 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
             last = first + np.uint64(size[ru]) - U1
             code, qual = fast_check(st, v, first, last, k)
             if code != FAST_ALLOWED:
-                # The two exits whose handling is known in advance, taken in place (see
+                # The three exits whose handling is known in advance, taken in place (see
                 # replay_batch); anything else, and a nearly full log, is the outer loop's.
-                if code < FAST_SPP_VIOLATION or log.n[0] >= log_limit:
+                if code < FAST_VIOLATION or log.n[0] >= log_limit:
+                    return ru, code, qual, 0, memo_gfn, memo_cum
+                if code == FAST_VIOLATION and (exits_inline != EXITS_INLINE_PAGE
+                                               or not is_write_protect_exit(st, gfn, k)):
                     return ru, code, qual, 0, memo_gfn, memo_cum
                 insn = np.uint64(insn_len[ru])
                 row = row0 + np.int64(ru)
@@ -325,10 +363,20 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                 # stops it untouched (the outer loop asks for room, then replays it).
                 if not mark_touched(touched_dir, touched_words, touched_n, gfn):
                     return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum
+                if code == FAST_VIOLATION:  # a write-protect exit (tested above)
+                    take_refused_write(st, log, keep_log, counters, v, row, first, qual, insn,
+                                       B.EXIT_KIND_WRITE_PROTECT, B.KVM_EXIT_MEMORY_FAULT,
+                                       B.OUTCOME_WRITE_PROTECT_VIOLATION)
+                    outcome[ru] = B.OUTCOME_WRITE_PROTECT_VIOLATION
+                    exits[ru] = 1
+                    exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
+                    ru += U1
+                    continue
                 if code == FAST_SPP_VIOLATION:
-                    if not spp_exits_inline:
+                    if exits_inline != EXITS_INLINE_SPP:
                         return ru, code, qual, 0, memo_gfn, memo_cum
-                    take_spp_violation(st, log, counters, v, row, first, qual, insn, spp_exit_code)
+                    take_refused_write(st, log, keep_log, counters, v, row, first, qual, insn,
+                                       B.EXIT_KIND_SPP_VIOLATION, spp_exit_code, B.OUTCOME_SPP_VIOLATION)
                     outcome[ru] = B.OUTCOME_SPP_VIOLATION
                     exits[ru] = 1
                     exit_reason[ru] = B.EXIT_REASON_EPT_VIOLATION
@@ -336,7 +384,7 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                     continue
                 if code != FAST_NOT_PRESENT or not faults_inline:
                     return ru, code, qual, 0, memo_gfn, memo_cum
-                if not take_fault_in(st, log, counters, v, row, gfn, first, qual, insn):
+                if not take_fault_in(st, log, keep_log, counters, v, row, gfn, first, qual, insn):
                     return ru, code, qual, 0, memo_gfn, memo_cum
                 code, qual = fast_check(st, v, first, last, k)  # the guest's retry
                 if code != FAST_ALLOWED:
@@ -359,9 +407,12 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
 
 
 @kernel
-def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, counters,
-                 touched_dir, touched_words, touched_n):
+def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exits, exit_reason, log, keep_log,
+                 counters, touched_dir, touched_words, touched_n):
     """Replay rows start.. of one batch. Returns (status, row to resume from, detail).
+
+    With ``keep_log`` False the replay keeps counts only: no exit is written to ``log`` (and
+    it never stops for room there); every counter and result column is as with it.
 
     Two loops: the inner one runs the rows the caches decide (allowed, one page); the first
     row it cannot decide breaks out to the outer one, which takes that row through the full
@@ -384,14 +435,16 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     # Two exits are common enough to matter and simple enough to take in the inner loop, with
     # exactly kvm_handle_exit's effect (exit fields, log entry, counters, the row's results):
     # - a sub-page violation: its handler is known without running it (a write fault on a
-    #   leaf with the SPP bit and W clear, in SPP granularity; the page baseline has its own
-    #   rule) and changes nothing;
+    #   leaf with the SPP bit and W clear, in SPP granularity) and changes nothing;
+    # - in the page baseline, a write-protect exit: the handler's test for it is small (a
+    #   write, a present leaf without W, a map != FULL: is_write_protect_exit) and it changes
+    #   nothing either;
     # - a fault-in in kvm_map_gfn_common's case: it writes the faulting gfn's leaf, nothing
     #   else, and the guest's retry follows.
     # The rest, and any exit when the log is nearly full, leave for the outer loop.
-    spp_exits_inline = st.cfg[CF_GRANULARITY] != GRAN_PAGE
+    exits_inline = EXITS_INLINE_PAGE if st.cfg[CF_GRANULARITY] == GRAN_PAGE else EXITS_INLINE_SPP
     spp_exit_code = kvm_exit_spp_code(st)
-    log_limit = log.row.shape[0] - LOG_MARGIN
+    log_limit = log.row.shape[0] - LOG_MARGIN if keep_log else _NO_LOG_LIMIT
     # Requests are only ever cleared in here (serve_requests), never raised: once none is
     # pending, the inner loop need not look at them.
     pending = False
@@ -425,7 +478,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
                 st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
                 touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
-                spp_exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base)
+                exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base)
         else:
             # A small pool, no request pending, SPP off: the loop with no prefetching, no request
             # test and no exit taken in place (constants here: the compiler drops that code).
@@ -433,7 +486,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             # violation.
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
                 st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
-                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, False, False, False, False,
+                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, False, False, False, EXITS_INLINE_NONE,
                 spp_exit_code, log_limit, False, tables_base, cache_mask, touched_base)
         if ru > run_start:
             count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))
@@ -447,7 +500,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         # nothing and log nothing.
         if st.tables.shape[0] - st.scal[SC_NTABLES] < margin:
             return STATUS_NEED_TABLES, r, 0
-        if log.row.shape[0] - log.n[0] < LOG_MARGIN:
+        if keep_log and log.row.shape[0] - log.n[0] < LOG_MARGIN:
             return STATUS_NEED_LOG, r, 0
         if touched_words.shape[0] // _TOUCHED_BLOCK_WORDS - touched_n[0] < 2:  # a row touches two pages at most
             return STATUS_NEED_TOUCHED, r, 0
@@ -477,7 +530,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             if code != FAST_ALLOWED:
                 known = qual if code >= FAST_VIOLATION else _NO_QUAL
                 ne, rl, out, ok = slow_piece(st, v, first, plast, k, row0 + r, np.uint64(insn_len[r]), known,
-                                             carried, log, counters)
+                                             carried, log, keep_log, counters)
                 memo_gfn = _NO_PAGE
                 if not ok:
                     return STATUS_LIVELOCK, r, np.int64(first)

@@ -64,9 +64,8 @@ def _replay_seconds(scenario, engine: str, rows: int, batch_size: int) -> tuple[
     from .replay import Replay, discard_exits
 
     vm = _vm_for(scenario)
-    # As `sppjit replay --summary` runs: every exit is written to the kernel's log buffer,
-    # counted and dropped (the exit log's Arrow conversion is output work, measured by
-    # --end-to-end).
+    # As `sppjit replay --summary` runs: counts only, no exit-log rows (the exit log's
+    # writing is output work, measured by --end-to-end).
     session = Replay(vm, engine, on_exits=discard_exits)
     cols = {k: v[:rows] for k, v in scenario.columns().items()}
     for batch in open_trace(cols, batch_size=batch_size):
@@ -142,7 +141,83 @@ def run_bench(
             "exits": summary["exits"]["total"],
             "violations": summary["counts"]["spp_violation"],
         }
+        if sc.protect_gfn.shape[0]:
+            result["scenarios"][name].update(whole_call_figures(sc, batch_size, repeat))
     return result
+
+
+# ----------------------------------------------------------------------------- the numpy check
+def numpy_check(scenario):
+    """The check a user could write in numpy instead of a replay, as a function of nothing but
+    the trace: a dense u32 map per page of the memslot (FULL where unprotected), and for each
+    write ``maps[gpa >> 12] >> ((gpa >> 7) & 31) & 1`` (0: the write's first sub-page is
+    protected). Returns (check(), the writes' gpas): check() counts the blocked writes."""
+    from . import bits as B
+
+    maps = np.full(scenario.memory >> B.PAGE_SHIFT, B.FULL_SPP_ACCESS, dtype=np.uint32)
+    maps[scenario.protect_gfn.astype(np.int64)] = scenario.protect_access
+    writes = scenario.gpa[scenario.kind == B.ACCESS_WRITE]
+
+    def check() -> int:
+        bits = (maps[writes >> np.uint64(B.PAGE_SHIFT)] >> ((writes >> np.uint64(B.SUBPAGE_SHIFT)) & np.uint64(31))
+                ) & np.uint64(1)
+        return int(writes.shape[0] - np.count_nonzero(bits))
+
+    return check, writes
+
+
+def _best(fn, repeat: int) -> tuple[float, object]:
+    best, value = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        value = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, value
+
+
+def whole_call_figures(scenario, batch_size: int = BATCH_SIZES["jit"], repeat: int = 3) -> dict:
+    """What a user's whole call costs on a protected scenario, against the numpy check measured
+    in the same run (best of ``repeat`` each, one thread: the replay is serial): building the
+    VM, placing the protection and replaying, with a summary only (counts only, no result
+    columns kept) and through ``vm.replay`` returning the results table. The numpy check
+    covers the writes only and includes nothing but the check; the replay covers every row."""
+    from .io.trace import open_trace
+    from .replay import Replay, discard_exits
+    from .vm import VM
+
+    check, writes = numpy_check(scenario)
+    np_s, np_blocked = _best(check, repeat)
+    cols = scenario.columns()
+
+    def vm():
+        v = VM(memory=scenario.memory, vcpus=scenario.vcpus)
+        v.protect(scenario.protect_gfn, scenario.protect_access)
+        return v
+
+    def summary_only():
+        session = Replay(vm(), "jit", on_exits=discard_exits)
+        for batch in open_trace(cols, batch_size=batch_size):
+            session.run(batch, keep=False)
+        return session.summary()
+
+    def results_table():
+        return vm().replay(cols, batch_size=batch_size).summary
+
+    summary_s, summary = _best(summary_only, repeat)
+    table_s, _ = _best(results_table, repeat)
+    protect_s, _ = _best(vm, repeat)
+    np_rate = writes.shape[0] / np_s
+    return {
+        "numpy_check_per_second": np_rate,
+        "whole_summary_per_second": len(scenario) / summary_s,
+        "whole_table_per_second": len(scenario) / table_s,
+        "whole_summary_over_numpy_check": len(scenario) / summary_s / np_rate,
+        "whole_table_over_numpy_check": len(scenario) / table_s / np_rate,
+        "vm_and_protect_seconds": protect_s,
+        "protected_pages": int(scenario.protect_gfn.shape[0]),
+        "blocked_writes": summary["counts"]["spp_violation"],
+        "numpy_blocked_writes": np_blocked,
+    }
 
 
 def format_bench(result: dict) -> str:
@@ -159,7 +234,25 @@ def format_bench(result: dict) -> str:
             f"{s['numpy_stream_per_second'] / 1e6:>10.0f} {s['jit_over_reference']:>9.0f}x "
             f"{s['jit_over_numpy_stream']:>10.3f} {s['exits']:>10,}"
         )
+    protected = {n: s for n, s in result["scenarios"].items() if "numpy_check_per_second" in s}
+    if protected:
+        rows.append(WHOLE_CALL_HEADER)
+        rows += [format_whole_call(n, s) for n, s in protected.items()]
     return "\n".join(rows)
+
+
+WHOLE_CALL_HEADER = (
+    "whole call (VM + protect + replay, 1 thread) against the numpy check "
+    "maps[gpa >> 12] >> ((gpa >> 7) & 31) & 1 on the writes, same run:\n"
+    f"{'scenario':<16} {'numpy M/s':>10} {'summary M/s':>12} {'x numpy':>8} {'table M/s':>10} {'x numpy':>8} "
+    f"{'setup ms':>9} {'pages':>8}")
+
+
+def format_whole_call(name: str, s: dict) -> str:
+    return (f"{name:<16} {s['numpy_check_per_second'] / 1e6:>10.1f} {s['whole_summary_per_second'] / 1e6:>12.1f} "
+            f"{s['whole_summary_over_numpy_check']:>7.2f}x {s['whole_table_per_second'] / 1e6:>10.1f} "
+            f"{s['whole_table_over_numpy_check']:>7.2f}x {s['vm_and_protect_seconds'] * 1e3:>9.1f} "
+            f"{s['protected_pages']:>8,}")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -768,3 +861,135 @@ def format_fleet_bench(result: dict) -> str:
         f"machine: {result['workers']} threads hashing ran {result['machine_parallelism']:.2f}x "
         "one thread, in this run",
     ])
+
+# ----------------------------------------------------------------------------- the issue's workloads
+WORKLOADS = {"protected-hotset": 20_000_000, "guarded": 10_000_000}
+
+
+def protected_hotset(accesses: int, seed: int = 0, pages: int = 4096, share: float = 0.3):
+    """8-byte writes over a hot set of ``pages`` pages (at 1 GiB in a 4 GiB guest), ``share``
+    of them protected with random maps (about half their sub-pages each: ~15% of the writes
+    are blocked)."""
+    from . import bits as B
+    from .datasets import scenarios as S
+
+    rng = np.random.default_rng(seed)
+    base = (1 << 30) >> B.PAGE_SHIFT
+    prot = np.sort(rng.choice(pages, int(pages * share), replace=False)).astype(np.uint64) + np.uint64(base)
+    access = rng.integers(0, 1 << 32, prot.shape[0], dtype=np.uint64).astype(np.uint32)
+    gpa = (np.uint64(base << B.PAGE_SHIFT)
+           + rng.integers(0, pages * B.PAGE_SIZE // 8, accesses, dtype=np.uint64) * np.uint64(8))
+    return S.Scenario("protected-hotset", gpa=gpa, size=np.full(accesses, 8, np.uint16),
+                      vcpu=np.zeros(accesses, np.uint16), kind=np.full(accesses, B.ACCESS_WRITE, np.uint8),
+                      memory=4 << 30, protect_gfn=prot, protect_access=access,
+                      description=f"8-byte writes over {pages} hot pages, {share:.0%} protected by random maps")
+
+
+def run_workloads(scale: float = 1.0, seed: int = 0, batch_size: int = BATCH_SIZES["jit"], repeat: int = 3) -> dict:
+    """The two workloads of the whole-call comparison (a protected hot set, 20 M writes;
+    ``guarded``, 10 M writes; ``scale`` shrinks them for tests) through whole_call_figures."""
+    from .datasets import scenarios as S
+
+    warm_up()
+    result = {"sppjit_version": __version__, "seed": seed, "repeat": repeat, "batch_size": batch_size,
+              "threads": 1, "workloads": {}}
+    for name, accesses in WORKLOADS.items():
+        n = max(1, int(accesses * scale))
+        sc = protected_hotset(n, seed) if name == "protected-hotset" else S.make(name, n, seed)
+        result["workloads"][name] = dict(whole_call_figures(sc, batch_size, repeat), accesses=n)
+    return result
+
+
+def format_workloads(result: dict) -> str:
+    rows = [f"sppjit {result['sppjit_version']} bench --workloads (best of {result['repeat']}, seed "
+            f"{result['seed']})", WHOLE_CALL_HEADER]
+    rows += [format_whole_call(f"{n} {w['accesses'] / 1e6:.0f}M", w) for n, w in result["workloads"].items()]
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- exit costs
+EXIT_COST_PAGES = 1 << 18
+
+
+def _exit_cost_trace(pages: int, seed: int):
+    """One write to each of ``pages`` pages in a random order (none the first of its 2 MiB
+    region), and the writes to those first pages that map the regions' tables."""
+    from . import bits as B
+
+    rng = np.random.default_rng(seed)
+    regions = -(-pages // (B.PAGES_PER_2M - 1))
+    firsts = np.arange(regions, dtype=np.uint64) * np.uint64(B.PAGES_PER_2M)
+    gfns = rng.permutation(np.setdiff1d(np.arange(regions * B.PAGES_PER_2M, dtype=np.uint64), firsts))[:pages]
+    gpa = (gfns << np.uint64(B.PAGE_SHIFT)) | (rng.integers(0, 512, gfns.shape[0], dtype=np.uint64) << np.uint64(3))
+    write = np.uint8(B.ACCESS_WRITE)
+    trace = {"gpa": gpa, "size": np.full(pages, 8, np.uint16), "kind": np.full(pages, write)}
+    warm = {"gpa": firsts << np.uint64(B.PAGE_SHIFT), "size": np.full(regions, 8, np.uint16),
+            "kind": np.full(regions, write)}
+    return gfns, trace, warm, regions * B.PAGES_PER_2M * B.PAGE_SIZE
+
+
+def _replay_counts(vm, columns, batch_size: int) -> tuple[float, dict]:
+    from .io.trace import open_trace
+    from .replay import Replay, discard_exits
+
+    session = Replay(vm, "jit", on_exits=discard_exits)
+    for batch in open_trace(columns, batch_size=batch_size):
+        session.run(batch, keep=False)
+    return session.seconds, session.summary()["exits"]
+
+
+def _exit_cost_case(kind: str, pages: int, seed: int, batch_size: int, repeat: int) -> dict:
+    """Seconds of a replay where every access takes a ``kind`` exit, and of the same replay
+    with every access allowed (same trace, memory and granularity, SPP on), best of
+    ``repeat``; the regions' level-1 tables exist in both (mapped by a first pass)."""
+    from .vm import VM
+
+    gfns, trace, warm, memory = _exit_cost_trace(pages, seed)
+    granularity = "page" if kind == "write_protect" else "spp"
+
+    def prepared(protect: bool, fault_in: bool):
+        vm = VM(memory=memory, granularity=granularity)
+        vm.init_spp()
+        if protect:
+            vm.protect(gfns, np.zeros(gfns.shape[0], np.uint32))
+        _replay_counts(vm, warm, batch_size)
+        if fault_in:
+            _replay_counts(vm, trace, batch_size)
+        return vm
+
+    allowed_vm = prepared(False, True)
+    allowed = min(_replay_counts(allowed_vm, trace, batch_size)[0] for _ in range(repeat))
+    if kind == "ept_fault":  # a fault-in changes the state: a fresh VM per pass
+        runs = [_replay_counts(prepared(False, False), trace, batch_size) for _ in range(repeat)]
+    else:  # a refused write changes nothing: passes over one VM
+        vm = prepared(True, True)
+        runs = [_replay_counts(vm, trace, batch_size) for _ in range(repeat)]
+    seconds = min(r[0] for r in runs)
+    exits = runs[0][1]
+    return {"exit_ns": seconds / pages * 1e9, "allowed_ns": allowed / pages * 1e9, "ratio": seconds / allowed,
+            "exits": exits["total"], "exits_of_kind": exits[kind]}
+
+
+EXIT_COST_KINDS = ("spp_violation", "write_protect", "ept_fault")
+
+
+def run_exit_costs(pages: int = EXIT_COST_PAGES, seed: int = 0, batch_size: int = BATCH_SIZES["jit"],
+                   repeat: int = 3) -> dict:
+    """Per-access cost of an exit taken on every access, against the same accesses allowed
+    (same trace, same memory, same granularity), best of ``repeat`` fresh VMs each: a
+    sub-page violation (v4, SPP), a page-granular write-protect exit, a fault-in."""
+    warm_up()
+    result = {"sppjit_version": __version__, "pages": pages, "seed": seed, "repeat": repeat, "kinds": {}}
+    for kind in EXIT_COST_KINDS:
+        result["kinds"][kind] = _exit_cost_case(kind, pages, seed, batch_size, repeat)
+    return result
+
+
+def format_exit_costs(result: dict) -> str:
+    rows = [f"sppjit {result['sppjit_version']} bench --exit-costs: one write to each of {result['pages']:,} "
+            f"pages (random order), best of {result['repeat']}",
+            f"{'exit':<14} {'ns/access':>10} {'allowed ns':>11} {'ratio':>7} {'exits':>9}"]
+    for kind, k in result["kinds"].items():
+        rows.append(f"{kind:<14} {k['exit_ns']:>10.1f} {k['allowed_ns']:>11.1f} {k['ratio']:>6.2f}x "
+                    f"{k['exits_of_kind']:>9,}")
+    return "\n".join(rows)

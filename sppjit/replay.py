@@ -56,8 +56,8 @@ _KIND_NAMES = pa.array(B.EXIT_KIND_NAMES, type=pa.string())
 
 def discard_exits(batch: pa.RecordBatch) -> None:
     """An ``on_exits`` sink that keeps nothing: the counters keep the totals. Given it, and no
-    hooks to count, a replay does not even build the exit batches (the kernel still writes
-    every exit into its log buffer)."""
+    hooks to count, a replay keeps counts only: the JIT kernel writes no exit-log rows at all
+    (``Replay.counts_only``)."""
 
 
 def _slice(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
@@ -250,6 +250,12 @@ class Replay:
         self.compile_seconds = 0.0
 
     # ---------------------------------------------------------------- exit log
+    @property
+    def counts_only(self) -> bool:
+        """Whether nothing needs the exit-log rows (no sink keeps them, no hooks annotate
+        them): the JIT kernel then skips writing them, and the counters are the same."""
+        return self.on_exits is discard_exits and self.hooks is None
+
     def _flush_log(self) -> None:
         n = int(self._log.n[0])
         if n and self.on_exits is discard_exits and self.hooks is None:
@@ -338,7 +344,7 @@ class Replay:
             # An empty batch of the same array types: compiles, replays nothing.
             empty = tuple(c[:0] for c in kernel_columns(batch))
             replay_batch(st, *empty, np.int64(0), np.int64(0), outcome[:0], exits[:0], reason[:0], self._log,
-                         self.counters, *self.touched.arrays())
+                         not self.counts_only, self.counters, *self.touched.arrays())
         elif hasattr(replay_access_handlers[0], "compile"):  # numba on
             import numba
             from numba import types
@@ -377,12 +383,14 @@ class Replay:
 
         vm = self.vm
         columns = kernel_columns(batch)
+        keep_log = not self.counts_only
         row = 0
         while True:
             with vm.mmu_lock:
+                vm.caches_in_use()  # under the lock: a control-plane reset cannot slip in between
                 status, row, detail = replay_batch(
                     vm.state, *columns, np.int64(batch.first_row), np.int64(row), outcome, exits, reason, self._log,
-                    self.counters, *self.touched.arrays(),
+                    keep_log, self.counters, *self.touched.arrays(),
                 )
                 if status == STATUS_NEED_TABLES:
                     vm.ensure_tables(table_margin(vm.vcpus) * 64)

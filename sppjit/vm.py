@@ -149,6 +149,49 @@ def _u32_maps(maps) -> np.ndarray:
     return arr.astype(np.uint32)
 
 
+def _maps_for_pages(npages):
+    """Map nodes and blocks one set call of ``npages`` gfns may allocate: the regions npages
+    gfns from any base reach (an int, or an array of them)."""
+    return npages // B.PAGES_PER_2M + 2
+
+
+def _protection_runs(gfns: np.ndarray, maps: np.ndarray, max_pages: int):
+    """(gfn, map) pairs as the set_subpages calls VM.protect makes, vectorised: the pairs
+    sorted by gfn, and per call its base gfn, its first pair and its page count
+    (runs of consecutive gfns, cut every ``max_pages``). The same calls as
+    sppjit.io.protect.runs, and the same InputError for a gfn given twice."""
+    if gfns.shape != maps.shape:
+        raise ValueError("gfns and values must be 1-D arrays of the same length")
+    if not gfns.size:
+        none = np.zeros(0, np.int64)
+        return gfns, maps, gfns, none, none
+    if gfns.size > 1 and (gfns[1:] > gfns[:-1]).all():
+        order = None  # already ascending (the common case: no sort, no copy)
+    else:
+        # Distinct gfns have one ascending order: quicksort (4x faster than a stable sort)
+        # gives it; a duplicate is reported from the stable order, as io.protect.runs does.
+        raw = gfns
+        order = np.argsort(raw)
+        gfns, maps = raw[order], maps[order]
+    steps = gfns[1:] - gfns[:-1]
+    if order is not None and (steps == 0).any():
+        order = np.argsort(raw, kind="stable")
+        gfns = raw[order]
+        at = int(np.argmax(gfns[1:] == gfns[:-1]))
+        first, second = sorted((int(order[at]), int(order[at + 1])))
+        raise InputError(f"protection: gfn {int(gfns[at]):#x} is given twice "
+                         f"(rows {first} and {second})")
+    # Runs of consecutive gfns: [begin, end) per run; each cut into calls of max_pages.
+    begins = np.concatenate(([0], np.flatnonzero(steps != 1) + 1))
+    ends = np.append(begins[1:], gfns.size)
+    calls = -(-(ends - begins) // max_pages)
+    run_offset = np.repeat(begins, calls) + max_pages * (np.arange(int(calls.sum())) - np.repeat(
+        np.cumsum(calls) - calls, calls))
+    run_len = np.minimum(np.repeat(ends, calls) - run_offset, max_pages)
+    run_offset = run_offset.astype(np.int64)
+    return gfns, maps, gfns[run_offset], run_offset, run_len.astype(np.int64)
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Every setting that shapes a VM's behaviour (recorded in each summary)."""
@@ -269,6 +312,7 @@ class VM:
         elif not 1 <= int(table_capacity) <= MAX_INITIAL_TABLES:
             raise InputError(f"table_capacity must be 1..{MAX_INITIAL_TABLES}, not {table_capacity}")
         self.state = L.empty_state(int(vcpus), slots, int(table_capacity), cfg)
+        self._caches_clean = True  # empty_state's caches hold no walk
         st = self.state
         root = K.alloc_table(st, L.TABLE_EPT, 4)
         st.scal[L.SC_EPT_ROOT] = root
@@ -278,6 +322,21 @@ class VM:
         self._vcpus = [Vcpu(self, i) for i in range(int(vcpus))]
 
     # ------------------------------------------------------------------ plumbing
+    @property
+    def state(self) -> L.State:
+        return self._state
+
+    @state.setter
+    def state(self, value: L.State) -> None:
+        # A state from elsewhere (grown pools, a loaded save) may hold cached walks.
+        self._state = value
+        self._caches_clean = False
+
+    def caches_in_use(self) -> None:
+        """Say that a replay kernel is about to run on this state: it may fill the region
+        caches, so the next invalidate_caches must reset them (sppjit.replay calls this)."""
+        self._caches_clean = False
+
     @property
     def vcpus(self) -> int:
         return self.config.vcpus
@@ -300,9 +359,17 @@ class VM:
         return B.KVM_SUBPAGE_MAX_PAGES if self.is_v12 else B.SUBPAGE_MAX_BITMAP
 
     def invalidate_caches(self) -> None:
-        """Forget every cached walk (after any change made outside the replay kernels)."""
+        """Forget every cached walk (after any change made outside the replay kernels).
+
+        Only the replay kernels fill the caches (hardware_check); every other kernel only
+        resets entries. So when no replay ran since the last reset, and the state was not
+        replaced, there is nothing to forget: a VM with 2**18-entry caches per vCPU would
+        otherwise pay milliseconds of memset on every control-plane call."""
+        if self._caches_clean:
+            return
         self.state.ept_cache.fill(L.CACHE_INVALID)
         self.state.sppt_cache.fill(L.CACHE_INVALID)
+        self._caches_clean = True
 
     def ensure_tables(self, extra: int) -> None:
         """Grow the table pool so that ``extra`` more tables fit (indices, hence addresses, stay).
@@ -324,7 +391,7 @@ class VM:
             kind[:used] = st.table_kind[:used]
             level = np.zeros(new_cap, dtype=np.uint8)
             level[:used] = st.table_level[:used]
-            self.state = st._replace(tables=tables, table_kind=kind, table_level=level)
+            self._state = st._replace(tables=tables, table_kind=kind, table_level=level)  # same caches
 
     def ensure_maps(self, extra: int) -> None:
         """Grow the access-map pools so that ``extra`` more nodes and blocks fit (their indices
@@ -342,7 +409,7 @@ class VM:
                 bigger[:used] = pool[:used]
                 grown[name] = bigger
             if grown:
-                self.state = st._replace(**grown)
+                self._state = st._replace(**grown)  # same caches
 
     def _tables_for_pages(self, npages: int) -> int:
         if self.is_v12:
@@ -456,7 +523,7 @@ class VM:
         n = len(maps)
         with self.slots_lock, self.mmu_lock:
             self.ensure_tables(self._tables_for_pages(n))
-            self.ensure_maps(n // B.PAGES_PER_2M + 2)  # the regions n gfns from base_gfn reach
+            self.ensure_maps(_maps_for_pages(n))
             done = int(K.kvm_set_subpages(self.state, np.uint64(base_gfn), maps, n))
             if done:
                 self.state.scal[L.SC_TLB_FLUSHES] += 1  # kvm_flush_remote_tlbs after the update
@@ -502,16 +569,38 @@ class VM:
 
     def protect(self, gfns: np.ndarray, maps: np.ndarray) -> int:
         """Apply (gfn, map) pairs as init_spp plus set_subpages calls over runs of consecutive
-        gfns of at most the profile's page limit. Returns the number of set calls."""
-        from .io.protect import runs
+        gfns of at most the profile's page limit. Returns the number of set calls.
 
+        The calls are made in one kernel call (kernels.mmu.kvm_set_subpages_runs) with exactly
+        the per-call effects, in order: each call's pages, its TLB flush, the pools grown
+        where that call would grow them; on a gfn with no memslot, EFAULT with the pages
+        before it applied. A gfn given twice is an InputError before anything is applied."""
         if not self.spp_active:
             self.init_spp()
-        calls = 0
-        for base, values in runs(_u64_gfns(gfns), _u32_maps(maps), self.page_limit):
-            self.set_subpages(int(base), values)
-            calls += 1
-        return calls
+        sorted_gfns, sorted_maps, run_gfn, run_offset, run_len = _protection_runs(
+            _u64_gfns(gfns), _u32_maps(maps), self.page_limit)
+        if not run_len.size:
+            return 0
+        need_tables = np.asarray(self._tables_for_pages(run_len), dtype=np.int64)
+        if need_tables.ndim == 0:
+            need_tables = np.full(run_len.size, need_tables, dtype=np.int64)
+        need_maps = _maps_for_pages(run_len).astype(np.int64)
+        with self.slots_lock, self.mmu_lock:
+            j = 0
+            try:
+                while True:
+                    status, j, done = K.kvm_set_subpages_runs(
+                        self.state, run_gfn, run_offset, run_len, sorted_maps, need_tables, need_maps, np.int64(j))
+                    if status == K.RUNS_NEED_ROOM:
+                        self.ensure_tables(int(need_tables[j]))
+                        self.ensure_maps(int(need_maps[j]))
+                        continue
+                    break
+            finally:
+                self.invalidate_caches()
+        if status == K.RUNS_EFAULT:
+            raise SppError(B.EFAULT, f"gfn {int(run_gfn[j]) + int(done):#x} is in no memslot")
+        return int(run_len.size)
 
     # ------------------------------------------------------------------ host-side timeline operations
     @staticmethod

@@ -52,3 +52,28 @@ def test_end_to_end_bench_small(tmp_path):
     assert all(r["peak_rss_bytes"] > 0 and r["rows_per_second"] > 0 for r in result["runs"])
     assert "end to end" in format_end_to_end(result)
     assert list(tmp_path.iterdir()) == []  # the temporary traces are gone
+
+
+def test_whole_call_against_the_numpy_check():
+    """The numpy yardstick answers the same question: on 8-byte writes that never cross a
+    sub-page, the writes it finds blocked are the replay's sub-page violations."""
+    from sppjit.bench import format_workloads, protected_hotset, run_workloads, whole_call_figures
+
+    sc = protected_hotset(20_000, seed=3)
+    f = whole_call_figures(sc, repeat=1)
+    assert f["blocked_writes"] == f["numpy_blocked_writes"] > 0
+    assert f["whole_summary_over_numpy_check"] == pytest.approx(
+        f["whole_summary_per_second"] / f["numpy_check_per_second"])
+    result = run_workloads(scale=1e-4, repeat=1)
+    assert set(result["workloads"]) == {"protected-hotset", "guarded"}
+    assert "x numpy" in format_workloads(result)
+
+
+def test_exit_costs_take_the_exit_they_measure():
+    from sppjit.bench import EXIT_COST_KINDS, format_exit_costs, run_exit_costs
+
+    result = run_exit_costs(pages=3000, repeat=1)
+    for kind in EXIT_COST_KINDS:
+        k = result["kinds"][kind]
+        assert k["exits_of_kind"] == k["exits"] == 3000 and k["exit_ns"] > 0
+    assert "write_protect" in format_exit_costs(result)

@@ -68,6 +68,16 @@ def bench(
     protect: Annotated[str | None, typer.Option(
         "--protect", metavar="FILE", help="With --end-to-end --trace: the protection to "
              "replay it with.")] = None,
+    workloads: Annotated[bool, typer.Option(
+        "--workloads",
+        help="Instead: the whole call (VM, protection, replay; summary only and with the "
+             "results table) against the numpy check on a protected hot set (20M writes) and "
+             "guarded (10M writes).")] = False,
+    exit_costs: Annotated[bool, typer.Option(
+        "--exit-costs",
+        help="Instead: the per-access cost of an exit taken on every access (sub-page "
+             "violation, page-granular write protect, fault-in) against the same accesses "
+             "allowed.")] = False,
     parallel: Annotated[bool, typer.Option(
         "--parallel",
         help="Instead: a 3-configuration sweep (page, spp_v4, spp_v12) against three serial "
@@ -91,12 +101,19 @@ def bench(
 
         check_output_path(json_out, option="--json")
 
-    if fleet:
-        from sppjit.bench import FLEET_ACCESSES, FLEET_SCENARIO, format_fleet_bench, run_fleet_bench
+    if fleet or workloads or exit_costs:
+        from sppjit import bench as B
 
-        result = run_fleet_bench(names[0] if scenario else FLEET_SCENARIO,
-                                 accesses=accesses or FLEET_ACCESSES, seed=seed)
-        typer.echo(format_fleet_bench(result))
+        if fleet:
+            result = B.run_fleet_bench(names[0] if scenario else B.FLEET_SCENARIO,
+                                       accesses=accesses or B.FLEET_ACCESSES, seed=seed)
+            typer.echo(B.format_fleet_bench(result))
+        elif workloads:
+            result = B.run_workloads(seed=seed, batch_size=batch_size)
+            typer.echo(B.format_workloads(result))
+        else:
+            result = B.run_exit_costs(seed=seed, batch_size=batch_size)
+            typer.echo(B.format_exit_costs(result))
         if json_out is not None:
             from sppjit.io.output import write_json_atomic
 
