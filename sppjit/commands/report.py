@@ -39,6 +39,13 @@ EPILOG = ("Example: sppjit replay t.parquet --protect p.parquet --out r.parquet 
           "e.parquet --summary s.json, then sppjit report r.parquet --exits e.parquet "
           "--summary s.json --stats stats --plot plots --html report.html")
 
+# write_report's parameters as the user gives them here: its errors name these.
+OPTION_NAMES = {
+    "results": "RESULTS", "exits": "--exits", "summary": "--summary", "plot": "--plot",
+    "stats": "--stats", "html": "--html", "protect": "--protect", "epochs": "--epochs",
+    "top": "--top",
+}
+
 _INPUT = "Inputs"
 _OUTPUT = "Outputs"
 
@@ -96,7 +103,8 @@ def run_report(*, results: str | None, exits: str | None = None, summary_path: s
 
     with Shown(progress) as shown, shown.step("report: reading the results"):
         done = write_report(results, exits, summary=summary_path, plot=plot, stats=stats,
-                            html=html, protect=protect, epochs=epochs, top=top)
+                            html=html, protect=protect, epochs=epochs, top=top,
+                            names=OPTION_NAMES)
     sys.stdout.write(done.text)
     sys.stdout.flush()
     for note in done.notes:
