@@ -699,3 +699,63 @@ def test_help_names_the_plot_extra_and_the_new_options():
     out = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"}).stdout
     assert "pip install 'sppjit[plot]'" in out and "pip install -e '.[plot]'" in out
     assert "--html" in out and "--protect" in out
+
+
+def test_library_errors_name_parameters_and_the_command_its_options(files, tmp_path):
+    """write_report names its parameters (epochs, plot, results); sppjit report, through
+    names=OPTION_NAMES, the options the user typed (--epochs, --plot, RESULTS)."""
+    from sppjit.commands.report import run_report
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r, e = str(files / "r.parquet"), str(files / "e.arrow")
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(r, epochs=0)
+    with pytest.raises(sppjit.InputError) as command:
+        run_report(results=r, epochs=0)
+    assert str(library.value).startswith("epochs must be 1..")
+    assert str(command.value).startswith("--epochs must be 1..")
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(r, plot=str(blocker))
+    assert str(library.value) == f"plot: {blocker} exists and is not a directory"
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(None, e)
+    assert str(library.value).startswith("results is missing: ")
+    assert "or exits and summary for a report" in str(library.value)
+    with pytest.raises(sppjit.InputError) as command:
+        run_report(results=None, exits=e)
+    assert str(command.value).startswith("RESULTS is missing: ")
+    assert "or --exits and --summary for a report" in str(command.value)
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(r, r)
+    assert str(library.value) == f"exits: {r} is the same file as results"
+    with pytest.raises(sppjit.InputError) as command:
+        run_report(results=r, exits=r)
+    assert str(command.value) == f"--exits: {r} is the same file as RESULTS"
+
+
+def test_the_summary_is_read_typed_and_a_missing_key_is_named(files, tmp_path):
+    """read_summary gives the typed document (to_dict: the JSON back, key for key); a
+    summary that lacks a key of the contract is one line naming it, exit 2, nothing written."""
+    from sppjit.summary import CompareDocument, ReplaySummary
+
+    summary = R.read_summary(str(files / "s.json"))
+    assert isinstance(summary, ReplaySummary)
+    assert summary.to_dict() == json.loads((files / "s.json").read_text())
+    (tmp_path / "c.json").write_text(json.dumps(compare_document()))
+    assert isinstance(R.read_summary(str(tmp_path / "c.json")), CompareDocument)
+    for key in ("counts", "engine"):
+        doc = {k: v for k, v in json.loads((files / "s.json").read_text()).items() if k != key}
+        path = tmp_path / f"no-{key}.json"
+        path.write_text(json.dumps(doc))
+        out = tmp_path / f"stats-{key}"
+        result = invoke(files / "r.parquet", "--summary", path, "--stats", out)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"sppjit: error: summary: {path}: ")
+        assert f"missing key '{key}'" in lines[0]
+        assert not out.exists()
+    compare = compare_document()
+    del compare["configs"][1]["derived"]["sppt_bytes"]
+    with pytest.raises(sppjit.InputError, match=r"configs\[1\]\.derived: missing key 'sppt_bytes'"):
+        R.compare_figures(compare)
