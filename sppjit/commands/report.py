@@ -6,12 +6,11 @@ sppjit.report.write_report; this prints its text and notes.
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from sppjit.commands import NoProgressOpt, err
+from sppjit.commands import NoProgressOpt, print_result
 from sppjit.commands.progress import Shown, wanted
 from sppjit.report.options import DEFAULT_EPOCHS, DEFAULT_TOP, MAX_EPOCHS, MAX_TOP
 
@@ -105,8 +104,5 @@ def run_report(*, results: str | None, exits: str | None = None, summary_path: s
         done = write_report(results, exits, summary=summary_path, plot=plot, stats=stats,
                             html=html, protect=protect, epochs=epochs, top=top,
                             names=OPTION_NAMES)
-    sys.stdout.write(done.text)
-    sys.stdout.flush()
-    for note in done.notes:
-        err(f"sppjit: note: {note}")
+    print_result(done.document, lambda: done.text, notes=done.notes)
     return done.document
