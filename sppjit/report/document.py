@@ -56,7 +56,7 @@ def as_summary(doc, path: str | None = None) -> Summary:
     cls = CompareDocument if is_compare(doc) else ReplaySummary
     try:
         return cls.from_dict(doc)
-    except (InputError, TypeError) as exc:  # TypeError: a nested block that is no object
+    except InputError as exc:
         raise InputError(f"summary: {where}{exc} {_WHAT}") from None
 
 
