@@ -17,6 +17,7 @@ row  access                          exits (kind @ gpa)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -276,22 +277,40 @@ def test_plots_without_exits_or_violations_are_still_drawn(tmp_path):
     png_checks(R.plot_violations_heatmap(stats.per_subpage, tmp_path / "h.png"))
 
 
-COMPARE = {
-    "input": {"path": "trace.parquet", "rows": 1000},
-    "configs": [
-        {"name": "page", "config": {"granularity": "page", "profile": "v4"},
-         "exits": {"total": 830, "ept_fault": 30, "write_protect": 800}},
-        {"config": {"granularity": "spp", "profile": "v4"},
-         "exits": {"total": 130, "ept_fault": 30, "spp_violation": 100}},
-        {"config": {"granularity": "spp", "profile": "v12"},
-         "summary": {"exits": {"total": 131, "ept_fault": 30, "spp_miss": 1,
-                               "spp_violation": 100}}},
-    ],
-}
+def hand_trace() -> dict:
+    return {"gpa": np.array(GPA, dtype=np.uint64), "size": np.array(SIZE, dtype=np.uint16),
+            "kind": np.array(KIND, dtype=np.uint8)}
+
+
+def hand_maps():
+    from sppjit.io.protect import AccessMaps
+
+    return AccessMaps(gfn=np.array([0x100], dtype=np.uint64),
+                      access=np.array([0xFFFFFFFC], dtype=np.uint32))
+
+
+@functools.cache
+def _compare_json() -> str:
+    from sppjit.compare import compare
+
+    doc = compare(hand_trace(), hand_maps(), memory="64MiB", engine="reference")
+    doc["input"] = dict(doc["input"], path="trace.parquet")
+    # its configurations named as a person would (the report shows the names it is given)
+    names = {"page": "page", "spp_v4": "SPP v4", "spp_v12": "SPP v12"}
+    for config in doc["configs"]:
+        config["name"] = names[config["name"]]
+    return json.dumps(doc)
+
+
+def compare_document() -> dict:
+    """A compare document of sppjit compare: the hand trace under the hand protection,
+    page, SPP v4 and SPP v12 (a fresh copy each time)."""
+    return json.loads(_compare_json())
 
 
 def test_compare_bars(tmp_path):
     pytest.importorskip("matplotlib")
+    COMPARE = compare_document()
     assert [name for name, _ in R.compare_configs(COMPARE)] == ["page", "SPP v4", "SPP v12"]
     path = R.plot_compare_bars(COMPARE, tmp_path / "bars.png")
     png_checks(path)
@@ -381,7 +400,7 @@ def test_cli_writes_stats_plots_and_a_reproducible_report(files, tmp_path):
 
 def test_cli_compare_document_adds_the_bars(files, tmp_path):
     pytest.importorskip("matplotlib")
-    (tmp_path / "c.json").write_text(json.dumps(COMPARE))
+    (tmp_path / "c.json").write_text(json.dumps(compare_document()))
     result = invoke(files / "r.parquet", "--summary", tmp_path / "c.json", "--plot", tmp_path)
     assert result.exit_code == 0, result.output
     png_checks(tmp_path / "compare_bars.png")
@@ -576,17 +595,23 @@ def test_heatmap_with_hooks_and_marks_is_drawn(tmp_path):
     assert (np.abs(rgb - [0x1a, 0x36, 0x5d]).sum(axis=2) < 30).sum() > 50
 
 
-def test_titles_name_the_trace_and_configuration():
-    summary = {"input": {"path": "/data/t.parquet"},
-               "config": {"profile": "v12", "granularity": "spp", "subpage_check": "first",
-                          "vcpus": 4}}
+def test_titles_name_the_trace_and_configuration(hand):
+    from sppjit.compare import compare as compare_trace
+    from sppjit.compare import default_configs
+
+    def replayed(path, **config):  # the hand replay's summary, as if of another VM
+        return dict(hand.summary, input={"path": path},
+                    config=dict(hand.summary["config"], **config))
+
+    summary = replayed("/data/t.parquet", profile="v12", granularity="spp",
+                       subpage_check="first", vcpus=4)
     assert R.describe(summary, "r.parquet") == "t.parquet: SPP v12, sub-page check first, 4 vCPUs"
-    page = {"input": {"path": "t.parquet"}, "config": {"granularity": "page", "vcpus": 1}}
+    page = replayed("t.parquet", granularity="page", vcpus=1)
     assert R.describe(page) == "t.parquet: page-granular protection, 1 vCPU"
     assert R.describe(None, "/x/r.parquet") == "r.parquet"
-    compare = {"input": {"path": "t.parquet"}, "config": {"vcpus": 2},
-               "configs": [{"name": "page", "exits": {"total": 1}},
-                           {"name": "spp_v4", "exits": {"total": 1}}]}
+    compare = compare_trace(hand_trace(), hand_maps(), memory="64MiB", vcpus=2, engine="reference",
+                            configs=default_configs()[:2])  # page, spp_v4
+    compare["input"] = dict(compare["input"], path="t.parquet")
     assert R.describe(compare) == "t.parquet: page, spp_v4; 2 vCPUs"
     assert R.describe(compare, "r.parquet") == ("r.parquet, a replay of t.parquet "
                                                 "(compared: page, spp_v4; 2 vCPUs)")
@@ -674,3 +699,63 @@ def test_help_names_the_plot_extra_and_the_new_options():
     out = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"}).stdout
     assert "pip install 'sppjit[plot]'" in out and "pip install -e '.[plot]'" in out
     assert "--html" in out and "--protect" in out
+
+
+def test_library_errors_name_parameters_and_the_command_its_options(files, tmp_path):
+    """write_report names its parameters (epochs, plot, results); sppjit report, through
+    names=OPTION_NAMES, the options the user typed (--epochs, --plot, RESULTS)."""
+    from sppjit.commands.report import run_report
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r, e = str(files / "r.parquet"), str(files / "e.arrow")
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(r, epochs=0)
+    with pytest.raises(sppjit.InputError) as command:
+        run_report(results=r, epochs=0)
+    assert str(library.value).startswith("epochs must be 1..")
+    assert str(command.value).startswith("--epochs must be 1..")
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(r, plot=str(blocker))
+    assert str(library.value) == f"plot: {blocker} exists and is not a directory"
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(None, e)
+    assert str(library.value).startswith("results is missing: ")
+    assert "or exits and summary for a report" in str(library.value)
+    with pytest.raises(sppjit.InputError) as command:
+        run_report(results=None, exits=e)
+    assert str(command.value).startswith("RESULTS is missing: ")
+    assert "or --exits and --summary for a report" in str(command.value)
+    with pytest.raises(sppjit.InputError) as library:
+        R.write_report(r, r)
+    assert str(library.value) == f"exits: {r} is the same file as results"
+    with pytest.raises(sppjit.InputError) as command:
+        run_report(results=r, exits=r)
+    assert str(command.value) == f"--exits: {r} is the same file as RESULTS"
+
+
+def test_the_summary_is_read_typed_and_a_missing_key_is_named(files, tmp_path):
+    """read_summary gives the typed document (to_dict: the JSON back, key for key); a
+    summary that lacks a key of the contract is one line naming it, exit 2, nothing written."""
+    from sppjit.summary import CompareDocument, ReplaySummary
+
+    summary = R.read_summary(str(files / "s.json"))
+    assert isinstance(summary, ReplaySummary)
+    assert summary.to_dict() == json.loads((files / "s.json").read_text())
+    (tmp_path / "c.json").write_text(json.dumps(compare_document()))
+    assert isinstance(R.read_summary(str(tmp_path / "c.json")), CompareDocument)
+    for key in ("counts", "engine"):
+        doc = {k: v for k, v in json.loads((files / "s.json").read_text()).items() if k != key}
+        path = tmp_path / f"no-{key}.json"
+        path.write_text(json.dumps(doc))
+        out = tmp_path / f"stats-{key}"
+        result = invoke(files / "r.parquet", "--summary", path, "--stats", out)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"sppjit: error: summary: {path}: ")
+        assert f"missing key '{key}'" in lines[0]
+        assert not out.exists()
+    compare = compare_document()
+    del compare["configs"][1]["derived"]["sppt_bytes"]
+    with pytest.raises(sppjit.InputError, match=r"configs\[1\]\.derived: missing key 'sppt_bytes'"):
+        R.compare_figures(compare)

@@ -6,7 +6,9 @@ these modules, and numba, numpy and pyarrow would make it slow.
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Annotated
 
@@ -110,3 +112,19 @@ def err(text: str) -> None:
     """One line on standard error."""
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+
+
+def print_result(document, text: Callable[[], str], *, json_out: bool = False,
+                 notes: Iterable[str | None] = ()) -> None:
+    """What a command prints when its work is done: ``document`` as indented JSON (--json)
+    or the ``text()`` for people on standard output, then each note on standard error."""
+    if json_out:
+        from sppjit.io.output import json_default
+
+        sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
+    else:
+        sys.stdout.write(text())
+    sys.stdout.flush()
+    for note in notes:
+        if note:
+            err(f"sppjit: note: {note}")

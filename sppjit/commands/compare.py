@@ -7,8 +7,6 @@ document (sppjit.summary.format_comparison) and the note.
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Annotated
 
 import typer
@@ -28,7 +26,7 @@ from sppjit.commands import (
     TraceArg,
     VcpusOpt,
     choices,
-    err,
+    print_result,
     vmprotect,
 )
 from sppjit.commands.progress import Shown, wanted
@@ -166,7 +164,6 @@ def run_compare(*, trace: str, protect: str | list[str] | None = None, json_out:
     """The compare command without typer: sppjit.compare.compare_files, then printed;
     returns the document."""
     from sppjit.compare import compare_files
-    from sppjit.io.output import json_default
     from sppjit.summary import format_comparison
 
     protect = protect[0] if isinstance(protect, list) and len(protect) == 1 else protect
@@ -174,11 +171,6 @@ def run_compare(*, trace: str, protect: str | list[str] | None = None, json_out:
         run = compare_files(trace, protect, summary=summary_path, progress=shown.named("compare"),
                             names=OPTION_NAMES, **options)
     document = run.document.to_dict()
-    if json_out:
-        sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
-    else:
-        sys.stdout.write(format_comparison(run.document, list(run.written)))
-    sys.stdout.flush()
-    if run.note:
-        err(f"sppjit: note: {run.note}")
+    print_result(document, lambda: format_comparison(run.document, list(run.written)),
+                 json_out=json_out, notes=[run.note])
     return document

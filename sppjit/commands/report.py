@@ -6,12 +6,11 @@ sppjit.report.write_report; this prints its text and notes.
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from sppjit.commands import NoProgressOpt, err
+from sppjit.commands import NoProgressOpt, print_result
 from sppjit.commands.progress import Shown, wanted
 from sppjit.report.options import DEFAULT_EPOCHS, DEFAULT_TOP, MAX_EPOCHS, MAX_TOP
 
@@ -38,6 +37,13 @@ HELP = (
 EPILOG = ("Example: sppjit replay t.parquet --protect p.parquet --out r.parquet --exits "
           "e.parquet --summary s.json, then sppjit report r.parquet --exits e.parquet "
           "--summary s.json --stats stats --plot plots --html report.html")
+
+# write_report's parameters as the user gives them here: its errors name these.
+OPTION_NAMES = {
+    "results": "RESULTS", "exits": "--exits", "summary": "--summary", "plot": "--plot",
+    "stats": "--stats", "html": "--html", "protect": "--protect", "epochs": "--epochs",
+    "top": "--top",
+}
 
 _INPUT = "Inputs"
 _OUTPUT = "Outputs"
@@ -96,9 +102,7 @@ def run_report(*, results: str | None, exits: str | None = None, summary_path: s
 
     with Shown(progress) as shown, shown.step("report: reading the results"):
         done = write_report(results, exits, summary=summary_path, plot=plot, stats=stats,
-                            html=html, protect=protect, epochs=epochs, top=top)
-    sys.stdout.write(done.text)
-    sys.stdout.flush()
-    for note in done.notes:
-        err(f"sppjit: note: {note}")
+                            html=html, protect=protect, epochs=epochs, top=top,
+                            names=OPTION_NAMES)
+    print_result(done.document, lambda: done.text, notes=done.notes)
     return done.document

@@ -36,7 +36,12 @@ Python API::
     plot_violations_heatmap(stats.per_subpage, "heat.png", per_page=stats.per_page, top=32,
                             protection=maps_or_ranges, about="t.parquet: SPP v4")
     plot_compare_bars(compare_document, "bars.png")
+    summary = read_summary("s.json")  # a ReplaySummary or CompareDocument (sppjit.summary)
 
+``summary`` arguments take the typed document or its JSON as a dict (read with ``as_summary``:
+an InputError names a key the contract's shape lacks). write_report's errors name its
+parameters (``epochs``, ``plot``); ``names={"epochs": "--epochs", ...}`` renames them, as
+``sppjit report`` does.
 ``results`` and ``exits`` are paths (Parquet, Arrow IPC file or stream), pyarrow Tables or
 RecordBatches, or a ``ReplayResult`` (whose ``exits`` is used when ``exits`` is not given).
 """
@@ -50,7 +55,7 @@ _HOMES = {
     "analysis": ("ReportStats", "analyze", "analyze_exit_log", "page_stats", "top_pages",
                  "KINDS", "PROTECTION_KINDS",
                  "TEXT_TOP", "BATCH_ROWS", "COMPACT_ROWS"),
-    "document": ("read_summary", "check_summary", "is_compare", "compare_configs",
+    "document": ("read_summary", "as_summary", "check_summary", "is_compare", "compare_configs",
                  "compare_figures", "describe", "find_seed", "versions", "report_document",
                  "REPORT_SCHEMA_VERSION"),
     "plots": ("plot_exits_over_time", "plot_violations_heatmap", "plot_compare_bars",

@@ -10,7 +10,7 @@ attribution rules are in the package's docstring (sppjit.report).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +37,7 @@ from sppjit.io.trace import (
     ipc_file_rows,
     schema_metadata,
 )
+from sppjit.summary import ReplaySummary
 
 from .options import DEFAULT_EPOCHS
 
@@ -486,13 +487,14 @@ def page_stats(results, exits=None, *, batch_size: int = BATCH_ROWS) -> tuple[pa
 
 
 def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
-            batch_size: int = BATCH_ROWS, summary: dict | None = None) -> ReportStats:
+            batch_size: int = BATCH_ROWS,
+            summary: ReplaySummary | Mapping | None = None) -> ReportStats:
     """Read results (and an exit log) once, in bounded batches, and compute every statistic.
 
     Without results (``results`` None), from the exit log and the replay's ``summary``
     alone: see analyze_exit_log."""
     if epochs < 1:
-        raise InputError(f"--epochs must be at least 1, not {epochs}")
+        raise InputError(f"epochs must be at least 1, not {epochs}")
     if results is None:
         if exits is None or summary is None:
             raise InputError("a report needs the results, or the exit log and the summary")
@@ -697,40 +699,49 @@ EXIT_LOG_ONLY_NOTE = ("report from the exit log and the summary alone: accesses,
                       "logged gpa only (its first faulting byte)")
 
 
-def _summary_rows(summary: dict) -> int:
-    """The trace's rows, as a replay summary records them (input.rows, else counts)."""
-    from .document import is_compare
+def _replay_summary(summary) -> ReplaySummary:
+    """The replay's summary, typed (its JSON read by sppjit.report.document.as_summary)."""
+    from .document import as_summary
 
-    if is_compare(summary):
+    summary = as_summary(summary)
+    if not isinstance(summary, ReplaySummary):
         raise InputError("summary: a report without results needs the --summary of sppjit "
                          "replay, not a compare document (it has one replay's rows)")
-    for value in ((summary.get("input") or {}).get("rows"),
-                  (summary.get("counts") or {}).get("accesses")):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    return summary
+
+
+def _count(value) -> int | None:
+    """A count the summary holds, or None where its JSON holds no integer there."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _summary_rows(summary: ReplaySummary) -> int:
+    """The trace's rows, as a replay summary records them (input.rows, else counts)."""
+    for value in (summary.input.get("rows"), summary.counts.accesses):
+        if _count(value) is not None and value > 0:
             return value
     raise InputError("summary: it records no number of rows (input.rows), which a report "
                      "without results needs")
 
 
-def _summary_counts(summary: dict, rows: int) -> dict:
-    counts = summary.get("counts") or {}
+def _summary_counts(summary: ReplaySummary, rows: int) -> dict:
     out = {"accesses": rows}
     for key in ("reads", "writes", "fetches", *(n.lower() for n in B.OUTCOME_NAMES)):
-        value = counts.get(key)
-        out[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
+        out[key] = _count(getattr(summary.counts, key))
     return out
 
 
-def analyze_exit_log(exits, summary: dict, *, epochs: int = DEFAULT_EPOCHS,
+def analyze_exit_log(exits, summary: ReplaySummary | Mapping, *, epochs: int = DEFAULT_EPOCHS,
                      batch_size: int = BATCH_ROWS) -> ReportStats:
     """The report's statistics from the exit log and the replay's summary, without the
     per-access results: exits by kind per page, per epoch and in total, protection exits per
     sub-page (on the logged gpa's sub-page), hook relevance; the access counts come from the
     summary, the per-access columns are null (EXIT_LOG_ONLY_NOTE)."""
     if epochs < 1:
-        raise InputError(f"--epochs must be at least 1, not {epochs}")
+        raise InputError(f"epochs must be at least 1, not {epochs}")
     if hasattr(exits, "exits") and hasattr(exits, "summary"):  # a ReplayResult
         exits = exits.exits
+    summary = _replay_summary(summary)
     n = _summary_rows(summary)
     log_src = _open_source(exits, "exits", ("row", "gpa", "kind", "relevant"))
     _require(log_src, ("row", "gpa", "kind"), "EXITS is the --exits file of sppjit replay")
@@ -786,7 +797,7 @@ def analyze_exit_log(exits, summary: dict, *, epochs: int = DEFAULT_EPOCHS,
     writes = counts["writes"]
     exits_out = {"total": log.count,
                  **{name: int(exit_kinds_total[code]) for code, name in enumerate(KINDS)}}
-    touched = (summary.get("pages") or {}).get("touched")
+    touched = summary.pages.touched
     viol = per_page.column("violations")
     totals = {
         "rows": n,
@@ -798,7 +809,7 @@ def analyze_exit_log(exits, summary: dict, *, epochs: int = DEFAULT_EPOCHS,
         "protection_exits_per_1000_writes": (1000.0 * int(ep_viol.sum()) / writes
                                              if writes else None),
         "pages": {
-            "touched": touched if isinstance(touched, int) else None,
+            "touched": _count(touched),
             "with_exits": int(pc.sum(pc.greater(per_page.column("exits"), 0)).as_py() or 0),
             "with_violations": int(pc.sum(pc.greater(viol, 0)).as_py() or 0),
         },
@@ -811,8 +822,8 @@ def analyze_exit_log(exits, summary: dict, *, epochs: int = DEFAULT_EPOCHS,
     if log.hooks:
         totals["hooks"] = {"relevant": relevant_total, "irrelevant": irrelevant_total}
     warnings = [EXIT_LOG_ONLY_NOTE]
-    recorded = (summary.get("exits") or {}).get("total")
-    if isinstance(recorded, int) and recorded != log.count:
+    recorded = _count(summary.exits.total)
+    if recorded is not None and recorded != log.count:
         warnings.append(f"the exit log holds {log.count:,} exits but the summary counts "
                         f"{recorded:,}: a filtered log, or not the same replay")
     inputs = {"results": None,

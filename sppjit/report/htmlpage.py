@@ -11,9 +11,10 @@ import html
 import os
 
 from sppjit import __version__
+from sppjit.summary import CompareDocument, ReplaySummary
 
 from .analysis import KINDS, TEXT_TOP, ReportStats, top_pages
-from .document import is_compare
+from .document import Summary, as_summary
 
 # Rows of a per-hook table at most (the hooks with the most exits first); the whole table is
 # in --stats and in compare --hooks-out.
@@ -81,28 +82,26 @@ def _summary_rows(stats: ReportStats, *, results: str, exits: str | None,
     return rows
 
 
-def _hook_tables(summary: dict | None) -> list[tuple[str, list[str], list[list]]]:
+def _hook_tables(summary: Summary | None) -> list[tuple[str, list[str], list[list]]]:
     """(caption, header, rows) of the per-hook tables a summary holds: a replay's hooks, or
     a compare document's relevant / irrelevant per configuration (for each protection)."""
-    if not isinstance(summary, dict):
+    if summary is None:
         return []
-    if not is_compare(summary):
-        per_hook = (summary.get("hooks") or {}).get("per_hook") if isinstance(
-            summary.get("hooks"), dict) else None
+    if isinstance(summary, ReplaySummary):
+        per_hook = (summary.hooks or {}).get("per_hook")
         if not per_hook:
             return []
         rows = sorted(per_hook, key=lambda h: -(h.get("relevant", 0) + h.get("irrelevant", 0)))
         return [("hooks of this replay" + _shown(len(rows)), ["hook", "relevant", "irrelevant"],
                  [[h.get("name"), h.get("relevant"), h.get("irrelevant")]
                   for h in rows[:HOOK_ROWS]])]
-    configs = summary.get("configs") if isinstance(summary.get("configs"), list) else []
     groups: dict = {}
-    for c in configs:
-        hooks = ((c.get("summary") or {}).get("hooks") or {}) if isinstance(c, dict) else {}
-        if not hooks.get("per_hook"):
+    for c in summary.configs:
+        per_hook = (c.summary.hooks or {}).get("per_hook")
+        if not per_hook:
             continue
-        protection = ((c["summary"].get("config") or {}).get("protection") or {}).get("path")
-        groups.setdefault(protection, []).append((c["name"], hooks["per_hook"]))
+        protection = (c.summary.config.get("protection") or {}).get("path")
+        groups.setdefault(protection, []).append((c.name, per_hook))
     tables = []
     for protection, members in groups.items():
         first = members[0][1]
@@ -122,10 +121,12 @@ def _hook_tables(summary: dict | None) -> list[tuple[str, list[str], list[list]]
 
 
 def render_html(stats: ReportStats, *, about: str, results: str, exits: str | None,
-                summary_path: str | None, summary: dict | None,
+                summary_path: str | None, summary: Summary | None,
                 plots: list[tuple[str, str, bytes]], notes: list[str]) -> str:
     """The report page. ``plots``: (id, caption, PNG bytes), inlined as data URIs."""
     from sppjit.summary import comparison_rows, savings_lines
+
+    summary = None if summary is None else as_summary(summary)
 
     parts = [
         "<!DOCTYPE html>",
@@ -141,19 +142,19 @@ def render_html(stats: ReportStats, *, about: str, results: str, exits: str | No
     if notes:
         parts.append('<ul class="notes">' + "".join(f"<li>note: {_e(n)}</li>" for n in notes)
                      + "</ul>")
-    if isinstance(summary, dict) and is_compare(summary) and _has_derived(summary):
+    if isinstance(summary, CompareDocument):
         names, rows = comparison_rows(summary)
         parts += ["<h2>Comparison</h2>",
                   _table([""] + names, [[label.strip() if not label.startswith("  ")
                                          else "\u2003" + label.strip(), *cells]
                                         for label, cells in rows], table_id="compare")]
-        savings = savings_lines(summary)
+        savings = savings_lines(summary.to_dict())
         if savings:
             parts.append('<ul class="notes">' + "".join(f"<li>{_e(s)}</li>" for s in savings)
                          + "</ul>")
-        if summary.get("notes"):
+        if summary.notes:
             parts.append("<h3>Why v4 and v12 differ here</h3><ul class=\"notes\">"
-                         + "".join(f"<li>{_e(n['text'])}</li>" for n in summary["notes"])
+                         + "".join(f"<li>{_e(n['text'])}</li>" for n in summary.notes)
                          + "</ul>")
     if plots:
         parts.append("<h2>Plots</h2>")
@@ -180,16 +181,3 @@ def render_html(stats: ReportStats, *, about: str, results: str, exits: str | No
 def _shown(count: int) -> str:
     return (f" (the {HOOK_ROWS:,} with the most exits, of {count:,})" if count > HOOK_ROWS
             else "")
-
-
-def _has_derived(summary: dict) -> bool:
-    """A compare document of sppjit compare (its figures typed and complete), not a
-    hand-made one with exit counts only."""
-    from sppjit.errors import InputError
-    from sppjit.summary import CompareDocument
-
-    try:
-        CompareDocument.from_dict(summary)
-    except (InputError, TypeError):
-        return False
-    return True

@@ -13,9 +13,10 @@ import pyarrow.compute as pc
 
 from sppjit import bits as B
 from sppjit.errors import InputError
+from sppjit.summary import CompareDocument
 
 from .analysis import KINDS, group_keys, top_pages
-from .document import compare_figures, describe, is_compare, read_summary
+from .document import as_summary, compare_figures, describe, is_compare, read_summary
 from .options import DEFAULT_TOP
 
 # Figures: 12 x 8 inches at 100 dpi = 1200 x 800 pixels, saved without tight cropping.
@@ -327,7 +328,8 @@ def plot_violations_heatmap(per_subpage: pa.Table, path: str | os.PathLike, *,
         return _save(fig, path)
 
 
-def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLike, *,
+def plot_compare_bars(document: CompareDocument | dict | str | os.PathLike,
+                      path: str | os.PathLike, *,
                       title: str | None = None, about: str | None = None) -> str:
     """A compare document's configurations side by side, on linear scales: protection exits
     (relevant and irrelevant stacked, with hooks) on the left, the estimated guest overhead
@@ -342,6 +344,7 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
     if not is_compare(doc):
         raise InputError("summary: not a compare document (no \"configs\"): compare bars need "
                          "the output of sppjit compare --json")
+    doc = as_summary(doc)
     figures = compare_figures(doc)
     names = [f["name"] for f in figures]
     x = np.arange(len(figures), dtype=np.float64)
@@ -384,7 +387,7 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
             bars = right.bar(x, values * scale, color="#4c72b0")
             labels(right, bars, values, [f["change_overhead"] for f in figures],
                    readable_seconds)
-            policy = (doc.get("write_through") or {}).get("policy", "none")
+            policy = (doc.write_through or {}).get("policy", "none")
             right.set_ylabel(f"estimated guest overhead ({unit})"
                              + ("" if policy == "none" else f", writes let through by {policy}"))
             right.set_ylim(0, max(values.max() * scale, 1e-9) * headroom)
@@ -400,9 +403,9 @@ def plot_compare_bars(document: dict | str | os.PathLike, path: str | os.PathLik
             ax.grid(axis="y", alpha=0.3)
         if about is None:
             about = describe(doc)
-        base = doc.get("baseline")
+        base = doc.baseline
         several = len({f["name"] for f in figures if f["is_baseline"]}) > 1 or any(
-            isinstance(c, dict) and c.get("baseline") for c in doc["configs"])
+            c.baseline for c in doc.configs)
         heading = title or ("Page-granular protection against SPP" + (
             " (changes against the page configuration of each protection)" if several
             else f" (changes against {base})" if base else ""))

@@ -3,14 +3,17 @@ exits."""
 
 from __future__ import annotations
 
+from sppjit.summary import CompareDocument
+
 from .analysis import KINDS, TEXT_TOP, ReportStats, top_pages
-from .document import compare_configs, find_seed, is_compare
+from .document import Summary, as_summary, find_seed
 
 
 def format_report(stats: ReportStats, *, results: str | None, exits: str | None,
-                  summary_path: str | None, summary: dict | None,
+                  summary_path: str | None, summary: Summary | None,
                   written: list[str]) -> str:
     """The printed report: inputs, totals and the pages with the most exits."""
+    summary = None if summary is None else as_summary(summary)
     t = stats.totals
     counts, ex = t["counts"], t["exits"]
     if results is None:
@@ -21,18 +24,17 @@ def format_report(stats: ReportStats, *, results: str | None, exits: str | None,
     if exits is not None:
         hooks = ", with hook relevance" if stats.hooks else ""
         rows.append(("exits", f"{exits} ({ex['total']:,} exits{hooks})"))
-    if summary is not None:
-        if is_compare(summary):
-            names = ", ".join(name for name, _ in compare_configs(summary))
-            rows.append(("summary", f"{summary_path} (compare: {names})"))
-        else:
-            cfg = summary.get("config") or {}
-            bits = [f"{k} {cfg[k]}" for k in ("granularity", "profile", "subpage_check")
-                    if k in cfg]
-            seed = find_seed(summary)
-            if seed is not None:
-                bits.append(f"seed {seed}")
-            rows.append(("summary", f"{summary_path}" + (f" ({', '.join(bits)})" if bits else "")))
+    if isinstance(summary, CompareDocument):
+        names = ", ".join(c.name for c in summary.configs)
+        rows.append(("summary", f"{summary_path} (compare: {names})"))
+    elif summary is not None:
+        cfg = summary.config
+        bits = [f"{k} {cfg[k]}" for k in ("granularity", "profile", "subpage_check")
+                if k in cfg]
+        seed = find_seed(summary.to_dict())
+        if seed is not None:
+            bits.append(f"seed {seed}")
+        rows.append(("summary", f"{summary_path}" + (f" ({', '.join(bits)})" if bits else "")))
     rows.append(("accesses", _pairs([("total", counts["accesses"]), ("reads", counts["reads"]),
                                      ("writes", counts["writes"]),
                                      ("fetches", counts["fetches"])])))

@@ -15,10 +15,11 @@ import pyarrow as pa
 
 from sppjit.errors import InputError
 from sppjit.io.output import TableWriter, check_output_path, write_json_atomic
+from sppjit.summary import CompareDocument
 
 from . import plots
 from .analysis import ReportStats, analyze
-from .document import describe, is_compare, read_summary, report_document
+from .document import Summary, describe, read_summary, report_document
 from .options import (
     DEFAULT_EPOCHS,
     DEFAULT_TOP,
@@ -48,7 +49,7 @@ def write_report(results: str | None, exits: str | None = None, *,
                  summary: str | None = None, plot: str | None = None,
                  stats: str | None = None, html: str | None = None,
                  protect: str | None = None, epochs: int = DEFAULT_EPOCHS,
-                 top: int = DEFAULT_TOP) -> Report:
+                 top: int = DEFAULT_TOP, names: dict[str, str] | None = None) -> Report:
     """Analyse a replay's ``results`` (and ``exits`` log) and write the statistics tables into
     the directory ``stats``, the plots into ``plot`` (each with a report.json) and the
     self-contained HTML report into the file ``html``, all or nothing. ``summary`` is the
@@ -57,44 +58,51 @@ def write_report(results: str | None, exits: str | None = None, *,
     (sppjit.report.analysis.analyze_exit_log: the per-access columns are null). ``protect``
     is the protection file of the replay: the heatmap marks its protected and hooked
     sub-pages (default: the file the summary names, when it is still the one replayed, by
-    its digest). InputError for any bad argument or input, before anything is written."""
+    its digest). InputError for any bad argument or input, before anything is written; it
+    names the parameter (``epochs``, ``plot``, ...) or, through ``names``, what the caller
+    calls it (sppjit report: its options)."""
     from sppjit.io.atomic import check_distinct
 
+    def n(parameter: str) -> str:
+        return (names or {}).get(parameter, parameter)
+
     if epochs < 1 or epochs > MAX_EPOCHS:
-        raise InputError(f"--epochs must be 1..{MAX_EPOCHS}, not {epochs}")
+        raise InputError(f"{n('epochs')} must be 1..{MAX_EPOCHS}, not {epochs}")
     if top < 1 or top > MAX_TOP:
-        raise InputError(f"--top must be 1..{MAX_TOP}, not {top}")
+        raise InputError(f"{n('top')} must be 1..{MAX_TOP}, not {top}")
 
     # ---- outputs and inputs, before any work
     if plot is not None or html is not None:
         plots.require_matplotlib()
     if html is not None:
-        check_output_path(html, option="--html")
+        check_output_path(html, option=n("html"))
     if stats is not None and plot is not None and os.path.abspath(stats) == os.path.abspath(plot):
         plot = stats  # one directory for both: one report.json
     create = {}
-    for option, directory in (("--stats", stats), ("--plot", plot)):
+    for parameter, directory in (("stats", stats), ("plot", plot)):
         if directory is not None:
-            create[directory] = _check_directory(directory, option)
+            create[directory] = _check_directory(directory, n(parameter))
     if results is None and (exits is None or summary is None):
-        raise InputError("RESULTS is missing: give the results of sppjit replay (--out), or "
-                         "--exits and --summary for a report without them")
+        raise InputError(f"{n('results')} is missing: give the results of sppjit replay "
+                         f"(--out), or {n('exits')} and {n('summary')} for a report without "
+                         "them")
     summary_doc = read_summary(summary) if summary is not None else None  # its shape too
-    compare = summary_doc is not None and is_compare(summary_doc)
-    protection, protection_note = _protection(protect, summary_doc)
-    planned: list[tuple[str, str]] = []  # (option, path) of every file to write
+    compare = isinstance(summary_doc, CompareDocument)
+    protection, protection_note = _protection(protect, summary_doc, option=n("protect"))
+    planned: list[tuple[str, str]] = []  # (parameter, path) of every file to write
     if stats is not None:
-        planned += [("--stats", os.path.join(stats, name)) for name in STATS_FILES.values()]
+        planned += [("stats", os.path.join(stats, name)) for name in STATS_FILES.values()]
     if plot is not None:
-        names = ["exits_over_time", "violations_heatmap"] + (["compare_bars"] if compare else [])
-        planned += [("--plot", os.path.join(plot, PLOT_FILES[n])) for n in names]
+        drawn = ["exits_over_time", "violations_heatmap"] + (["compare_bars"] if compare else [])
+        planned += [("plot", os.path.join(plot, PLOT_FILES[name])) for name in drawn]
     for directory in dict.fromkeys(d for d in (stats, plot) if d is not None):
-        planned.append(("--stats" if directory == stats else "--plot",
+        planned.append(("stats" if directory == stats else "plot",
                         os.path.join(directory, REPORT_FILE)))
     if html is not None:
-        planned.append(("--html", html))
-    check_distinct([("RESULTS", results), ("--exits", exits), ("--summary", summary),
-                    ("--protect", protect)] + planned)
+        planned.append(("html", html))
+    check_distinct([(n(parameter), path) for parameter, path in
+                    [("results", results), ("exits", exits), ("summary", summary),
+                     ("protect", protect)] + planned])
 
     # ---- the work (InputError for unreadable or inconsistent inputs)
     analysis = analyze(results, exits, epochs=epochs, summary=summary_doc)
@@ -102,7 +110,7 @@ def write_report(results: str | None, exits: str | None = None, *,
     if protection_note:
         notes.append(protection_note)
     if summary_doc is not None and not compare and results is not None:
-        rows = (summary_doc.get("input") or {}).get("rows")
+        rows = summary_doc.input.get("rows")
         if isinstance(rows, int) and rows != analysis.rows:
             notes.append(f"the summary counts {rows:,} rows, the results {analysis.rows:,}: "
                          "not the summary of this replay?")
@@ -110,7 +118,8 @@ def write_report(results: str | None, exits: str | None = None, *,
                        about=describe(summary_doc, results))
     document, written = _write(analysis, create, results=results, exits=exits, summary=summary,
                                summary_doc=summary_doc, compare=compare, plot=plot, stats=stats,
-                               html=html, drawing=drawing, notes=notes, epochs=epochs, top=top)
+                               html=html, drawing=drawing, notes=notes, epochs=epochs, top=top,
+                               stats_option=n("stats"))
     text = format_report(analysis, results=results, exits=exits, summary_path=summary,
                          summary=summary_doc, written=written)
     return Report(stats=analysis, document=document, text=text, written=written, notes=notes)
@@ -119,7 +128,8 @@ def write_report(results: str | None, exits: str | None = None, *,
 class _Drawing:
     """The report's plots, drawn the same way into --plot and into the HTML page."""
 
-    def __init__(self, analysis: ReportStats, summary_doc, protection, *, top: int,
+    def __init__(self, analysis: ReportStats, summary_doc: Summary | None, protection, *,
+                 top: int,
                  compare: bool, about: str):
         self.analysis, self.summary_doc, self.protection = analysis, summary_doc, protection
         self.top, self.compare, self.about = top, compare, about
@@ -148,28 +158,33 @@ PLOT_CAPTIONS = {
 }
 
 
-def _protection(protect: str | None, summary_doc: dict | None):
+def _protection(protect: str | None, summary_doc, *, option: str = "protect"):
     """(the protection the heatmap marks or None, a note for the user or None). Given:
     ``protect``. Else the file the summary names (a replay summary's config.protection, a
     compare document's protection), if it is still the one its provenance hashed."""
     from sppjit.protection import load_protection
     from sppjit.provenance import verify_digest
 
+    from .document import as_summary
+
     if protect is not None:
         try:
             return load_protection(protect)[0], None
         except InputError as exc:
-            raise InputError(f"--protect: {exc}") from None
-    if not isinstance(summary_doc, dict):
+            raise InputError(f"{option}: {exc}") from None
+    if summary_doc is None:
         return None, None
-    block = (summary_doc.get("protection") if is_compare(summary_doc)
-             else (summary_doc.get("config") or {}).get("protection"))
-    if is_compare(summary_doc) and summary_doc.get("protections"):
-        return None, None  # several: none of them is the heatmap's
+    summary_doc = as_summary(summary_doc)
+    if isinstance(summary_doc, CompareDocument):
+        if summary_doc.protections:
+            return None, None  # several: none of them is the heatmap's
+        block = summary_doc.protection
+    else:
+        block = summary_doc.config.get("protection")
     path = block.get("path") if isinstance(block, dict) else None
     if not isinstance(path, str) or not os.path.isfile(path):
         return None, None
-    digests = (summary_doc.get("provenance") or {}).get("digests") or {}
+    digests = summary_doc.provenance.get("digests") or {}
     recorded = digests.get("protect") if isinstance(digests, dict) else None
     try:  # the summary's algorithm: SHA-256 in older summaries, BLAKE3 now
         same = isinstance(recorded, str) and verify_digest(path, recorded)
@@ -186,7 +201,7 @@ def _protection(protect: str | None, summary_doc: dict | None):
 
 def _write(analysis: ReportStats, create: dict[str, bool], *, results, exits, summary,
            summary_doc, compare, plot, stats, html, drawing, notes, epochs,
-           top) -> tuple[dict, list[str]]:
+           top, stats_option: str = "stats") -> tuple[dict, list[str]]:
     """Every output file, all or nothing: (report.json's document, the paths written)."""
     from sppjit.io.atomic import Outputs
 
@@ -211,7 +226,8 @@ def _write(analysis: ReportStats, create: dict[str, bool], *, results, exits, su
                 for key, table in (("per_page", analysis.per_page),
                                    ("per_subpage", analysis.per_subpage),
                                    ("epochs", analysis.epochs)):
-                    done(write_table(table, os.path.join(stats, STATS_FILES[key])), stats)
+                    done(write_table(table, os.path.join(stats, STATS_FILES[key]),
+                                     option=stats_option), stats)
             if plot is not None:
                 for name in drawing.names():
                     done(drawing.draw(name, os.path.join(plot, PLOT_FILES[name])), plot)
@@ -260,9 +276,9 @@ def _write_html(path: str, analysis: ReportStats, drawing: _Drawing, *, plot, re
         handle.write(page)
 
 
-def write_table(table: pa.Table, path: str) -> str:
-    """A statistics table as Parquet, atomically."""
-    with TableWriter(path, table.schema, option="--stats") as writer:
+def write_table(table: pa.Table, path: str, option: str = "stats") -> str:
+    """A statistics table as Parquet, atomically (InputError names ``option``)."""
+    with TableWriter(path, table.schema, option=option) as writer:
         writer.write_batch(table)
     return path
 
