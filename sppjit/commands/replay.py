@@ -7,8 +7,6 @@ its JSON) and the job's note.
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Annotated
 
 import typer
@@ -29,7 +27,7 @@ from sppjit.commands import (
     SubpageCheck,
     TraceArg,
     VcpusOpt,
-    err,
+    print_result,
     vmprotect,
 )
 from sppjit.commands.progress import PREPARING, Shown, wanted
@@ -153,18 +151,12 @@ def run_replay(*, json_out: bool = False, progress: bool = False, **options) -> 
     """The replay command without typer: the job of ``options`` (see make_job), run, then
     printed; returns the summary JSON."""
     from sppjit import job as J
-    from sppjit.io.output import json_default
     from sppjit.summary import format_summary
 
     with Shown(progress) as shown:
         result = J.run(make_job(**options), names=OPTION_NAMES,
                        progress=shown.rows("replay", preparing=PREPARING))
     summary = result.summary.to_dict()
-    if json_out:
-        sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")
-    else:
-        sys.stdout.write(format_summary(result.summary, result.written))
-    sys.stdout.flush()
-    if result.note:
-        err(f"sppjit: note: {result.note}")
+    print_result(summary, lambda: format_summary(result.summary, result.written),
+                 json_out=json_out, notes=[result.note])
     return summary

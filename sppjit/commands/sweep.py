@@ -7,8 +7,6 @@ configuration.
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Annotated
 
 import typer
@@ -25,7 +23,7 @@ from sppjit.commands import (
     NoProgressOpt,
     TraceArg,
     VcpusOpt,
-    err,
+    print_result,
 )
 from sppjit.commands.progress import PREPARING, Shown, wanted
 
@@ -98,17 +96,11 @@ def sweep(
 def run_sweep(*, json_out: bool = False, progress: bool = False, **options) -> dict:
     """The sweep command without typer: sppjit.sweep.sweep_files, then printed; returns the
     document."""
-    from sppjit.io.output import json_default
     from sppjit.sweep import format_sweep, sweep_files
 
     with Shown(progress) as shown:
         run = sweep_files(progress=shown.rows("sweep", preparing=PREPARING),
                           names=OPTION_NAMES, **options)
-    if json_out:
-        sys.stdout.write(json.dumps(run.document, indent=2, default=json_default) + "\n")
-    else:
-        sys.stdout.write(format_sweep(run.document, list(run.written)))
-    sys.stdout.flush()
-    if run.note:
-        err(f"sppjit: note: {run.note}")
+    print_result(run.document, lambda: format_sweep(run.document, list(run.written)),
+                 json_out=json_out, notes=[run.note])
     return run.document
