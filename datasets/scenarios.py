@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sppjit import bits as B
+from sppjit.defaults import MAX_ACCESSES, SCENARIO_NAMES  # noqa: F401  (MAX_ACCESSES: API)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -59,7 +60,6 @@ def _writes(n: int, gpa: np.ndarray, size: int = 8, vcpus: int = 1, rng=None) ->
 # k > 0 has its own, seeded with (seed, k): a trace of up to CHUNK_ROWS accesses is exactly
 # what one draw of the whole used to give, and chunks never depend on each other.
 CHUNK_ROWS = 1 << 20
-MAX_ACCESSES = 1 << 36  # fault-storm touches a new page per access: all of 48-bit space
 
 
 @dataclass
@@ -229,14 +229,9 @@ def _layout(name: str, memory: int, description: str, **fields) -> Scenario:
     return Scenario(name, memory=memory, description=description, **empty, **fields)
 
 
-_PLANS = {
-    "uniform": _uniform,
-    "hotset": _hotset,
-    "sequential": _sequential,
-    "fault-storm": _fault_storm,
-    "guarded": _guarded,
-    "kernel-guard": _kernel_guard,
-}
+# The names are sppjit.defaults' (the command line reads them without importing numpy).
+_PLANS = dict(zip(SCENARIO_NAMES, (_uniform, _hotset, _sequential, _fault_storm, _guarded,
+                                   _kernel_guard), strict=True))
 
 
 def stream(name: str, accesses: int, seed: int = 0, rows: int | None = None,

@@ -41,6 +41,15 @@ DEFAULT_WRITE_THROUGH = "none"
 DEFAULT_EMULATION_COST_US = 1.0
 
 # ---- sppjit bench
+# The seeded scenarios of sppjit.datasets.scenarios, in that module's order (it builds its
+# registry from these names), and the longest trace one may ask for: fault-storm touches a
+# new page per access, and 2**36 pages fill the 48-bit guest-physical space.
+SCENARIO_NAMES = ("uniform", "hotset", "sequential", "fault-storm", "guarded", "kernel-guard")
+MAX_ACCESSES = 1 << 36
+# The converters' formats: one user process's trace (sppjit.convert), a whole VM's
+# (sppjit.convert.vm).
+CONVERT_FORMATS = ("lackey", "pinatrace", "drmemtrace", "csv")
+VM_CONVERT_FORMATS = ("qemu", "gem5")
 BENCH_SCENARIOS = ("uniform", "hotset", "sequential", "fault-storm", "guarded")
 BENCH_ACCESSES = 10_000_000
 BENCH_END_TO_END_ACCESSES = 100_000_000

@@ -21,7 +21,6 @@ import sppjit
 from sppjit import bits as B
 from sppjit.cli import app
 from sppjit.commands.generate import SCENARIO_NAMES
-from sppjit.datasets.scenarios import SCENARIOS
 from sppjit.io.protect import read_protection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +111,7 @@ def test_unknown_command_and_option_are_one_line():
     assert "--vcpus" in line
 
 
-def test_scenario_names_match_the_datasets():
-    assert tuple(SCENARIOS) == SCENARIO_NAMES
+def test_generate_help_names_every_scenario():
     assert all(name in invoke("generate", "--help").stdout for name in SCENARIO_NAMES)
 
 

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import sppjit
 from sppjit.cli import SppjitGroup
 from sppjit.commands import convert as convert_command
-from sppjit.convert import FORMATS, convert_trace, default_mapping_path
+from sppjit.convert import convert_trace, default_mapping_path
 from sppjit.convert.mapping import PageMapper, read_mapping, translate_protection
 from sppjit.errors import InputError
 from sppjit.io.protect import AccessMaps, ByteRanges, ranges_to_maps, read_protection
@@ -627,10 +627,6 @@ def test_protection_by_virtual_address_replays(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- CLI
-
-def test_format_names_agree():
-    assert convert_command.FORMAT_NAMES == FORMATS
-
 
 def test_cli_convert_prints_one_line(tmp_path):
     out = tmp_path / "t.parquet"

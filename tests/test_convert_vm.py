@@ -23,7 +23,6 @@ import pytest
 from typer.testing import CliRunner
 
 from sppjit.cli import app
-from sppjit.commands import convert as convert_command
 from sppjit.convert import gem5, physical, qemu
 from sppjit.convert.physical import (
     FLAG_DEVICE,
@@ -31,7 +30,7 @@ from sppjit.convert.physical import (
     FLAG_ROM_OFFSET,
     FLAG_SIZE_DEFAULT,
 )
-from sppjit.convert.vm import VM_FORMATS, convert_vm_trace
+from sppjit.convert.vm import convert_vm_trace
 from sppjit.errors import InputError
 from sppjit.io import symbols
 
@@ -69,10 +68,6 @@ def convert(tmp_path, fmt, source, **options):
 
 
 # ----------------------------------------------------------------------- qemu: execlog
-
-def test_formats_mirrored_in_the_command():
-    assert convert_command.VM_FORMAT_NAMES == VM_FORMATS
-
 
 def test_detect_tells_execlog_from_memc():
     assert qemu.detect(FIRMWARE.read_text().splitlines()) == "execlog"

@@ -484,13 +484,6 @@ def test_numbers_too_large(tmp_path, args):
     assert sorted(os.listdir(tmp_path)) == ["t.parquet"]
 
 
-def test_generate_limits_agree():
-    from sppjit.commands import generate
-    from sppjit.datasets import scenarios
-
-    assert generate.MAX_ACCESSES == scenarios.MAX_ACCESSES
-
-
 _GENERATE_RSS = """
 import resource, sys
 from sppjit.cli import main

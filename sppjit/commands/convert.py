@@ -13,13 +13,13 @@ import typer
 
 from sppjit.commands import NoProgressOpt, format_size
 from sppjit.commands.progress import Shown, wanted
+from sppjit.defaults import CONVERT_FORMATS, VM_CONVERT_FORMATS
 from sppjit.errors import InputError
 
 # sppjit.convert.FORMATS, repeated here so that --help imports nothing heavy; a test checks
-# that the two agree.
-FORMAT_NAMES = ("lackey", "pinatrace", "drmemtrace", "csv")
-# sppjit.convert.vm.VM_FORMATS, likewise: traces of a whole VM, guest-physical already.
-VM_FORMAT_NAMES = ("qemu", "gem5")
+# The formats' names (sppjit.defaults): --help imports nothing heavy.
+FORMAT_NAMES = CONVERT_FORMATS
+VM_FORMAT_NAMES = VM_CONVERT_FORMATS
 ALL_FORMATS = FORMAT_NAMES + VM_FORMAT_NAMES
 _VM = "Whole-VM traces (qemu, gem5)"
 

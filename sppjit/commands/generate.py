@@ -9,12 +9,10 @@ from typing import Annotated
 import typer
 
 from sppjit.commands import format_size
+from sppjit.defaults import MAX_ACCESSES, SCENARIO_NAMES
 
 # The names of datasets/scenarios.py SCENARIOS, for --help without importing numpy; a test
 # checks the two agree.
-SCENARIO_NAMES = ("uniform", "hotset", "sequential", "fault-storm", "guarded", "kernel-guard")
-# datasets/scenarios.py MAX_ACCESSES (fault-storm's new page per access fills the 48-bit space).
-MAX_ACCESSES = 1 << 36
 
 HELP = (
     f"Write a seeded synthetic trace (and the protection that goes with it).\n\n"

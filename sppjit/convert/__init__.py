@@ -24,9 +24,10 @@ from __future__ import annotations
 import os
 
 from sppjit.convert.engine import DEFAULT_CHUNK_LINES, ConvertResult
+from sppjit.defaults import CONVERT_FORMATS
 from sppjit.errors import InputError
 
-FORMATS = ("lackey", "pinatrace", "drmemtrace", "csv")
+FORMATS = CONVERT_FORMATS  # sppjit.defaults: the command line reads them without numpy
 
 __all__ = ["FORMATS", "ConvertResult", "convert_trace", "default_mapping_path",
            "translate_protection"]

@@ -8,9 +8,10 @@ import os
 from collections.abc import Callable
 
 from sppjit.convert.physical import PhysicalResult
+from sppjit.defaults import VM_CONVERT_FORMATS
 from sppjit.errors import InputError
 
-VM_FORMATS = ("qemu", "gem5")
+VM_FORMATS = VM_CONVERT_FORMATS  # sppjit.defaults
 DEFAULT_CHUNK = 1 << 16  # lines (qemu) or messages (gem5) per output batch
 
 
