@@ -15,7 +15,6 @@ from sppjit import bits as B
 from sppjit import compilation
 
 
-
 def _prepare_cache() -> bool:
     """Whether kernels may use numba's on-disk cache, after dropping a stale one.
 

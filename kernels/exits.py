@@ -9,7 +9,7 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, FULL_ACCESS_U32, inline, kernel
+from ._jit import FULL_ACCESS_U32, U0, U_PAGE_SHIFT, U_R, U_SPP, U_W, U_X, inline, kernel
 from .layout import CF_GRANULARITY, GRAN_PAGE
 from .mmu import (  # noqa: F401  (kvm_exit_spp_code: re-exported, it lives in the v4/v12 seam)
     RESUME,

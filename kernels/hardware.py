@@ -36,7 +36,13 @@ from ._jit import (
     U_W,
     inline,
 )
-from .layout import CACHE_PAYLOAD_MASK, CACHE_REGION_LIMIT, CACHE_TAG_SHIFT, CF_SUBPAGE_CHECK, CHECK_FIRST
+from .layout import (
+    CACHE_PAYLOAD_MASK,
+    CACHE_REGION_LIMIT,
+    CACHE_TAG_SHIFT,
+    CF_SUBPAGE_CHECK,
+    CHECK_FIRST,
+)
 from .mmu import cache_slot, hpa_table, level_index
 
 _I_PROC = B.VMCS_COL_PROC

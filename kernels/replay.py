@@ -19,7 +19,17 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import FULL_ACCESS_U32, U0, U1, U_PAGE_OFFSET, U_PAGE_SHIFT, U_W, inline, kernel, prefetch
+from ._jit import (
+    FULL_ACCESS_U32,
+    U0,
+    U1,
+    U_PAGE_OFFSET,
+    U_PAGE_SHIFT,
+    U_W,
+    inline,
+    kernel,
+    prefetch,
+)
 from .exits import kvm_handle_exit
 from .hardware import (
     FAST_ALLOWED,

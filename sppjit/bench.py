@@ -225,7 +225,8 @@ def format_bench(result: dict) -> str:
         f"sppjit {result['sppjit_version']} bench: {result['accesses']:,} accesses per scenario, "
         f"reference on {result['reference_sample']:,}, seed {result['seed']}, jit best of {result['repeat']}, "
         f"compile/cache load {result['compile_seconds']:.2f} s",
-        f"{'scenario':<12} {'jit M/s':>9} {'ref K/s':>9} {'numpy M/s':>10} {'jit/ref':>9} {'jit/numpy':>10} {'exits':>10}",
+        f"{'scenario':<12} {'jit M/s':>9} {'ref K/s':>9} {'numpy M/s':>10} {'jit/ref':>9} "
+        f"{'jit/numpy':>10} {'exits':>10}",
     ]
     for name, s in result["scenarios"].items():
         rows.append(

@@ -81,8 +81,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -268,7 +268,7 @@ class NoiseHookIndex(HookIndex):
         self._first_only = granularity == "spp" and subpage_check == "first"
 
     @classmethod
-    def for_config(cls, ranges, config: Config) -> "NoiseHookIndex":
+    def for_config(cls, ranges, config: Config) -> NoiseHookIndex:
         return cls(ranges.gpa, ranges.length, list(ranges.name),
                    granularity=config.granularity, subpage_check=config.subpage_check)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import operator
 import threading
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -37,7 +37,6 @@ from .defaults import (
     TIMELINE_OPS,
 )
 from .errors import InputError, SppError
-
 from .kernels import layout as L
 from .kernels import mmu as K
 
@@ -222,7 +221,7 @@ class VmConfig:
 class Vmcs:
     """One vCPU's VMCS, read and written by field encoding (bits.VMCS_FIELDS)."""
 
-    def __init__(self, vm: "VM", index: int):
+    def __init__(self, vm: VM, index: int):
         self._vm = vm
         self._index = index
 
@@ -253,7 +252,7 @@ class Vmcs:
 
 
 class Vcpu:
-    def __init__(self, vm: "VM", index: int):
+    def __init__(self, vm: VM, index: int):
         self.index = index
         self.vmcs = Vmcs(vm, index)
         self._vm = vm
