@@ -170,10 +170,15 @@ class Replay:
     counters: np.ndarray = field(default_factory=lambda: np.zeros(L.CT_LEN, dtype=np.int64))
     rows: int = 0
     seconds: float = 0.0
+    threads: int | str = 1  # JIT engine: shard each batch by 2 MiB region (sppjit.shards)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        from .shards import ShardRunner, parse_threads
+
+        self.threads = parse_threads(self.threads)
+        self._shards = ShardRunner(self, self.threads) if self.threads > 1 and self.engine == "jit" else None
         self.touched = TouchedPages(max(b + n for b, n in self.vm.config.memslots))
         self._log = L.empty_exit_log(EXIT_LOG_CAPACITY)
         self._exit_batches: list[pa.RecordBatch] = []
@@ -241,7 +246,9 @@ class Replay:
             # ioctls from other threads wait on mmu_lock and take effect at its boundary, as
             # a running guest sees them.
             with self.vm.mmu_lock:
-                if self.engine == "jit":
+                if self._shards is not None:
+                    self._shards.run_piece(piece, outcome[start:stop], exits[start:stop], reason[start:stop], keep)
+                elif self.engine == "jit":
                     self._run_jit(piece, outcome[start:stop], exits[start:stop], reason[start:stop])
                 else:
                     self._run_reference(piece, outcome[start:stop], exits[start:stop], reason[start:stop])
@@ -404,9 +411,9 @@ class Replay:
 
 
 def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None,
-                   ops=None) -> Iterator[pa.RecordBatch]:
+                   ops=None, threads: int | str = 1) -> Iterator[pa.RecordBatch]:
     """Replay ``source`` batch by batch, yielding the per-access result batches."""
-    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
+    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []), threads=threads)
     for batch in open_trace(source, batch_size=batch_size, vcpus=vm.vcpus):
         yield session.run(batch)
 
@@ -417,16 +424,18 @@ def _hook_index(hooks) -> HookIndex | None:
     return HookIndex.from_ranges(hooks)
 
 
-def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None, ops=None) -> ReplayResult:
+def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None, ops=None,
+           threads: int | str = 1) -> ReplayResult:
     """Replay a whole trace and keep every result in memory (see replay_batches for streams).
 
     ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of
     docs/contract.md §2.2: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the
     summary. ``ops`` is
     a timeline: dicts {"at", "op", "gfn", "npages", "access"} applied before the access at
-    row ``at`` (see VM.apply).
+    row ``at`` (see VM.apply). ``threads`` > 1 replays each batch on that many shards
+    (docs/parallel.md): the same results, exit log, summary and state.
     """
-    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []))
+    session = Replay(vm, engine, hooks=_hook_index(hooks), ops=list(ops or []), threads=threads)
     reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
     digests = BackgroundDigests({"trace": reader.path}) if reader.path else None
     batches = [session.run(batch) for batch in reader]
