@@ -304,3 +304,41 @@ def test_threads_argument():
     with shard_everything():
         r2 = VM(memory="8MiB").replay(trace, threads="auto")
     assert r1.table.equals(r2.table) and r1.summary["pages"] == r2.summary["pages"]
+
+
+def test_job_and_command(tmp_path):
+    """`threads` is a field of the library job (JSON round trip, checked) and `--threads` an
+    option of `sppjit replay`: a sharded command run writes the serial run's outputs."""
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from sppjit.cli import app
+    from sppjit.datasets import scenarios as D
+    from sppjit.job import Job, JobInputs, check
+
+    job = Job(inputs=JobInputs(trace="t.parquet"), threads=3)
+    assert Job.from_json(job.to_json()) == job
+    assert Job.from_dict({"inputs": {"trace": "t.parquet"}}).threads == 1
+    with pytest.raises(InputError, match="threads"):
+        check(Job(inputs=JobInputs(trace="t.parquet"), threads=0))
+
+    sc = D.make("guarded", 20000, seed=5)
+    trace, prot = tmp_path / "t.parquet", tmp_path / "p.parquet"
+    pq.write_table(__import__("pyarrow").table(sc.columns()), trace)
+    pq.write_table(__import__("pyarrow").table({"gfn": sc.protect_gfn, "access": sc.protect_access}), prot)
+    cli = CliRunner()
+    outs = {}
+    with shard_everything():
+        for threads in ("1", "2"):
+            ex, summ = tmp_path / f"e{threads}.parquet", tmp_path / f"s{threads}.json"
+            res = cli.invoke(app, ["replay", str(trace), "--protect", str(prot), "--vcpus", str(sc.vcpus),
+                                   "--memory", str(sc.memory), "--threads", threads, "--exits", str(ex),
+                                   "--summary", str(summ)])
+            assert res.exit_code == 0, res.output
+            doc = json.loads(summ.read_text())
+            outs[threads] = (pq.read_table(ex), {k: doc[k] for k in ("counts", "exits", "pages", "tlb_flushes")})
+        bad = cli.invoke(app, ["replay", str(trace), "--threads", "zero"])
+    assert outs["1"][0].equals(outs["2"][0]) and outs["1"][1] == outs["2"][1]
+    assert bad.exit_code == 2 and "--threads" in bad.stderr
