@@ -173,6 +173,12 @@ def _next_barrier(cand, cand_flags, cand_gib, k, pos, gib_status):
 
 
 @_njit
+def _last_rows(rows, vcpus, n, last):
+    for j in range(n):
+        last[vcpus[j]] = rows[j]
+
+
+@_njit
 def _gather(src, rows, out):
     for i in range(rows.shape[0]):
         out[i] = src[rows[i]]
@@ -253,22 +259,26 @@ def dangling(st) -> bool:
 class _Shard:
     """One shard's private part of the state, its rows in this piece and what it produced."""
 
-    def __init__(self, index: int, rows: np.ndarray, columns, touched_top: int, log_capacity: int):
+    def __init__(self, index: int, rows: np.ndarray, columns, buffers, touched_top: int, log_capacity: int,
+                 keep_log: bool, vcpus: int):
         from .replay import TouchedPages
 
         self.index = index
-        self.rows = rows.copy()
+        self.rows = rows
+        n = rows.shape[0]
         self.columns = []
-        for c in columns:
-            out = np.empty(rows.shape[0], dtype=c.dtype)
+        for i, c in enumerate(columns):
+            out = buffers.get(("col", index, i), n, c.dtype)
             _gather(c, rows, out)
             view = out.view()
             view.flags.writeable = False
             self.columns.append(view)
-        n = rows.shape[0]
-        self.results = (np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.zeros(n, np.uint16))
+        self.results = tuple(buffers.get(("res", index, i), n, t) for i, t in
+                             enumerate((np.uint8, np.uint8, np.uint16)))
         self.touched = TouchedPages(touched_top)
         self.log = L.empty_exit_log(log_capacity)
+        self.keep_log = keep_log  # False: only each vCPU's last exit row is kept (discarded log)
+        self.last_exit = np.full(vcpus, -1, dtype=np.int64)  # positions in the shard
         self.counters = np.zeros(L.CT_LEN, dtype=np.int64)
         self.chunk_size = 0  # tables it allocated in its last segment, then its chunks' size
         self.chunks: list[list[int]] = []  # [start, used] of each chunk of the pool, in order
@@ -283,8 +293,17 @@ class _Shard:
     def stash_log(self) -> None:
         n = int(self.log.n[0])
         if n:
-            self.stashed.append(tuple(a[:n].copy() for a in self.log[:-1]))
+            _last_rows(self.log.row, self.log.vcpu, n, self.last_exit)
+            if self.keep_log:
+                self.stashed.append(tuple(a[:n].copy() for a in self.log[:-1]))
             self.log.n[0] = 0
+
+    def take_last_exits(self) -> np.ndarray:
+        """Each vCPU's last exit row (of the piece) since the last call, -1 for none."""
+        self.stash_log()
+        out = np.where(self.last_exit >= 0, self.rows[np.maximum(self.last_exit, 0)], -1)
+        self.last_exit[:] = -1
+        return out
 
     def take_log(self) -> list[np.ndarray]:
         self.stash_log()
@@ -296,12 +315,26 @@ class _Shard:
         return cols
 
 
+class _Buffers:
+    """Arrays reused from batch to batch (fresh ones would be page-faulted in every batch)."""
+
+    def __init__(self):
+        self._arrays: dict = {}
+
+    def get(self, key, n: int, dtype) -> np.ndarray:
+        a = self._arrays.get(key)
+        if a is None or a.shape[0] < n or a.dtype != np.dtype(dtype):
+            a = self._arrays[key] = np.empty(max(n, 1), dtype=dtype)
+        return a[:n]
+
+
 class ShardRunner:
     """Replays pieces of batches for one Replay session on ``threads`` shards."""
 
     def __init__(self, session, threads: int):
         self.session = session
         self.threads = threads
+        self.buffers = _Buffers()
         self.parallel_pieces = 0  # pieces that ran sharded (the others ran serially)
         self.segments = 0
         self.barriers = 0
@@ -323,8 +356,8 @@ class ShardRunner:
         st = vm.state
         nshards = bounds.shape[0] + 1
         status = gib_status(st)
-        flags = np.empty(n, dtype=np.uint8)
-        shard_rows = np.empty((nshards, n), dtype=np.int64)
+        flags = self.buffers.get("flags", n, np.uint8)
+        shard_rows = self.buffers.get("rows", nshards * n, np.int64).reshape(nshards, n)
         counts = np.zeros(nshards, dtype=np.int64)
         _partition(st, piece.gpa, piece.size, bounds, status, flags, shard_rows, counts, U_SPP)
         pending = np.flatnonzero(st.requests != 0)
@@ -336,8 +369,19 @@ class ShardRunner:
         cand_flags = flags[cand]
         cand_gib = ((piece.gpa[cand] >> np.uint64(30)) & np.uint64(GIBS - 1)).astype(np.int64)
         top = rep.touched.dir.shape[0] << rep.touched.shift
-        shards = [_Shard(s, shard_rows[s, :counts[s]], columns, top, rep._log.row.shape[0]) for s in range(nshards)]
-        del shard_rows
+        keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
+
+        def build(s):
+            return _Shard(s, shard_rows[s, :counts[s]], columns, self.buffers, top, rep._log.row.shape[0],
+                          keep_log, vm.vcpus)
+
+        for s in range(nshards):  # the buffers, before the threads fill them
+            for i, c in enumerate(columns):
+                self.buffers.get(("col", s, i), int(counts[s]), c.dtype)
+            for i, t in enumerate((np.uint8, np.uint8, np.uint16)):
+                self.buffers.get(("res", s, i), int(counts[s]), t)
+        futures = [_executor(self.threads - 1).submit(build, s) for s in range(1, nshards)]
+        shards = [build(0)] + [f.result() for f in futures]
         self.parallel_pieces += 1
         res = (outcome, exits, reason)
         pos, k = 0, 0
@@ -501,22 +545,20 @@ class ShardRunner:
                 raise RuntimeError("sppjit internal error: a shard changed VM-wide state")
             rep.counters += sh.counters
             sh.counters[:] = 0
-        # Exits: in row order (a row's exits come from one shard, in piece order).
-        logs = [sh.take_log() for sh in shards]
+        # The exit fields of each vCPU: those of the shard that has its latest exit.
         last = np.full(vm.vcpus, -1, dtype=np.int64)
         owner = np.full(vm.vcpus, -1, dtype=np.int64)
-        for i, cols in enumerate(logs):
-            rows, vcpus = cols[0], cols[1].astype(np.int64)
-            if rows.size:
-                mine = np.full(vm.vcpus, -1, dtype=np.int64)
-                np.maximum.at(mine, vcpus, rows)
-                better = mine > last
-                last[better] = mine[better]
-                owner[better] = i
+        for i, sh in enumerate(shards):
+            mine = sh.take_last_exits()
+            better = mine > last
+            last[better] = mine[better]
+            owner[better] = i
         for v in np.flatnonzero(owner >= 0):
             st.vmcs[v] = shards[int(owner[v])].vmcs[v]
-        if rep.on_exits is _discard() and rep.hooks is None:
+        if not shards[0].keep_log:
             return
+        # Exits: in row order (a row's exits come from one shard, in piece order).
+        logs = [sh.take_log() for sh in shards]
         cols = [np.concatenate([lg[i] for lg in logs]) for i in range(len(logs[0]))]
         order = np.argsort(cols[0], kind="stable")
         cols = [c[order] for c in cols]
