@@ -342,3 +342,12 @@ def test_job_and_command(tmp_path):
         bad = cli.invoke(app, ["replay", str(trace), "--threads", "zero"])
     assert outs["1"][0].equals(outs["2"][0]) and outs["1"][1] == outs["2"][1]
     assert bad.exit_code == 2 and "--threads" in bad.stderr
+
+
+def test_bench_threads_section():
+    from sppjit.bench import format_parallel, run_parallel
+
+    result = run_parallel(["guarded"], accesses=20000, repeat=1, threads=2)
+    s = result["scenarios"]["guarded"]["shards"]
+    assert s["threads"] == 2 and s["serial_seconds"] > 0 and s["sharded_seconds"] > 0
+    assert "one trace on shards" in format_parallel(result)
