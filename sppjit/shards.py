@@ -52,7 +52,7 @@ MAX_THREADS = 64
 MIN_PIECE_ROWS = 1 << 15  # a smaller piece runs serially: sharding costs more than it gains
 MIN_SEGMENT_ROWS = 1 << 12  # rows between two barriers below this run serially too
 MIN_GAIN = 1.25  # the piece runs serially when the largest shard holds more than 1/MIN_GAIN of it
-SAMPLE_ROWS = 1 << 16  # rows sampled to place the shard boundaries
+SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
 
 # Row flags of the partition pass.
 F_STATIC = 1  # always a barrier (spans two regions; a vCPU's first row with requests pending)
@@ -121,11 +121,11 @@ def _ept_leaf_spp(st, gfn, spp):
 
 
 @_njit
-def _partition(st, gpa, size, bounds, gib_status, flags, shard_rows, counts, spp):
-    """One pass over a piece: each row's flags (F_*) and its shard (the region ranges split at
-    ``bounds``), the shard's row indices appended to ``shard_rows[shard]``."""
+def _classify(st, gpa, size, bounds, gib_status, flags, sid, r0, r1, spp):
+    """Rows r0..r1-1 of a piece: each row's flags (F_*) and its shard (the region ranges split
+    at ``bounds``). Chunks of rows are classified by several threads at once."""
     nb = bounds.shape[0]
-    for r in range(gpa.shape[0]):
+    for r in range(r0, r1):
         first = gpa[r]
         last = first + np.uint64(size[r]) - np.uint64(1)
         region = first >> np.uint64(21)
@@ -149,8 +149,17 @@ def _partition(st, gpa, size, bounds, gib_status, flags, shard_rows, counts, spp
         s = 0
         while s < nb and region >= bounds[s]:
             s += 1
-        shard_rows[s, counts[s]] = r
-        counts[s] += 1
+        sid[r] = s
+
+
+@_njit
+def _select(sid, s, out):
+    """The rows of shard ``s``, in order, into ``out`` (one longer than sid); returns how many."""
+    k = 0
+    for r in range(sid.shape[0]):
+        out[k] = r
+        k += sid[r] == s
+    return k
 
 
 @_njit
@@ -357,9 +366,10 @@ class ShardRunner:
         nshards = bounds.shape[0] + 1
         status = gib_status(st)
         flags = self.buffers.get("flags", n, np.uint8)
-        shard_rows = self.buffers.get("rows", nshards * n, np.int64).reshape(nshards, n)
-        counts = np.zeros(nshards, dtype=np.int64)
-        _partition(st, piece.gpa, piece.size, bounds, status, flags, shard_rows, counts, U_SPP)
+        sid = self.buffers.get("sid", n, np.uint8)
+        cuts = [n * i // self.threads for i in range(self.threads + 1)]
+        self._map(lambda i: _classify(st, piece.gpa, piece.size, bounds, status, flags, sid, cuts[i], cuts[i + 1],
+                                      U_SPP), range(self.threads))
         pending = np.flatnonzero(st.requests != 0)
         for v in pending:
             hit = np.flatnonzero(piece.vcpu == v)
@@ -371,17 +381,19 @@ class ShardRunner:
         top = rep.touched.dir.shape[0] << rep.touched.shift
         keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
 
-        def build(s):
-            return _Shard(s, shard_rows[s, :counts[s]], columns, self.buffers, top, rep._log.row.shape[0],
-                          keep_log, vm.vcpus)
-
         for s in range(nshards):  # the buffers, before the threads fill them
+            self.buffers.get(("rows", s), n + 1, np.int64)
             for i, c in enumerate(columns):
-                self.buffers.get(("col", s, i), int(counts[s]), c.dtype)
+                self.buffers.get(("col", s, i), n, c.dtype)
             for i, t in enumerate((np.uint8, np.uint8, np.uint16)):
-                self.buffers.get(("res", s, i), int(counts[s]), t)
-        futures = [_executor(self.threads - 1).submit(build, s) for s in range(1, nshards)]
-        shards = [build(0)] + [f.result() for f in futures]
+                self.buffers.get(("res", s, i), n, t)
+
+        def build(s):
+            out = self.buffers.get(("rows", s), n + 1, np.int64)
+            rows = out[:_select(sid, np.uint8(s), out)]
+            return _Shard(s, rows, columns, self.buffers, top, rep._log.row.shape[0], keep_log, vm.vcpus)
+
+        shards = self._map(build, range(nshards))
         self.parallel_pieces += 1
         res = (outcome, exits, reason)
         pos, k = 0, 0
@@ -400,6 +412,16 @@ class ShardRunner:
             pos = b + 1
         for sh in shards:
             merge_touched(rep.touched, sh.touched)
+
+    def _map(self, fn, items) -> list:
+        """fn over items, the first on this thread, the others on the pool."""
+        items = list(items)
+        futures = [_executor(self.threads - 1).submit(fn, x) for x in items[1:]]
+        try:
+            first = fn(items[0])
+        finally:
+            rest = [f.result() for f in futures]
+        return [first] + rest
 
     def _bounds(self, gpa: np.ndarray):
         """Region boundaries splitting a sample of the rows into shards of equal weight, or None
