@@ -153,11 +153,17 @@ def _classify(st, gpa, size, bounds, gib_status, flags, sid, r0, r1, spp):
 
 
 @_njit
-def _select(sid, s, out):
-    """The rows of shard ``s``, in order, into ``out`` (one longer than sid); returns how many."""
+def _select(sid, s, out, gpa, size, vcpu, kind, insn, ogpa, osize, ovcpu, okind, oinsn):
+    """The rows of shard ``s``, in order, into ``out`` and their columns into o* (all one
+    longer than sid), in one branch-free pass; returns how many."""
     k = 0
     for r in range(sid.shape[0]):
         out[k] = r
+        ogpa[k] = gpa[r]
+        osize[k] = size[r]
+        ovcpu[k] = vcpu[r]
+        okind[k] = kind[r]
+        oinsn[k] = insn[r]
         k += sid[r] == s
     return k
 
@@ -185,12 +191,6 @@ def _next_barrier(cand, cand_flags, cand_gib, k, pos, gib_status):
 def _last_rows(rows, vcpus, n, last):
     for j in range(n):
         last[vcpus[j]] = rows[j]
-
-
-@_njit
-def _gather(src, rows, out):
-    for i in range(rows.shape[0]):
-        out[i] = src[rows[i]]
 
 
 @_njit
@@ -277,9 +277,7 @@ class _Shard:
         n = rows.shape[0]
         self.columns = []
         for i, c in enumerate(columns):
-            out = buffers.get(("col", index, i), n, c.dtype)
-            _gather(c, rows, out)
-            view = out.view()
+            view = buffers.get(("col", index, i), n, c.dtype).view()
             view.flags.writeable = False
             self.columns.append(view)
         self.results = tuple(buffers.get(("res", index, i), n, t) for i, t in
@@ -384,13 +382,14 @@ class ShardRunner:
         for s in range(nshards):  # the buffers, before the threads fill them
             self.buffers.get(("rows", s), n + 1, np.int64)
             for i, c in enumerate(columns):
-                self.buffers.get(("col", s, i), n, c.dtype)
+                self.buffers.get(("col", s, i), n + 1, c.dtype)
             for i, t in enumerate((np.uint8, np.uint8, np.uint16)):
                 self.buffers.get(("res", s, i), n, t)
 
         def build(s):
             out = self.buffers.get(("rows", s), n + 1, np.int64)
-            rows = out[:_select(sid, np.uint8(s), out)]
+            cols = [self.buffers.get(("col", s, i), n + 1, c.dtype) for i, c in enumerate(columns)]
+            rows = out[:_select(sid, np.uint8(s), out, *columns, *cols)]
             return _Shard(s, rows, columns, self.buffers, top, rep._log.row.shape[0], keep_log, vm.vcpus)
 
         shards = self._map(build, range(nshards))
