@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
+from test_equivalence import _first_difference
 
 import sppjit.shards as SH
 from sppjit import bits as B
@@ -23,7 +24,6 @@ from sppjit.errors import InputError, SppError, VmEntryError
 from sppjit.kernels import layout as L
 
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
-from test_equivalence import _first_difference
 
 EXAMPLES = S.EXAMPLES
 
@@ -47,10 +47,11 @@ class Runner(S.Runner):
         self.sharded = 0
 
     def replay(self, phase):
+        import pyarrow as pa
+
+        from sppjit.io.trace import open_trace
         from sppjit.reference import ModelLivelock
         from sppjit.replay import Replay, ReplayResult
-        from sppjit.io.trace import open_trace
-        import pyarrow as pa
 
         res = S.PhaseResult()
         batch = phase.batch_size if self.batch_size is None else self.batch_size
@@ -311,6 +312,7 @@ def test_job_and_command(tmp_path):
     option of `sppjit replay`: a sharded command run writes the serial run's outputs."""
     import json
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from typer.testing import CliRunner
 
@@ -326,8 +328,8 @@ def test_job_and_command(tmp_path):
 
     sc = D.make("guarded", 20000, seed=5)
     trace, prot = tmp_path / "t.parquet", tmp_path / "p.parquet"
-    pq.write_table(__import__("pyarrow").table(sc.columns()), trace)
-    pq.write_table(__import__("pyarrow").table({"gfn": sc.protect_gfn, "access": sc.protect_access}), prot)
+    pq.write_table(pa.table(sc.columns()), trace)
+    pq.write_table(pa.table({"gfn": sc.protect_gfn, "access": sc.protect_access}), prot)
     cli = CliRunner()
     outs = {}
     with shard_everything():
