@@ -53,6 +53,7 @@ MIN_PIECE_ROWS = 1 << 15  # a smaller piece runs serially: sharding costs more t
 MIN_SEGMENT_ROWS = 1 << 12  # rows between two barriers below this run serially too
 MIN_GAIN = 1.25  # the piece runs serially when the largest shard holds more than 1/MIN_GAIN of it
 SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
+RESERVE = 2  # pool room set aside per segment, in chunks: a shard that needs more waits a round
 
 # Row flags of the partition pass.
 F_STATIC = 1  # always a barrier (spans two regions; a vCPU's first row with requests pending)
@@ -344,6 +345,7 @@ class ShardRunner:
         self.buffers = _Buffers()
         self.parallel_pieces = 0  # pieces that ran sharded (the others ran serially)
         self.segments = 0
+        self.rounds = 0  # extra rounds of a segment, for shards that ran out of pool
         self.barriers = 0
 
     # ------------------------------------------------------------------ entry point
@@ -483,7 +485,7 @@ class ShardRunner:
         ran = [item[0] for item in work]
         for sh in ran:
             sh.chunk_size = max(4 * margin, 2 * sh.chunk_size)
-        alloc.reserve(sum(sh.chunk_size for sh in ran) * 2)
+        alloc.reserve(sum(sh.chunk_size for sh in ran) * RESERVE)
         for sh in ran:
             sh.scal = base.scal.copy()
             sh.vmcs = base.vmcs.copy()
@@ -494,7 +496,8 @@ class ShardRunner:
             stopped = self._round(work, alloc, errors, res if keep else None)
             if errors or not stopped:
                 break
-            alloc.reserve(sum(2 * item[0].chunk_size for item in stopped) * 2)
+            alloc.reserve(sum(2 * item[0].chunk_size for item in stopped) * RESERVE)
+            self.rounds += 1
             for item in stopped:
                 alloc.chunk(item[0], 2 * item[0].chunk_size)
             work = stopped

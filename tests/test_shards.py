@@ -353,3 +353,42 @@ def test_bench_threads_section():
     s = result["scenarios"]["guarded"]["shards"]
     assert s["threads"] == 2 and s["serial_seconds"] > 0 and s["sharded_seconds"] > 0
     assert "one trace on shards" in format_parallel(result)
+
+
+def test_pool_rounds_and_hooks():
+    """Shards whose chunk of the pool runs out while the pool is full wait for another round
+    (the pool grows between rounds); hook relevance is annotated on the merged exit log."""
+    from sppjit.io.protect import ByteRanges, ranges_to_maps
+    from sppjit.replay import Replay, replay
+    from sppjit.vm import VM
+
+    rng = np.random.default_rng(11)
+    n = 30000
+    gpa = (rng.integers(0, 3 << 18, n).astype(np.uint64) << np.uint64(12)) | rng.integers(0, 4096 - 8, n).astype(
+        np.uint64)
+    trace = {"gpa": gpa, "size": np.full(n, 8, dtype=np.uint16),
+             "vcpu": rng.integers(0, 2, n).astype(np.uint16), "kind": np.ones(n, dtype=np.uint8)}
+    hooks = ByteRanges(gpa=gpa[:300:3] & ~np.uint64(127), length=np.full(100, 64, dtype=np.uint32),
+                       name=[f"h{i}" for i in range(100)])
+    maps = ranges_to_maps(hooks)
+    out = []
+    saved = SH.RESERVE
+    for threads in (1, 3):
+        vm = VM(memory="3GiB", vcpus=2, table_capacity=16)
+        vm.protect(maps.gfn, maps.access)
+        with shard_everything():
+            SH.RESERVE = 1
+            try:
+                res = replay(vm, trace, hooks=hooks, threads=threads, batch_size=8192)
+                session = Replay(vm, threads=threads)  # a second replay on the same state
+                again = [session.run(b) for b in __import__("sppjit.io.trace", fromlist=["x"]).open_trace(
+                    trace, batch_size=8192)]
+            finally:
+                SH.RESERVE = saved
+        out.append((res, again, session, canonical_state(vm)))
+    (a, a2, _, sa), (b, b2, sb_session, sb) = out
+    assert a.table.equals(b.table) and a.exits.equals(b.exits)
+    assert "relevant" in b.exits.column_names and a.summary["hooks"] == b.summary["hooks"]
+    assert all(x.equals(y) for x, y in zip(a2, b2))
+    assert sa == sb
+    assert sb_session._shards.parallel_pieces > 0
