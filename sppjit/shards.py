@@ -377,6 +377,9 @@ class ShardRunner:
                 flags[hit[0]] |= F_STATIC
         cand = np.flatnonzero(flags)
         cand_flags = flags[cand]
+        if np.count_nonzero(cand_flags & F_STATIC) * max(MIN_SEGMENT_ROWS, 1) > n:
+            rep._run_jit(piece, outcome, exits, reason)  # barriers everywhere: nothing to gain
+            return
         cand_gib = ((piece.gpa[cand] >> np.uint64(30)) & np.uint64(GIBS - 1)).astype(np.int64)
         top = rep.touched.dir.shape[0] << rep.touched.shift
         keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
@@ -401,15 +404,18 @@ class ShardRunner:
         while pos < n:
             k = _next_barrier(cand, cand_flags, cand_gib, k, pos, status)
             b = int(cand[k]) if k < cand.shape[0] else n
-            if b > pos:
-                if b - pos >= MIN_SEGMENT_ROWS:
-                    self._parallel(piece, columns, shards, res, keep, pos, b)
-                else:
-                    self._serial(piece, columns, res, pos, b)
-            if b < n:
-                self._serial(piece, columns, res, b, b + 1)
+            if b - pos >= max(MIN_SEGMENT_ROWS, 1):
+                self._parallel(piece, columns, shards, res, keep, pos, b)
+                pos = b
+            if b < n:  # the barrier, with the short segment before it if there is one
+                self._serial(piece, columns, res, pos, b + 1)
                 self.barriers += 1
-                status = gib_status(vm.state)
+                if cand_flags[k] & (F_EPT | F_SPPT):
+                    # It may have built its GiB's tables. (Statuses only ever go from lacking
+                    # to present inside a piece: a stale "lacking" costs a barrier, no more.)
+                    status = gib_status(vm.state)
+            elif pos < n:
+                self._serial(piece, columns, res, pos, n)
             pos = b + 1
         for sh in shards:
             merge_touched(rep.touched, sh.touched)
