@@ -499,18 +499,20 @@ class ShardRunner:
             alloc.chunk(sh, sh.chunk_size)
         errors = []
         while work:
+            # A shard that failed stops; the others go on (one that waited for room may fail on
+            # an earlier row, whose error the serial replay would raise).
             stopped = self._round(work, alloc, errors, res if keep else None)
-            if errors or not stopped:
+            if not stopped:
                 break
             alloc.reserve(sum(2 * item[0].chunk_size for item in stopped) * RESERVE)
             self.rounds += 1
             for item in stopped:
                 alloc.chunk(item[0], 2 * item[0].chunk_size)
             work = stopped
+        self._merge(piece, ran, nt0, alloc)  # after an error too: the pool stays well formed
         if errors:
             row, status, detail = min(errors)
             raise _failure(status, piece.first_row + row, detail)
-        self._merge(piece, ran, nt0, alloc)
 
     def _round(self, work, alloc, errors, res):
         """Run every shard of ``work`` to its segment's end (or until the pool is full) in
