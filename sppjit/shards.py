@@ -121,52 +121,63 @@ def _ept_leaf_spp(st, gfn, spp):
     return False
 
 
+# The row loops below index with uint64 (as the kernels do): numba then emits no
+# negative-index wraparound code, which made them 5x slower.
+_U1 = np.uint64(1)
+_U21 = np.uint64(21)
+_U30 = np.uint64(30)
+_U_GIB_MASK = np.uint64(GIBS - 1)
+
+
 @_njit
 def _classify(st, gpa, size, bounds, gib_status, flags, sid, r0, r1, spp):
     """Rows r0..r1-1 of a piece: each row's flags (F_*) and its shard (the region ranges split
     at ``bounds``). Chunks of rows are classified by several threads at once."""
     nb = bounds.shape[0]
-    for r in range(r0, r1):
+    r = np.uint64(r0)
+    end = np.uint64(r1)
+    while r < end:
         first = gpa[r]
-        last = first + np.uint64(size[r]) - np.uint64(1)
-        region = first >> np.uint64(21)
-        f = 0
-        if (last >> np.uint64(21)) != region:
-            f = F_STATIC
-        g = np.int64(first >> np.uint64(30)) & (GIBS - 1)
-        gs = gib_status[g]
+        last = first + np.uint64(size[r]) - _U1
+        region = first >> _U21
+        f = np.uint8(0)
+        if (last >> _U21) != region:
+            f = np.uint8(F_STATIC)
+        gs = gib_status[(first >> _U30) & _U_GIB_MASK]
         if (gs & G_EPT) != 0:
-            f |= F_EPT
+            f |= np.uint8(F_EPT)
         if (gs & G_SPPT) != 0:
-            g0 = first >> U_PAGE_SHIFT
-            g1 = last >> U_PAGE_SHIFT
             risky = False
-            for gfn in (g0, g1):
+            for gfn in (first >> U_PAGE_SHIFT, last >> U_PAGE_SHIFT):
                 if stored_map(st, gfn) != np.uint32(B.FULL_SPP_ACCESS) or _ept_leaf_spp(st, gfn, spp):
                     risky = True
             if risky:
-                f |= F_SPPT
+                f |= np.uint8(F_SPPT)
         flags[r] = f
-        s = 0
-        while s < nb and region >= bounds[s]:
-            s += 1
+        s = np.uint8(0)
+        for i in range(nb):
+            s += np.uint8(region >= bounds[i])
         sid[r] = s
+        r += _U1
 
 
 @_njit
 def _select(sid, s, out, gpa, size, vcpu, kind, insn, ogpa, osize, ovcpu, okind, oinsn):
     """The rows of shard ``s``, in order, into ``out`` and their columns into o* (all one
     longer than sid), in one branch-free pass; returns how many."""
-    k = 0
-    for r in range(sid.shape[0]):
-        out[k] = r
+    k = np.uint64(0)
+    n = np.uint64(sid.shape[0])
+    r = np.uint64(0)
+    while r < n:
+        out[k] = np.int64(r)
         ogpa[k] = gpa[r]
         osize[k] = size[r]
         ovcpu[k] = vcpu[r]
         okind[k] = kind[r]
         oinsn[k] = insn[r]
-        k += sid[r] == s
-    return k
+        k += np.uint64(sid[r] == s)
+        r += _U1
+    return np.int64(k)
 
 
 @_njit
