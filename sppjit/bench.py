@@ -601,6 +601,33 @@ def machine_parallelism(threads: int, nbytes: int = 1 << 25, repeat: int = 3) ->
     return best_serial / best_parallel
 
 
+def _sharded_replays(scenario, batch_size: int, repeat: int, threads: int) -> dict:
+    """One trace replayed serially and on ``threads`` shards (docs/parallel.md), in memory and
+    interleaved, best of ``repeat`` each, as `sppjit replay --summary` runs (exits counted, the
+    log dropped); the figures must match (RuntimeError otherwise)."""
+    from .io.trace import open_trace
+    from .replay import Replay, discard_exits
+
+    cols = scenario.columns()
+    best: dict[int, float] = {}
+    figures: dict[int, tuple] = {}
+    stats = {}
+    for _ in range(repeat):
+        for t in (1, threads):
+            session = Replay(_vm_for(scenario), "jit", on_exits=discard_exits, threads=t)
+            for batch in open_trace(cols, batch_size=batch_size):
+                session.run(batch, keep=False)
+            best[t] = min(best.get(t, float("inf")), session.seconds)
+            figures[t] = _figures(session.summary()) + (session.summary()["tlb_flushes"],)
+            if session._shards is not None:
+                r = session._shards
+                stats = {"sharded_pieces": r.parallel_pieces, "segments": r.segments, "barriers": r.barriers}
+    if figures[1] != figures[threads]:
+        raise RuntimeError(f"{scenario.name}: the sharded replay's figures differ from the serial one's")
+    return {"threads": threads, "serial_seconds": best[1], "sharded_seconds": best[threads],
+            "speedup": best[1] / best[threads], **stats}
+
+
 def _figures(summary: dict) -> tuple:
     return (summary["counts"], summary["exits"], summary["pages"])
 
@@ -653,6 +680,7 @@ def run_parallel(scenarios=DEFAULT_SCENARIOS, accesses: int = PARALLEL_ACCESSES,
                 "sweep_speedup": serial_s / many_s,
                 "replays_per_second": len(configs) * len(sc) / many_s,
             }
+        entry["shards"] = _sharded_replays(sc, batch_size, repeat, max(2, threads))
         result["scenarios"][name] = entry
     result["machine_parallelism"] = machine_parallelism(threads)
     return result
@@ -679,6 +707,13 @@ def format_parallel(result: dict) -> str:
                 f"{s['sweep_seconds']:>9.3f} {s['sweep_1_thread_speedup']:>9.2f}x "
                 f"{s['sweep_speedup']:>6.2f}x {s['replays_per_second'] / 1e6:>9.1f}"
             )
+    rows.append("one trace on shards (replay --threads N, in memory, the serial replay in the same run):")
+    rows.append(f"{'scenario':<12} {'threads':>7} {'serial s':>9} {'sharded s':>10} {'x':>7} "
+                f"{'segments':>9} {'barriers':>9}")
+    for name, entry in result["scenarios"].items():
+        s = entry["shards"]
+        rows.append(f"{name:<12} {s['threads']:>7} {s['serial_seconds']:>9.3f} {s['sharded_seconds']:>10.3f} "
+                    f"{s['speedup']:>6.2f}x {s.get('segments', 0):>9} {s.get('barriers', 0):>9}")
     return "\n".join(rows)
 
 

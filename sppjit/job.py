@@ -140,13 +140,15 @@ def _paths(obj) -> Any:
 
 @dataclass(frozen=True)
 class Job:
-    """One replay: inputs, VM, outputs, engine and batch size (None: the engine's default)."""
+    """One replay: inputs, VM, outputs, engine, batch size (None: the engine's default) and the
+    threads replaying each batch (1: serial; N or "auto": sharded, docs/parallel.md)."""
 
     inputs: JobInputs
     vm: VmSpec = field(default_factory=VmSpec)
     outputs: JobOutputs = field(default_factory=JobOutputs)
     engine: str = DEFAULT_ENGINE
     batch_size: int | None = None
+    threads: int | str = 1
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", _paths(self.inputs))
@@ -160,7 +162,7 @@ class Job:
         return {"job": JOB_KIND, "schema_version": JOB_SCHEMA_VERSION,
                 "inputs": dataclasses.asdict(self.inputs), "vm": vm,
                 "outputs": dataclasses.asdict(self.outputs), "engine": self.engine,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "threads": self.threads}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Job:
@@ -172,14 +174,14 @@ class Job:
             raise InputError(f"job: schema_version {data.get('schema_version')!r} is not "
                              f"{JOB_SCHEMA_VERSION}")
         _known("job", data, {"job", "schema_version", "inputs", "vm", "outputs", "engine",
-                             "batch_size"})
+                             "batch_size", "threads"})
         if "inputs" not in data:
             raise InputError("job: missing key 'inputs'")
         return cls(inputs=_part(JobInputs, data["inputs"], "inputs"),
                    vm=_part(VmSpec, data.get("vm", {}), "vm"),
                    outputs=_part(JobOutputs, data.get("outputs", {}), "outputs"),
                    engine=data.get("engine", DEFAULT_ENGINE),
-                   batch_size=data.get("batch_size"))
+                   batch_size=data.get("batch_size"), threads=data.get("threads", 1))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -255,6 +257,13 @@ def _check_options(job: Job, name: _Names) -> None:
                                            and job.batch_size >= 1):
         raise InputError(f"{name('batch_size')} must be a positive number of rows, "
                          f"not {job.batch_size!r}")
+    from .shards import MAX_THREADS, parse_threads  # numba: loaded when a job is checked
+
+    try:
+        parse_threads(job.threads)
+    except InputError:
+        raise InputError(f"{name('threads')} must be 1..{MAX_THREADS} or 'auto', "
+                         f"not {job.threads!r}") from None
     outputs = job.outputs
     for parameter, path, table in (("results", outputs.results, True),
                                    ("exit_log", outputs.exit_log, True),
@@ -415,7 +424,7 @@ def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progr
         outputs = stack.enter_context(Outputs())
         with contextlib.ExitStack() as tables:
             session = Replay(vm, engine=job.engine, on_exits=discard_exits,
-                             hooks=opened.hooks, ops=list(opened.timeline))
+                             hooks=opened.hooks, ops=list(opened.timeline), threads=job.threads)
             if exits is not None:
                 tables.push(outputs.track(exits))  # before the writer: runs after its exit
                 exit_writer = tables.enter_context(

@@ -235,10 +235,15 @@ class Replay:
     counters: np.ndarray = field(default_factory=lambda: np.zeros(L.CT_LEN, dtype=np.int64))
     rows: int = 0
     seconds: float = 0.0
+    threads: int | str = 1  # JIT engine: shard each batch by 2 MiB region (sppjit.shards)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        from .shards import ShardRunner, parse_threads
+
+        self.threads = parse_threads(self.threads)
+        self._shards = ShardRunner(self, self.threads) if self.threads > 1 and self.engine == "jit" else None
         self.touched = TouchedPages(max(b + n for b, n in self.vm.config.memslots))
         self._log = L.empty_exit_log(EXIT_LOG_CAPACITY)
         self._exit_batches: list[pa.RecordBatch] = []
@@ -315,7 +320,9 @@ class Replay:
             # ioctls from other threads wait on mmu_lock and take effect at its boundary, as
             # a running guest sees them.
             with self.vm.mmu_lock:
-                if self.engine == "jit":
+                if self._shards is not None:
+                    self._shards.run_piece(piece, outcome[start:stop], exits[start:stop], reason[start:stop], keep)
+                elif self.engine == "jit":
                     self._run_jit(piece, outcome[start:stop], exits[start:stop], reason[start:stop])
                 else:
                     self._run_reference(piece, outcome[start:stop], exits[start:stop], reason[start:stop])
@@ -493,11 +500,13 @@ class ReplayStream:
     """
 
     def __init__(self, vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"],
-                 hooks=None, ops=None, on_exits: Callable[[pa.RecordBatch], None] | None = None):
+                 hooks=None, ops=None, on_exits: Callable[[pa.RecordBatch], None] | None = None,
+                 threads: int | str = 1):
         ops = list(ops or [])
         index = _hook_index(hooks)
         check_hooks_protected(vm, index, ops)
-        self._session = Replay(vm, engine, on_exits=on_exits, hooks=index, ops=ops)
+        self._session = Replay(vm, engine, on_exits=on_exits, hooks=index, ops=ops,
+                               threads=threads)
         self._reader = open_trace(source, batch_size=batch_size, vcpus=vm.vcpus)
         path = self._reader.path
         self._digests = BackgroundDigests({"trace": path}) if path else None
@@ -568,12 +577,14 @@ class ReplayStream:
 
 def replay_batches(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"],
                    hooks=None, ops=None,
-                   on_exits: Callable[[pa.RecordBatch], None] | None = None) -> ReplayStream:
+                   on_exits: Callable[[pa.RecordBatch], None] | None = None,
+                   threads: int | str = 1) -> ReplayStream:
     """Replay ``source`` batch by batch: a ReplayStream of the per-access result batches,
     with the exit log and, at its end, the summary. ``on_exits`` receives each exit-log
-    batch instead of the stream keeping them (memory bounded in the exits too)."""
+    batch instead of the stream keeping them (memory bounded in the exits too). ``threads``
+    > 1 replays each batch on that many shards (docs/parallel.md)."""
     return ReplayStream(vm, source, engine, batch_size=batch_size, hooks=hooks, ops=ops,
-                        on_exits=on_exits)
+                        on_exits=on_exits, threads=threads)
 
 
 def _hook_index(hooks) -> HookIndex | None:
@@ -638,16 +649,18 @@ def check_hooks_protected(vm, hooks: HookIndex | None, ops=()) -> None:
 
 
 def replay(vm, source, engine: str = "jit", *, batch_size: int = BATCH_SIZES["jit"], hooks=None,
-           ops=None) -> ReplayResult:
+           ops=None, threads: int | str = 1) -> ReplayResult:
     """Replay a whole trace and keep every result in memory (see replay_batches for streams).
 
     ``hooks`` (a sppjit.io.protect.ByteRanges or HookIndex) adds the hook relevance of
     docs/contract.md §2.2: ``relevant`` and ``hook`` in the exit log, ``hooks`` in the
     summary; the VM must already write-protect every hook (check_hooks_protected). ``ops`` is
     a timeline: dicts {"at", "op", "gfn", "npages", "access"} applied before the access at
-    row ``at`` (see VM.apply).
+    row ``at`` (see VM.apply). ``threads`` > 1 replays each batch on that many shards
+    (docs/parallel.md): the same results, exit log, summary and state.
     """
-    stream = ReplayStream(vm, source, engine, batch_size=batch_size, hooks=hooks, ops=ops)
+    stream = ReplayStream(vm, source, engine, batch_size=batch_size, hooks=hooks, ops=ops,
+                          threads=threads)
     batches = list(stream)
     if batches:
         table = pa.Table.from_batches(batches)

@@ -42,7 +42,7 @@ from sppjit.defaults import (
 OPTION_NAMES = {
     "trace": "TRACE", "protection": "--protect", "timeline": "--ops", "memory": "--memory",
     "memslots": "--memslots", "vcpus": "--vcpus", "engine": "--engine",
-    "batch_size": "--batch-size", "results": "--out", "exit_log": "--exits",
+    "batch_size": "--batch-size", "threads": "--threads", "results": "--out", "exit_log": "--exits",
     "summary": "--summary", "saved_state": "--save-state",
     "protect_virtual": "--protect-virtual", "mapping": "--mapping",
     "protect_symbols": "--protect-symbols", "symbols": "--symbols",
@@ -109,6 +109,10 @@ def replay(
         "--json", rich_help_panel=PANEL_OUTPUT,
         help="Print the summary JSON on standard output instead of the table.")] = False,
     batch_size: BatchSizeOpt = None,
+    threads: Annotated[str, typer.Option(
+        "--threads", metavar="N", rich_help_panel=PANEL_VM,
+        help="Replay each batch on N threads, sharded by 2 MiB region (auto: the cores); the "
+             "results equal the serial replay's (docs/parallel.md).")] = "1",
     no_progress: NoProgressOpt = False,
     # ---- whole-VM protection: by virtual address or kernel symbol (commands/vmprotect.py)
     protect_virtual: vmprotect.ProtectVirtualOpt = None, mapping: vmprotect.MappingOpt = None,
@@ -122,7 +126,7 @@ def replay(
         profile=profile.value, hugepages=hugepages, subpage_check=subpage_check.value,
         granularity=granularity.value, engine=engine.value, out=out, exits=exits,
         summary_path=summary, save_state_path=save_state, json_out=json_out,
-        batch_size=batch_size, progress=wanted(no_progress),
+        batch_size=batch_size, threads=threads, progress=wanted(no_progress),
     )
 
 
@@ -133,7 +137,7 @@ def make_job(*, trace: str, protect: str | None = None, ops: str | None = None,
              engine: str = DEFAULT_ENGINE, out: str | None = None,
              exits: str | None = None, summary_path: str | None = None,
              save_state_path: str | None = None, batch_size: int | None = None,
-             **whole_vm_protection):
+             threads: int | str = 1, **whole_vm_protection):
     """The options of sppjit replay as the library job they describe (``whole_vm_protection``:
     protect_virtual, mapping, protect_symbols, symbols, phys_base, as JobInputs takes them)."""
     from sppjit.job import Job, JobInputs, JobOutputs, VmSpec
@@ -144,7 +148,8 @@ def make_job(*, trace: str, protect: str | None = None, ops: str | None = None,
                   hugepages=hugepages, subpage_check=subpage_check, granularity=granularity),
         outputs=JobOutputs(results=out, exit_log=exits, summary=summary_path,
                            saved_state=save_state_path),
-        engine=engine, batch_size=batch_size)
+        engine=engine, batch_size=batch_size,
+        threads=int(threads) if isinstance(threads, str) and threads.strip().isdigit() else threads)
 
 
 def run_replay(*, json_out: bool = False, progress: bool = False, **options) -> dict:

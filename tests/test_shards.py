@@ -1,0 +1,394 @@
+"""Exactness of the sharded replay (sppjit.shards, docs/parallel.md): threads=N must equal the
+serial replay of either engine on every output column, the exit log, every summary counter and
+the final state, tables compared by content along every walk (their host-physical addresses,
+i.e. pool indices, may differ), and give byte-identical outputs run after run.
+
+The sharding heuristics (smallest piece, smallest segment, balance) are switched off here so
+that traces of a few hundred rows are sharded, and barriers are everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from test_equivalence import _first_difference
+
+import sppjit.shards as SH
+from sppjit import bits as B
+from sppjit.errors import InputError, SppError, VmEntryError
+from sppjit.kernels import layout as L
+
+import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
+
+EXAMPLES = S.EXAMPLES
+
+
+@contextlib.contextmanager
+def shard_everything():
+    saved = SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN, SH.SAMPLE_ROWS
+    SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN = 0, 0, 0.0
+    try:
+        yield
+    finally:
+        SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN, SH.SAMPLE_ROWS = saved
+
+
+class Runner(S.Runner):
+    """strategies.Runner with the replay's threads."""
+
+    def __init__(self, spec, engine, threads=1, batch_size=None):
+        super().__init__(spec, engine, batch_size)
+        self.threads = threads
+        self.sharded = 0
+
+    def replay(self, phase):
+        import pyarrow as pa
+
+        from sppjit.io.trace import open_trace
+        from sppjit.reference import ModelLivelock
+        from sppjit.replay import Replay, ReplayResult
+
+        res = S.PhaseResult()
+        batch = phase.batch_size if self.batch_size is None else self.batch_size
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                session = Replay(self.vm, self.engine, ops=phase.timeline_ops(), threads=self.threads)
+                out = [session.run(b) for b in open_trace(S.trace_arrays(phase.trace), batch_size=batch)]
+                res.result = ReplayResult(table=pa.Table.from_batches(out), exits=session.exit_table(),
+                                          summary=session.summary())
+                if session._shards is not None:
+                    self.sharded += session._shards.parallel_pieces
+            except (ModelLivelock, VmEntryError, InputError, SppError) as exc:
+                res.error = (type(exc).__name__, str(exc))
+        res.warnings = tuple(type(w.message).__name__ for w in caught)
+        return res
+
+
+# ------------------------------------------------------------------------------ comparison
+_ADDR = B.PT64_BASE_ADDR_MASK
+
+
+def _index(st_, e: int) -> int:
+    a = e & _ADDR
+    if a < B.TABLE_POOL_HPA:
+        return -1
+    i = (a - B.TABLE_POOL_HPA) >> B.PAGE_SHIFT
+    return i if i < int(st_.scal[L.SC_NTABLES]) else -1
+
+
+def _walk(st_, t: int, level: int, ept: bool, prefix: tuple, out: dict, seen: set) -> None:
+    """Every non-zero entry reachable from table ``t``, keyed by its path; pointers to tables
+    with their address bits cleared (the pool index is the part that may differ)."""
+    seen.add(t)
+    for i in np.flatnonzero(st_.tables[t]):
+        e = int(st_.tables[t, i])
+        key = prefix + (int(i),)
+        target = _index(st_, e) if level > 1 else -1
+        if ept:
+            pointer = level > 1 and e & 7 and not (level <= 3 and e & B.PT_PAGE_SIZE_MASK)
+        else:
+            pointer = level > 1
+        kind = L.TABLE_EPT if ept else L.TABLE_SPPT
+        if (pointer and target >= 0 and int(st_.table_kind[target]) == kind
+                and int(st_.table_level[target]) == level - 1):
+            out[key] = ("table", e & ~_ADDR)
+            _walk(st_, target, level - 1, ept, key, out, seen)
+        else:
+            out[key] = ("entry", e)
+
+
+def canonical_state(vm) -> dict:
+    """The VM's state with table addresses factored out: the EPT and every SPPT tree as
+    path -> entry, the tables by kind and level, everything else as it is."""
+    st_ = vm.state
+    n = int(st_.scal[L.SC_NTABLES])
+    seen: set = set()
+    trees = {}
+    ept: dict = {}
+    _walk(st_, int(st_.scal[L.SC_EPT_ROOT]), 4, True, (), ept, seen)
+    trees["ept"] = ept
+    for root in sorted({int(r) for r in st_.sppt_root if r >= 0} | (
+            {int(st_.scal[L.SC_SHARED_SPPT_ROOT])} if st_.scal[L.SC_SHARED_SPPT_ROOT] >= 0 else set())):
+        tree: dict = {}
+        _walk(st_, root, 4, False, (), tree, seen)
+        trees[f"sppt@{root}"] = tree  # roots are allocated by the control plane: same index
+    census = {}
+    for k, lv in zip(st_.table_kind[:n].tolist(), st_.table_level[:n].tolist()):
+        census[(k, lv)] = census.get((k, lv), 0) + 1
+    # Tables no root reaches (an SPPT tree replaced by a second init_spp): by content, the
+    # addresses in their pointers masked.
+    mask = np.uint64(~_ADDR & 0xFFFFFFFFFFFFFFFF)
+    orphans = sorted((int(st_.table_kind[t]), int(st_.table_level[t]),
+                      tuple((st_.tables[t] & mask if st_.table_level[t] > 1 else st_.tables[t]).tolist()))
+                     for t in range(n) if t not in seen)
+    arrays = S.state_arrays(vm)
+    for name in ("tables", "table_kind", "table_level"):
+        del arrays[name]
+    return {"trees": trees, "census": census, "orphans": orphans,
+            **{k: v.tolist() for k, v in arrays.items()}}
+
+
+def assert_same_state(vm_a, vm_b, where: str) -> None:
+    a, b = canonical_state(vm_a), canonical_state(vm_b)
+    for key in a:
+        if a[key] != b[key]:
+            if key == "trees":
+                for t in a[key]:
+                    x, y = a[key][t], b[key].get(t, {})
+                    diff = sorted(set(x.items()) ^ set(y.items()))[:4]
+                    if diff:
+                        raise AssertionError(f"{where}: {t} differs: {diff}")
+            raise AssertionError(f"{where}: state {key} differs: {a[key]} vs {b[key]}")
+
+
+def assert_same_results(ra, rb, where: str) -> None:
+    assert ra.error == rb.error, f"{where}: replay errors differ: {ra.error} vs {rb.error}"
+    assert ra.warnings == rb.warnings, f"{where}: warnings differ: {ra.warnings} vs {rb.warnings}"
+    if ra.error is not None:
+        return
+    a, b = ra.result, rb.result
+    assert a.table.equals(b.table), f"{where}: results differ: {_first_difference(a.table, b.table)}"
+    assert a.exits.equals(b.exits), f"{where}: exit logs differ: {_first_difference(a.exits, b.exits)}"
+    for key in ("counts", "exits", "pages", "tlb_flushes", "ops"):
+        assert a.summary.get(key) == b.summary.get(key), (
+            f"{where}: summary[{key!r}] differs: {a.summary.get(key)} vs {b.summary.get(key)}")
+
+
+def check(scn, oracle_engine: str, threads: int, batch_size=None) -> int:
+    """Run ``scn`` serially with ``oracle_engine`` and sharded on ``threads``; returns how many
+    pieces ran sharded."""
+    a = Runner(scn.vm, oracle_engine, 1, batch_size)
+    b = Runner(scn.vm, "jit", threads, batch_size)
+    with shard_everything():
+        for p, phase in enumerate(scn.phases):
+            ca, cb = a.apply_ops(phase), b.apply_ops(phase)
+            assert ca == cb, f"phase {p}: the operations differ:\n{ca}\n---\n{cb}"
+            ra, rb = a.replay(phase), b.replay(phase)
+            assert_same_results(ra, rb, f"phase {p}")
+            if ra.error is not None:
+                break  # a failed replay leaves the state where each engine stopped
+            assert_same_state(a.vm, b.vm, f"phase {p}, after its replay")
+    return b.sharded
+
+
+# ------------------------------------------------------------------------------ region-heavy traces
+@st.composite
+def region_scenarios(draw):
+    """A VM of several 2 MiB regions (often more than one GiB apart), SPP on with protection, and
+    traces aimed at region edges: accesses crossing a 4 KiB page at a 2 MiB boundary, very
+    unbalanced regions (one region holding most rows), MMIO, with a timeline now and then."""
+    spec = S.VmSpec(
+        memslots=draw(st.sampled_from([((0, 4096),), ((0, 2048), (1 << 18, 1024)), ((512, 1536), (3000, 700))])),
+        vcpus=draw(st.integers(1, 8)),
+        hugepages=draw(st.booleans()),
+        subpage_check=draw(st.sampled_from(["all", "first"])),
+        granularity=draw(st.sampled_from(["spp", "spp", "page"])),
+        profile=draw(st.sampled_from(["v4", "v12"])),
+        table_capacity=draw(st.sampled_from([None, 8])),
+    )
+    slots = spec.memslots
+    top = max(b + n for b, n in slots)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    hot_region = int(rng.integers(0, max(1, top // 512)))
+    edges = [r * 512 for r in range(1, top // 512 + 1)]
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            pick = int(rng.integers(0, 10))
+            if pick < 5:  # the hot region
+                g = hot_region * 512 + int(rng.integers(0, 512))
+                off, size = int(rng.integers(0, 4096)), int(rng.choice([1, 8, 64, 200]))
+            elif pick < 8:  # across a region boundary, or just before / after it
+                g = int(rng.choice(edges)) - 1 + int(rng.integers(0, 2))
+                off, size = int(rng.choice([0xFF8, 0xFFC, 0xF80, 0x0])), int(rng.choice([8, 16, 200, 4096]))
+            elif pick < 9:
+                g = int(rng.integers(0, top + 600))  # anywhere, MMIO above the top
+                off, size = int(rng.integers(0, 4096)), 8
+            else:
+                g = int(rng.integers(0, 1 << 24))  # far away (MMIO beyond the region caches)
+                off, size = 0x10, 4
+            out.append((g << 12 | off, size, int(rng.integers(0, spec.vcpus)), int(rng.choice([0, 1, 1, 2]))))
+        return tuple(out)
+
+    palette = (0, 0xFFFF0000, 0x0000FFFF, 0x0F0F0F0F, S.FULL)
+    ops: list = [("init",)]
+    for _ in range(int(rng.integers(1, 6))):
+        base, n = slots[int(rng.integers(0, len(slots)))]
+        run = int(rng.integers(1, 65))
+        g = base + int(rng.integers(0, max(1, n - run)))
+        ops.append(("set", g, tuple(int(m) for m in rng.choice(palette, min(run, base + n - g)))))
+    if draw(st.booleans()):
+        ops = []  # SPP off
+    trace = rows(int(rng.integers(50, 400)))
+    timeline = ()
+    if ops and draw(st.booleans()):
+        at = int(rng.integers(0, len(trace)))
+        op = str(rng.choice(["set_subpages", "zap", "remap", "delete_memslot"]))
+        timeline = ((at, op, int(slots[0][0]) + 3, 64, 0),)
+    second = rows(int(rng.integers(20, 200)))
+    return S.Scenario(vm=spec, phases=(S.Phase(ops=tuple(ops), trace=trace, timeline=timeline),
+                                       S.Phase(trace=second)))
+
+
+@settings(max_examples=EXAMPLES, **S.SETTINGS)
+@given(scn=region_scenarios(), threads=st.integers(1, 4), oracle=st.sampled_from(["jit", "reference"]))
+def test_region_edges_equal_serial(scn, threads, oracle):
+    note(repr(scn))
+    check(scn, oracle, threads)
+
+
+@settings(max_examples=EXAMPLES, **S.SETTINGS)
+@given(scn=S.scenarios(max_total=400), threads=st.integers(2, 4), oracle=st.sampled_from(["jit", "reference"]))
+def test_drawn_scenarios_equal_serial(scn, threads, oracle):
+    """The equivalence suite's scenarios (pokes, host operations, timelines, 1..8 vCPUs)."""
+    note(repr(scn))
+    check(scn, oracle, threads)
+
+
+def test_sharding_happens():
+    """The property tests above would pass with a runner that never shards: make sure it does,
+    with barriers and several segments, on a trace of every kind of row."""
+    scn = S.big_scenario(S.VmSpec(memslots=((0, 3 << 18),), vcpus=3, profile="v4"), seed=7)
+    a = Runner(scn.vm, "jit", 1)
+    b = Runner(scn.vm, "jit", 3)
+    with shard_everything():
+        for phase in scn.phases:
+            a.apply_ops(phase), b.apply_ops(phase)
+            assert_same_results(a.replay(phase), b.replay(phase), "big")
+            assert_same_state(a.vm, b.vm, "big")
+    assert b.sharded >= 2
+
+
+@pytest.mark.parametrize("profile", ["v4", "v12"])
+def test_deterministic(profile):
+    """The same N gives byte-identical outputs and state (table addresses included), run
+    after run."""
+    scn = S.big_scenario(S.VmSpec(memslots=((0, 2 << 18), (5 << 18, 513)), vcpus=2, profile=profile,
+                                  hugepages=True), seed=3)
+    runs = []
+    for _ in range(2):
+        r = Runner(scn.vm, "jit", 4)
+        with shard_everything():
+            outs = []
+            for phase in scn.phases:
+                r.apply_ops(phase)
+                outs.append(r.replay(phase))
+        runs.append((r, outs))
+    (ra, oa), (rb, ob) = runs
+    for x, y in zip(oa, ob):
+        assert x.error is None and y.error is None
+        assert x.result.table.equals(y.result.table) and x.result.exits.equals(y.result.exits)
+        assert x.result.summary["pages"] == y.result.summary["pages"]
+    sa, sb = S.state_arrays(ra.vm), S.state_arrays(rb.vm)
+    for k in sa:
+        assert np.array_equal(sa[k], sb[k]), k
+    assert ra.sharded >= 1
+
+
+def test_threads_argument():
+    from sppjit.vm import VM
+
+    vm = VM(memory="8MiB")
+    trace = {"gpa": np.arange(0, 8 << 20, 4096, dtype=np.uint64)}
+    for bad in (0, -1, 65, 1.5, "x", True):
+        with pytest.raises(InputError):
+            vm.replay(trace, threads=bad)
+    r1 = VM(memory="8MiB").replay(trace)
+    with shard_everything():
+        r2 = VM(memory="8MiB").replay(trace, threads="auto")
+    assert r1.table.equals(r2.table) and r1.summary["pages"] == r2.summary["pages"]
+
+
+def test_job_and_command(tmp_path):
+    """`threads` is a field of the library job (JSON round trip, checked) and `--threads` an
+    option of `sppjit replay`: a sharded command run writes the serial run's outputs."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from sppjit.cli import app
+    from sppjit.datasets import scenarios as D
+    from sppjit.job import Job, JobInputs, check
+
+    job = Job(inputs=JobInputs(trace="t.parquet"), threads=3)
+    assert Job.from_json(job.to_json()) == job
+    assert Job.from_dict({"inputs": {"trace": "t.parquet"}}).threads == 1
+    with pytest.raises(InputError, match="threads"):
+        check(Job(inputs=JobInputs(trace="t.parquet"), threads=0))
+
+    sc = D.make("guarded", 20000, seed=5)
+    trace, prot = tmp_path / "t.parquet", tmp_path / "p.parquet"
+    pq.write_table(pa.table(sc.columns()), trace)
+    pq.write_table(pa.table({"gfn": sc.protect_gfn, "access": sc.protect_access}), prot)
+    cli = CliRunner()
+    outs = {}
+    with shard_everything():
+        for threads in ("1", "2"):
+            ex, summ = tmp_path / f"e{threads}.parquet", tmp_path / f"s{threads}.json"
+            res = cli.invoke(app, ["replay", str(trace), "--protect", str(prot), "--vcpus", str(sc.vcpus),
+                                   "--memory", str(sc.memory), "--threads", threads, "--exits", str(ex),
+                                   "--summary", str(summ)])
+            assert res.exit_code == 0, res.output
+            doc = json.loads(summ.read_text())
+            outs[threads] = (pq.read_table(ex), {k: doc[k] for k in ("counts", "exits", "pages", "tlb_flushes")})
+        bad = cli.invoke(app, ["replay", str(trace), "--threads", "zero"])
+    assert outs["1"][0].equals(outs["2"][0]) and outs["1"][1] == outs["2"][1]
+    assert bad.exit_code == 2 and "--threads" in bad.stderr
+
+
+def test_bench_threads_section():
+    from sppjit.bench import format_parallel, run_parallel
+
+    result = run_parallel(["guarded"], accesses=20000, repeat=1, threads=2)
+    s = result["scenarios"]["guarded"]["shards"]
+    assert s["threads"] == 2 and s["serial_seconds"] > 0 and s["sharded_seconds"] > 0
+    assert "one trace on shards" in format_parallel(result)
+
+
+def test_pool_rounds_and_hooks():
+    """Shards whose chunk of the pool runs out while the pool is full wait for another round
+    (the pool grows between rounds); hook relevance is annotated on the merged exit log."""
+    from sppjit.io.protect import ByteRanges, ranges_to_maps
+    from sppjit.replay import Replay, replay
+    from sppjit.vm import VM
+
+    rng = np.random.default_rng(11)
+    n = 30000
+    gpa = (rng.integers(0, 3 << 18, n).astype(np.uint64) << np.uint64(12)) | rng.integers(0, 4096 - 8, n).astype(
+        np.uint64)
+    trace = {"gpa": gpa, "size": np.full(n, 8, dtype=np.uint16),
+             "vcpu": rng.integers(0, 2, n).astype(np.uint16), "kind": np.ones(n, dtype=np.uint8)}
+    hooks = ByteRanges(gpa=gpa[:300:3] & ~np.uint64(127), length=np.full(100, 64, dtype=np.uint32),
+                       name=[f"h{i}" for i in range(100)])
+    maps = ranges_to_maps(hooks)
+    out = []
+    saved = SH.RESERVE
+    for threads in (1, 3):
+        vm = VM(memory="3GiB", vcpus=2, table_capacity=16)
+        vm.protect(maps.gfn, maps.access)
+        with shard_everything():
+            SH.RESERVE = 1
+            try:
+                res = replay(vm, trace, hooks=hooks, threads=threads, batch_size=8192)
+                session = Replay(vm, threads=threads)  # a second replay on the same state
+                again = [session.run(b) for b in __import__("sppjit.io.trace", fromlist=["x"]).open_trace(
+                    trace, batch_size=8192)]
+            finally:
+                SH.RESERVE = saved
+        out.append((res, again, session, canonical_state(vm)))
+    (a, a2, _, sa), (b, b2, sb_session, sb) = out
+    assert a.table.equals(b.table) and a.exits.equals(b.exits)
+    assert "relevant" in b.exits.column_names and a.summary["hooks"] == b.summary["hooks"]
+    assert all(x.equals(y) for x, y in zip(a2, b2))
+    assert sa == sb
+    assert sb_session._shards.parallel_pieces > 0
