@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from .callable_module import make_callable
 from .defaults import DEFAULT_ENGINE, DEFAULT_VCPUS
 from .errors import InputError, SppError, VmEntryError
-from .sweep import _FALSE, _NAME, _TRUE, NO_PROTECTION, Config, _stem, parse_config
+from .sweep import _FALSE, _NAME, _TRUE, NO_PROTECTION, Config, _stem, format_rows, parse_config
 
 DASK_MISSING = "sppjit fleet needs dask.distributed: pip install 'sppjit[dask]'"
 # Manifest columns (docs/fleet.md §2): the trace, its configuration, the VM, the outputs.
@@ -609,6 +609,34 @@ def _lost(exc: BaseException) -> str:
         return ("worker lost: every worker that ran this job died (Dask's "
                 "distributed.scheduler.allowed-failures retries spent)")
     return f"task failed on the cluster: {name}: {error_line(exc)}"
+
+
+# ----------------------------------------------------------------------------- the printer
+
+_COLUMNS = (  # (heading, row key)
+    ("trace", "trace_name"), ("name", "name"), ("profile", "profile"),
+    ("gran", "granularity"), ("check", "subpage_check"), ("protect", "protect"),
+    ("accesses", "accesses"), ("exits", "exits"), ("violations", "spp_violation"),
+    ("touched", "pages_touched"), ("M acc/s", "accesses_per_second"),
+)
+_LEFT = {"trace_name", "name", "profile", "granularity", "subpage_check", "protect"}
+
+
+def format_fleet(document: dict, written: list[str] | None = None) -> str:
+    """A header, one line per job, then the errors."""
+    cluster, rows = document["cluster"], document["rows"]
+    kind = "local cluster" if cluster.get("local") else "cluster"
+    failed = sum(r["error"] is not None for r in rows)
+    out = (f"fleet    {len(rows)} jobs on a {kind} of {cluster['workers_seen']} workers "
+           f"({cluster['scheduler']}), {document['seconds']['total']:.1f} s"
+           f"{f', {failed} failed' if failed else ''}\n\n")
+    out += format_rows(rows, _COLUMNS, left=_LEFT)
+    for r in rows:
+        if r["error"] is not None:
+            out += f"error    {r['trace_name']}/{r['name']}: {r['error']}\n"
+    if written:
+        out += f"\nwrote    {', '.join(written)}\n"
+    return out
 
 
 # ``sppjit.fleet(...)`` calls fleet(); the module's other names stay reachable.

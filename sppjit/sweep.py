@@ -899,22 +899,27 @@ def format_sweep(document: dict, written: list[str] | None = None) -> str:
     if hooks:
         columns += [("relevant", "hooks_relevant"), ("irrelevant", "hooks_irrelevant")]
     columns += [("M acc/s", "accesses_per_second")]
-    cells = [[_cell(key, r[key]) for _, key in columns] for r in rows]
-    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (head, _) in enumerate(columns)]
-    left = {"name", "profile", "granularity", "subpage_check", "protect"}
-
-    def line(values):
-        return "  ".join(v.ljust(w) if key in left else v.rjust(w)
-                         for v, w, (_, key) in zip(values, widths, columns)).rstrip() + "\n"
-
-    out += line([head for head, _ in columns])
-    out += "".join(line(c) for c in cells)
+    out += format_rows(rows, columns, left={"name", "profile", "granularity", "subpage_check",
+                                            "protect"})
     for r in rows:
         if r["error"] is not None:
             out += f"error    {r['error']}\n"
     if written:
         out += f"\nwrote    {', '.join(written)}\n"
     return out
+
+
+def format_rows(rows: list[dict], columns, *, left=frozenset()) -> str:
+    """A table of ``rows`` for people: a heading line, then a line per row; ``columns`` are
+    (heading, row key), the keys in ``left`` aligned left, the others right."""
+    cells = [[_cell(key, r[key]) for _, key in columns] for r in rows]
+    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (head, _) in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if key in left else v.rjust(w)
+                         for v, w, (_, key) in zip(values, widths, columns)).rstrip() + "\n"
+
+    return line([head for head, _ in columns]) + "".join(line(c) for c in cells)
 
 
 def _cell(key: str, value) -> str:

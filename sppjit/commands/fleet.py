@@ -92,6 +92,8 @@ def run_fleet(*, manifest: str, scheduler: str | None = None, workers: int | Non
     if json_out:
         sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
     else:
+        from sppjit.fleet import format_fleet
+
         sys.stdout.write(format_fleet(document, written))
     sys.stdout.flush()
     for task in document["tasks"]:
@@ -101,48 +103,3 @@ def run_fleet(*, manifest: str, scheduler: str | None = None, workers: int | Non
         raise InputError(f"{len(result.errors)} of {len(result.tasks)} jobs failed (their "
                          "rows say why)")
     return document
-
-
-_COLUMNS = (  # (heading, row key)
-    ("trace", "trace_name"), ("name", "name"), ("profile", "profile"),
-    ("gran", "granularity"), ("check", "subpage_check"), ("protect", "protect"),
-    ("accesses", "accesses"), ("exits", "exits"), ("violations", "spp_violation"),
-    ("touched", "pages_touched"), ("M acc/s", "accesses_per_second"),
-)
-_LEFT = {"trace_name", "name", "profile", "granularity", "subpage_check", "protect"}
-
-
-def format_fleet(document: dict, written: list[str] | None = None) -> str:
-    """A header, one line per job, then the errors."""
-    cluster, rows = document["cluster"], document["rows"]
-    kind = "local cluster" if cluster.get("local") else "cluster"
-    failed = sum(r["error"] is not None for r in rows)
-    out = (f"fleet    {len(rows)} jobs on a {kind} of {cluster['workers_seen']} workers "
-           f"({cluster['scheduler']}), {document['seconds']['total']:.1f} s"
-           f"{f', {failed} failed' if failed else ''}\n\n")
-    cells = [[_cell(key, r[key]) for _, key in _COLUMNS] for r in rows]
-    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (head, _) in enumerate(_COLUMNS)]
-
-    def line(values):
-        return "  ".join(v.ljust(w) if key in _LEFT else v.rjust(w)
-                         for v, w, (_, key) in zip(values, widths, _COLUMNS)).rstrip() + "\n"
-
-    out += line([head for head, _ in _COLUMNS]) + "".join(line(c) for c in cells)
-    for r in rows:
-        if r["error"] is not None:
-            out += f"error    {r['trace_name']}/{r['name']}: {r['error']}\n"
-    if written:
-        out += f"\nwrote    {', '.join(written)}\n"
-    return out
-
-
-def _cell(key: str, value) -> str:
-    if value is None:
-        return "-"
-    if key == "accesses_per_second":
-        return f"{value / 1e6:.1f}"
-    if key == "protect":
-        return os.path.basename(str(value))
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
