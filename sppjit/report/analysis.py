@@ -486,6 +486,29 @@ def page_stats(results, exits=None, *, batch_size: int = BATCH_ROWS) -> tuple[pa
     return stats.per_page, stats.per_subpage
 
 
+class _ExitTotals:
+    """What the exit log adds up to: exits by kind in all and per epoch, protection exits per
+    epoch, relevant and irrelevant exits (analyze and analyze_exit_log alike)."""
+
+    def __init__(self, n: int, n_epochs: int):
+        self.n, self.n_epochs = n, n_epochs
+        self.epoch_exits = np.zeros(n_epochs, dtype=np.int64)
+        self.epoch_violations = np.zeros(n_epochs, dtype=np.int64)
+        self.epoch_kinds = np.zeros((len(KINDS), n_epochs), dtype=np.int64)
+        self.kinds = np.zeros(len(KINDS), dtype=np.int64)
+        self.relevant = self.irrelevant = 0
+
+    def add(self, erow, ekind, erel, prot) -> None:
+        """One batch of the exit log: rows, kinds, relevance (-1 null), protection mask."""
+        self.kinds += np.bincount(ekind, minlength=len(KINDS))
+        self.relevant += int(np.count_nonzero(erel == 1))
+        self.irrelevant += int(np.count_nonzero(erel == 0))
+        eepoch = erow * self.n_epochs // self.n
+        self.epoch_kinds += _counts(eepoch, ekind, self.n_epochs, len(KINDS))
+        self.epoch_exits += np.bincount(eepoch, minlength=self.n_epochs)
+        self.epoch_violations += np.bincount(eepoch[prot], minlength=self.n_epochs)
+
+
 def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
             batch_size: int = BATCH_ROWS,
             summary: ReplaySummary | Mapping | None = None) -> ReportStats:
@@ -516,15 +539,13 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
     subpages = _Grouped(len(_SUBPAGE_SUMS))
     ep_accesses = np.zeros(n_epochs, dtype=np.int64)
     ep_writes = np.zeros(n_epochs, dtype=np.int64)
-    ep_exits = np.zeros(n_epochs, dtype=np.int64)
-    ep_viol = np.zeros(n_epochs, dtype=np.int64)
-    ep_kinds = np.zeros((len(KINDS), n_epochs), dtype=np.int64)
+    totals_of_log = _ExitTotals(n, n_epochs)
+    ep_exits, ep_viol = totals_of_log.epoch_exits, totals_of_log.epoch_violations
+    ep_kinds, exit_kinds_total = totals_of_log.epoch_kinds, totals_of_log.kinds
     ep_start = _epoch_starts(n, n_epochs)
     kinds_total = np.zeros(3, dtype=np.int64)
     outcomes_total = np.zeros(len(B.OUTCOME_NAMES), dtype=np.int64)
-    exit_kinds_total = np.zeros(len(KINDS), dtype=np.int64)
     results_exits = 0
-    relevant_total = irrelevant_total = 0
 
     first = 0
     for batch in res.batches(batch_size):
@@ -570,13 +591,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
                     "results are not from the same replay")
             egfn = egpa >> _PAGE
             prot = (ekind == PROTECTION_KINDS[0]) | (ekind == PROTECTION_KINDS[1])
-            exit_kinds_total += np.bincount(ekind, minlength=len(KINDS))
-            relevant_total += int(np.count_nonzero(erel == 1))
-            irrelevant_total += int(np.count_nonzero(erel == 0))
-            eepoch = erow * n_epochs // n
-            ep_kinds += _counts(eepoch, ekind, n_epochs, len(KINDS))
-            ep_exits += np.bincount(eepoch, minlength=n_epochs)
-            ep_viol += np.bincount(eepoch[prot], minlength=n_epochs)
+            totals_of_log.add(erow, ekind, erel, prot)
             # the faulting piece: from the logged gpa to the end of the access or the page
             vstart = egpa[prot]
             vend = np.minimum(end[i[prot]], (egfn[prot] + np.uint64(1)) << _PAGE)
@@ -677,7 +692,8 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
         "exits_source": "exit_log" if log is not None else "results",
     }
     if log is not None and log.hooks:
-        totals["hooks"] = {"relevant": relevant_total, "irrelevant": irrelevant_total}
+        totals["hooks"] = {"relevant": totals_of_log.relevant,
+                           "irrelevant": totals_of_log.irrelevant}
     inputs = {"results": {"path": res.path, "format": res.format, "rows": n}}
     if log is not None:
         inputs["exits"] = {"path": log.src.path, "format": log.src.format,
@@ -749,11 +765,9 @@ def analyze_exit_log(exits, summary: ReplaySummary | Mapping, *, epochs: int = D
     n_epochs = min(epochs, n)
     pages = _Grouped(len(_PAGE_SUMS), extremes=True)
     subpages = _Grouped(len(_SUBPAGE_SUMS))
-    ep_exits = np.zeros(n_epochs, dtype=np.int64)
-    ep_viol = np.zeros(n_epochs, dtype=np.int64)
-    ep_kinds = np.zeros((len(KINDS), n_epochs), dtype=np.int64)
-    exit_kinds_total = np.zeros(len(KINDS), dtype=np.int64)
-    relevant_total = irrelevant_total = 0
+    totals_of_log = _ExitTotals(n, n_epochs)
+    ep_exits, ep_viol = totals_of_log.epoch_exits, totals_of_log.epoch_violations
+    ep_kinds, exit_kinds_total = totals_of_log.epoch_kinds, totals_of_log.kinds
     # Trace rows in windows of batch_size: each window's exits are one bounded batch.
     for stop in range(batch_size, n + batch_size, batch_size):
         erow, egpa, ekind, erel = log.take(min(stop, n))
@@ -761,13 +775,7 @@ def analyze_exit_log(exits, summary: ReplaySummary | Mapping, *, epochs: int = D
             continue
         egfn = egpa >> _PAGE
         prot = (ekind == PROTECTION_KINDS[0]) | (ekind == PROTECTION_KINDS[1])
-        exit_kinds_total += np.bincount(ekind, minlength=len(KINDS))
-        relevant_total += int(np.count_nonzero(erel == 1))
-        irrelevant_total += int(np.count_nonzero(erel == 0))
-        eepoch = erow * n_epochs // n
-        ep_kinds += _counts(eepoch, ekind, n_epochs, len(KINDS))
-        ep_exits += np.bincount(eepoch, minlength=n_epochs)
-        ep_viol += np.bincount(eepoch[prot], minlength=n_epochs)
+        totals_of_log.add(erow, ekind, erel, prot)
         gfns, inverse = group_index(egfn)
         u = gfns.shape[0]
         sums = np.zeros((len(_PAGE_SUMS), u), dtype=np.int64)
@@ -820,7 +828,8 @@ def analyze_exit_log(exits, summary: ReplaySummary | Mapping, *, epochs: int = D
         "exits_source": "exit_log",
     }
     if log.hooks:
-        totals["hooks"] = {"relevant": relevant_total, "irrelevant": irrelevant_total}
+        totals["hooks"] = {"relevant": totals_of_log.relevant,
+                           "irrelevant": totals_of_log.irrelevant}
     warnings = [EXIT_LOG_ONLY_NOTE]
     recorded = _count(summary.exits.total)
     if recorded is not None and recorded != log.count:
