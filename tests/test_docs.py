@@ -137,8 +137,8 @@ def test_docs_pages_exist_and_are_numbered():
     ("docs/semantics.md §4 (and §3 for v4), then §42", ["has no section §42"]),
     ("docs/nosuch.md", ["no such file: docs/nosuch.md"]),
     ("# a bare §3 in code", ["names no docs page"]),
-    ("see " + "../" + "shared/spec/semantics.md", ["points outside"]),
-    ("see " + "/work/" + "shared/research/x.md", ["points outside"]),
+    ("see " + "../" + "shared" + "/spec/semantics.md", ["points outside"]),
+    ("see " + "/work/" + "shared" + "/research/x.md", ["points outside"]),
 ])
 def test_checker_finds_bad_references(text, expected):
     """The checker itself: a good reference passes, each kind of bad one is reported."""
