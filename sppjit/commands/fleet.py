@@ -6,14 +6,13 @@ table's path before any work, writes it all-or-nothing and prints a row per job.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from typing import Annotated
 
 import typer
 
-from sppjit.commands import PANEL_OUTPUT, err, is_tty
+from sppjit.commands import PANEL_OUTPUT, NoProgressOpt, print_result
+from sppjit.commands.progress import Shown, wanted
 from sppjit.errors import InputError
 
 HELP = (
@@ -51,17 +50,19 @@ def fleet(
     json_out: Annotated[bool, typer.Option(
         "--json", rich_help_panel=PANEL_OUTPUT,
         help="Print the table and every job's summary as JSON instead of the table.")] = False,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     run_fleet(manifest=manifest, scheduler=scheduler, workers=workers, out=out,
-              outdir=outdir, json_out=json_out)
+              outdir=outdir, json_out=json_out, progress=wanted(no_progress))
 
 
 def run_fleet(*, manifest: str, scheduler: str | None = None, workers: int | None = None,
               out: str | None = None, outdir: str | None = None,
-              json_out: bool = False) -> dict:
+              json_out: bool = False, progress: bool = False) -> dict:
     """The fleet command without typer: check, run, write, print; returns the document."""
     from sppjit.fleet import fleet as run
-    from sppjit.io.output import TableWriter, check_output_path, json_default
+    from sppjit.fleet import format_fleet
+    from sppjit.io.output import TableWriter, check_output_path
 
     if scheduler is not None and workers is not None:
         raise InputError("--scheduler and --workers cannot be used together (--workers "
@@ -70,35 +71,19 @@ def run_fleet(*, manifest: str, scheduler: str | None = None, workers: int | Non
         check_output_path(out, option="--out", table=True)
     if outdir is not None and not os.path.isdir(outdir):
         raise InputError(f"--outdir: {outdir} is not an existing directory")
-    shown = is_tty(sys.stderr)
-
-    def progress(done: int, total: int, row: dict) -> None:
-        if shown:
-            sys.stderr.write(f"\rfleet: {done}/{total} jobs\033[K")
-            sys.stderr.flush()
-
-    try:
+    with Shown(progress) as shown:
+        jobs = shown.rows("fleet", "jobs")
         result = run(manifest, scheduler=scheduler, workers=workers, outdir=outdir,
-                     progress=progress)
-    finally:
-        if shown:
-            sys.stderr.write("\r\033[K")
+                     progress=lambda done, total, row: jobs(done, total))
     written = []
     if out is not None:  # written whole under a temporary name, then renamed
         with TableWriter(out, result.table.schema, option="--out") as writer:
             writer.write_batch(result.table)
         written.append(out)
     document = result.document
-    if json_out:
-        sys.stdout.write(json.dumps(document, indent=2, default=json_default) + "\n")
-    else:
-        from sppjit.fleet import format_fleet
-
-        sys.stdout.write(format_fleet(document, written))
-    sys.stdout.flush()
-    for task in document["tasks"]:
-        if task["note"]:
-            err(f"sppjit: note: {task['name']}: {task['note']}")
+    print_result(document, lambda: format_fleet(document, written), json_out=json_out,
+                 notes=[f"{task['name']}: {task['note']}" for task in document["tasks"]
+                        if task["note"]])
     if result.errors:
         raise InputError(f"{len(result.errors)} of {len(result.tasks)} jobs failed (their "
                          "rows say why)")
