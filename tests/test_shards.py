@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from test_equivalence import _first_difference
+from test_equivalence import assert_results_equal
 
 import sppjit.shards as SH
 from sppjit import bits as B
@@ -147,19 +147,6 @@ def assert_same_state(vm_a, vm_b, where: str) -> None:
             raise AssertionError(f"{where}: state {key} differs: {a[key]} vs {b[key]}")
 
 
-def assert_same_results(ra, rb, where: str) -> None:
-    assert ra.error == rb.error, f"{where}: replay errors differ: {ra.error} vs {rb.error}"
-    assert ra.warnings == rb.warnings, f"{where}: warnings differ: {ra.warnings} vs {rb.warnings}"
-    if ra.error is not None:
-        return
-    a, b = ra.result, rb.result
-    assert a.table.equals(b.table), f"{where}: results differ: {_first_difference(a.table, b.table)}"
-    assert a.exits.equals(b.exits), f"{where}: exit logs differ: {_first_difference(a.exits, b.exits)}"
-    for key in ("counts", "exits", "pages", "tlb_flushes", "ops"):
-        assert a.summary.get(key) == b.summary.get(key), (
-            f"{where}: summary[{key!r}] differs: {a.summary.get(key)} vs {b.summary.get(key)}")
-
-
 def check(scn, oracle_engine: str, threads: int, batch_size=None) -> int:
     """Run ``scn`` serially with ``oracle_engine`` and sharded on ``threads``; returns how many
     pieces ran sharded."""
@@ -170,7 +157,7 @@ def check(scn, oracle_engine: str, threads: int, batch_size=None) -> int:
             ca, cb = a.apply_ops(phase), b.apply_ops(phase)
             assert ca == cb, f"phase {p}: the operations differ:\n{ca}\n---\n{cb}"
             ra, rb = a.replay(phase), b.replay(phase)
-            assert_same_results(ra, rb, f"phase {p}")
+            assert_results_equal(ra, rb, f"phase {p}")
             if ra.error is not None:
                 break  # a failed replay leaves the state where each engine stopped
             assert_same_state(a.vm, b.vm, f"phase {p}, after its replay")
@@ -262,7 +249,7 @@ def test_sharding_happens():
     with shard_everything():
         for phase in scn.phases:
             a.apply_ops(phase), b.apply_ops(phase)
-            assert_same_results(a.replay(phase), b.replay(phase), "big")
+            assert_results_equal(a.replay(phase), b.replay(phase), "big")
             assert_same_state(a.vm, b.vm, "big")
     assert b.sharded >= 2
 
