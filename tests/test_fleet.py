@@ -329,3 +329,51 @@ def test_a_worker_lost_during_a_job_is_retried_and_its_row_appears_once(files, c
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["killed"] + [f"{t.trace_name}.{t.config.label}.{kind}" for t in result.tasks
                       for kind in ("exits.parquet", "summary.json")])
+
+
+# ------------------------------------------------------------------------ sppjit bench --fleet
+
+def test_bench_fleet_through_the_command_line(cluster, tmp_path, monkeypatch):
+    """`sppjit bench --fleet` end to end, on the module's cluster (what it would start: two
+    local workers): every job of 4 traces x 3 configurations runs on the fleet and here, the
+    figures it prints are those of its JSON, and the ratios are the ones its docstring defines."""
+    import contextlib
+
+    from sppjit import bench as B
+
+    monkeypatch.setattr(F, "local_cluster", lambda workers: contextlib.nullcontext(cluster))
+    out = tmp_path / "fleet-bench.json"
+    result = runner.invoke(cli.app, ["bench", "--fleet", "--accesses", "20000", "--json", str(out),
+                                     "--no-progress"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert (doc["traces"], doc["workers"], doc["jobs"]) == (B.FLEET_TRACES, 2, 3 * B.FLEET_TRACES)
+    assert doc["ideal_seconds"] == pytest.approx(doc["serial_seconds"] / 2)
+    assert doc["fleet_over_ideal"] == pytest.approx(doc["fleet_seconds"] / doc["ideal_seconds"])
+    # the jobs ran on the workers, each of which warmed once
+    assert len(doc["worker_warm_seconds"]) == 2 and 1 <= len(doc["worker_busy_seconds"]) <= 2
+    assert doc["scheduling_seconds"] == pytest.approx(doc["fleet_seconds"] - max(doc["worker_busy_seconds"]))
+    assert result.stdout.strip() == B.format_fleet_bench(doc)
+
+
+def test_bench_fleet_refuses_a_fleet_whose_rows_differ(cluster, monkeypatch):
+    """The bench checks the fleet's rows against the serial jobs': a fleet that got one figure
+    wrong is an error, not a timing."""
+    import contextlib
+
+    from sppjit import bench as B
+
+    monkeypatch.setattr(F, "local_cluster", lambda workers: contextlib.nullcontext(cluster))
+    real = F.fleet
+
+    def off_by_one(manifest, **kwargs):
+        run = real(manifest, **kwargs)
+        column = run.table.column("exits").to_pylist()
+        column[0] += 1
+        run.table = run.table.set_column(run.table.schema.get_field_index("exits"), "exits",
+                                         pa.array(column, run.table.schema.field("exits").type))
+        return run
+
+    monkeypatch.setattr(F, "fleet", off_by_one)
+    with pytest.raises(RuntimeError, match="differ from the serial jobs"):
+        B.run_fleet_bench(accesses=5000, traces=1, repeat=1)
