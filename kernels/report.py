@@ -6,10 +6,13 @@ kernels instead, which do the same attribution (the rules are in sppjit.report's
 row by row, straight into running per-page and per-sub-page hash tables that live across
 batches. The caller owns every array: the kernels allocate nothing and keep no state.
 
-The tables are open-addressing hash tables (linear probing, a power-of-two capacity, at most
-half full), keyed by gfn or by sub-page number (gpa >> 7; the caller has checked that every
-access ends inside the 48-bit guest-physical space, so keys fit an int64 and -1 marks an
-empty slot). Each table is split into a hot part, touched by every access, and a cold part,
+Each table is keyed by gfn or by sub-page number (gpa >> 7; the caller has checked that every
+access ends inside the 48-bit guest-physical space, so keys fit an int64). Its rows are a
+dense window, row = key - base for the ``span`` keys from ``base`` (a working set: the caller
+sizes it from the first batch; span 0 for none), then an open-addressing hash table (linear
+probing, a power-of-two capacity, at most half full) for every other key. Column 0 holds the
+key plus one, so that zeroed memory is an empty table (and the OS maps its pages only when
+touched). Each table is split into a hot part, touched by every access, and a cold part,
 touched by exits only, so that an access costs one cache line per table:
 
 - pages, hot (PAGE_HOT columns): key, first row, last row, reads, writes, fetches, exits,
@@ -18,7 +21,7 @@ touched by exits only, so that an access costs one cache line per table:
 
 Rows arrive in trace order, so a key's first row is the row that inserts it and its last
 row the latest that touches it. A kernel returns GROW (with where it stopped in ``state``)
-when a table could pass half full within the next row; the caller doubles it
+when a hash table could pass half full within the next row; the caller doubles it
 (``rehash``) and calls again from there.
 """
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from sppjit import bits as B
 
-from ._jit import U1, U_PAGE_SHIFT, U_SUBPAGE_SHIFT, inline, kernel
+from ._jit import U1, U_PAGE_SHIFT, U_SUBPAGE_SHIFT, inline, kernel, prefetch
 
 # Hot page columns.
 P_KEY, P_FIRST, P_LAST, P_READS, P_EXITS, P_VIOLATIONS = 0, 1, 2, 3, 6, 7
@@ -41,13 +44,15 @@ SUB_HOT = 2
 SC_VIOLATIONS, SC_RELEVANT, SC_IRRELEVANT = 0, 1, 2
 SUB_COLD = 3
 
-# state[]: in and out of accumulate.
+# state[]: in and out of accumulate (ST_PAGES, ST_SUBS: keys in the hash tables).
 ST_PAGES, ST_SUBS, ST_ROW, ST_EXIT, ST_BAD, ST_EXITS_TOTAL = 0, 1, 2, 3, 4, 5
-STATE = 6
+ST_PAGE_BASE, ST_PAGE_SPAN, ST_SUB_BASE, ST_SUB_SPAN = 6, 7, 8, 9  # the dense windows
+STATE = 10
 # accumulate's return values.
 DONE, GROW, OUTSIDE = 0, 1, 2
 
-EMPTY = -1
+EMPTY = 0
+PREFETCH_DISTANCE = 16  # rows ahead whose table rows are prefetched (dense windows only)
 MIN_BITS = 10  # the smallest table: 1024 slots
 MAX_PAGES_A_ROW = 2  # an access of at most a page spans at most two pages
 MAX_SUBS_A_ROW = B.PAGE_SIZE // B.SUBPAGE_SIZE + 1  # ... and at most 33 sub-pages
@@ -88,33 +93,42 @@ def _home(key, mask):
 
 
 @inline
-def _find(table, key, mask):
-    """(slot of ``key``, whether this call inserted it)."""
-    slot = _home(key, mask)
+def _find(table, key, base, span, mask):
+    """(row of ``key``, whether this call inserted it): in the dense window if it holds the
+    key, else in the hash table after it (``mask``: its capacity - 1)."""
+    stored = key + 1
+    off = key - base
+    if off >= 0 and off < span:
+        if table[off, 0] == EMPTY:
+            table[off, 0] = stored
+            return off, True
+        return off, False
+    h = _home(key, mask)
     while True:
+        slot = span + h
         held = table[slot, 0]
-        if held == key:
+        if held == stored:
             return slot, False
         if held == EMPTY:
-            table[slot, 0] = key
+            table[slot, 0] = stored
             return slot, True
-        slot = (slot + 1) & mask
+        h = (h + 1) & mask
 
 
 @kernel
 def check_columns(gpa, size, kind, outcome, kinds, outcomes, gpa_limit):
-    """The first row with a size outside 1..4096, a kind or an outcome beyond its codes, or an
-    access ending beyond ``gpa_limit`` (the 48-bit guest-physical space); -1 if none. (The
-    caller then lets the numpy checks say which, as the numpy path would.)"""
+    """Whether some row has a size outside 1..4096, a kind or an outcome beyond its codes, or
+    an access ending beyond ``gpa_limit`` (the 48-bit guest-physical space). (The caller then
+    lets the numpy checks say which, as the numpy path would; no early exit keeps the loop
+    vectorised.)"""
     limit = np.uint64(gpa_limit)
     top = np.uint64(B.PAGE_SIZE)
+    bad = False
     for i in range(gpa.shape[0]):
         s = np.uint64(size[i])
-        if s < U1 or s > top or np.int64(kind[i]) >= kinds or np.int64(outcome[i]) >= outcomes:
-            return i
-        if gpa[i] > limit - s:
-            return i
-    return -1
+        bad |= ((s < U1) | (s > top) | (np.int64(kind[i]) >= kinds)
+                | (np.int64(outcome[i]) >= outcomes) | (gpa[i] > limit - s))
+    return bad
 
 
 @kernel
@@ -133,21 +147,33 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
     m = gpa.shape[0]
     n_exits = erow.shape[0]
     n_epochs = ep_start.shape[0]
-    pmask = page_hot.shape[0] - 1
-    smask = sub_hot.shape[0] - 1
-    plimit = page_hot.shape[0] // 2 - MAX_PAGES_A_ROW
-    slimit = sub_hot.shape[0] // 2 - MAX_SUBS_A_ROW
+    pbase, pspan = state[ST_PAGE_BASE], state[ST_PAGE_SPAN]
+    sbase, sspan = state[ST_SUB_BASE], state[ST_SUB_SPAN]
+    pmask = page_hot.shape[0] - pspan - 1
+    smask = sub_hot.shape[0] - sspan - 1
+    plimit = (pmask + 1) // 2 - MAX_PAGES_A_ROW
+    slimit = (smask + 1) // 2 - MAX_SUBS_A_ROW
     pages = state[ST_PAGES]
     subs = state[ST_SUBS]
     j = state[ST_EXIT]
     total_exits = state[ST_EXITS_TOTAL]
     e = e0
     # The last key found in each table: runs of accesses to one page or sub-page skip the probe.
-    last_page, last_pslot = np.int64(EMPTY), np.int64(0)
-    last_sub, last_sslot = np.int64(EMPTY), np.int64(0)
+    last_page, last_pslot = np.int64(-1), np.int64(0)
+    last_sub, last_sslot = np.int64(-1), np.int64(0)
     status = DONE
+    sub_base = np.uint64(sub_hot.ctypes.data)
+    page_base = np.uint64(page_hot.ctypes.data)
     i = state[ST_ROW]
     while i < m:
+        if i + PREFETCH_DISTANCE < m:
+            ahead = gpa[i + PREFETCH_DISTANCE]
+            off = np.int64(ahead >> U_SUBPAGE_SHIFT) - sbase
+            if off >= 0 and off < sspan:
+                prefetch(sub_base + np.uint64(off) * np.uint64(SUB_HOT * 8))
+            off = np.int64(ahead >> U_PAGE_SHIFT) - pbase
+            if off >= 0 and off < pspan:
+                prefetch(page_base + np.uint64(off) * np.uint64(PAGE_HOT * 8))
         if pages > plimit or subs > slimit:
             status = GROW
             break
@@ -170,18 +196,20 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
         if p0 == last_page:
             slot0 = last_pslot
         else:
-            slot0, new = _find(page_hot, p0, pmask)
+            slot0, new = _find(page_hot, p0, pbase, pspan, pmask)
             if new:
                 page_hot[slot0, P_FIRST] = r
-                pages += 1
+                if slot0 >= pspan:
+                    pages += 1
         page_hot[slot0, P_LAST] = r
         page_hot[slot0, P_READS + k] += 1
         slot1 = slot0
         if p1 != p0:
-            slot1, new = _find(page_hot, p1, pmask)
+            slot1, new = _find(page_hot, p1, pbase, pspan, pmask)
             if new:
                 page_hot[slot1, P_FIRST] = r
-                pages += 1
+                if slot1 >= pspan:
+                    pages += 1
             page_hot[slot1, P_LAST] = r
             page_hot[slot1, P_READS + k] += 1
         last_page, last_pslot = p1, slot1
@@ -189,12 +217,13 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
         # ---- every sub-page its bytes write
         if k == _WRITE:
             ep_writes[e] += 1
-            for q in range(np.int64(g >> U_SUBPAGE_SHIFT), np.int64((end - U1) >> U_SUBPAGE_SHIFT) + 1):
+            for q in range(np.int64(g >> U_SUBPAGE_SHIFT),
+                           np.int64((end - U1) >> U_SUBPAGE_SHIFT) + 1):
                 if q == last_sub:
                     sslot = last_sslot
                 else:
-                    sslot, new = _find(sub_hot, q, smask)
-                    if new:
+                    sslot, new = _find(sub_hot, q, sbase, sspan, smask)
+                    if new and sslot >= sspan:
                         subs += 1
                     last_sub, last_sslot = q, sslot
                 sub_hot[sslot, S_WRITES] += 1
@@ -223,8 +252,8 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
                     vend = min(end, (egfn + U1) << U_PAGE_SHIFT)
                     for q in range(np.int64(eg >> U_SUBPAGE_SHIFT),
                                    np.int64((vend - U1) >> U_SUBPAGE_SHIFT) + 1):
-                        sslot, new = _find(sub_hot, q, smask)
-                        if new:
+                        sslot, new = _find(sub_hot, q, sbase, sspan, smask)
+                        if new and sslot >= sspan:
                             subs += 1
                         sub_cold[sslot, SC_VIOLATIONS] += 1
                         if rel == 1:
@@ -242,8 +271,8 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
                 vend = min(end, (np.uint64(p0) + U1) << U_PAGE_SHIFT)
                 for q in range(np.int64(g >> U_SUBPAGE_SHIFT),
                                np.int64((vend - U1) >> U_SUBPAGE_SHIFT) + 1):
-                    sslot, new = _find(sub_hot, q, smask)
-                    if new:
+                    sslot, new = _find(sub_hot, q, sbase, sspan, smask)
+                    if new and sslot >= sspan:
                         subs += 1
                     sub_cold[sslot, SC_VIOLATIONS] += 1
         i += 1
@@ -254,15 +283,18 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
 
 
 @kernel
-def rehash(hot, cold, new_hot, new_cold):
-    """Every key of (hot, cold) into the empty, larger (new_hot, new_cold), with its counts."""
-    mask = new_hot.shape[0] - 1
+def rehash(hot, cold, new_hot, new_cold, base, span):
+    """(hot, cold) into the empty (new_hot, new_cold), whose hash table is larger: the dense
+    window's rows as they are, every hashed key anew, with its counts."""
+    mask = new_hot.shape[0] - span - 1
     for slot in range(hot.shape[0]):
-        key = hot[slot, 0]
-        if key == EMPTY:
+        stored = hot[slot, 0]
+        if stored == EMPTY:
             continue
-        to, _ = _find(new_hot, key, mask)
-        for c in range(1, hot.shape[1]):
+        to = slot
+        if slot >= span:
+            to, _ = _find(new_hot, stored - 1, base, span, mask)
+        for c in range(hot.shape[1]):
             new_hot[to, c] = hot[slot, c]
         for c in range(cold.shape[1]):
             new_cold[to, c] = cold[slot, c]

@@ -674,33 +674,53 @@ def _numpy_batch(batch, first: int, res: _Source, log: _ExitCursor | None, t: _T
 
 
 class _KernelTables:
-    """The running per-page and per-sub-page hash tables of the compiled path
-    (kernels/report.py holds their layout), grown by doubling."""
+    """The running per-page and per-sub-page tables of the compiled path (kernels/report.py
+    holds their layout): a dense window sized from the first batch, and hash tables grown by
+    doubling."""
 
     def __init__(self, K):
         self.K = K
         self.state = np.zeros(K.STATE, dtype=np.int64)
-        self.page_hot, self.page_cold = self._empty(1 << K.MIN_BITS, K.PAGE_HOT, K.PAGE_COLD)
-        self.sub_hot, self.sub_cold = self._empty(1 << K.MIN_BITS, K.SUB_HOT, K.SUB_COLD)
+        self.page_hot = self.page_cold = self.sub_hot = self.sub_cold = None
         self._defaults: dict[str, np.ndarray] = {}
 
+    def place(self, gpa: np.ndarray) -> None:
+        """Size the dense windows to the keys of the first batch when they span little (at
+        most 4 n + DENSE_SLACK keys, and INDEX_SPAN, as group_index and _Grouped index)."""
+        K, state = self.K, self.state
+        limit = min(4 * gpa.shape[0] + DENSE_SLACK, INDEX_SPAN)
+        lo, hi = int(gpa.min()), int(gpa.max()) + MAX_ACCESS_SIZE - 1
+        for base_at, span_at, shift in ((K.ST_PAGE_BASE, K.ST_PAGE_SPAN, B.PAGE_SHIFT),
+                                        (K.ST_SUB_BASE, K.ST_SUB_SPAN, B.SUBPAGE_SHIFT)):
+            span = (hi >> shift) - (lo >> shift) + 1
+            state[base_at], state[span_at] = lo >> shift, span if span <= limit else 0
+        slots = 1 << K.MIN_BITS
+        self.page_hot, self.page_cold = self._empty(state[K.ST_PAGE_SPAN] + slots,
+                                                    K.PAGE_HOT, K.PAGE_COLD)
+        self.sub_hot, self.sub_cold = self._empty(state[K.ST_SUB_SPAN] + slots,
+                                                  K.SUB_HOT, K.SUB_COLD)
+
     @staticmethod
-    def _empty(slots: int, hot: int, cold: int):
-        table = np.zeros((slots, hot), dtype=np.int64)
-        table[:, 0] = -1  # the kernel's EMPTY
-        return table, np.zeros((slots, cold), dtype=np.int64)
+    def _empty(rows: int, hot: int, cold: int):
+        # zeroed: empty (the kernel's EMPTY is 0), and untouched pages cost no memory
+        return np.zeros((rows, hot), dtype=np.int64), np.zeros((rows, cold), dtype=np.int64)
 
     def grow(self) -> None:
-        """Double each table that the next row could fill past half (a GROW return)."""
+        """Double each hash table that the next row could fill past half (a GROW return)."""
         K, state = self.K, self.state
-        if state[K.ST_PAGES] > self.page_hot.shape[0] // 2 - K.MAX_PAGES_A_ROW:
-            self.page_hot, self.page_cold = self._rehash(self.page_hot, self.page_cold)
-        if state[K.ST_SUBS] > self.sub_hot.shape[0] // 2 - K.MAX_SUBS_A_ROW:
-            self.sub_hot, self.sub_cold = self._rehash(self.sub_hot, self.sub_cold)
+        span = state[K.ST_PAGE_SPAN]
+        if state[K.ST_PAGES] > (self.page_hot.shape[0] - span) // 2 - K.MAX_PAGES_A_ROW:
+            self.page_hot, self.page_cold = self._rehash(self.page_hot, self.page_cold,
+                                                         state[K.ST_PAGE_BASE], span)
+        span = state[K.ST_SUB_SPAN]
+        if state[K.ST_SUBS] > (self.sub_hot.shape[0] - span) // 2 - K.MAX_SUBS_A_ROW:
+            self.sub_hot, self.sub_cold = self._rehash(self.sub_hot, self.sub_cold,
+                                                       state[K.ST_SUB_BASE], span)
 
-    def _rehash(self, hot, cold):
-        new_hot, new_cold = self._empty(2 * hot.shape[0], hot.shape[1], cold.shape[1])
-        self.K.rehash(hot, cold, new_hot, new_cold)
+    def _rehash(self, hot, cold, base, span):
+        new_hot, new_cold = self._empty(span + 2 * (hot.shape[0] - span), hot.shape[1],
+                                        cold.shape[1])
+        self.K.rehash(hot, cold, new_hot, new_cold, base, span)
         return new_hot, new_cold
 
     def columns(self, batch: pa.RecordBatch):
@@ -726,7 +746,7 @@ class _KernelTables:
     def pages(self):
         """(keys, sums[_PAGE_SUMS, n], first rows, last rows), sorted by key."""
         K, hot, cold = self.K, self.page_hot, self.page_cold
-        used = hot[:, 0] >= 0
+        used = hot[:, 0] != 0  # column 0: the key plus one
         hot, cold = hot[used], cold[used]
         order = np.argsort(hot[:, 0])
         hot, cold = hot[order], cold[order]
@@ -737,13 +757,13 @@ class _KernelTables:
         sums[_P["irrelevant"]] = cold[:, K.PC_IRRELEVANT]
         sums[_P["exits"]] = hot[:, K.P_EXITS]
         sums[_P["violations"]] = hot[:, K.P_VIOLATIONS]
-        return (hot[:, 0].astype(np.uint64), sums, np.ascontiguousarray(hot[:, K.P_FIRST]),
+        return ((hot[:, 0] - 1).astype(np.uint64), sums, np.ascontiguousarray(hot[:, K.P_FIRST]),
                 np.ascontiguousarray(hot[:, K.P_LAST]))
 
     def subpages(self):
         """(keys, sums[_SUBPAGE_SUMS, n]), sorted by key."""
         K, hot, cold = self.K, self.sub_hot, self.sub_cold
-        used = hot[:, 0] >= 0
+        used = hot[:, 0] != 0
         hot, cold = hot[used], cold[used]
         order = np.argsort(hot[:, 0])
         hot, cold = hot[order], cold[order]
@@ -752,7 +772,7 @@ class _KernelTables:
         sums[1] = cold[:, K.SC_VIOLATIONS]
         sums[2] = cold[:, K.SC_RELEVANT]
         sums[3] = cold[:, K.SC_IRRELEVANT]
-        return hot[:, 0].astype(np.uint64), sums
+        return (hot[:, 0] - 1).astype(np.uint64), sums
 
 
 _NO_EXITS = (np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64),
@@ -766,10 +786,12 @@ def _kernel_batch(batch, first: int, res: _Source, log: _ExitCursor | None, t: _
     K = tables.K
     m = batch.num_rows
     cols = tables.columns(batch)
-    if cols is None or K.check_columns(*cols[:4], 3, len(B.OUTCOME_NAMES), GPA_LIMIT) >= 0:
+    if cols is None or K.check_columns(*cols[:4], 3, len(B.OUTCOME_NAMES), GPA_LIMIT):
         _batch_columns(batch, res, first)  # says what is wrong, as the numpy path does
         raise AssertionError("the report kernel refused a batch that numpy accepts")
     gpa, size, kind, outcome, nexits = cols
+    if tables.page_hot is None:
+        tables.place(gpa)
     erow, egpa, ekind, erel = _NO_EXITS if log is None else log.take(first + m)
     n_epochs = t.ep_start.shape[0]
     state = tables.state
