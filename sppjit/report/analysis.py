@@ -532,6 +532,7 @@ ENGINES = ("auto", "numpy", "jit")
 _KERNEL_TYPES = {"gpa": pa.uint64(), "size": pa.uint16(), "kind": pa.uint8(),
                  "outcome": pa.uint8(), "exits": pa.uint8()}
 _DEFAULTS = {"size": (DEFAULT_SIZE, np.uint16), "kind": (DEFAULT_KIND, np.uint8)}
+DENSE_WINDOW = INDEX_SPAN  # the most keys a dense window of the kernel's tables holds
 
 
 class _Totals:
@@ -686,9 +687,9 @@ class _KernelTables:
 
     def place(self, gpa: np.ndarray) -> None:
         """Size the dense windows to the keys of the first batch when they span little (at
-        most 4 n + DENSE_SLACK keys, and INDEX_SPAN, as group_index and _Grouped index)."""
+        most 4 n + DENSE_SLACK keys, as group_index counts, and DENSE_WINDOW)."""
         K, state = self.K, self.state
-        limit = min(4 * gpa.shape[0] + DENSE_SLACK, INDEX_SPAN)
+        limit = min(4 * gpa.shape[0] + DENSE_SLACK, DENSE_WINDOW)
         lo, hi = int(gpa.min()), int(gpa.max()) + MAX_ACCESS_SIZE - 1
         for base_at, span_at, shift in ((K.ST_PAGE_BASE, K.ST_PAGE_SPAN, B.PAGE_SHIFT),
                                         (K.ST_SUB_BASE, K.ST_SUB_SPAN, B.SUBPAGE_SHIFT)):
