@@ -65,6 +65,8 @@ _MIX1 = np.uint64(0x85EBCA6B)  # murmur3's 32-bit finaliser constants
 _MIX2 = np.uint64(0xC2B2AE35)
 _GOLDEN = np.uint64(0x9E3779B9)
 _WRITE = np.int64(B.ACCESS_WRITE)
+_NEVER = np.int64(2**63 - 1)  # the next epoch's first row, in the last epoch
+_ALLOWED = np.int64(B.OUTCOME_ALLOWED)
 _SPP_VIOLATION = np.int64(B.OUTCOME_SPP_VIOLATION)
 _WP_VIOLATION = np.int64(B.OUTCOME_WRITE_PROTECT_VIOLATION)
 _KIND_SPP = np.int64(B.EXIT_KIND_SPP_VIOLATION)
@@ -157,7 +159,13 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
     subs = state[ST_SUBS]
     j = state[ST_EXIT]
     total_exits = state[ST_EXITS_TOTAL]
+    # Counted in registers and added to the arrays when the epoch ends or the call returns:
+    # the rows, writes, results' exits and protection outcomes of epoch e so far, the writes
+    # and the allowed accesses (the common kind and outcome; the others go to the arrays).
     e = e0
+    next_start = ep_start[e + 1] if e + 1 < n_epochs else _NEVER
+    e_rows = e_writes = e_exits = e_violations = np.int64(0)
+    n_writes = n_allowed = np.int64(0)
     # The last key found in each table: runs of accesses to one page or sub-page skip the probe.
     last_page, last_pslot = np.int64(-1), np.int64(0)
     last_sub, last_sslot = np.int64(-1), np.int64(0)
@@ -178,17 +186,30 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
             status = GROW
             break
         r = first + i
-        while e + 1 < n_epochs and r >= ep_start[e + 1]:
-            e += 1
+        if r >= next_start:
+            ep_accesses[e] += e_rows
+            ep_writes[e] += e_writes
+            ep_exits[e] += e_exits
+            ep_violations[e] += e_violations
+            e_rows = e_writes = e_exits = e_violations = 0
+            while e + 1 < n_epochs and r >= ep_start[e + 1]:
+                e += 1
+            next_start = ep_start[e + 1] if e + 1 < n_epochs else _NEVER
         g = gpa[i]
         end = g + np.uint64(size[i])
         k = np.int64(kind[i])
         o = np.int64(outcome[i])
         x = np.int64(nexits[i])
-        kinds_total[k] += 1
-        outcomes_total[o] += 1
+        if k == _WRITE:
+            n_writes += 1
+        else:
+            kinds_total[k] += 1
+        if o == _ALLOWED:
+            n_allowed += 1
+        else:
+            outcomes_total[o] += 1
         total_exits += x
-        ep_accesses[e] += 1
+        e_rows += 1
 
         # ---- every page the access touches
         p0 = np.int64(g >> U_PAGE_SHIFT)
@@ -216,7 +237,7 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
 
         # ---- every sub-page its bytes write
         if k == _WRITE:
-            ep_writes[e] += 1
+            e_writes += 1
             for q in range(np.int64(g >> U_SUBPAGE_SHIFT),
                            np.int64((end - U1) >> U_SUBPAGE_SHIFT) + 1):
                 if q == last_sub:
@@ -264,10 +285,10 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
         else:
             # ---- no log: the results' exits and a protection outcome on the first page
             page_hot[slot0, P_EXITS] += x
-            ep_exits[e] += x
+            e_exits += x
             if o == _SPP_VIOLATION or o == _WP_VIOLATION:
                 page_hot[slot0, P_VIOLATIONS] += 1
-                ep_violations[e] += 1
+                e_violations += 1
                 vend = min(end, (np.uint64(p0) + U1) << U_PAGE_SHIFT)
                 for q in range(np.int64(g >> U_SUBPAGE_SHIFT),
                                np.int64((vend - U1) >> U_SUBPAGE_SHIFT) + 1):
@@ -276,6 +297,12 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
                         subs += 1
                     sub_cold[sslot, SC_VIOLATIONS] += 1
         i += 1
+    ep_accesses[e] += e_rows
+    ep_writes[e] += e_writes
+    ep_exits[e] += e_exits
+    ep_violations[e] += e_violations
+    kinds_total[_WRITE] += n_writes
+    outcomes_total[_ALLOWED] += n_allowed
     state[ST_PAGES], state[ST_SUBS] = pages, subs
     state[ST_ROW], state[ST_EXIT] = i, j
     state[ST_EXITS_TOTAL] = total_exits

@@ -2,9 +2,12 @@
 
 The results (``sppjit replay --out``) and the exit log (``--exits``) are read together, batch by
 batch and with only the columns needed, so memory grows with the number of distinct pages and
-sub-pages, never with the trace: each batch is grouped with numpy (sort, reduceat) and the
-partial groups are merged into running sorted tables, compacted when they grow. The
-attribution rules are in the package's docstring (sppjit.report).
+sub-pages, never with the trace. Up to KERNEL_ROWS results rows, each batch is grouped with
+numpy (counting or sorting, reduceat) and the partial groups are merged into running sorted
+tables, compacted when they grow; from KERNEL_ROWS on, a compiled kernel (kernels/report.py)
+attributes each batch row by row into running hash tables, several times faster, with the
+same figures and errors (tests/test_report_kernel.py). The attribution rules are in the
+package's docstring (sppjit.report).
 """
 
 from __future__ import annotations
@@ -521,11 +524,11 @@ class _ExitTotals:
         self.epoch_violations += np.bincount(eepoch[prot], minlength=self.n_epochs)
 
 
-# Above this many results rows a report goes through the compiled kernel (kernels/report.py):
-# numba's import and the kernel's load from its cache cost about a second, which the kernel
-# wins back from the numpy path's per-batch passes past a few million rows
-# (docs/performance.md, "sppjit report").
-KERNEL_ROWS = 4_000_000
+# From this many results rows on, a report goes through the compiled kernel (kernels/report.py):
+# importing numba and loading the kernel from its cache cost about 0.45 s more than the numpy
+# path's start, which the kernel (some 40 M rows/s against 10 M) wins back from about 6 M rows
+# on (docs/performance.md, "sppjit report").
+KERNEL_ROWS = 6_000_000
 ENGINES = ("auto", "numpy", "jit")
 # The results' column types sppjit replay writes: the kernel reads them as they are (one
 # compiled signature); results in other integer types go through numpy.
