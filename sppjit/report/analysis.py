@@ -526,7 +526,7 @@ class _ExitTotals:
 
 # From this many results rows on, a report goes through the compiled kernel (kernels/report.py):
 # importing numba and loading the kernel from its cache cost about 0.45 s more than the numpy
-# path's start, which the kernel (some 40 M rows/s against 10 M) wins back from about 6 M rows
+# path's start, which the kernel (about 50 M rows/s against 10 M) wins back from about 6 M rows
 # on (docs/performance.md, "sppjit report").
 KERNEL_ROWS = 6_000_000
 ENGINES = ("auto", "numpy", "jit")
