@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -295,3 +297,20 @@ def test_scenario_report_is_byte_identical(guarded_replay, tmp_path, monkeypatch
             "stats/report.json", "report.html", "text"} <= set(numpy)
     for name in numpy:
         assert numpy[name] == jit[name], name
+
+
+def test_a_small_report_loads_no_numba():
+    """Below KERNEL_ROWS the numpy path runs, and numba (0.6 s to import) is never loaded;
+    from KERNEL_ROWS on the kernel is."""
+    code = ("import sys, numpy as np, pyarrow as pa\n"
+            "from sppjit.report import analysis as A\n"
+            "t = pa.table({'gpa': pa.array(np.arange(100, dtype=np.uint64) * 8),\n"
+            "              'outcome': pa.array(np.zeros(100, np.uint8)),\n"
+            "              'exits': pa.array(np.zeros(100, np.uint8))})\n"
+            "A.analyze(t)\n"
+            "assert 'numba' not in sys.modules, 'numba loaded'\n"
+            "A.KERNEL_ROWS = 100\n"
+            "A.analyze(t)\n"
+            "assert 'numba' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
