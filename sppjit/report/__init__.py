@@ -2,8 +2,8 @@
 
 The results (``sppjit replay --out``) and the exit log (``--exits``) are read together, batch by
 batch and with only the columns needed, so memory grows with the number of distinct pages and
-sub-pages, never with the trace: each batch is grouped with numpy (sort, reduceat) and the
-partial groups are merged into running sorted tables, compacted when they grow.
+sub-pages, never with the trace: each batch is grouped with numpy and merged into running
+tables, or, for large results, attributed row by row by a compiled kernel (same figures).
 
 Attribution rules (the same in the tables, the text report and the plots):
 

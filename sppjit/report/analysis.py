@@ -2,9 +2,12 @@
 
 The results (``sppjit replay --out``) and the exit log (``--exits``) are read together, batch by
 batch and with only the columns needed, so memory grows with the number of distinct pages and
-sub-pages, never with the trace: each batch is grouped with numpy (sort, reduceat) and the
-partial groups are merged into running sorted tables, compacted when they grow. The
-attribution rules are in the package's docstring (sppjit.report).
+sub-pages, never with the trace. Up to KERNEL_ROWS results rows, each batch is grouped with
+numpy (counting or sorting, reduceat) and the partial groups are merged into running sorted
+tables, compacted when they grow; from KERNEL_ROWS on, a compiled kernel (kernels/report.py)
+attributes each batch row by row into running hash tables, several times faster, with the
+same figures and errors (tests/test_report_kernel.py). The attribution rules are in the
+package's docstring (sppjit.report).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sppjit.io.formats import (
     cannot_read,
     read_magic,
 )
+from sppjit.io.space import GPA_LIMIT
 from sppjit.io.trace import (
     DEFAULT_KIND,
     DEFAULT_SIZE,
@@ -75,6 +79,7 @@ class _Source:
     num_rows: int
     names: list[str]
     _open: object  # () -> iterator of RecordBatch with the selected columns
+    types: dict = field(default_factory=dict)  # name -> Arrow type, of names that appear once
 
     def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
         try:
@@ -83,6 +88,11 @@ class _Source:
                     yield batch.slice(start, batch_size)
         except (pa.ArrowException, OSError) as exc:  # truncation shows only while reading
             raise cannot_read(self.what, self.label, exc) from None
+
+
+def _types(schema: pa.Schema) -> dict:
+    names = schema.names
+    return {f.name: f.type for f in schema if names.count(f.name) == 1}
 
 
 def _open_source(source, what: str, wanted: tuple[str, ...]) -> _Source:
@@ -100,7 +110,8 @@ def _open_source(source, what: str, wanted: tuple[str, ...]) -> _Source:
     names = [n for n in wanted if n in source.schema.names]
     table = source.select(names)
     return _Source(what, f"the {what} table", None, "memory", table.num_rows,
-                   source.schema.names, lambda: iter(table.to_batches()))
+                   source.schema.names, lambda: iter(table.to_batches()),
+                   _types(source.schema))
 
 
 def _open_path(path: str, what: str, wanted: tuple[str, ...]) -> _Source:
@@ -119,12 +130,14 @@ def _open_path(path: str, what: str, wanted: tuple[str, ...]) -> _Source:
                 f = pq.ParquetFile(path, memory_map=False)
                 return f.iter_batches(batch_size=BATCH_ROWS, columns=names)
 
-            return _Source(what, path, path, "parquet", num_rows, all_names, read_parquet)
+            return _Source(what, path, path, "parquet", num_rows, all_names, read_parquet,
+                           _types(parquet.schema_arrow))
         if magic.startswith(ARROW_FILE_MAGIC):
             # Read, not memory-mapped (a mapped file's pages count in this process's RSS:
             # 1.2 GB for 100 M results rows; and a file that shrinks would kill it with
             # SIGBUS), batch by batch, and only the wanted columns' buffers are read.
-            all_names = ipc.open_file(pa.OSFile(path, "rb")).schema.names
+            schema = ipc.open_file(pa.OSFile(path, "rb")).schema
+            all_names = schema.names
             names = [n for n in wanted if n in all_names]
             fields = [all_names.index(n) for n in names]
             num_rows = ipc_file_rows(path)
@@ -134,7 +147,8 @@ def _open_path(path: str, what: str, wanted: tuple[str, ...]) -> _Source:
                                   options=ipc.IpcReadOptions(included_fields=fields))
                 return (r.get_batch(i).select(names) for i in range(r.num_record_batches))
 
-            return _Source(what, path, path, "arrow", num_rows, all_names, read_file)
+            return _Source(what, path, path, "arrow", num_rows, all_names, read_file,
+                           _types(schema))
 
         def read_stream():
             r = ipc.open_stream(pa.OSFile(path, "rb"))
@@ -144,7 +158,8 @@ def _open_path(path: str, what: str, wanted: tuple[str, ...]) -> _Source:
         stream = ipc.open_stream(pa.OSFile(path, "rb"))
         all_names = stream.schema.names
         num_rows = sum(b.num_rows for b in stream)  # a stream says its length only at its end
-        return _Source(what, path, path, "arrow-stream", num_rows, all_names, read_stream)
+        return _Source(what, path, path, "arrow-stream", num_rows, all_names, read_stream,
+                       _types(stream.schema))
     except (pa.ArrowException, OSError) as exc:
         if magic.startswith((PARQUET_MAGIC, ARROW_FILE_MAGIC, ARROW_STREAM_MARKER)):
             raise cannot_read(what, path, exc) from None
@@ -509,10 +524,317 @@ class _ExitTotals:
         self.epoch_violations += np.bincount(eepoch[prot], minlength=self.n_epochs)
 
 
+# From this many results rows on, a report goes through the compiled kernel (kernels/report.py):
+# importing numba and loading the kernel from its cache cost about 0.45 s more than the numpy
+# path's start, which the kernel (about 50 M rows/s against 10 M) wins back from about 6 M rows
+# on (docs/performance.md, "sppjit report").
+KERNEL_ROWS = 6_000_000
+ENGINES = ("auto", "numpy", "jit")
+# The results' column types sppjit replay writes: the kernel reads them as they are (one
+# compiled signature); results in other integer types go through numpy.
+_KERNEL_TYPES = {"gpa": pa.uint64(), "size": pa.uint16(), "kind": pa.uint8(),
+                 "outcome": pa.uint8(), "exits": pa.uint8()}
+_DEFAULTS = {"size": (DEFAULT_SIZE, np.uint16), "kind": (DEFAULT_KIND, np.uint8)}
+DENSE_WINDOW = INDEX_SPAN  # the most keys a dense window of the kernel's tables holds
+
+
+class _Totals:
+    """What every batch of results adds to, whichever path: rows and writes per epoch, the
+    access kinds and outcomes, the results' exits, and the exit log's totals (``log``, which
+    also holds the exits and violations per epoch)."""
+
+    def __init__(self, n: int, n_epochs: int):
+        self.ep_start = _epoch_starts(n, n_epochs)
+        self.ep_accesses = np.zeros(n_epochs, dtype=np.int64)
+        self.ep_writes = np.zeros(n_epochs, dtype=np.int64)
+        self.kinds = np.zeros(3, dtype=np.int64)
+        self.outcomes = np.zeros(len(B.OUTCOME_NAMES), dtype=np.int64)
+        self.results_exits = 0
+        self.log = _ExitTotals(n, n_epochs)
+
+
+def _batch_columns(batch: pa.RecordBatch, res: _Source, first: int):
+    """gpa, size, kind, outcome, exits of a results batch, checked (InputError at the first bad
+    row, column by column), and every access ending inside the 48-bit guest-physical space,
+    as a trace's must (a replay's results hold no other)."""
+    gpa = _int_column(batch, "gpa", np.uint64, res, first)
+    size = _int_column(batch, "size", np.uint64, res, first, default=DEFAULT_SIZE, lo=1,
+                       hi=MAX_ACCESS_SIZE, must=f"(must be 1..{MAX_ACCESS_SIZE})")
+    kind = _int_column(batch, "kind", np.int64, res, first, default=DEFAULT_KIND,
+                       hi=B.ACCESS_FETCH, must="(must be 0 read, 1 write, 2 fetch)")
+    outcome = _int_column(batch, "outcome", np.int64, res, first, hi=len(B.OUTCOME_NAMES) - 1,
+                          must=f"(must be 0..{len(B.OUTCOME_NAMES) - 1})")
+    nexits = _int_column(batch, "exits", np.int64, res, first)
+    # (one pass in the common case; the arithmetic below then cannot wrap around)
+    if gpa.shape[0] and int(gpa.max()) > GPA_LIMIT - MAX_ACCESS_SIZE:
+        beyond = gpa > np.uint64(GPA_LIMIT) - size
+        if beyond.any():
+            row = first + int(np.argmax(beyond))
+            raise InputError(f"results: {res.label}: access at row {row} ends beyond the "
+                             "48-bit guest-physical space")
+    return gpa, size, kind, outcome, nexits
+
+
+def _outside(log: _ExitCursor, erow, egpa, gpa, size, first: int, j: int) -> InputError:
+    """The error for exit ``j`` of a batch, whose gpa is outside its row's access."""
+    i = int(erow[j]) - first
+    return InputError(
+        f"exits: {log.src.label}: the exit of trace row {int(erow[j])} (gpa "
+        f"{int(egpa[j]):#x}) is outside that row's access in the results (gpa "
+        f"{int(gpa[i]):#x}, {int(size[i])} bytes): the exit log and the "
+        "results are not from the same replay")
+
+
+def _protection(ekind: np.ndarray) -> np.ndarray:
+    return (ekind == PROTECTION_KINDS[0]) | (ekind == PROTECTION_KINDS[1])
+
+
+def _numpy_batch(batch, first: int, res: _Source, log: _ExitCursor | None, t: _Totals,
+                 pages: _Grouped, subpages: _Grouped, n: int) -> None:
+    """One batch of results (and the exits of its rows), grouped with numpy into parts of the
+    running tables ``pages`` and ``subpages``."""
+    m = batch.num_rows
+    n_epochs = t.ep_start.shape[0]
+    gpa, size, kind, outcome, nexits = _batch_columns(batch, res, first)
+    rows = np.arange(first, first + m, dtype=np.int64)
+    end = gpa + size  # one past the last byte
+    p0, p1 = gpa >> _PAGE, (end - np.uint64(1)) >> _PAGE
+    cross = p1 != p0
+    # The batch's rows are consecutive: the epochs it spans are runs of it, summed with
+    # reduceat from their first rows (no epoch computed per row).
+    e0, e1 = first * n_epochs // n, (first + m - 1) * n_epochs // n + 1
+    runs = np.maximum(t.ep_start[e0:e1] - first, 0)
+
+    # ---- totals and epochs
+    t.kinds += np.bincount(kind, minlength=3)
+    t.outcomes += np.bincount(outcome, minlength=len(B.OUTCOME_NAMES))
+    t.results_exits += int(nexits.sum())
+    is_write = kind == B.ACCESS_WRITE
+    t.ep_accesses[e0:e1] += np.diff(np.append(runs, m))
+    t.ep_writes[e0:e1] += np.add.reduceat(is_write, runs, dtype=np.int64)
+
+    # ---- the exits of these rows, and the pieces of the protection exits
+    if log is not None:
+        erow, egpa, ekind, erel = log.take(first + m)
+        i = erow - first
+        inside = (egpa >= gpa[i]) & (egpa < end[i])
+        if not inside.all():
+            raise _outside(log, erow, egpa, gpa, size, first, int(np.argmax(~inside)))
+        egfn = egpa >> _PAGE
+        prot = _protection(ekind)
+        t.log.add(erow, ekind, erel, prot)
+        # the faulting piece: from the logged gpa to the end of the access or the page
+        vstart = egpa[prot]
+        vend = np.minimum(end[i[prot]], (egfn[prot] + np.uint64(1)) << _PAGE)
+        vrel = erel[prot]
+    else:
+        # Without a log: exits on the access's first page; violations from the outcome,
+        # on the piece of its first page.
+        erow = np.zeros(0, dtype=np.int64)
+        egfn = np.zeros(0, dtype=np.uint64)
+        prot = (outcome == B.OUTCOME_SPP_VIOLATION) | (outcome == B.OUTCOME_WRITE_PROTECT_VIOLATION)
+        t.log.epoch_exits[e0:e1] += np.add.reduceat(nexits, runs, dtype=np.int64)
+        t.log.epoch_violations[e0:e1] += np.add.reduceat(prot, runs, dtype=np.int64)
+        vstart = gpa[prot]
+        vend = np.minimum(end[prot], (p0[prot] + np.uint64(1)) << _PAGE)
+        vrel = np.full(vstart.shape[0], -1, dtype=np.int8)
+
+    # ---- per page: every page an access touches, the page of every exit
+    keys = np.concatenate((p0, p1[cross], egfn))
+    at = np.concatenate((rows, rows[cross], erow))  # an exit's row touched its page too
+    gfns, inverse = group_index(keys)
+    u, na = gfns.shape[0], m + int(np.count_nonzero(cross))
+    sums = np.zeros((len(_PAGE_SUMS), u), dtype=np.int64)
+    sums[_P["reads"]:_P["fetches"] + 1] = _counts(
+        inverse[:na], np.concatenate((kind, kind[cross])), u, 3)
+    if log is not None:
+        ie = inverse[na:]
+        by_kind = _counts(ie, ekind, u, len(KINDS))
+        sums[_P[KINDS[0]]:_P[KINDS[-1]] + 1] = by_kind
+        sums[_P["exits"]] = by_kind.sum(axis=0)
+        sums[_P["violations"]] = by_kind[PROTECTION_KINDS[0]] + by_kind[PROTECTION_KINDS[1]]
+        if log.hooks:
+            rel = _counts(ie, erel.astype(np.int64) + 1, u, 3)  # null, False, True
+            sums[_P["relevant"]], sums[_P["irrelevant"]] = rel[2], rel[1]
+    else:
+        sums[_P["exits"]] = np.bincount(inverse[:m], weights=nexits, minlength=u)
+        sums[_P["violations"]] = np.bincount(inverse[:m][prot], minlength=u)
+    pages.add(gfns, sums, *_extremes(inverse, at, u))
+
+    # ---- per sub-page: every sub-page written bytes or faulting bytes touch
+    # (a protection exit's hook relevance goes with each sub-page of its piece)
+    wq = _expand(gpa[is_write] >> _SUB, (end[is_write] - np.uint64(1)) >> _SUB)
+    v0, v1 = vstart >> _SUB, (vend - np.uint64(1)) >> _SUB
+    vq = _expand(v0, v1)
+    vrel = np.repeat(vrel, (v1 - v0).astype(np.int64) + 1)
+    qs, inverse = group_index(np.concatenate((wq, vq)))
+    category = np.zeros(inverse.shape[0], dtype=np.int64)
+    category[wq.shape[0]:] = 1
+    sums = np.zeros((len(_SUBPAGE_SUMS), qs.shape[0]), dtype=np.int64)
+    sums[:2] = _counts(inverse, category, qs.shape[0], 2)
+    rel = _counts(inverse[wq.shape[0]:], vrel.astype(np.int64) + 1, qs.shape[0], 3)
+    sums[2], sums[3] = rel[2], rel[1]  # True, False (null: no hooks)
+    subpages.add(qs, sums)
+
+
+class _KernelTables:
+    """The running per-page and per-sub-page tables of the compiled path (kernels/report.py
+    holds their layout): a dense window sized from the first batch, and hash tables grown by
+    doubling."""
+
+    def __init__(self, K):
+        self.K = K
+        self.state = np.zeros(K.STATE, dtype=np.int64)
+        self.page_hot = self.page_cold = self.sub_hot = self.sub_cold = None
+        self._defaults: dict[str, np.ndarray] = {}
+
+    def place(self, gpa: np.ndarray) -> None:
+        """Size the dense windows to the keys of the first batch when they span little (at
+        most 4 n + DENSE_SLACK keys, as group_index counts, and DENSE_WINDOW)."""
+        K, state = self.K, self.state
+        limit = min(4 * gpa.shape[0] + DENSE_SLACK, DENSE_WINDOW)
+        lo, hi = int(gpa.min()), int(gpa.max()) + MAX_ACCESS_SIZE - 1
+        for base_at, span_at, shift in ((K.ST_PAGE_BASE, K.ST_PAGE_SPAN, B.PAGE_SHIFT),
+                                        (K.ST_SUB_BASE, K.ST_SUB_SPAN, B.SUBPAGE_SHIFT)):
+            span = (hi >> shift) - (lo >> shift) + 1
+            state[base_at], state[span_at] = lo >> shift, span if span <= limit else 0
+        slots = 1 << K.MIN_BITS
+        self.page_hot, self.page_cold = self._empty(state[K.ST_PAGE_SPAN] + slots,
+                                                    K.PAGE_HOT, K.PAGE_COLD)
+        self.sub_hot, self.sub_cold = self._empty(state[K.ST_SUB_SPAN] + slots,
+                                                  K.SUB_HOT, K.SUB_COLD)
+
+    @staticmethod
+    def _empty(rows: int, hot: int, cold: int):
+        # zeroed: empty (the kernel's EMPTY is 0), and untouched pages cost no memory
+        return np.zeros((rows, hot), dtype=np.int64), np.zeros((rows, cold), dtype=np.int64)
+
+    def grow(self) -> None:
+        """Double each hash table that the next row could fill past half (a GROW return)."""
+        K, state = self.K, self.state
+        span = state[K.ST_PAGE_SPAN]
+        if state[K.ST_PAGES] > (self.page_hot.shape[0] - span) // 2 - K.MAX_PAGES_A_ROW:
+            self.page_hot, self.page_cold = self._rehash(self.page_hot, self.page_cold,
+                                                         state[K.ST_PAGE_BASE], span)
+        span = state[K.ST_SUB_SPAN]
+        if state[K.ST_SUBS] > (self.sub_hot.shape[0] - span) // 2 - K.MAX_SUBS_A_ROW:
+            self.sub_hot, self.sub_cold = self._rehash(self.sub_hot, self.sub_cold,
+                                                       state[K.ST_SUB_BASE], span)
+
+    def _rehash(self, hot, cold, base, span):
+        new_hot, new_cold = self._empty(span + 2 * (hot.shape[0] - span), hot.shape[1],
+                                        cold.shape[1])
+        self.K.rehash(hot, cold, new_hot, new_cold, base, span)
+        return new_hot, new_cold
+
+    def columns(self, batch: pa.RecordBatch):
+        """The batch's columns as the kernel reads them (zero-copy, read-only; the defaults of
+        absent ones kept from batch to batch), or None when one holds a null."""
+        m = batch.num_rows
+        out = []
+        for name in _KERNEL_TYPES:
+            if batch.schema.get_field_index(name) < 0:
+                kept = self._defaults.get(name)
+                if kept is None or kept.shape[0] < m:
+                    value, dtype = _DEFAULTS[name]
+                    kept = self._defaults[name] = np.full(m, value, dtype)
+                    kept.flags.writeable = False  # as Arrow's: one compiled signature
+                out.append(kept[:m])
+                continue
+            column = batch.column(name)
+            if column.null_count:
+                return None
+            out.append(column.to_numpy(zero_copy_only=True))
+        return out
+
+    def pages(self):
+        """(keys, sums[_PAGE_SUMS, n], first rows, last rows), sorted by key."""
+        K, hot, cold = self.K, self.page_hot, self.page_cold
+        used = hot[:, 0] != 0  # column 0: the key plus one
+        hot, cold = hot[used], cold[used]
+        order = np.argsort(hot[:, 0])
+        hot, cold = hot[order], cold[order]
+        sums = np.empty((len(_PAGE_SUMS), hot.shape[0]), dtype=np.int64)
+        sums[_P["reads"]:_P["fetches"] + 1] = hot[:, K.P_READS:K.P_READS + 3].T
+        sums[_P[KINDS[0]]:_P[KINDS[-1]] + 1] = cold[:, :len(KINDS)].T
+        sums[_P["relevant"]] = cold[:, K.PC_RELEVANT]
+        sums[_P["irrelevant"]] = cold[:, K.PC_IRRELEVANT]
+        sums[_P["exits"]] = hot[:, K.P_EXITS]
+        sums[_P["violations"]] = hot[:, K.P_VIOLATIONS]
+        return ((hot[:, 0] - 1).astype(np.uint64), sums, np.ascontiguousarray(hot[:, K.P_FIRST]),
+                np.ascontiguousarray(hot[:, K.P_LAST]))
+
+    def subpages(self):
+        """(keys, sums[_SUBPAGE_SUMS, n]), sorted by key."""
+        K, hot, cold = self.K, self.sub_hot, self.sub_cold
+        used = hot[:, 0] != 0
+        hot, cold = hot[used], cold[used]
+        order = np.argsort(hot[:, 0])
+        hot, cold = hot[order], cold[order]
+        sums = np.empty((len(_SUBPAGE_SUMS), hot.shape[0]), dtype=np.int64)
+        sums[0] = hot[:, K.S_WRITES]
+        sums[1] = cold[:, K.SC_VIOLATIONS]
+        sums[2] = cold[:, K.SC_RELEVANT]
+        sums[3] = cold[:, K.SC_IRRELEVANT]
+        return (hot[:, 0] - 1).astype(np.uint64), sums
+
+
+_NO_EXITS = (np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64),
+             np.zeros(0, np.int8))
+
+
+def _kernel_batch(batch, first: int, res: _Source, log: _ExitCursor | None, t: _Totals,
+                  tables: _KernelTables, n: int) -> None:
+    """One batch of results (and the exits of its rows) through the compiled kernel, straight
+    into the running tables; the same figures and the same errors as _numpy_batch."""
+    K = tables.K
+    m = batch.num_rows
+    cols = tables.columns(batch)
+    if cols is None or K.check_columns(*cols[:4], 3, len(B.OUTCOME_NAMES), GPA_LIMIT):
+        _batch_columns(batch, res, first)  # says what is wrong, as the numpy path does
+        raise AssertionError("the report kernel refused a batch that numpy accepts")
+    gpa, size, kind, outcome, nexits = cols
+    if tables.page_hot is None:
+        tables.place(gpa)
+    erow, egpa, ekind, erel = _NO_EXITS if log is None else log.take(first + m)
+    n_epochs = t.ep_start.shape[0]
+    state = tables.state
+    state[K.ST_ROW] = state[K.ST_EXIT] = 0
+    while True:
+        status = K.accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
+                              log is not None, t.ep_start, first * n_epochs // n,
+                              t.ep_accesses, t.ep_writes, t.log.epoch_exits,
+                              t.log.epoch_violations, t.kinds, t.outcomes, tables.page_hot,
+                              tables.page_cold, tables.sub_hot, tables.sub_cold, state)
+        if status == K.DONE:
+            break
+        if status == K.OUTSIDE:
+            raise _outside(log, erow, egpa, gpa, size, first, int(state[K.ST_BAD]))
+        tables.grow()
+    if log is not None:
+        t.log.add(erow, ekind, erel, _protection(ekind))
+
+
+def _use_kernel(engine: str, res: _Source) -> bool:
+    """Whether analyze goes through the compiled kernel (``engine``: analyze's docstring)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "numpy" or (engine == "auto" and res.num_rows < KERNEL_ROWS):
+        return False
+    return all(res.types.get(name, wanted) == wanted for name, wanted in _KERNEL_TYPES.items())
+
+
 def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
             batch_size: int = BATCH_ROWS,
-            summary: ReplaySummary | Mapping | None = None) -> ReportStats:
+            summary: ReplaySummary | Mapping | None = None,
+            engine: str = "auto") -> ReportStats:
     """Read results (and an exit log) once, in bounded batches, and compute every statistic.
+
+    ``engine``: "numpy" groups each batch with numpy; "jit" attributes it row by row in a
+    compiled kernel (kernels/report.py) when the results' columns have the types sppjit
+    replay writes (others go through numpy); "auto", the default, takes the kernel from
+    KERNEL_ROWS results rows on, where it pays for loading numba. Both give the same figures
+    and the same errors.
 
     Without results (``results`` None), from the exit log and the replay's ``summary``
     alone: see analyze_exit_log."""
@@ -523,7 +845,7 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
             raise InputError("a report needs the results, or the exit log and the summary")
         return analyze_exit_log(exits, summary, epochs=epochs, batch_size=batch_size)
     results, exits = _unwrap(results, exits)
-    res = _open_source(results, "results", ("gpa", "size", "kind", "outcome", "exits"))
+    res = _open_source(results, "results", tuple(_KERNEL_TYPES))
     _require(res, ("gpa", "outcome", "exits"),
              "RESULTS is the --out file of sppjit replay")
     log = None
@@ -535,119 +857,38 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
     if n == 0:
         raise InputError(f"results: {res.label} has no rows")
     n_epochs = min(epochs, n)
-    pages = _Grouped(len(_PAGE_SUMS), extremes=True)
-    subpages = _Grouped(len(_SUBPAGE_SUMS))
-    ep_accesses = np.zeros(n_epochs, dtype=np.int64)
-    ep_writes = np.zeros(n_epochs, dtype=np.int64)
-    totals_of_log = _ExitTotals(n, n_epochs)
-    ep_exits, ep_viol = totals_of_log.epoch_exits, totals_of_log.epoch_violations
-    ep_kinds, exit_kinds_total = totals_of_log.epoch_kinds, totals_of_log.kinds
-    ep_start = _epoch_starts(n, n_epochs)
-    kinds_total = np.zeros(3, dtype=np.int64)
-    outcomes_total = np.zeros(len(B.OUTCOME_NAMES), dtype=np.int64)
-    results_exits = 0
+    t = _Totals(n, n_epochs)
+    if _use_kernel(engine, res):
+        from sppjit.kernels import report as K
+
+        tables = _KernelTables(K)
+
+        def add(batch, first):
+            _kernel_batch(batch, first, res, log, t, tables, n)
+    else:
+        pages = _Grouped(len(_PAGE_SUMS), extremes=True)
+        subpages = _Grouped(len(_SUBPAGE_SUMS))
+        tables = None
+
+        def add(batch, first):
+            _numpy_batch(batch, first, res, log, t, pages, subpages, n)
 
     first = 0
     for batch in res.batches(batch_size):
         m = batch.num_rows
         if first + m > n:
             raise InputError(f"results: {res.label} holds more rows than its metadata says")
-        gpa = _int_column(batch, "gpa", np.uint64, res, first)
-        size = _int_column(batch, "size", np.uint64, res, first, default=DEFAULT_SIZE, lo=1,
-                           hi=MAX_ACCESS_SIZE, must=f"(must be 1..{MAX_ACCESS_SIZE})")
-        kind = _int_column(batch, "kind", np.int64, res, first, default=DEFAULT_KIND,
-                           hi=B.ACCESS_FETCH, must="(must be 0 read, 1 write, 2 fetch)")
-        outcome = _int_column(batch, "outcome", np.int64, res, first, hi=len(B.OUTCOME_NAMES) - 1,
-                              must=f"(must be 0..{len(B.OUTCOME_NAMES) - 1})")
-        nexits = _int_column(batch, "exits", np.int64, res, first)
-        rows = np.arange(first, first + m, dtype=np.int64)
-        end = gpa + size  # one past the last byte
-        p0, p1 = gpa >> _PAGE, (end - np.uint64(1)) >> _PAGE
-        cross = p1 != p0
-        # The batch's rows are consecutive: the epochs it spans are runs of it, summed with
-        # reduceat from their first rows (no epoch computed per row).
-        e0, e1 = first * n_epochs // n, (first + m - 1) * n_epochs // n + 1
-        runs = np.maximum(ep_start[e0:e1] - first, 0)
-
-        # ---- totals and epochs
-        kinds_total += np.bincount(kind, minlength=3)
-        outcomes_total += np.bincount(outcome, minlength=len(B.OUTCOME_NAMES))
-        results_exits += int(nexits.sum())
-        is_write = kind == B.ACCESS_WRITE
-        ep_accesses[e0:e1] += np.diff(np.append(runs, m))
-        ep_writes[e0:e1] += np.add.reduceat(is_write, runs, dtype=np.int64)
-
-        # ---- the exits of these rows, and the pieces of the protection exits
-        if log is not None:
-            erow, egpa, ekind, erel = log.take(first + m)
-            i = erow - first
-            inside = (egpa >= gpa[i]) & (egpa < end[i])
-            if not inside.all():
-                j = int(np.argmax(~inside))
-                raise InputError(
-                    f"exits: {log.src.label}: the exit of trace row {int(erow[j])} (gpa "
-                    f"{int(egpa[j]):#x}) is outside that row's access in the results (gpa "
-                    f"{int(gpa[i[j]]):#x}, {int(size[i[j]])} bytes): the exit log and the "
-                    "results are not from the same replay")
-            egfn = egpa >> _PAGE
-            prot = (ekind == PROTECTION_KINDS[0]) | (ekind == PROTECTION_KINDS[1])
-            totals_of_log.add(erow, ekind, erel, prot)
-            # the faulting piece: from the logged gpa to the end of the access or the page
-            vstart = egpa[prot]
-            vend = np.minimum(end[i[prot]], (egfn[prot] + np.uint64(1)) << _PAGE)
-            vrel = erel[prot]
-        else:
-            # Without a log: exits on the access's first page; violations from the outcome,
-            # on the piece of its first page.
-            erow = np.zeros(0, dtype=np.int64)
-            egfn = np.zeros(0, dtype=np.uint64)
-            prot = (outcome == B.OUTCOME_SPP_VIOLATION) | (outcome == B.OUTCOME_WRITE_PROTECT_VIOLATION)
-            ep_exits[e0:e1] += np.add.reduceat(nexits, runs, dtype=np.int64)
-            ep_viol[e0:e1] += np.add.reduceat(prot, runs, dtype=np.int64)
-            vstart = gpa[prot]
-            vend = np.minimum(end[prot], (p0[prot] + np.uint64(1)) << _PAGE)
-            vrel = np.full(vstart.shape[0], -1, dtype=np.int8)
-
-        # ---- per page: every page an access touches, the page of every exit
-        keys = np.concatenate((p0, p1[cross], egfn))
-        at = np.concatenate((rows, rows[cross], erow))  # an exit's row touched its page too
-        gfns, inverse = group_index(keys)
-        u, na = gfns.shape[0], m + int(np.count_nonzero(cross))
-        sums = np.zeros((len(_PAGE_SUMS), u), dtype=np.int64)
-        sums[_P["reads"]:_P["fetches"] + 1] = _counts(
-            inverse[:na], np.concatenate((kind, kind[cross])), u, 3)
-        if log is not None:
-            ie = inverse[na:]
-            by_kind = _counts(ie, ekind, u, len(KINDS))
-            sums[_P[KINDS[0]]:_P[KINDS[-1]] + 1] = by_kind
-            sums[_P["exits"]] = by_kind.sum(axis=0)
-            sums[_P["violations"]] = by_kind[PROTECTION_KINDS[0]] + by_kind[PROTECTION_KINDS[1]]
-            if log.hooks:
-                rel = _counts(ie, erel.astype(np.int64) + 1, u, 3)  # null, False, True
-                sums[_P["relevant"]], sums[_P["irrelevant"]] = rel[2], rel[1]
-        else:
-            sums[_P["exits"]] = np.bincount(inverse[:m], weights=nexits, minlength=u)
-            sums[_P["violations"]] = np.bincount(inverse[:m][prot], minlength=u)
-        pages.add(gfns, sums, *_extremes(inverse, at, u))
-
-        # ---- per sub-page: every sub-page written bytes or faulting bytes touch
-        # (a protection exit's hook relevance goes with each sub-page of its piece)
-        wq = _expand(gpa[is_write] >> _SUB, (end[is_write] - np.uint64(1)) >> _SUB)
-        v0, v1 = vstart >> _SUB, (vend - np.uint64(1)) >> _SUB
-        vq = _expand(v0, v1)
-        vrel = np.repeat(vrel, (v1 - v0).astype(np.int64) + 1)
-        qs, inverse = group_index(np.concatenate((wq, vq)))
-        category = np.zeros(inverse.shape[0], dtype=np.int64)
-        category[wq.shape[0]:] = 1
-        sums = np.zeros((len(_SUBPAGE_SUMS), qs.shape[0]), dtype=np.int64)
-        sums[:2] = _counts(inverse, category, qs.shape[0], 2)
-        rel = _counts(inverse[wq.shape[0]:], vrel.astype(np.int64) + 1, qs.shape[0], 3)
-        sums[2], sums[3] = rel[2], rel[1]  # True, False (null: no hooks)
-        subpages.add(qs, sums)
+        add(batch, first)
         first += m
 
     if first != n:
         raise InputError(f"results: {res.label} holds {first:,} rows, its metadata says {n:,}")
+    if tables is not None:
+        page_result, subpage_result = tables.pages(), tables.subpages()
+        results_exits = int(tables.state[tables.K.ST_EXITS_TOTAL])
+    else:
+        page_result, subpage_result = pages.result(), subpages.result()[:2]
+        results_exits = t.results_exits
     warnings = []
     if log is not None:
         log.finish(n)
@@ -655,11 +896,16 @@ def analyze(results, exits=None, *, epochs: int = DEFAULT_EPOCHS,
             warnings.append(f"the exit log holds {log.count:,} exits but the results count "
                             f"{results_exits:,}: a filtered log, or not the same replay")
 
-    per_page = _page_table(*pages.result(), exit_log=log is not None,
+    totals_of_log = t.log
+    ep_viol = totals_of_log.epoch_violations
+    exit_kinds_total = totals_of_log.kinds
+    kinds_total, outcomes_total = t.kinds, t.outcomes
+    per_page = _page_table(*page_result, exit_log=log is not None,
                            hooks=log is not None and log.hooks)
-    per_subpage = _subpage_table(*subpages.result()[:2], hooks=log is not None and log.hooks)
-    epochs_table = _epoch_table(n, n_epochs, ep_accesses, ep_writes, ep_exits, ep_viol,
-                                ep_kinds if log is not None else None)
+    per_subpage = _subpage_table(*subpage_result, hooks=log is not None and log.hooks)
+    epochs_table = _epoch_table(n, n_epochs, t.ep_accesses, t.ep_writes,
+                                totals_of_log.epoch_exits, ep_viol,
+                                totals_of_log.epoch_kinds if log is not None else None)
 
     writes = int(kinds_total[B.ACCESS_WRITE])
     total_exits = log.count if log is not None else results_exits
