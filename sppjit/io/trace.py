@@ -510,13 +510,22 @@ def check_vcpus(batch: TraceBatch, vcpus: int) -> None:
         raise InputError("trace: " + bad.message) from None
 
 
+BEYOND_SPACE = "ends beyond the 48-bit guest-physical space"
+
+
+def first_beyond(gpa: np.ndarray, size: np.ndarray) -> int:
+    """The index of the first access that ends beyond the 48-bit guest-physical space
+    (gpa + size > 2**48), or -1."""
+    if not len(gpa) or int(gpa.max()) <= GPA_LIMIT - MAX_ACCESS_SIZE:
+        return -1  # the common case: one pass, no temporary arrays
+    beyond = gpa > np.uint64(GPA_LIMIT) - size.astype(np.uint64)
+    return int(np.argmax(beyond)) if beyond.any() else -1
+
+
 def _check_end(gpa: np.ndarray, size: np.ndarray, first_row: int,
                problems: list[BadValue]) -> None:
     """Every access must end inside the 48-bit guest-physical space (gpa + size <= 2**48)."""
-    if not len(gpa) or int(gpa.max()) <= GPA_LIMIT - MAX_ACCESS_SIZE:
-        return  # the common case: one pass, no temporary arrays
-    beyond = gpa > GPA_LIMIT - size.astype(np.uint64)
-    if beyond.any():
-        row = first_row + int(np.argmax(beyond))
-        problems.append(BadValue(row, f"access at row {row} ends beyond the 48-bit "
-                                      "guest-physical space"))
+    i = first_beyond(gpa, size)
+    if i >= 0:
+        row = first_row + i
+        problems.append(BadValue(row, f"access at row {row} {BEYOND_SPACE}"))

@@ -35,9 +35,11 @@ from sppjit.io.formats import (
 )
 from sppjit.io.space import GPA_LIMIT
 from sppjit.io.trace import (
+    BEYOND_SPACE,
     DEFAULT_KIND,
     DEFAULT_SIZE,
     MAX_ACCESS_SIZE,
+    first_beyond,
     ipc_file_rows,
     schema_metadata,
 )
@@ -565,13 +567,9 @@ def _batch_columns(batch: pa.RecordBatch, res: _Source, first: int):
     outcome = _int_column(batch, "outcome", np.int64, res, first, hi=len(B.OUTCOME_NAMES) - 1,
                           must=f"(must be 0..{len(B.OUTCOME_NAMES) - 1})")
     nexits = _int_column(batch, "exits", np.int64, res, first)
-    # (one pass in the common case; the arithmetic below then cannot wrap around)
-    if gpa.shape[0] and int(gpa.max()) > GPA_LIMIT - MAX_ACCESS_SIZE:
-        beyond = gpa > np.uint64(GPA_LIMIT) - size
-        if beyond.any():
-            row = first + int(np.argmax(beyond))
-            raise InputError(f"results: {res.label}: access at row {row} ends beyond the "
-                             "48-bit guest-physical space")
+    i = first_beyond(gpa, size)  # (past it, the arithmetic below cannot wrap around)
+    if i >= 0:
+        raise InputError(f"results: {res.label}: access at row {first + i} {BEYOND_SPACE}")
     return gpa, size, kind, outcome, nexits
 
 
