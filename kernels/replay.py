@@ -60,6 +60,7 @@ from .mmu import (
     ept_leaf,
     kvm_exit_spp_code,
     kvm_map_gfn_common,
+    map_block_of,
     memslot_of,
     serve_requests,
 )
@@ -199,11 +200,20 @@ _U_PREFETCH_DISTANCE = np.uint64(PREFETCH_DISTANCE)
 
 
 @inline
-def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touched_base):
+def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touched_base, maps):
     """Hint the cache about what a later access to page ``gfn`` will read: its byte of the
     touched bitmap, its EPT leaf (found through the region cache) and, for a write, its SPP
     vector (when the region has an SPPT leaf table for that vCPU: only regions with protected
-    pages do). Leaves out what the caches hold no walk for."""
+    pages do) and, with ``maps`` (the page baseline, where a refused write is told from other
+    exits by it: is_write_protect_exit), its stored access map. Leaves out what the caches
+    hold no walk for."""
+    if maps and write:
+        # map_dir and map_nodes are small (a word per GiB, per 2 MiB region); the map blocks,
+        # 2 KiB per protected region, are the read that misses.
+        m = map_block_of(st, gfn)
+        if m >= 0:
+            prefetch(np.uint64(st.map_blocks.ctypes.data)
+                     + (np.uint64(m) * np.uint64(512) + (gfn & _U_511)) * np.uint64(4))
     d = gfn >> _U_TOUCHED_SHIFT
     if d < np.uint64(touched_dir.shape[0]):
         w = touched_dir[d]
@@ -346,7 +356,8 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
             page_ahead = gpa[ahead] >> U_PAGE_SHIFT
             if page_ahead != page_ahead_prev:  # runs on one page: once
                 prefetch_leaf(st, tables_base, cache_mask, page_ahead, np.int64(vcpu[ahead]),
-                              spp_active and kind[ahead] == B.ACCESS_WRITE, touched_dir, touched_base)
+                              spp_active and kind[ahead] == B.ACCESS_WRITE, touched_dir, touched_base,
+                              exits_inline == EXITS_INLINE_PAGE)
                 page_ahead_prev = page_ahead
         if pending and st.requests[vcpu[ru]] != 0:
             return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum

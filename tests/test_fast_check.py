@@ -25,6 +25,7 @@ from sppjit.kernels.hardware import (
     FAST_VIOLATION,
     fast_check,
     hardware_check,
+    subpage_mask,
 )
 from sppjit.kernels.mmu import ept_leaf
 from sppjit.replay import replay
@@ -101,3 +102,17 @@ def test_each_code_on_a_guarded_page():
     assert check_access(vm, page1 + 0x180, 8, 0, B.ACCESS_WRITE) == FAST_SPP_VIOLATION
     assert check_access(vm, page1 + 0x180, 8, 0, B.ACCESS_READ) == FAST_ALLOWED
     assert check_access(vm, base + 0x2000, 8, 0, B.ACCESS_WRITE) == FAST_NOT_PRESENT
+
+
+def test_subpage_mask_is_the_sub_pages_the_write_spans():
+    """subpage_mask (the SPP-vector bits a write needs)
+    against the reference engine's rule, bit 2i for each sub-page i the check covers: every
+    pair of first and last sub-page of a page, in both check modes."""
+    page = 0x7_3000
+    for lo in range(B.SUBPAGES_PER_PAGE):
+        for hi in range(lo, B.SUBPAGES_PER_PAGE):
+            first = np.uint64(page + (lo << B.SUBPAGE_SHIFT) + 5)
+            last = np.uint64(page + (hi << B.SUBPAGE_SHIFT) + 3)
+            for check, top in ((L.CHECK_ALL, hi), (L.CHECK_FIRST, lo)):
+                want = sum(1 << (2 * i) for i in range(lo, top + 1))
+                assert int(subpage_mask(first, last, check)) == want, (lo, hi, check)
