@@ -51,13 +51,17 @@ REQ_LOAD_MMU_PGD = REQ_LOAD_CR3  # v12's name for the same request
 REQ_ENTRY_CHECK = 2  # the VMCS was written from outside: re-run the VM-entry checks
 
 # Region caches (ept_cache, sppt_cache): direct-mapped over 2 MiB regions, a power-of-two
-# number of entries; region r lives in entry r & (entries - 1), tagged with r itself:
-# entry = r << CACHE_TAG_SHIFT | payload. -1 (CACHE_INVALID) means "walk the tables", and so
-# does a tag that is not the region asked for. See kernels/replay.py.
-CACHE_INVALID = -1
+# number of entries; region r lives in entry r & (entries - 1), tagged with r + 1:
+# entry = (r + 1) << CACHE_TAG_SHIFT | payload. 0 (CACHE_INVALID) means "walk the tables", and
+# so does a tag that is not the region asked for. Empty is 0 so that a VM's caches come from
+# np.zeros, whose pages the system maps on first touch: creating a 1 TiB, 8-vCPU VM costs no
+# 18 MB fill. See kernels/replay.py.
+CACHE_INVALID = 0
 CACHE_TAG_SHIFT = 36  # payloads (a pool index << 4 | flags) stay below 2**36
 CACHE_PAYLOAD_MASK = (1 << CACHE_TAG_SHIFT) - 1
-CACHE_REGION_LIMIT = 1 << 27  # regions of the 48-bit guest-physical space: tags fit in 27 bits
+# Regions below this are cached: their tags (r + 1) fit in 27 bits, so entries stay positive.
+# (The last 2 MiB of the 48-bit guest-physical space is walked every time.)
+CACHE_REGION_LIMIT = (1 << 27) - 1
 MAX_TABLES = 1 << 32  # pool indices fit the caches' payloads
 # Entries per cache row: enough for every region the memslots span (no two of them share an
 # entry), at most 2**18 (512 GiB of guest memory without aliasing), and the caches of all
@@ -138,8 +142,8 @@ def empty_state(vcpus: int, memslots, table_capacity: int, cfg: np.ndarray, map_
         map_dir=np.full(map_dir_len(memslots), MAP_NONE, dtype=np.int64),
         map_nodes=np.full((map_capacity, 512), MAP_NONE, dtype=np.int64),
         map_blocks=np.full((map_capacity, 512), FULL_SPP_ACCESS, dtype=np.uint32),
-        ept_cache=np.full(entries, CACHE_INVALID, dtype=np.int64),
-        sppt_cache=np.full((vcpus, entries), CACHE_INVALID, dtype=np.int64),
+        ept_cache=np.zeros(entries, dtype=np.int64),  # CACHE_INVALID
+        sppt_cache=np.zeros((vcpus, entries), dtype=np.int64),
     )
 
 

@@ -152,7 +152,7 @@ def cache_slot(cache_len, region):
 @inline
 def cache_lookup(c, region):
     """The payload of cache entry ``c`` if it is tagged with ``region``, else -1."""
-    if (c >> _TAG_SHIFT) != np.int64(region):
+    if (c >> _TAG_SHIFT) != np.int64(region) + 1:
         return -1
     return c & _PAYLOAD
 

@@ -147,7 +147,7 @@ def _maps(st, config) -> str:
 
 
 def _caches(st) -> str:
-    """Region caches: -1, or tagged with a region that lives in that entry and pointing at a
+    """Region caches: CACHE_INVALID, or tagged with a region that lives in that entry and pointing at a
     table of the right kind and level (EPT: level 1, or level 2 for a huge leaf; SPPT: level 1).
     They are dropped after loading anyway; a bad one means a damaged file."""
     n = int(st.scal[L.SC_NTABLES])
@@ -159,7 +159,7 @@ def _caches(st) -> str:
             return f"{name} has {entries} entries (a power of two, as ept_cache)"
         c = cache
         valid = c != L.CACHE_INVALID
-        region = c >> L.CACHE_TAG_SHIFT
+        region = (c >> L.CACHE_TAG_SHIFT) - 1
         payload = c & L.CACHE_PAYLOAD_MASK
         table = payload >> 4 if kind == L.TABLE_EPT else payload
         slot = np.arange(entries, dtype=np.int64)[None, :]

@@ -139,10 +139,10 @@ DAMAGE = [
     ("map node", map_node_out_of_range, "map node"),
     ("shared map block", map_blocks_shared, "share a map block"),
     ("map outside every memslot", map_outside_memslots, "no memslot"),
-    ("ept_cache table out of the pool", cache_entry("ept_cache", (0 << 36) | (10**6 << 4)), "ept_cache"),
-    ("ept_cache tag of another entry", cache_entry("ept_cache", (1 << 36) | (1 << 4)), "ept_cache"),
+    ("ept_cache table out of the pool", cache_entry("ept_cache", (1 << 36) | (10**6 << 4)), "ept_cache"),
+    ("ept_cache tag of another entry", cache_entry("ept_cache", (2 << 36) | (1 << 4)), "ept_cache"),
     ("ept_cache negative", cache_entry("ept_cache", -7), "ept_cache"),
-    ("sppt_cache at the EPT root", lambda a: cache_entry("sppt_cache", int(a["scal"][L.SC_EPT_ROOT]))(a),
+    ("sppt_cache at the EPT root", lambda a: cache_entry("sppt_cache", (1 << 36) | int(a["scal"][L.SC_EPT_ROOT]))(a),
      "sppt_cache"),
 ]
 
@@ -173,7 +173,7 @@ def test_a_legal_odd_state_loads_and_replays(tmp_path):
     root = int(arrays["scal"][L.SC_EPT_ROOT])
     i = int(np.flatnonzero(arrays["tables"][root] & np.uint64(7))[0])
     l1 = table_of(arrays, L.TABLE_EPT, 1)
-    arrays["ept_cache"][0] = (0 << 36) | (l1 << 4) | 7  # region 0, a level-1 EPT table
+    arrays["ept_cache"][0] = (1 << 36) | (l1 << 4) | 7  # region 0 (tag 1), a level-1 EPT table
     arrays["tables"][root, i] = np.uint64(B.GUEST_RAM_HPA) | np.uint64(B.EPT_NONLEAF_FLAGS)  # outside the pool
     loaded = load_damaged(tmp_path, arrays)
     assert (loaded.state.ept_cache == L.CACHE_INVALID).all()
