@@ -146,6 +146,9 @@ def _maps(st, config) -> str:
     return ""
 
 
+_OLD_CACHE_INVALID = -1
+
+
 def _caches(st) -> str:
     """Region caches: CACHE_INVALID, or tagged with a region that lives in that entry and pointing at a
     table of the right kind and level (EPT: level 1, or level 2 for a huge leaf; SPPT: level 1).
@@ -158,7 +161,8 @@ def _caches(st) -> str:
         if entries & (entries - 1) or entries != st.ept_cache.shape[0]:
             return f"{name} has {entries} entries (a power of two, as ept_cache)"
         c = cache
-        valid = c != L.CACHE_INVALID
+        # (-1 is how releases before the zeroed caches saved an empty entry: their files load)
+        valid = (c != L.CACHE_INVALID) & (c != _OLD_CACHE_INVALID)
         region = (c >> L.CACHE_TAG_SHIFT) - 1
         payload = c & L.CACHE_PAYLOAD_MASK
         table = payload >> 4 if kind == L.TABLE_EPT else payload

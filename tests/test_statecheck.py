@@ -194,6 +194,19 @@ def test_caches_are_saved_empty_and_a_loaded_vm_is_equal(tmp_path):
     assert a.table.equals(b.table) and a.exits.equals(b.exits)
 
 
+def test_caches_saved_empty_by_earlier_releases_load(tmp_path):
+    """Releases before the zeroed caches saved an empty entry as -1: such a file loads, with
+    its caches empty (a -1 next to a filled entry is still just empty)."""
+    vm, arrays = saved(tmp_path)
+    arrays["ept_cache"][:] = -1
+    arrays["sppt_cache"][:] = -1
+    loaded = load_damaged(tmp_path, arrays)
+    assert (loaded.state.ept_cache == L.CACHE_INVALID).all()
+    again = {"gpa": TRACE["gpa"] + np.uint64(8), "kind": TRACE["kind"]}
+    a, b = vm.replay(again), loaded.replay(again)
+    assert a.table.equals(b.table) and a.exits.equals(b.exits)
+
+
 def test_an_older_format_is_refused_clearly(tmp_path):
     _, arrays = saved(tmp_path)
     meta = json.loads(str(arrays["__meta__"]))
