@@ -52,16 +52,18 @@ MAX_THREADS = 64
 MIN_PIECE_ROWS = 1 << 15  # a smaller piece runs serially: sharding costs more than it gains
 MIN_SEGMENT_ROWS = 1 << 12  # rows between two barriers below this run serially too
 MIN_GAIN = 1.25  # the piece runs serially when the largest shard holds more than 1/MIN_GAIN of it
+MAX_PLAN_ROWS = 1 << 30  # positions in a shard are int32: a longer piece is planned in parts
 SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
 RESERVE = 2  # pool room set aside per segment, in chunks: a shard that needs more waits a round
+GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
 
 # Row flags of the partition pass.
 F_STATIC = 1  # always a barrier (spans two regions; a vCPU's first row with requests pending)
 F_EPT = 2  # its GiB had no EPT level-2 table when the piece started
 F_SPPT = 4  # it may build SPPT paths and its GiB lacked a level-2 table in some SPPT tree
-# GiB status bits.
-G_EPT = 1
-G_SPPT = 2
+# GiB status bits (the same bits as the row flags they raise).
+G_EPT = F_EPT
+G_SPPT = F_SPPT
 GIBS = 1 << (B.GPA_BITS - 30)
 
 _U_RWX = np.uint64(B.VMX_EPT_RWX_MASK)
@@ -121,67 +123,249 @@ def _ept_leaf_spp(st, gfn, spp):
     return False
 
 
+@_njit
+def _gib_spp_free(st, gib, spp):
+    """Whether no row of GiB ``gib`` can build SPPT paths: no map of the GiB is stored (every
+    map there is FULL) and no EPT entry that _ept_leaf_spp can reach under it has the SPP bit
+    (a level-1 table counts whole, present or not: conservative). Then _row_flags would give
+    none of its rows F_SPPT, and none gains it inside a piece (only the control plane stores
+    maps; the fault path sets the SPP bit only where the map is not FULL)."""
+    if gib < np.uint64(st.map_dir.shape[0]) and st.map_dir[np.int64(gib)] >= 0:
+        return False
+    gpa = gib << _U30
+    t = st.scal[L.SC_EPT_ROOT]
+    for lvl in range(4, 2, -1):  # down to the GiB's level-2 table, as _ept_leaf_spp walks
+        e = st.tables[t, (gpa >> np.uint64(3 + 9 * lvl)) & np.uint64(511)]
+        if lvl == 3 and (e & _U_PS) != U0:
+            return (e & spp) == U0
+        if (e & _U_RWX) == U0:
+            return True
+        t = hpa_table(st, e)
+        if t < 0:
+            return True
+    for i in range(512):
+        e = st.tables[t, i]
+        if (e & _U_PS) != U0:
+            if (e & spp) != U0:
+                return False
+            continue
+        if (e & _U_RWX) == U0:
+            continue
+        t1 = hpa_table(st, e)
+        if t1 < 0:
+            continue
+        acc = U0
+        for j in range(512):
+            acc |= st.tables[t1, j]
+        if (acc & spp) != U0:
+            return False
+    return True
+
+
+@_njit
+def _clear_spp_free(st, gibs, status, spp):
+    """Clear G_SPPT in ``status`` for each GiB of ``gibs`` where _gib_spp_free holds."""
+    for i in range(gibs.shape[0]):
+        g = gibs[i]
+        if (status[np.int64(g)] & G_SPPT) != 0 and _gib_spp_free(st, g, spp):
+            status[np.int64(g)] &= np.uint8(~G_SPPT & 0xFF)
+
+
+@_njit
+def _mark_lacking(st, root, present, bit, status, used):
+    """status[g] |= bit for each GiB g where building a path down to a level-2 entry under
+    ``root`` would allocate a table (an entry of level 4 or 3 on the way is not present), as
+    kernels.mmu.ept_table_for / sppt_setup_structure decide it."""
+    for i in range(512):
+        e = st.tables[root, i]
+        base = i * 512
+        if (e & present) == U0:
+            for j in range(512):
+                status[base + j] |= bit
+            continue
+        a = e & _U_ADDR
+        if a < _U_POOL:
+            continue  # the walk stops: nothing is allocated
+        t = np.int64((a - _U_POOL) >> U_PAGE_SHIFT)
+        if t >= used:
+            continue
+        for j in range(512):
+            if (st.tables[t, j] & present) == U0:
+                status[base + j] |= bit
+
+
+@_njit
+def _dangling_tables(st, used, top):
+    """Whether an entry of a table of level 4..2 points at a pool index in [used, top)."""
+    for t in range(used):
+        level = st.table_level[t]
+        if level < 2:
+            continue
+        ept = st.table_kind[t] == L.TABLE_EPT
+        for i in range(512):
+            e = st.tables[t, i]
+            if ept and ((e & _U_RWX) == U0 or ((e & _U_PS) != U0 and level != 4)):
+                continue
+            a = e & _U_ADDR
+            if a >= _U_POOL:
+                idx = np.int64((a - _U_POOL) >> U_PAGE_SHIFT)
+                if used <= idx < top:
+                    return True
+    return False
+
+
 # The row loops below index with uint64 (as the kernels do): numba then emits no
 # negative-index wraparound code, which made them 5x slower.
 _U1 = np.uint64(1)
 _U21 = np.uint64(21)
 _U30 = np.uint64(30)
 _U_GIB_MASK = np.uint64(GIBS - 1)
+_FULL = np.uint32(B.FULL_SPP_ACCESS)
+
+
+@numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True, _nrt=False)
+def _row_flags(st, gpa, size, status, spp, r):
+    """Row r's barrier flags (F_*) with the GiB status ``status``."""
+    first = gpa[r]
+    last = first + np.uint64(size[r]) - _U1
+    f = np.uint8((last >> _U21) != (first >> _U21))  # F_STATIC: it spans two regions
+    gs = status[(first >> _U30) & _U_GIB_MASK]
+    f |= gs & np.uint8(G_EPT)  # F_EPT
+    if (gs & G_SPPT) != 0 and (f & F_STATIC) == 0:  # a spanning row is a barrier anyway
+        g0 = first >> U_PAGE_SHIFT
+        g1 = last >> U_PAGE_SHIFT
+        if (stored_map(st, g0) != _FULL or stored_map(st, g1) != _FULL or _ept_leaf_spp(st, g0, spp)
+                or _ept_leaf_spp(st, g1, spp)):
+            f |= np.uint8(F_SPPT)
+    return f
 
 
 @_njit
-def _classify(st, gpa, size, bounds, gib_status, flags, sid, r0, r1, spp):
-    """Rows r0..r1-1 of a piece: each row's flags (F_*) and its shard (the region ranges split
-    at ``bounds``). Chunks of rows are classified by several threads at once."""
+def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, ogpa, counts, cand, cand_flags,
+               info):
+    """One chunk of a piece (rows r0..r1-1) in one pass: each row's barrier flags (the flagged
+    rows and their flags into cand / cand_flags from index r0 on, in the pass's order) and
+    each row into its shard's part of the flat buffers (shard s's at s * stride): its index
+    into ``rows``, its address into ``ogpa`` (the other columns are gathered afterwards, or
+    are constant). ``down`` False: the chunk's rows of a shard go to positions r0, r0+1, ...
+    of its part; True: the pass runs from the last row to the first and they end at r1 - 1,
+    in order. So an even chunk (down) and the odd one after it meet at their boundary and
+    need no moving afterwards. Out: counts[s] the chunk's rows of shard s, info[0] its
+    flagged rows."""
     nb = bounds.shape[0]
-    r = np.uint64(r0)
-    end = np.uint64(r1)
-    while r < end:
-        first = gpa[r]
-        last = first + np.uint64(size[r]) - _U1
-        region = first >> _U21
-        f = np.uint8(0)
-        if (last >> _U21) != region:
-            f = np.uint8(F_STATIC)
-        gs = gib_status[(first >> _U30) & _U_GIB_MASK]
-        if (gs & G_EPT) != 0:
-            f |= np.uint8(F_EPT)
-        if (gs & G_SPPT) != 0:
-            risky = False
-            for gfn in (first >> U_PAGE_SHIFT, last >> U_PAGE_SHIFT):
-                if stored_map(st, gfn) != np.uint32(B.FULL_SPP_ACCESS) or _ept_leaf_spp(st, gfn, spp):
-                    risky = True
-            if risky:
-                f |= np.uint8(F_SPPT)
-        flags[r] = f
-        s = np.uint8(0)
-        for i in range(nb):
-            s += np.uint8(region >= bounds[i])
-        sid[r] = s
-        r += _U1
+    k = np.int64(r0)
+    n = np.int64(r1) - np.int64(r0)
+    step = np.int64(-1) if down else np.int64(1)
+    at = np.int64(r1) if down else np.int64(r0)  # the shards' cursors start here (down: exclusive)
+    first = np.int64(r1) - 1 if down else np.int64(r0)
+    if nb == 1 and not down:  # two shards: the cursors stay in registers, the loop has no branch
+        b = bounds[0]
+        d0 = at
+        d1 = np.int64(stride) + at
+        r = np.uint64(r0)
+        while r < np.uint64(r1):
+            f = _row_flags(st, gpa, size, status, spp, r)
+            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
+                cand[k] = np.int64(r)
+                cand_flags[k] = f
+                k += 1
+            g = gpa[r]
+            s = np.int64((g >> _U21) >= b)
+            d = np.uint64(d0 + s * (d1 - d0))
+            rows[d] = np.int32(r)
+            ogpa[d] = g
+            d0 += 1 - s
+            d1 += s
+            r += _U1
+        counts[0] = d0 - at
+        counts[1] = d1 - np.int64(stride) - at
+    elif nb == 1:  # the same, from the last row down
+        b = bounds[0]
+        d0 = at
+        d1 = np.int64(stride) + at
+        r = np.uint64(r1)
+        while r > np.uint64(r0):
+            r -= _U1
+            f = _row_flags(st, gpa, size, status, spp, r)
+            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
+                cand[k] = np.int64(r)
+                cand_flags[k] = f
+                k += 1
+            g = gpa[r]
+            s = np.int64((g >> _U21) >= b)
+            d0 -= 1 - s
+            d1 -= s
+            d = np.uint64(d0 + s * (d1 - d0))
+            rows[d] = np.int32(r)
+            ogpa[d] = g
+        counts[0] = at - d0
+        counts[1] = np.int64(stride) + at - d1
+    else:
+        for i in range(nb + 1):
+            counts[i] = np.int64(i) * np.int64(stride) + at  # the cursors, first
+        for j in range(n):
+            r = np.uint64(first + step * j)
+            f = _row_flags(st, gpa, size, status, spp, r)
+            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
+                cand[k] = np.int64(r)
+                cand_flags[k] = f
+                k += 1
+            g = gpa[r]
+            region = g >> _U21
+            s = 0
+            for i in range(nb):
+                s += region >= bounds[i]
+            d = counts[s]
+            if down:
+                d -= 1
+            counts[s] = d + 1 - np.int64(down)
+            rows[d] = np.int32(r)
+            ogpa[d] = g
+        for i in range(nb + 1):
+            counts[i] = (counts[i] - np.int64(i) * np.int64(stride) - at) * step
+    info[0] = k - np.int64(r0)
 
 
 @_njit
-def _select(sid, s, out, gpa, size, vcpu, kind, insn, ogpa, osize, ovcpu, okind, oinsn):
-    """The rows of shard ``s``, in order, into ``out`` and their columns into o* (all one
-    longer than sid), in one branch-free pass; returns how many."""
-    k = np.uint64(0)
-    n = np.uint64(sid.shape[0])
-    r = np.uint64(0)
-    while r < n:
-        out[k] = np.int64(r)
-        ogpa[k] = gpa[r]
-        osize[k] = size[r]
-        ovcpu[k] = vcpu[r]
-        okind[k] = kind[r]
-        oinsn[k] = insn[r]
-        k += np.uint64(sid[r] == s)
-        r += _U1
-    return np.int64(k)
+def _differs(a, r0, r1, value):
+    """Whether some of a[r0..r1-1] differs from value[0] (a loop the compiler vectorizes)."""
+    v = value[0]
+    acc = v ^ v
+    i = np.uint64(r0)
+    while i < np.uint64(r1):
+        acc |= a[i] ^ v
+        i += _U1
+    return acc != 0
 
 
 @_njit
-def _next_barrier(cand, cand_flags, cand_gib, k, pos, gib_status):
+def _gather(dst, src, rows, n):
+    for i in range(n):
+        dst[i] = src[rows[i]]
+
+
+@_njit
+def _regions_without_leaves(st, regions, out):
+    """out[i] = 1 where region regions[i] has no EPT level-1 table nor 2 MiB leaf yet (its
+    level-2 entry, or an entry above it, is not present)."""
+    for i in range(regions.shape[0]):
+        gpa = regions[i] << _U21
+        t = st.scal[L.SC_EPT_ROOT]
+        out[i] = 1
+        for lvl in range(4, 1, -1):
+            e = st.tables[t, (gpa >> np.uint64(3 + 9 * lvl)) & np.uint64(511)]
+            if (e & _U_RWX) == U0:
+                break
+            if lvl == 2 or (e & _U_PS) != U0:
+                out[i] = 0
+                break
+            t = hpa_table(st, e)
+            if t < 0:
+                break
+
+
+@_njit
+def _next_barrier(cand, cand_flags, gpa, k, pos, gib_status):
     """The first candidate at or after index ``k`` whose row is >= pos and is a barrier with
     the GiB status as it is now: (its index in cand, or cand's length)."""
     n = cand.shape[0]
@@ -190,7 +374,7 @@ def _next_barrier(cand, cand_flags, cand_gib, k, pos, gib_status):
             f = cand_flags[k]
             if (f & F_STATIC) != 0:
                 return k
-            gs = gib_status[cand_gib[k]]
+            gs = gib_status[(gpa[cand[k]] >> _U30) & _U_GIB_MASK]
             if (f & F_EPT) != 0 and (gs & G_EPT) != 0:
                 return k
             if (f & F_SPPT) != 0 and (gs & G_SPPT) != 0:
@@ -212,31 +396,15 @@ def _scatter(dst, rows, src, p0, p1):
 
 
 # ----------------------------------------------------------------------------- table structure
-def _tree_lacks(st, root: int, present_mask: np.uint64, ept: bool) -> np.ndarray:
-    """Per GiB of the 48-bit space: whether building a path down to a level-2 entry under
-    ``root`` would allocate a table (an entry of level 4 or 3 on the way is not present), as
-    kernels.mmu.ept_table_for / sppt_setup_structure decide it."""
-    lacks = np.ones(GIBS, dtype=bool)
-    used = int(st.scal[L.SC_NTABLES])
-    l4 = st.tables[root]
-    for i in np.flatnonzero((l4 & present_mask) != 0):
-        e = l4[i]
-        a = int(e & _U_ADDR)
-        t = (a - B.TABLE_POOL_HPA) >> B.PAGE_SHIFT if a >= B.TABLE_POOL_HPA else -1
-        if not 0 <= t < used:
-            lacks[i * 512:(i + 1) * 512] = False  # the walk stops: nothing is allocated
-            continue
-        l3 = st.tables[t]
-        lacks[i * 512:(i + 1) * 512] = (l3 & present_mask) == 0
-    return lacks
-
-
-def gib_status(st) -> np.ndarray:
-    """G_EPT where the GiB has no EPT level-2 table yet, G_SPPT where some SPPT tree lacks one."""
-    status = np.zeros(GIBS, dtype=np.uint8)
-    status[_tree_lacks(st, int(st.scal[L.SC_EPT_ROOT]), _U_RWX, True)] |= G_EPT
+def gib_status(st, out: np.ndarray | None = None) -> np.ndarray:
+    """G_EPT where the GiB has no EPT level-2 table yet, G_SPPT where some SPPT tree lacks one
+    (into ``out`` when given)."""
+    status = np.zeros(GIBS, dtype=np.uint8) if out is None else out
+    status[:] = 0
+    used = np.int64(st.scal[L.SC_NTABLES])
+    _mark_lacking(st, np.int64(st.scal[L.SC_EPT_ROOT]), _U_RWX, np.uint8(G_EPT), status, used)
     for root in sppt_trees(st):
-        status[_tree_lacks(st, root, _U_SPPT_PRESENT, False)] |= G_SPPT
+        _mark_lacking(st, np.int64(root), _U_SPPT_PRESENT, np.uint8(G_SPPT), status, used)
     return status
 
 
@@ -260,15 +428,8 @@ def dangling(st) -> bool:
     allocation order, which sharding changes (docs/parallel.md)."""
     used = int(st.scal[L.SC_NTABLES])
     top = L.MAX_TABLES
-    upper = np.flatnonzero(st.table_level[:used] >= 2)
-    if upper.size:
-        e = st.tables[upper]
-        idx = _index_of(e)
-        ept = (st.table_kind[upper] == L.TABLE_EPT)[:, None]
-        level = st.table_level[upper][:, None]
-        pointer = np.where(ept, ((e & _U_RWX) != 0) & (((e & _U_PS) == 0) | (level == 4)), True)
-        if np.any(pointer & (idx >= used) & (idx < top)):
-            return True
+    if _dangling_tables(st, np.int64(used), np.int64(top)):
+        return True
     for col in (B.VMCS_COL_EPTP, B.VMCS_COL_SPPTP):
         idx = _index_of(st.vmcs[:, col])
         if np.any((idx >= used) & (idx < top)):
@@ -280,26 +441,21 @@ def dangling(st) -> bool:
 class _Shard:
     """One shard's private part of the state, its rows in this piece and what it produced."""
 
-    def __init__(self, index: int, rows: np.ndarray, columns, buffers, touched_top: int, log_capacity: int,
+    def __init__(self, index: int, rows: np.ndarray, columns, results, touched_top: int, log_capacity: int,
                  keep_log: bool, vcpus: int):
         from .replay import TouchedPages
 
         self.index = index
-        self.rows = rows
-        n = rows.shape[0]
-        self.columns = []
-        for i, c in enumerate(columns):
-            view = buffers.get(("col", index, i), n, c.dtype).view()
-            view.flags.writeable = False
-            self.columns.append(view)
-        self.results = tuple(buffers.get(("res", index, i), n, t) for i, t in
-                             enumerate((np.uint8, np.uint8, np.uint16)))
+        self.rows = rows  # int32: the rows of the piece, in order
+        self.columns = columns  # the kernel's columns (read-only views), one entry per row
+        self.results = results
         self.touched = TouchedPages(touched_top)
         self.log = L.empty_exit_log(log_capacity)
         self.keep_log = keep_log  # False: only each vCPU's last exit row is kept (discarded log)
         self.last_exit = np.full(vcpus, -1, dtype=np.int64)  # positions in the shard
         self.counters = np.zeros(L.CT_LEN, dtype=np.int64)
         self.chunk_size = 0  # tables it allocated in its last segment, then its chunks' size
+        self.expect_tables = 0  # a guess of the tables its rows of the piece allocate
         self.chunks: list[list[int]] = []  # [start, used] of each chunk of the pool, in order
         self.stashed: list[tuple] = []
 
@@ -320,7 +476,7 @@ class _Shard:
     def take_last_exits(self) -> np.ndarray:
         """Each vCPU's last exit row (of the piece) since the last call, -1 for none."""
         self.stash_log()
-        out = np.where(self.last_exit >= 0, self.rows[np.maximum(self.last_exit, 0)], -1)
+        out = np.where(self.last_exit >= 0, self.rows[np.maximum(self.last_exit, 0)].astype(np.int64), -1)
         self.last_exit[:] = -1
         return out
 
@@ -330,7 +486,7 @@ class _Shard:
         if not parts:
             return [a[:0].copy() for a in self.log[:-1]]
         cols = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-        cols[0] = self.rows[cols[0]]  # positions in the shard -> rows of the piece
+        cols[0] = self.rows[cols[0]].astype(np.int64)  # positions in the shard -> rows of the piece
         return cols
 
 
@@ -347,6 +503,28 @@ class _Buffers:
         return a[:n]
 
 
+# The shards' buffers, flat: shard s's entries start at s * stride. The trace's columns in the
+# kernel's order, then the row index, then the results.
+_SMALL = ("size", "vcpu", "kind", "insn_len")  # the columns that may be constant (bit i: gather)
+_RESULTS = (np.uint8, np.uint8, np.uint16)
+
+
+class _Layout:
+    """Flat per-shard buffers of one stride, kept while pieces fit (see _Buffers)."""
+
+    def __init__(self, shards: int, stride: int, dtypes):
+        self.stride = stride
+        size = shards * stride
+        self.rows = np.empty(size, dtype=np.int32)
+        self.columns = [np.empty(size, dtype=d) for d in dtypes]
+        self.results = [np.empty(size, dtype=d) for d in _RESULTS]
+        self.cand = np.empty(stride, dtype=np.int64)
+        self.cand_flags = np.empty(stride, dtype=np.uint8)
+        # Per small column: (value, rows filled with it per shard), or None: the buffer holds
+        # other things (a constant column is written once, not every piece).
+        self.filled: list = [None] * len(_SMALL)
+
+
 class ShardRunner:
     """Replays pieces of batches for one Replay session on ``threads`` shards."""
 
@@ -354,68 +532,45 @@ class ShardRunner:
         self.session = session
         self.threads = threads
         self.buffers = _Buffers()
+        self.layout: _Layout | None = None
         self.parallel_pieces = 0  # pieces that ran sharded (the others ran serially)
         self.segments = 0
         self.rounds = 0  # extra rounds of a segment, for shards that ran out of pool
         self.barriers = 0
+        self.hot_pieces = 0  # pieces run serially by the working-set rule (docs/parallel.md)
 
     # ------------------------------------------------------------------ entry point
     def run_piece(self, piece, outcome, exits, reason, keep: bool) -> None:
-        from .replay import kernel_columns
+        from .replay import _slice
 
         rep, vm = self.session, self.session.vm
         n = len(piece)
-        columns = kernel_columns(piece)
+        if n > MAX_PLAN_ROWS:  # shard positions are int32: a longer piece goes in parts (exact: no op between)
+            for a in range(0, n, MAX_PLAN_ROWS):
+                b = min(n, a + MAX_PLAN_ROWS)
+                self.run_piece(_slice(piece, a, b), outcome[a:b], exits[a:b], reason[a:b], keep)
+            return
         if n < max(MIN_PIECE_ROWS, 1) or self.threads < 2 or dangling(vm.state):
             rep._run_jit(piece, outcome, exits, reason)
             return
         with vm.mmu_lock:  # the shards fill region caches: a control-plane reset must clear them
             vm.caches_in_use()
-        bounds = self._bounds(piece.gpa)
-        if bounds is None:
+        plan = self._bounds(piece.gpa)
+        if plan is None:
             rep._run_jit(piece, outcome, exits, reason)
             return
-        st = vm.state
-        nshards = bounds.shape[0] + 1
-        status = gib_status(st)
-        flags = self.buffers.get("flags", n, np.uint8)
-        sid = self.buffers.get("sid", n, np.uint8)
-        cuts = [n * i // self.threads for i in range(self.threads + 1)]
-        self._map(lambda i: _classify(st, piece.gpa, piece.size, bounds, status, flags, sid, cuts[i], cuts[i + 1],
-                                      U_SPP), range(self.threads))
-        pending = np.flatnonzero(st.requests != 0)
-        for v in pending:
-            hit = np.flatnonzero(piece.vcpu == v)
-            if hit.size:
-                flags[hit[0]] |= F_STATIC
-        cand = np.flatnonzero(flags)
-        cand_flags = flags[cand]
-        if np.count_nonzero(cand_flags & F_STATIC) * max(MIN_SEGMENT_ROWS, 1) > n:
+        bounds, regions, edges = plan
+        shards = self._split(piece, bounds, regions, edges, keep)
+        if shards is None:
             rep._run_jit(piece, outcome, exits, reason)  # barriers everywhere: nothing to gain
             return
-        cand_gib = ((piece.gpa[cand] >> np.uint64(30)) & np.uint64(GIBS - 1)).astype(np.int64)
-        top = rep.touched.dir.shape[0] << rep.touched.shift
-        keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
-
-        for s in range(nshards):  # the buffers, before the threads fill them
-            self.buffers.get(("rows", s), n + 1, np.int64)
-            for i, c in enumerate(columns):
-                self.buffers.get(("col", s, i), n + 1, c.dtype)
-            for i, t in enumerate((np.uint8, np.uint8, np.uint16)):
-                self.buffers.get(("res", s, i), n, t)
-
-        def build(s):
-            out = self.buffers.get(("rows", s), n + 1, np.int64)
-            cols = [self.buffers.get(("col", s, i), n + 1, c.dtype) for i, c in enumerate(columns)]
-            rows = out[:_select(sid, np.uint8(s), out, *columns, *cols)]
-            return _Shard(s, rows, columns, self.buffers, top, rep._log.row.shape[0], keep_log, vm.vcpus)
-
-        shards = self._map(build, range(nshards))
+        shards, cand, cand_flags, status = shards
         self.parallel_pieces += 1
+        columns = [c for c in _kernel_columns(piece)]
         res = (outcome, exits, reason)
         pos, k = 0, 0
         while pos < n:
-            k = _next_barrier(cand, cand_flags, cand_gib, k, pos, status)
+            k = _next_barrier(cand, cand_flags, piece.gpa, k, pos, status)
             b = int(cand[k]) if k < cand.shape[0] else n
             if b - pos >= max(MIN_SEGMENT_ROWS, 1):
                 self._parallel(piece, columns, shards, res, keep, pos, b)
@@ -426,12 +581,131 @@ class ShardRunner:
                 if cand_flags[k] & (F_EPT | F_SPPT):
                     # It may have built its GiB's tables. (Statuses only ever go from lacking
                     # to present inside a piece: a stale "lacking" costs a barrier, no more.)
-                    status = gib_status(vm.state)
+                    status = gib_status(vm.state, status)
             elif pos < n:
                 self._serial(piece, columns, res, pos, n)
             pos = b + 1
         for sh in shards:
             merge_touched(rep.touched, sh.touched)
+
+    def _split(self, piece, bounds, regions, edges, keep: bool):
+        """Classify the piece's rows and copy each into its shard, all threads at once, one
+        pass over the rows (_partition); None when barriers are everywhere."""
+        rep, vm = self.session, self.session.vm
+        st = vm.state
+        n = len(piece)
+        nshards = bounds.shape[0] + 1
+        columns = _kernel_columns(piece)
+        lay = self.layout
+        dtypes = [c.dtype for c in columns]
+        if lay is None or lay.stride < n or [c.dtype for c in lay.columns] != dtypes:
+            lay = self.layout = _Layout(self.threads, n, dtypes)
+        stride = lay.stride
+        status = gib_status(st, self.buffers.get("status", GIBS, np.uint8))
+        flag_status = self.buffers.get("flag_status", GIBS, np.uint8)
+        flag_status[:] = status
+        # GiBs (those the sample sees) where no row can build SPPT paths: no per-row test there.
+        _clear_spp_free(st, np.unique(regions >> np.uint64(9)), flag_status, U_SPP)
+        threads = self.threads
+        cuts = [n * t // threads for t in range(threads + 1)]
+        counts = np.zeros((threads, nshards), dtype=np.int64)
+        info = np.zeros((threads, 1), dtype=np.int64)
+        out = lay.columns
+        # A small column the sample sees constant is checked over the piece, not copied.
+        step = max(1, n // SAMPLE_ROWS)
+        maybe = [i for i, c in enumerate(columns[1:]) if not np.any(c[::step] != c[0])]
+
+        def part(t):
+            down = t % 2 == 0  # chunks 2j and 2j+1 meet at cuts[2j+1] (see _partition)
+            _partition(st, columns[0], columns[1], bounds, flag_status, U_SPP, np.int64(cuts[t]),
+                       np.int64(cuts[t + 1]), down, np.int64(stride), lay.rows, out[0], counts[t], lay.cand,
+                       lay.cand_flags, info[t])
+            if down and info[t, 0] > 1:  # flagged rows, last first: in order again
+                c = slice(cuts[t], cuts[t] + int(info[t, 0]))
+                lay.cand[c] = lay.cand[c][::-1].copy()
+                lay.cand_flags[c] = lay.cand_flags[c][::-1].copy()
+            return [_differs(columns[1 + i], np.int64(cuts[t]), np.int64(cuts[t + 1]), columns[1 + i][:1])
+                    for i in maybe]
+
+        differs = self._map(part, range(threads))
+        const = {i: int(columns[1 + i][0]) for j, i in enumerate(maybe) if not any(d[j] for d in differs)}
+        gathered = [i for i in range(len(_SMALL)) if i not in const]
+        total = counts.sum(axis=0)
+        # Where each shard's rows start: its part of the first pair of chunks (see _partition).
+        start = cuts[1] - counts[0]
+
+        def finish(s):  # the shard's parts (one per pair of chunks) made contiguous, its other columns gathered
+            base = s * stride
+            at = int(start[s] + counts[0, s] + (counts[1, s] if threads > 1 else 0))
+            for j in range(2, threads, 2):
+                c0 = int(counts[j, s])
+                c1 = int(counts[j + 1, s]) if j + 1 < threads else 0
+                src = cuts[j + 1] - c0
+                if c0 + c1 and at != src:
+                    for a in (lay.rows, out[0]):
+                        a[base + at:base + at + c0 + c1] = a[base + src:base + src + c0 + c1]
+                at += c0 + c1
+            m = int(total[s])
+            a = base + int(start[s])
+            for i in gathered:
+                _gather(out[1 + i][a:a + m], columns[1 + i], lay.rows[a:a + m], np.int64(m))
+
+        self._map(finish, range(nshards))
+        for i in range(len(_SMALL)):
+            if i not in const:
+                lay.filled[i] = None
+                continue
+            if lay.filled[i] is None or lay.filled[i][0] != const[i]:
+                lay.filled[i] = (const[i], [(0, 0)] * self.threads)
+            done = lay.filled[i][1]
+            for s in range(nshards):  # rows [a, b) of the shard's part hold the value already
+                a, b = s * stride + int(start[s]), s * stride + int(start[s] + total[s])
+                if not (done[s][0] <= a and b <= done[s][1]):
+                    out[1 + i][a:b] = const[i]
+                    done[s] = (a, b) if not (a <= done[s][1] and done[s][0] <= b) else (
+                        min(a, done[s][0]), max(b, done[s][1]))
+        parts = [(cuts[t], cuts[t] + int(info[t, 0])) for t in range(threads) if info[t, 0]]
+        if len(parts) == 1:
+            cand, cand_flags = lay.cand[parts[0][0]:parts[0][1]], lay.cand_flags[parts[0][0]:parts[0][1]]
+        else:
+            cand = np.concatenate([lay.cand[a:b] for a, b in parts] or [lay.cand[:0]])
+            cand_flags = np.concatenate([lay.cand_flags[a:b] for a, b in parts] or [lay.cand_flags[:0]])
+        pending = np.flatnonzero(st.requests != 0)
+        if pending.size:  # each such vCPU's first row is a barrier
+            first = [int(np.argmax(piece.vcpu == v)) for v in pending if np.any(piece.vcpu == v)]
+            if first:
+                rows_all = np.concatenate([cand, np.array(first, dtype=np.int64)])
+                flags_all = np.concatenate([cand_flags, np.full(len(first), F_STATIC, dtype=np.uint8)])
+                cand, inverse = np.unique(rows_all, return_inverse=True)
+                cand_flags = np.zeros(cand.shape[0], dtype=np.uint8)
+                np.bitwise_or.at(cand_flags, inverse, flags_all)
+        if np.count_nonzero(cand_flags & F_STATIC) * max(MIN_SEGMENT_ROWS, 1) > n:
+            return None
+        top = rep.touched.dir.shape[0] << rep.touched.shift
+        keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
+        lacking = self._lacking(st, regions, edges)
+        shards = []
+        for s in range(nshards):
+            a, m = s * stride + int(start[s]), int(total[s])
+            cols = []
+            for c in out:
+                view = c[a:a + m].view()
+                view.flags.writeable = False
+                cols.append(view)
+            sh = _Shard(s, lay.rows[a:a + m], cols, tuple(r[a:a + m] for r in lay.results), top,
+                        rep._log.row.shape[0], keep_log, vm.vcpus)
+            sh.expect_tables = lacking[s]
+            shards.append(sh)
+        return shards, cand, cand_flags, status
+
+    def _lacking(self, st, regions, edges) -> list[int]:
+        """Per shard, a guess of the tables its rows allocate: the sampled regions without an
+        EPT level-1 table, times the trees (the EPT and each SPPT tree) that may need one.
+        (Only the pool's layout before compaction depends on it, never a result.)"""
+        flags = np.zeros(regions.shape[0], dtype=np.uint8)
+        _regions_without_leaves(st, regions, flags)
+        trees = 1 + len(sppt_trees(st))
+        return [int(flags[e0:e1].sum()) * trees for e0, e1 in zip(edges, edges[1:])]
 
     def _map(self, fn, items) -> list:
         """fn over items, the first on this thread, the others on the pool."""
@@ -444,8 +718,9 @@ class ShardRunner:
         return [first] + rest
 
     def _bounds(self, gpa: np.ndarray):
-        """Region boundaries splitting a sample of the rows into shards of equal weight, or None
-        when the largest shard would hold too much of the piece to gain anything."""
+        """Region boundaries splitting a sample of the rows into shards of equal weight, with
+        the sampled regions (sorted) and each shard's range of them, or None when the largest
+        shard would hold too much of the piece to gain anything."""
         n = gpa.shape[0]
         step = max(1, n // SAMPLE_ROWS)
         regions, weight = np.unique(gpa[::step] >> np.uint64(21), return_counts=True)
@@ -460,7 +735,7 @@ class ShardRunner:
         shares = [int(cum[e1 - 1] - (cum[e0 - 1] if e0 else 0)) for e0, e1 in zip(edges, edges[1:]) if e1 > e0]
         if not bounds or max(shares) * MIN_GAIN > total:
             return None
-        return np.array(bounds, dtype=np.uint64)
+        return np.array(bounds, dtype=np.uint64), regions, edges
 
     # ------------------------------------------------------------------ serial rows
     def _serial(self, piece, columns, res, a: int, b: int) -> None:
@@ -505,7 +780,8 @@ class ShardRunner:
         alloc = _Allocator(vm, nt0, margin)
         ran = [item[0] for item in work]
         for sh in ran:
-            sh.chunk_size = max(4 * margin, 2 * sh.chunk_size)
+            sh.chunk_size = max(4 * margin, 2 * sh.chunk_size, sh.expect_tables if GUESS_TABLES else 0)
+            sh.expect_tables = 0
         alloc.reserve(sum(sh.chunk_size for sh in ran) * RESERVE)
         for sh in ran:
             sh.scal = base.scal.copy()
@@ -622,6 +898,12 @@ class ShardRunner:
                 dst[j:j + m] = src[done:done + m]
             log.n[0] = j + m
             done += m
+
+
+def _kernel_columns(piece):
+    from .replay import kernel_columns
+
+    return kernel_columns(piece)
 
 
 def _discard():
