@@ -54,7 +54,7 @@ MIN_SEGMENT_ROWS = 1 << 12  # rows between two barriers below this run serially 
 MIN_GAIN = 1.25  # the piece runs serially when the largest shard holds more than 1/MIN_GAIN of it
 MAX_PLAN_ROWS = 1 << 30  # positions in a shard are int32: a longer piece is planned in parts
 SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
-RESERVE = 2  # pool room set aside per segment, in chunks: a shard that needs more waits a round
+RESERVE = 2  # a stalled shard's next chunk, times this, is how much the pool grows between rounds
 GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
 
 # Row flags of the partition pass.
@@ -455,7 +455,6 @@ class _Shard:
         self.last_exit = np.full(vcpus, -1, dtype=np.int64)  # positions in the shard
         self.counters = np.zeros(L.CT_LEN, dtype=np.int64)
         self.chunk_size = 0  # tables it allocated in its last segment, then its chunks' size
-        self.expect_tables = 0  # a guess of the tables its rows of the piece allocate
         self.chunks: list[list[int]] = []  # [start, used] of each chunk of the pool, in order
         self.stashed: list[tuple] = []
 
@@ -490,19 +489,6 @@ class _Shard:
         return cols
 
 
-class _Buffers:
-    """Arrays reused from batch to batch (fresh ones would be page-faulted in every batch)."""
-
-    def __init__(self):
-        self._arrays: dict = {}
-
-    def get(self, key, n: int, dtype) -> np.ndarray:
-        a = self._arrays.get(key)
-        if a is None or a.shape[0] < n or a.dtype != np.dtype(dtype):
-            a = self._arrays[key] = np.empty(max(n, 1), dtype=dtype)
-        return a[:n]
-
-
 # The shards' buffers, flat: shard s's entries start at s * stride. The trace's columns in the
 # kernel's order, then the row index, then the results.
 _SMALL = ("size", "vcpu", "kind", "insn_len")  # the columns that may be constant (bit i: gather)
@@ -510,10 +496,15 @@ _RESULTS = (np.uint8, np.uint8, np.uint16)
 
 
 class _Layout:
-    """Flat per-shard buffers of one stride, kept while pieces fit (see _Buffers)."""
+    """Flat per-shard buffers of one stride, reused by the next pieces that fit (of any replay:
+    fresh buffers would be page-faulted in, ~1 ms per 4 MiB, each time)."""
 
     def __init__(self, shards: int, stride: int, dtypes):
+        self.shards = shards
         self.stride = stride
+        self.dtypes = list(dtypes)
+        self.status = np.empty(GIBS, dtype=np.uint8)
+        self.flag_status = np.empty(GIBS, dtype=np.uint8)
         size = shards * stride
         self.rows = np.empty(size, dtype=np.int32)
         self.columns = [np.empty(size, dtype=d) for d in dtypes]
@@ -525,19 +516,39 @@ class _Layout:
         self.filled: list = [None] * len(_SMALL)
 
 
+_LAYOUTS: list[_Layout] = []  # free layouts, largest last
+_LAYOUTS_LOCK = threading.Lock()
+KEEP_LAYOUTS = 2  # free layouts kept for later pieces (the others are dropped)
+
+
+def _take_layout(shards: int, n: int, dtypes) -> _Layout:
+    dtypes = list(dtypes)
+    with _LAYOUTS_LOCK:
+        for i, lay in enumerate(_LAYOUTS):
+            if lay.shards >= shards and lay.stride >= n and lay.dtypes == dtypes:
+                return _LAYOUTS.pop(i)
+    return _Layout(shards, n, dtypes)
+
+
+def _give_layout(lay: _Layout) -> None:
+    with _LAYOUTS_LOCK:
+        _LAYOUTS.append(lay)
+        _LAYOUTS.sort(key=lambda x: x.shards * x.stride)
+        del _LAYOUTS[:-KEEP_LAYOUTS]
+
+
 class ShardRunner:
     """Replays pieces of batches for one Replay session on ``threads`` shards."""
 
     def __init__(self, session, threads: int):
         self.session = session
         self.threads = threads
-        self.buffers = _Buffers()
-        self.layout: _Layout | None = None
         self.parallel_pieces = 0  # pieces that ran sharded (the others ran serially)
         self.segments = 0
         self.rounds = 0  # extra rounds of a segment, for shards that ran out of pool
         self.barriers = 0
         self.hot_pieces = 0  # pieces run serially by the working-set rule (docs/parallel.md)
+        self._headroom = False  # whether the pool was grown for the shards' chunks
 
     # ------------------------------------------------------------------ entry point
     def run_piece(self, piece, outcome, exits, reason, keep: bool) -> None:
@@ -560,7 +571,23 @@ class ShardRunner:
             rep._run_jit(piece, outcome, exits, reason)
             return
         bounds, regions, edges = plan
-        shards = self._split(piece, bounds, regions, edges, keep)
+        if not self._headroom:
+            # Room in the pool for the shards' chunks beyond what the VM sized it for, made
+            # now, while growing it copies few tables (later it would copy them all).
+            self._headroom = True
+            st = vm.state
+            margin = int(table_margin(vm.vcpus))
+            vm.ensure_tables(int(st.tables.shape[0]) - int(st.scal[L.SC_NTABLES]) + 8 * margin * self.threads)
+        lay = _take_layout(self.threads, n, [c.dtype for c in _kernel_columns(piece)])
+        try:
+            self._run_split(piece, outcome, exits, reason, keep, lay, bounds, regions, edges)
+        finally:
+            _give_layout(lay)
+
+    def _run_split(self, piece, outcome, exits, reason, keep, lay, bounds, regions, edges) -> None:
+        rep, vm = self.session, self.session.vm
+        n = len(piece)
+        shards = self._split(piece, lay, bounds, regions, edges, keep)
         if shards is None:
             rep._run_jit(piece, outcome, exits, reason)  # barriers everywhere: nothing to gain
             return
@@ -588,7 +615,7 @@ class ShardRunner:
         for sh in shards:
             merge_touched(rep.touched, sh.touched)
 
-    def _split(self, piece, bounds, regions, edges, keep: bool):
+    def _split(self, piece, lay, bounds, regions, edges, keep: bool):
         """Classify the piece's rows and copy each into its shard, all threads at once, one
         pass over the rows (_partition); None when barriers are everywhere."""
         rep, vm = self.session, self.session.vm
@@ -596,13 +623,9 @@ class ShardRunner:
         n = len(piece)
         nshards = bounds.shape[0] + 1
         columns = _kernel_columns(piece)
-        lay = self.layout
-        dtypes = [c.dtype for c in columns]
-        if lay is None or lay.stride < n or [c.dtype for c in lay.columns] != dtypes:
-            lay = self.layout = _Layout(self.threads, n, dtypes)
         stride = lay.stride
-        status = gib_status(st, self.buffers.get("status", GIBS, np.uint8))
-        flag_status = self.buffers.get("flag_status", GIBS, np.uint8)
+        status = gib_status(st, lay.status)
+        flag_status = lay.flag_status
         flag_status[:] = status
         # GiBs (those the sample sees) where no row can build SPPT paths: no per-row test there.
         _clear_spp_free(st, np.unique(regions >> np.uint64(9)), flag_status, U_SPP)
@@ -656,7 +679,7 @@ class ShardRunner:
                 lay.filled[i] = None
                 continue
             if lay.filled[i] is None or lay.filled[i][0] != const[i]:
-                lay.filled[i] = (const[i], [(0, 0)] * self.threads)
+                lay.filled[i] = (const[i], [(0, 0)] * lay.shards)
             done = lay.filled[i][1]
             for s in range(nshards):  # rows [a, b) of the shard's part hold the value already
                 a, b = s * stride + int(start[s]), s * stride + int(start[s] + total[s])
@@ -683,7 +706,7 @@ class ShardRunner:
             return None
         top = rep.touched.dir.shape[0] << rep.touched.shift
         keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
-        lacking = self._lacking(st, regions, edges)
+        self._plan_regions, self._plan_edges = regions, edges
         shards = []
         for s in range(nshards):
             a, m = s * stride + int(start[s]), int(total[s])
@@ -694,7 +717,6 @@ class ShardRunner:
                 cols.append(view)
             sh = _Shard(s, lay.rows[a:a + m], cols, tuple(r[a:a + m] for r in lay.results), top,
                         rep._log.row.shape[0], keep_log, vm.vcpus)
-            sh.expect_tables = lacking[s]
             shards.append(sh)
         return shards, cand, cand_flags, status
 
@@ -705,7 +727,8 @@ class ShardRunner:
         flags = np.zeros(regions.shape[0], dtype=np.uint8)
         _regions_without_leaves(st, regions, flags)
         trees = 1 + len(sppt_trees(st))
-        return [int(flags[e0:e1].sum()) * trees for e0, e1 in zip(edges, edges[1:])]
+        # A quarter more: the sample misses some regions (a chunk too large costs nothing).
+        return [int(flags[e0:e1].sum()) * trees * 5 // 4 for e0, e1 in zip(edges, edges[1:])]
 
     def _map(self, fn, items) -> list:
         """fn over items, the first on this thread, the others on the pool."""
@@ -779,10 +802,19 @@ class ShardRunner:
         nt0 = int(base.scal[L.SC_NTABLES])
         alloc = _Allocator(vm, nt0, margin)
         ran = [item[0] for item in work]
+        if GUESS_TABLES:
+            guess = self._lacking(base, self._plan_regions, self._plan_edges)
         for sh in ran:
-            sh.chunk_size = max(4 * margin, 2 * sh.chunk_size, sh.expect_tables if GUESS_TABLES else 0)
-            sh.expect_tables = 0
-        alloc.reserve(sum(sh.chunk_size for sh in ran) * RESERVE)
+            sh.chunk_size = max(4 * margin, guess[sh.index] if GUESS_TABLES else 2 * sh.chunk_size)
+        # The chunks come out of the pool's free room; it grows (a copy of every table) only
+        # when that room cannot give each shard a few accesses' worth: a serial replay grows
+        # it when the room runs out, so sharding should not grow it sooner.
+        want = sum(sh.chunk_size for sh in ran)
+        free = int(base.tables.shape[0]) - nt0 - margin
+        if want > free >= 2 * margin * len(ran):
+            for sh in ran:
+                sh.chunk_size = max(2 * margin, sh.chunk_size * free // want)
+        alloc.reserve(sum(sh.chunk_size for sh in ran))
         for sh in ran:
             sh.scal = base.scal.copy()
             sh.vmcs = base.vmcs.copy()
@@ -945,8 +977,11 @@ class _Allocator:
             lock.acquire()
         try:
             pool = self.pool
-            if pool.tables.shape[0] - self.next_free < size:
-                return False
+            room = pool.tables.shape[0] - self.next_free
+            if room < size:
+                if lock is None or room < 2 * self.margin:
+                    return False
+                size = max(2 * self.margin, room // 2)  # room is short: half of it, some for the others
             start = self.next_free
             self.next_free = start + size
             pool.scal[L.SC_NTABLES] = self.next_free
