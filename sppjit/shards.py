@@ -328,14 +328,20 @@ def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, o
 
 @_njit
 def _differs(a, r0, r1, value):
-    """Whether some of a[r0..r1-1] differs from value[0] (a loop the compiler vectorizes)."""
+    """Whether some of a[r0..r1-1] differs from value[0]: blocks the compiler vectorizes, and
+    the first block with a difference ends it."""
     v = value[0]
-    acc = v ^ v
     i = np.uint64(r0)
-    while i < np.uint64(r1):
-        acc |= a[i] ^ v
-        i += _U1
-    return acc != 0
+    end = np.uint64(r1)
+    while i < end:
+        stop = min(end, i + np.uint64(4096))
+        acc = v ^ v
+        while i < stop:
+            acc |= a[i] ^ v
+            i += _U1
+        if acc != 0:
+            return True
+    return False
 
 
 @_njit
@@ -441,16 +447,16 @@ def dangling(st) -> bool:
 class _Shard:
     """One shard's private part of the state, its rows in this piece and what it produced."""
 
-    def __init__(self, index: int, rows: np.ndarray, columns, results, touched_top: int, log_capacity: int,
-                 keep_log: bool, vcpus: int):
-        from .replay import TouchedPages
-
+    def __init__(self, index: int, rows: np.ndarray, columns, results, touched, log, keep_log: bool, vcpus: int):
         self.index = index
         self.rows = rows  # int32: the rows of the piece, in order
         self.columns = columns  # the kernel's columns (read-only views), one entry per row
         self.results = results
-        self.touched = TouchedPages(touched_top)
-        self.log = L.empty_exit_log(log_capacity)
+        # The shard's touched set and exit log, kept from piece to piece by the runner (the
+        # touched set is OR-ed into the replay's after each piece: bits seen before are no harm).
+        self.touched = touched
+        self.log = log
+        log.n[0] = 0
         self.keep_log = keep_log  # False: only each vCPU's last exit row is kept (discarded log)
         self.last_exit = np.full(vcpus, -1, dtype=np.int64)  # positions in the shard
         self.counters = np.zeros(L.CT_LEN, dtype=np.int64)
@@ -549,6 +555,7 @@ class ShardRunner:
         self.barriers = 0
         self.hot_pieces = 0  # pieces run serially by the working-set rule (docs/parallel.md)
         self._headroom = False  # whether the pool was grown for the shards' chunks
+        self._scratch: dict = {}  # shard index -> its touched set and exit log
 
     # ------------------------------------------------------------------ entry point
     def run_piece(self, piece, outcome, exits, reason, keep: bool) -> None:
@@ -634,9 +641,8 @@ class ShardRunner:
         counts = np.zeros((threads, nshards), dtype=np.int64)
         info = np.zeros((threads, 1), dtype=np.int64)
         out = lay.columns
-        # A small column the sample sees constant is checked over the piece, not copied.
-        step = max(1, n // SAMPLE_ROWS)
-        maybe = [i for i, c in enumerate(columns[1:]) if not np.any(c[::step] != c[0])]
+        # A small column is checked constant over the piece (then it is not copied).
+        maybe = range(len(_SMALL))
 
         def part(t):
             down = t % 2 == 0  # chunks 2j and 2j+1 meet at cuts[2j+1] (see _partition)
@@ -695,13 +701,15 @@ class ShardRunner:
             cand_flags = np.concatenate([lay.cand_flags[a:b] for a, b in parts] or [lay.cand_flags[:0]])
         pending = np.flatnonzero(st.requests != 0)
         if pending.size:  # each such vCPU's first row is a barrier
-            first = [int(np.argmax(piece.vcpu == v)) for v in pending if np.any(piece.vcpu == v)]
+            first = sorted({int(np.argmax(piece.vcpu == v)) for v in pending if np.any(piece.vcpu == v)})
             if first:
-                rows_all = np.concatenate([cand, np.array(first, dtype=np.int64)])
-                flags_all = np.concatenate([cand_flags, np.full(len(first), F_STATIC, dtype=np.uint8)])
-                cand, inverse = np.unique(rows_all, return_inverse=True)
-                cand_flags = np.zeros(cand.shape[0], dtype=np.uint8)
-                np.bitwise_or.at(cand_flags, inverse, flags_all)
+                at = np.searchsorted(cand, first)
+                there = np.array([i < cand.shape[0] and cand[i] == r for i, r in zip(at, first)], dtype=bool)
+                cand_flags = cand_flags.copy()
+                cand_flags[at[there]] |= F_STATIC
+                new = np.array(first, dtype=np.int64)[~there]
+                cand = np.insert(cand, at[~there], new)
+                cand_flags = np.insert(cand_flags, at[~there], np.uint8(F_STATIC))
         if np.count_nonzero(cand_flags & F_STATIC) * max(MIN_SEGMENT_ROWS, 1) > n:
             return None
         top = rep.touched.dir.shape[0] << rep.touched.shift
@@ -715,8 +723,12 @@ class ShardRunner:
                 view = c[a:a + m].view()
                 view.flags.writeable = False
                 cols.append(view)
-            sh = _Shard(s, lay.rows[a:a + m], cols, tuple(r[a:a + m] for r in lay.results), top,
-                        rep._log.row.shape[0], keep_log, vm.vcpus)
+            if s not in self._scratch:
+                from .replay import TouchedPages
+
+                self._scratch[s] = (TouchedPages(top), L.empty_exit_log(rep._log.row.shape[0]))
+            sh = _Shard(s, lay.rows[a:a + m], cols, tuple(r[a:a + m] for r in lay.results), *self._scratch[s],
+                        keep_log, vm.vcpus)
             shards.append(sh)
         return shards, cand, cand_flags, status
 
@@ -744,9 +756,7 @@ class ShardRunner:
         """Region boundaries splitting a sample of the rows into shards of equal weight, with
         the sampled regions (sorted) and each shard's range of them, or None when the largest
         shard would hold too much of the piece to gain anything."""
-        n = gpa.shape[0]
-        step = max(1, n // SAMPLE_ROWS)
-        regions, weight = np.unique(gpa[::step] >> np.uint64(21), return_counts=True)
+        regions, weight = np.unique(_sample(gpa) >> np.uint64(21), return_counts=True)
         total = int(weight.sum())
         cum = np.cumsum(weight)
         bounds = []
@@ -791,8 +801,8 @@ class ShardRunner:
         margin = int(table_margin(vm.vcpus))
         work = []
         for sh in shards:
-            p0 = int(np.searchsorted(sh.rows, a))
-            p1 = int(np.searchsorted(sh.rows, b))
+            p0 = int(np.searchsorted(sh.rows, np.int32(a)))  # (an int64 key would copy rows to int64)
+            p1 = int(np.searchsorted(sh.rows, np.int32(b)))
             if p1 > p0:
                 work.append([sh, p0, p1, p0])
         if not work:
@@ -930,6 +940,19 @@ class ShardRunner:
                 dst[j:j + m] = src[done:done + m]
             log.n[0] = j + m
             done += m
+
+
+SAMPLE_RUN = 32  # the sample takes runs of consecutive rows: a cache line brings several
+
+
+def _sample(a: np.ndarray) -> np.ndarray:
+    """About SAMPLE_ROWS rows of ``a``, spread evenly over it in runs of SAMPLE_RUN rows."""
+    n = a.shape[0]
+    if n <= SAMPLE_ROWS:
+        return a
+    runs = max(1, SAMPLE_ROWS // SAMPLE_RUN)
+    starts = np.arange(runs, dtype=np.int64) * ((n - SAMPLE_RUN) // runs)
+    return a[(starts[:, None] + np.arange(SAMPLE_RUN, dtype=np.int64)).ravel()]
 
 
 def _kernel_columns(piece):
