@@ -1037,14 +1037,57 @@ def _compact(vm, shards, nt0: int, end: int) -> None:
     if np.any(moved):
         remap = np.full(end - nt0, -1, dtype=np.int64)
         remap[src - nt0] = dst
-        s, d = src[moved], dst[moved]
-        st.tables[d] = st.tables[s]
-        st.table_kind[d] = st.table_kind[s]
-        st.table_level[d] = st.table_level[s]
+        runs, at = [], nt0  # (from, to, tables) per chunk: contiguous copies
+        for sh in shards:
+            for c0, used in sh.chunks:
+                if used and c0 != at:
+                    runs.append((c0, at, used))
+                at += used
+        _move_runs((st.tables, st.table_kind, st.table_level), runs)
         _relocate(st, remap, nt0, end)
     st.table_kind[new_end:end] = L.TABLE_FREE
     st.table_level[new_end:end] = 0
     st.scal[L.SC_NTABLES] = new_end
+
+
+def _memmove(a: np.ndarray, dst: int, src: int, m: int) -> None:
+    """a[dst:dst+m] = a[src:src+m] in place. numpy copies an overlapping source aside first
+    (a fresh array, page-faulted in): this copies blocks as long as the shift instead, each
+    clear of its own source, in the order that reads every block before it is overwritten."""
+    shift = abs(src - dst)
+    if shift == 0 or m == 0:
+        return
+    if shift >= m:
+        a[dst:dst + m] = a[src:src + m]
+        return
+    blocks = range(0, m, shift) if dst < src else reversed(range(0, m, shift))
+    for k in blocks:
+        e = min(m, k + shift)
+        a[dst + k:dst + e] = a[src + k:src + e]
+
+
+def _move_runs(arrays, runs) -> None:
+    """a[to:to+m] = a[from:from+m] for each run (from, to, m) of each array, as if all at once:
+    a run goes when its destination overlaps no source still to go (a plain memmove), and
+    where they form a cycle the smallest is first copied aside."""
+    def overlap(a0, n0, a1, n1):
+        return a0 < a1 + n1 and a1 < a0 + n0
+
+    pending, aside = list(runs), []
+    while pending:
+        for i, (s0, d, m) in enumerate(pending):
+            if not any(overlap(d, m, s1, m1) for j, (s1, _, m1) in enumerate(pending) if j != i):
+                for a in arrays:
+                    _memmove(a, d, s0, m)
+                del pending[i]
+                break
+        else:
+            i = min(range(len(pending)), key=lambda j: pending[j][2])
+            s0, d, m = pending.pop(i)
+            aside.append((d, m, [a[s0:s0 + m].copy() for a in arrays]))
+    for d, m, copies in aside:
+        for a, c in zip(arrays, copies):
+            a[d:d + m] = c
 
 
 def _relocate(st, remap: np.ndarray, nt0: int, end: int) -> None:
