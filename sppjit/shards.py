@@ -52,9 +52,12 @@ MAX_THREADS = 64
 MIN_PIECE_ROWS = 1 << 15  # a smaller piece runs serially: sharding costs more than it gains
 MIN_SEGMENT_ROWS = 1 << 12  # rows between two barriers below this run serially too
 MIN_GAIN = 1.25  # the piece runs serially when the largest shard holds more than 1/MIN_GAIN of it
+MIN_REGIONS = 64  # a piece whose sample sees fewer 2 MiB regions runs serially (a hot working set)
+HOT_SAMPLE_ROWS = 1 << 10  # rows sampled for that rule
 MAX_PLAN_ROWS = 1 << 30  # positions in a shard are int32: a longer piece is planned in parts
 SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
 RESERVE = 2  # a stalled shard's next chunk, times this, is how much the pool grows between rounds
+HEADROOM = 8  # room made in the pool for each shard's chunks, in accesses' worth (table_margin)
 GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
 
 # Row flags of the partition pass.
@@ -568,7 +571,16 @@ class ShardRunner:
                 b = min(n, a + MAX_PLAN_ROWS)
                 self.run_piece(_slice(piece, a, b), outcome[a:b], exits[a:b], reason[a:b], keep)
             return
-        if n < max(MIN_PIECE_ROWS, 1) or self.threads < 2 or dangling(vm.state):
+        if n < max(MIN_PIECE_ROWS, 1) or self.threads < 2:
+            rep._run_jit(piece, outcome, exits, reason)
+            return
+        if MIN_REGIONS and np.unique(_sample(piece.gpa, HOT_SAMPLE_ROWS) >> np.uint64(21)).shape[0] < MIN_REGIONS:
+            # A hot working set: its tables and maps stay in the caches, the serial replay runs
+            # at a few ns a row, and the planning alone costs about as much (docs/parallel.md).
+            self.hot_pieces += 1
+            rep._run_jit(piece, outcome, exits, reason)
+            return
+        if dangling(vm.state):
             rep._run_jit(piece, outcome, exits, reason)
             return
         with vm.mmu_lock:  # the shards fill region caches: a control-plane reset must clear them
@@ -584,7 +596,7 @@ class ShardRunner:
             self._headroom = True
             st = vm.state
             margin = int(table_margin(vm.vcpus))
-            vm.ensure_tables(int(st.tables.shape[0]) - int(st.scal[L.SC_NTABLES]) + 8 * margin * self.threads)
+            vm.ensure_tables(int(st.tables.shape[0]) - int(st.scal[L.SC_NTABLES]) + HEADROOM * margin * self.threads)
         lay = _take_layout(self.threads, n, [c.dtype for c in _kernel_columns(piece)])
         try:
             self._run_split(piece, outcome, exits, reason, keep, lay, bounds, regions, edges)
@@ -945,12 +957,13 @@ class ShardRunner:
 SAMPLE_RUN = 32  # the sample takes runs of consecutive rows: a cache line brings several
 
 
-def _sample(a: np.ndarray) -> np.ndarray:
-    """About SAMPLE_ROWS rows of ``a``, spread evenly over it in runs of SAMPLE_RUN rows."""
+def _sample(a: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """About ``rows`` (SAMPLE_ROWS) rows of ``a``, spread evenly over it in runs of SAMPLE_RUN."""
+    rows = SAMPLE_ROWS if rows is None else rows
     n = a.shape[0]
-    if n <= SAMPLE_ROWS:
+    if n <= rows:
         return a
-    runs = max(1, SAMPLE_ROWS // SAMPLE_RUN)
+    runs = max(1, rows // SAMPLE_RUN)
     starts = np.arange(runs, dtype=np.int64) * ((n - SAMPLE_RUN) // runs)
     return a[(starts[:, None] + np.arange(SAMPLE_RUN, dtype=np.int64)).ravel()]
 
