@@ -393,6 +393,23 @@ def _next_barrier(cand, cand_flags, gpa, k, pos, gib_status):
 
 
 @_njit
+def _last_exit_rows(exits, vcpu, p0, p1, last):
+    """last[v] = the last position in p0..p1-1 of a row of vCPU v that exited (exits > 0),
+    where it is later than last[v]: a backward scan that stops when every vCPU has one."""
+    missing = 0
+    for v in range(last.shape[0]):
+        missing += last[v] < p0
+    p = p1 - 1
+    while p >= p0 and missing > 0:
+        if exits[p] != 0:
+            v = vcpu[p]
+            if last[v] < p0:
+                last[v] = p
+                missing -= 1
+        p -= 1
+
+
+@_njit
 def _last_rows(rows, vcpus, n, last):
     for j in range(n):
         last[vcpus[j]] = rows[j]
@@ -447,6 +464,16 @@ def dangling(st) -> bool:
 
 
 # ----------------------------------------------------------------------------- shards
+def _private(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` in cache lines of its own: small arrays that two shards write (counters
+    every row, exit fields every exit) would otherwise share lines (false sharing)."""
+    pad = 128 // a.itemsize
+    buf = np.zeros(a.size + 2 * pad, dtype=a.dtype)
+    out = buf[pad:pad + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
 class _Shard:
     """One shard's private part of the state, its rows in this piece and what it produced."""
 
@@ -462,7 +489,7 @@ class _Shard:
         log.n[0] = 0
         self.keep_log = keep_log  # False: only each vCPU's last exit row is kept (discarded log)
         self.last_exit = np.full(vcpus, -1, dtype=np.int64)  # positions in the shard
-        self.counters = np.zeros(L.CT_LEN, dtype=np.int64)
+        self.counters = _private(np.zeros(L.CT_LEN, dtype=np.int64))  # written every row
         self.chunk_size = 0  # tables it allocated in its last segment, then its chunks' size
         self.chunks: list[list[int]] = []  # [start, used] of each chunk of the pool, in order
         self.stashed: list[tuple] = []
@@ -824,6 +851,7 @@ class ShardRunner:
         nt0 = int(base.scal[L.SC_NTABLES])
         alloc = _Allocator(vm, nt0, margin)
         ran = [item[0] for item in work]
+        spans = [(item[1], item[2]) for item in work]
         if GUESS_TABLES:
             guess = self._lacking(base, self._plan_regions, self._plan_edges)
         for sh in ran:
@@ -838,8 +866,8 @@ class ShardRunner:
                 sh.chunk_size = max(2 * margin, sh.chunk_size * free // want)
         alloc.reserve(sum(sh.chunk_size for sh in ran))
         for sh in ran:
-            sh.scal = base.scal.copy()
-            sh.vmcs = base.vmcs.copy()
+            sh.scal = _private(base.scal)
+            sh.vmcs = _private(base.vmcs)
             sh.chunks = []
             alloc.chunk(sh, sh.chunk_size)
         errors = []
@@ -854,7 +882,7 @@ class ShardRunner:
             for item in stopped:
                 alloc.chunk(item[0], 2 * item[0].chunk_size)
             work = stopped
-        self._merge(piece, ran, nt0, alloc)  # after an error too: the pool stays well formed
+        self._merge(piece, ran, nt0, alloc, spans)  # after an error too: the pool stays well formed
         if errors:
             row, status, detail = min(errors)
             raise _failure(status, piece.first_row + row, detail)
@@ -871,8 +899,10 @@ class ShardRunner:
             out = [r[:p1] for r in sh.results]
             row = p0
             while True:
+                # A discarded log is not written (as serially): each vCPU's last exit row is then
+                # found from the results instead (_last_exit_rows, in _merge).
                 status, row, detail = replay_batch(sh.state, *cols, np.int64(0), np.int64(row), *out, sh.log,
-                                                   True, sh.counters, *sh.touched.arrays())
+                                                   sh.keep_log, sh.counters, *sh.touched.arrays())
                 if status == STATUS_DONE:
                     break
                 if status == STATUS_NEED_TABLES:
@@ -905,8 +935,11 @@ class ShardRunner:
         return stopped
 
     # ------------------------------------------------------------------ merge
-    def _merge(self, piece, shards, nt0: int, alloc) -> None:
+    def _merge(self, piece, shards, nt0: int, alloc, spans) -> None:
         rep, vm = self.session, self.session.vm
+        for sh, (p0, p1) in zip(shards, spans):
+            if not sh.keep_log:
+                _last_exit_rows(sh.results[1], sh.columns[2], np.int64(p0), np.int64(p1), sh.last_exit)
         for sh in shards:
             sh.close_chunk()
         _compact(vm, shards, nt0, alloc.next_free)
