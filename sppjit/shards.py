@@ -393,6 +393,22 @@ def _next_barrier(cand, cand_flags, gpa, k, pos, gib_status):
 
 
 @_njit
+def _first_rows_of(gpa, gibs, found, limit):
+    """The row by which every GiB of ``gibs`` (sorted; ``found`` zeros, one per GiB) has had
+    a row, if that is below ``limit``; else -1."""
+    seen = 0
+    for r in range(min(limit, gpa.shape[0])):
+        g = gpa[r] >> _U30
+        i = np.searchsorted(gibs, g)
+        if i < gibs.shape[0] and gibs[i] == g and found[i] == 0:
+            found[i] = 1
+            seen += 1
+            if seen == gibs.shape[0]:
+                return r
+    return -1
+
+
+@_njit
 def _last_exit_rows(exits, vcpu, p0, p1, last):
     """last[v] = the last position in p0..p1-1 of a row of vCPU v that exited (exits > 0),
     where it is later than last[v]: a backward scan that stops when every vCPU has one."""
@@ -588,7 +604,7 @@ class ShardRunner:
         self._scratch: dict = {}  # shard index -> its touched set and exit log
 
     # ------------------------------------------------------------------ entry point
-    def run_piece(self, piece, outcome, exits, reason, keep: bool) -> None:
+    def run_piece(self, piece, outcome, exits, reason, keep: bool, first_rows: bool = True) -> None:
         from .replay import _slice
 
         rep, vm = self.session, self.session.vm
@@ -617,6 +633,22 @@ class ShardRunner:
             rep._run_jit(piece, outcome, exits, reason)
             return
         bounds, regions, edges = plan
+        if first_rows:
+            # GiBs the sample sees without an EPT level-2 table (a fresh VM): every row there is
+            # a barrier candidate until the first builds it. When their first rows all come
+            # early, those rows run serially first and the rest is planned without them.
+            status = gib_status(vm.state)
+            gibs = np.unique(regions >> np.uint64(9))
+            lacking = gibs[(status[gibs.astype(np.int64)] & G_EPT) != 0]
+            if lacking.size:
+                r = int(_first_rows_of(piece.gpa, lacking.astype(np.uint64), np.zeros(lacking.size, np.uint8),
+                                       np.int64(n // 8)))
+                if 0 <= r < n - 1:
+                    rep._run_jit(_slice(piece, 0, r + 1), outcome[:r + 1], exits[:r + 1], reason[:r + 1])
+                    self.barriers += 1
+                    self.run_piece(_slice(piece, r + 1, n), outcome[r + 1:], exits[r + 1:], reason[r + 1:], keep,
+                                   first_rows=False)
+                    return
         if not self._headroom:
             # Room in the pool for the shards' chunks beyond what the VM sized it for, made
             # now, while growing it copies few tables (later it would copy them all).
