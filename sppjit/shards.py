@@ -6,7 +6,8 @@ are in docs/parallel.md; in short:
 
 - The regions the piece touches are split into N contiguous ranges of about equal row counts
   (a sample of the rows decides); every row goes to the shard of its first byte's region and
-  keeps its row index.
+  keeps its row index. One pass over the rows, shared by all shards and split among the
+  threads (_partition), flags the barrier candidates and buckets the rows by shard.
 - Barrier rows run serially, on the VM's own state, in trace order: an access whose bytes
   span two regions, a vCPU's first row while it has requests pending, and a row that might
   allocate a table shared by regions (an EPT or SPPT table above the level-1 tables, i.e. its
@@ -19,7 +20,8 @@ are in docs/parallel.md; in short:
   shape (shard by shard), the pointers to moved tables rewritten, the exit logs merged in row
   order, the VMCS exit fields of each vCPU taken from the shard with its latest exit.
 
-Anything this scheme cannot make exact runs serially (docs/parallel.md, "Serial fallbacks").
+Anything this scheme cannot make exact runs serially, and so does a piece that cannot gain
+(a hot working set, few regions: docs/parallel.md, "Serial fallbacks").
 """
 
 from __future__ import annotations
