@@ -568,11 +568,13 @@ class _Layout:
         # Per small column: (value, rows filled with it per shard), or None: the buffer holds
         # other things (a constant column is written once, not every piece).
         self.filled: list = [None] * len(_SMALL)
+        self.nbytes = sum(a.nbytes for a in [self.rows, self.cand, self.cand_flags, *self.columns, *self.results])
 
 
 _LAYOUTS: list[_Layout] = []  # free layouts, largest last
 _LAYOUTS_LOCK = threading.Lock()
 KEEP_LAYOUTS = 2  # free layouts kept for later pieces (the others are dropped)
+KEEP_LAYOUT_BYTES = 256 << 20  # and at most this much memory in them
 
 
 def _take_layout(shards: int, n: int, dtypes) -> _Layout:
@@ -589,6 +591,8 @@ def _give_layout(lay: _Layout) -> None:
         _LAYOUTS.append(lay)
         _LAYOUTS.sort(key=lambda x: x.shards * x.stride)
         del _LAYOUTS[:-KEEP_LAYOUTS]
+        while _LAYOUTS and sum(x.nbytes for x in _LAYOUTS) > KEEP_LAYOUT_BYTES:
+            _LAYOUTS.pop()  # the largest first: memory stays bounded once replays are done
 
 
 class ShardRunner:
