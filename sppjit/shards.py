@@ -671,7 +671,7 @@ class ShardRunner:
     def _run_split(self, piece, outcome, exits, reason, keep, lay, bounds, regions, edges) -> None:
         rep, vm = self.session, self.session.vm
         n = len(piece)
-        shards = self._split(piece, lay, bounds, regions, edges, keep)
+        shards = self._split(piece, lay, bounds, regions, edges)
         if shards is None:
             rep._run_jit(piece, outcome, exits, reason)  # barriers everywhere: nothing to gain
             return
@@ -699,7 +699,7 @@ class ShardRunner:
         for sh in shards:
             merge_touched(rep.touched, sh.touched)
 
-    def _split(self, piece, lay, bounds, regions, edges, keep: bool):
+    def _split(self, piece, lay, bounds, regions, edges):
         """Classify the piece's rows and copy each into its shard, all threads at once, one
         pass over the rows (_partition); None when barriers are everywhere."""
         rep, vm = self.session, self.session.vm

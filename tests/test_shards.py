@@ -419,7 +419,7 @@ def test_partition_gives_each_shard_its_rows_in_order(threads):
     with shard_everything():
         bounds, regions, edges = runner._bounds(batch.gpa)
         lay = SH._take_layout(threads, n, [c.dtype for c in SH._kernel_columns(batch)])
-        shards, cand, cand_flags, _ = runner._split(batch, lay, bounds, regions, edges, False)
+        shards, cand, cand_flags, _ = runner._split(batch, lay, bounds, regions, edges)
     assert len(shards) == len(bounds) + 1 >= 2
     sid = np.searchsorted(bounds, gpa >> np.uint64(21), side="right")
     columns = SH._kernel_columns(batch)
