@@ -621,7 +621,8 @@ def _sharded_replays(scenario, batch_size: int, repeat: int, threads: int) -> di
             figures[t] = _figures(session.summary()) + (session.summary()["tlb_flushes"],)
             if session._shards is not None:
                 r = session._shards
-                stats = {"sharded_pieces": r.parallel_pieces, "segments": r.segments, "barriers": r.barriers}
+                stats = {"sharded_pieces": r.parallel_pieces, "hot_pieces": r.hot_pieces, "segments": r.segments,
+                         "barriers": r.barriers}
     if figures[1] != figures[threads]:
         raise RuntimeError(f"{scenario.name}: the sharded replay's figures differ from the serial one's")
     return {"threads": threads, "serial_seconds": best[1], "sharded_seconds": best[threads],
@@ -709,11 +710,12 @@ def format_parallel(result: dict) -> str:
             )
     rows.append("one trace on shards (replay --threads N, in memory, the serial replay in the same run):")
     rows.append(f"{'scenario':<12} {'threads':>7} {'serial s':>9} {'sharded s':>10} {'x':>7} "
-                f"{'segments':>9} {'barriers':>9}")
+                f"{'segments':>9} {'barriers':>9} {'hot':>4}")
     for name, entry in result["scenarios"].items():
         s = entry["shards"]
         rows.append(f"{name:<12} {s['threads']:>7} {s['serial_seconds']:>9.3f} {s['sharded_seconds']:>10.3f} "
-                    f"{s['speedup']:>6.2f}x {s.get('segments', 0):>9} {s.get('barriers', 0):>9}")
+                    f"{s['speedup']:>6.2f}x {s.get('segments', 0):>9} {s.get('barriers', 0):>9} "
+                    f"{s.get('hot_pieces', 0):>4}")
     return "\n".join(rows)
 
 

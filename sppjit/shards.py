@@ -6,7 +6,8 @@ are in docs/parallel.md; in short:
 
 - The regions the piece touches are split into N contiguous ranges of about equal row counts
   (a sample of the rows decides); every row goes to the shard of its first byte's region and
-  keeps its row index.
+  keeps its row index. One pass over the rows, shared by all shards and split among the
+  threads (_partition), flags the barrier candidates and buckets the rows by shard.
 - Barrier rows run serially, on the VM's own state, in trace order: an access whose bytes
   span two regions, a vCPU's first row while it has requests pending, and a row that might
   allocate a table shared by regions (an EPT or SPPT table above the level-1 tables, i.e. its
@@ -19,7 +20,8 @@ are in docs/parallel.md; in short:
   shape (shard by shard), the pointers to moved tables rewritten, the exit logs merged in row
   order, the VMCS exit fields of each vCPU taken from the shard with its latest exit.
 
-Anything this scheme cannot make exact runs serially (docs/parallel.md, "Serial fallbacks").
+Anything this scheme cannot make exact runs serially, and so does a piece that cannot gain
+(a hot working set, few regions: docs/parallel.md, "Serial fallbacks").
 """
 
 from __future__ import annotations
@@ -52,16 +54,21 @@ MAX_THREADS = 64
 MIN_PIECE_ROWS = 1 << 15  # a smaller piece runs serially: sharding costs more than it gains
 MIN_SEGMENT_ROWS = 1 << 12  # rows between two barriers below this run serially too
 MIN_GAIN = 1.25  # the piece runs serially when the largest shard holds more than 1/MIN_GAIN of it
+MIN_REGIONS = 64  # a piece whose sample sees fewer 2 MiB regions runs serially (a hot working set)
+HOT_SAMPLE_ROWS = 1 << 10  # rows sampled for that rule
+MAX_PLAN_ROWS = 1 << 30  # positions in a shard are int32: a longer piece is planned in parts
 SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
-RESERVE = 2  # pool room set aside per segment, in chunks: a shard that needs more waits a round
+RESERVE = 2  # a stalled shard's next chunk, times this, is how much the pool grows between rounds
+HEADROOM = 8  # room made in the pool for each shard's chunks, in accesses' worth (table_margin)
+GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
 
 # Row flags of the partition pass.
 F_STATIC = 1  # always a barrier (spans two regions; a vCPU's first row with requests pending)
 F_EPT = 2  # its GiB had no EPT level-2 table when the piece started
 F_SPPT = 4  # it may build SPPT paths and its GiB lacked a level-2 table in some SPPT tree
-# GiB status bits.
-G_EPT = 1
-G_SPPT = 2
+# GiB status bits (the same bits as the row flags they raise).
+G_EPT = F_EPT
+G_SPPT = F_SPPT
 GIBS = 1 << (B.GPA_BITS - 30)
 
 _U_RWX = np.uint64(B.VMX_EPT_RWX_MASK)
@@ -121,67 +128,255 @@ def _ept_leaf_spp(st, gfn, spp):
     return False
 
 
+@_njit
+def _gib_spp_free(st, gib, spp):
+    """Whether no row of GiB ``gib`` can build SPPT paths: no map of the GiB is stored (every
+    map there is FULL) and no EPT entry that _ept_leaf_spp can reach under it has the SPP bit
+    (a level-1 table counts whole, present or not: conservative). Then _row_flags would give
+    none of its rows F_SPPT, and none gains it inside a piece (only the control plane stores
+    maps; the fault path sets the SPP bit only where the map is not FULL)."""
+    if gib < np.uint64(st.map_dir.shape[0]) and st.map_dir[np.int64(gib)] >= 0:
+        return False
+    gpa = gib << _U30
+    t = st.scal[L.SC_EPT_ROOT]
+    for lvl in range(4, 2, -1):  # down to the GiB's level-2 table, as _ept_leaf_spp walks
+        e = st.tables[t, (gpa >> np.uint64(3 + 9 * lvl)) & np.uint64(511)]
+        if lvl == 3 and (e & _U_PS) != U0:
+            return (e & spp) == U0
+        if (e & _U_RWX) == U0:
+            return True
+        t = hpa_table(st, e)
+        if t < 0:
+            return True
+    for i in range(512):
+        e = st.tables[t, i]
+        if (e & _U_PS) != U0:
+            if (e & spp) != U0:
+                return False
+            continue
+        if (e & _U_RWX) == U0:
+            continue
+        t1 = hpa_table(st, e)
+        if t1 < 0:
+            continue
+        acc = U0
+        for j in range(512):
+            acc |= st.tables[t1, j]
+        if (acc & spp) != U0:
+            return False
+    return True
+
+
+@_njit
+def _clear_spp_free(st, gibs, status, spp):
+    """Clear G_SPPT in ``status`` for each GiB of ``gibs`` where _gib_spp_free holds."""
+    for i in range(gibs.shape[0]):
+        g = gibs[i]
+        if (status[np.int64(g)] & G_SPPT) != 0 and _gib_spp_free(st, g, spp):
+            status[np.int64(g)] &= np.uint8(~G_SPPT & 0xFF)
+
+
+@_njit
+def _mark_lacking(st, root, present, bit, status, used):
+    """status[g] |= bit for each GiB g where building a path down to a level-2 entry under
+    ``root`` would allocate a table (an entry of level 4 or 3 on the way is not present), as
+    kernels.mmu.ept_table_for / sppt_setup_structure decide it."""
+    for i in range(512):
+        e = st.tables[root, i]
+        base = i * 512
+        if (e & present) == U0:
+            for j in range(512):
+                status[base + j] |= bit
+            continue
+        a = e & _U_ADDR
+        if a < _U_POOL:
+            continue  # the walk stops: nothing is allocated
+        t = np.int64((a - _U_POOL) >> U_PAGE_SHIFT)
+        if t >= used:
+            continue
+        for j in range(512):
+            if (st.tables[t, j] & present) == U0:
+                status[base + j] |= bit
+
+
+@_njit
+def _dangling_tables(st, used, top):
+    """Whether an entry of a table of level 4..2 points at a pool index in [used, top)."""
+    for t in range(used):
+        level = st.table_level[t]
+        if level < 2:
+            continue
+        ept = st.table_kind[t] == L.TABLE_EPT
+        for i in range(512):
+            e = st.tables[t, i]
+            if ept and ((e & _U_RWX) == U0 or ((e & _U_PS) != U0 and level != 4)):
+                continue
+            a = e & _U_ADDR
+            if a >= _U_POOL:
+                idx = np.int64((a - _U_POOL) >> U_PAGE_SHIFT)
+                if used <= idx < top:
+                    return True
+    return False
+
+
 # The row loops below index with uint64 (as the kernels do): numba then emits no
 # negative-index wraparound code, which made them 5x slower.
 _U1 = np.uint64(1)
 _U21 = np.uint64(21)
 _U30 = np.uint64(30)
 _U_GIB_MASK = np.uint64(GIBS - 1)
+_FULL = np.uint32(B.FULL_SPP_ACCESS)
+
+
+@numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True, _nrt=False)
+def _row_flags(st, gpa, size, status, spp, r):
+    """Row r's barrier flags (F_*) with the GiB status ``status``."""
+    first = gpa[r]
+    last = first + np.uint64(size[r]) - _U1
+    f = np.uint8((last >> _U21) != (first >> _U21))  # F_STATIC: it spans two regions
+    gs = status[(first >> _U30) & _U_GIB_MASK]
+    f |= gs & np.uint8(G_EPT)  # F_EPT
+    if (gs & G_SPPT) != 0 and (f & F_STATIC) == 0:  # a spanning row is a barrier anyway
+        g0 = first >> U_PAGE_SHIFT
+        g1 = last >> U_PAGE_SHIFT
+        if (stored_map(st, g0) != _FULL or stored_map(st, g1) != _FULL or _ept_leaf_spp(st, g0, spp)
+                or _ept_leaf_spp(st, g1, spp)):
+            f |= np.uint8(F_SPPT)
+    return f
 
 
 @_njit
-def _classify(st, gpa, size, bounds, gib_status, flags, sid, r0, r1, spp):
-    """Rows r0..r1-1 of a piece: each row's flags (F_*) and its shard (the region ranges split
-    at ``bounds``). Chunks of rows are classified by several threads at once."""
+def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, ogpa, counts, cand, cand_flags,
+               info):
+    """One chunk of a piece (rows r0..r1-1) in one pass: each row's barrier flags (the flagged
+    rows and their flags into cand / cand_flags from index r0 on, in the pass's order) and
+    each row into its shard's part of the flat buffers (shard s's at s * stride): its index
+    into ``rows``, its address into ``ogpa`` (the other columns are gathered afterwards, or
+    are constant). ``down`` False: the chunk's rows of a shard go to positions r0, r0+1, ...
+    of its part; True: the pass runs from the last row to the first and they end at r1 - 1,
+    in order. So an even chunk (down) and the odd one after it meet at their boundary and
+    need no moving afterwards. Out: counts[s] the chunk's rows of shard s, info[0] its
+    flagged rows."""
     nb = bounds.shape[0]
-    r = np.uint64(r0)
+    k = np.int64(r0)
+    n = np.int64(r1) - np.int64(r0)
+    step = np.int64(-1) if down else np.int64(1)
+    at = np.int64(r1) if down else np.int64(r0)  # the shards' cursors start here (down: exclusive)
+    first = np.int64(r1) - 1 if down else np.int64(r0)
+    if nb == 1 and not down:  # two shards: the cursors stay in registers, the loop has no branch
+        b = bounds[0]
+        d0 = at
+        d1 = np.int64(stride) + at
+        r = np.uint64(r0)
+        while r < np.uint64(r1):
+            f = _row_flags(st, gpa, size, status, spp, r)
+            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
+                cand[k] = np.int64(r)
+                cand_flags[k] = f
+                k += 1
+            g = gpa[r]
+            s = np.int64((g >> _U21) >= b)
+            d = np.uint64(d0 + s * (d1 - d0))
+            rows[d] = np.int32(r)
+            ogpa[d] = g
+            d0 += 1 - s
+            d1 += s
+            r += _U1
+        counts[0] = d0 - at
+        counts[1] = d1 - np.int64(stride) - at
+    elif nb == 1:  # the same, from the last row down
+        b = bounds[0]
+        d0 = at
+        d1 = np.int64(stride) + at
+        r = np.uint64(r1)
+        while r > np.uint64(r0):
+            r -= _U1
+            f = _row_flags(st, gpa, size, status, spp, r)
+            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
+                cand[k] = np.int64(r)
+                cand_flags[k] = f
+                k += 1
+            g = gpa[r]
+            s = np.int64((g >> _U21) >= b)
+            d0 -= 1 - s
+            d1 -= s
+            d = np.uint64(d0 + s * (d1 - d0))
+            rows[d] = np.int32(r)
+            ogpa[d] = g
+        counts[0] = at - d0
+        counts[1] = np.int64(stride) + at - d1
+    else:
+        for i in range(nb + 1):
+            counts[i] = np.int64(i) * np.int64(stride) + at  # the cursors, first
+        for j in range(n):
+            r = np.uint64(first + step * j)
+            f = _row_flags(st, gpa, size, status, spp, r)
+            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
+                cand[k] = np.int64(r)
+                cand_flags[k] = f
+                k += 1
+            g = gpa[r]
+            region = g >> _U21
+            s = 0
+            for i in range(nb):
+                s += region >= bounds[i]
+            d = counts[s]
+            if down:
+                d -= 1
+            counts[s] = d + 1 - np.int64(down)
+            rows[d] = np.int32(r)
+            ogpa[d] = g
+        for i in range(nb + 1):
+            counts[i] = (counts[i] - np.int64(i) * np.int64(stride) - at) * step
+    info[0] = k - np.int64(r0)
+
+
+@_njit
+def _differs(a, r0, r1, value):
+    """Whether some of a[r0..r1-1] differs from value[0]: blocks the compiler vectorizes, and
+    the first block with a difference ends it."""
+    v = value[0]
+    i = np.uint64(r0)
     end = np.uint64(r1)
-    while r < end:
-        first = gpa[r]
-        last = first + np.uint64(size[r]) - _U1
-        region = first >> _U21
-        f = np.uint8(0)
-        if (last >> _U21) != region:
-            f = np.uint8(F_STATIC)
-        gs = gib_status[(first >> _U30) & _U_GIB_MASK]
-        if (gs & G_EPT) != 0:
-            f |= np.uint8(F_EPT)
-        if (gs & G_SPPT) != 0:
-            risky = False
-            for gfn in (first >> U_PAGE_SHIFT, last >> U_PAGE_SHIFT):
-                if stored_map(st, gfn) != np.uint32(B.FULL_SPP_ACCESS) or _ept_leaf_spp(st, gfn, spp):
-                    risky = True
-            if risky:
-                f |= np.uint8(F_SPPT)
-        flags[r] = f
-        s = np.uint8(0)
-        for i in range(nb):
-            s += np.uint8(region >= bounds[i])
-        sid[r] = s
-        r += _U1
+    while i < end:
+        stop = min(end, i + np.uint64(4096))
+        acc = v ^ v
+        while i < stop:
+            acc |= a[i] ^ v
+            i += _U1
+        if acc != 0:
+            return True
+    return False
 
 
 @_njit
-def _select(sid, s, out, gpa, size, vcpu, kind, insn, ogpa, osize, ovcpu, okind, oinsn):
-    """The rows of shard ``s``, in order, into ``out`` and their columns into o* (all one
-    longer than sid), in one branch-free pass; returns how many."""
-    k = np.uint64(0)
-    n = np.uint64(sid.shape[0])
-    r = np.uint64(0)
-    while r < n:
-        out[k] = np.int64(r)
-        ogpa[k] = gpa[r]
-        osize[k] = size[r]
-        ovcpu[k] = vcpu[r]
-        okind[k] = kind[r]
-        oinsn[k] = insn[r]
-        k += np.uint64(sid[r] == s)
-        r += _U1
-    return np.int64(k)
+def _gather(dst, src, rows, n):
+    for i in range(n):
+        dst[i] = src[rows[i]]
 
 
 @_njit
-def _next_barrier(cand, cand_flags, cand_gib, k, pos, gib_status):
+def _regions_without_leaves(st, regions, out):
+    """out[i] = 1 where region regions[i] has no EPT level-1 table nor 2 MiB leaf yet (its
+    level-2 entry, or an entry above it, is not present)."""
+    for i in range(regions.shape[0]):
+        gpa = regions[i] << _U21
+        t = st.scal[L.SC_EPT_ROOT]
+        out[i] = 1
+        for lvl in range(4, 1, -1):
+            e = st.tables[t, (gpa >> np.uint64(3 + 9 * lvl)) & np.uint64(511)]
+            if (e & _U_RWX) == U0:
+                break
+            if lvl == 2 or (e & _U_PS) != U0:
+                out[i] = 0
+                break
+            t = hpa_table(st, e)
+            if t < 0:
+                break
+
+
+@_njit
+def _next_barrier(cand, cand_flags, gpa, k, pos, gib_status):
     """The first candidate at or after index ``k`` whose row is >= pos and is a barrier with
     the GiB status as it is now: (its index in cand, or cand's length)."""
     n = cand.shape[0]
@@ -190,13 +385,46 @@ def _next_barrier(cand, cand_flags, cand_gib, k, pos, gib_status):
             f = cand_flags[k]
             if (f & F_STATIC) != 0:
                 return k
-            gs = gib_status[cand_gib[k]]
+            gs = gib_status[(gpa[cand[k]] >> _U30) & _U_GIB_MASK]
             if (f & F_EPT) != 0 and (gs & G_EPT) != 0:
                 return k
             if (f & F_SPPT) != 0 and (gs & G_SPPT) != 0:
                 return k
         k += 1
     return n
+
+
+@_njit
+def _first_rows_of(gpa, gibs, found, limit):
+    """The row by which every GiB of ``gibs`` (sorted; ``found`` zeros, one per GiB) has had
+    a row, if that is below ``limit``; else -1."""
+    seen = 0
+    for r in range(min(limit, gpa.shape[0])):
+        g = gpa[r] >> _U30
+        i = np.searchsorted(gibs, g)
+        if i < gibs.shape[0] and gibs[i] == g and found[i] == 0:
+            found[i] = 1
+            seen += 1
+            if seen == gibs.shape[0]:
+                return r
+    return -1
+
+
+@_njit
+def _last_exit_rows(exits, vcpu, p0, p1, last):
+    """last[v] = the last position in p0..p1-1 of a row of vCPU v that exited (exits > 0),
+    where it is later than last[v]: a backward scan that stops when every vCPU has one."""
+    missing = 0
+    for v in range(last.shape[0]):
+        missing += last[v] < p0
+    p = p1 - 1
+    while p >= p0 and missing > 0:
+        if exits[p] != 0:
+            v = vcpu[p]
+            if last[v] < p0:
+                last[v] = p
+                missing -= 1
+        p -= 1
 
 
 @_njit
@@ -212,31 +440,15 @@ def _scatter(dst, rows, src, p0, p1):
 
 
 # ----------------------------------------------------------------------------- table structure
-def _tree_lacks(st, root: int, present_mask: np.uint64, ept: bool) -> np.ndarray:
-    """Per GiB of the 48-bit space: whether building a path down to a level-2 entry under
-    ``root`` would allocate a table (an entry of level 4 or 3 on the way is not present), as
-    kernels.mmu.ept_table_for / sppt_setup_structure decide it."""
-    lacks = np.ones(GIBS, dtype=bool)
-    used = int(st.scal[L.SC_NTABLES])
-    l4 = st.tables[root]
-    for i in np.flatnonzero((l4 & present_mask) != 0):
-        e = l4[i]
-        a = int(e & _U_ADDR)
-        t = (a - B.TABLE_POOL_HPA) >> B.PAGE_SHIFT if a >= B.TABLE_POOL_HPA else -1
-        if not 0 <= t < used:
-            lacks[i * 512:(i + 1) * 512] = False  # the walk stops: nothing is allocated
-            continue
-        l3 = st.tables[t]
-        lacks[i * 512:(i + 1) * 512] = (l3 & present_mask) == 0
-    return lacks
-
-
-def gib_status(st) -> np.ndarray:
-    """G_EPT where the GiB has no EPT level-2 table yet, G_SPPT where some SPPT tree lacks one."""
-    status = np.zeros(GIBS, dtype=np.uint8)
-    status[_tree_lacks(st, int(st.scal[L.SC_EPT_ROOT]), _U_RWX, True)] |= G_EPT
+def gib_status(st, out: np.ndarray | None = None) -> np.ndarray:
+    """G_EPT where the GiB has no EPT level-2 table yet, G_SPPT where some SPPT tree lacks one
+    (into ``out`` when given)."""
+    status = np.zeros(GIBS, dtype=np.uint8) if out is None else out
+    status[:] = 0
+    used = np.int64(st.scal[L.SC_NTABLES])
+    _mark_lacking(st, np.int64(st.scal[L.SC_EPT_ROOT]), _U_RWX, np.uint8(G_EPT), status, used)
     for root in sppt_trees(st):
-        status[_tree_lacks(st, root, _U_SPPT_PRESENT, False)] |= G_SPPT
+        _mark_lacking(st, np.int64(root), _U_SPPT_PRESENT, np.uint8(G_SPPT), status, used)
     return status
 
 
@@ -260,15 +472,8 @@ def dangling(st) -> bool:
     allocation order, which sharding changes (docs/parallel.md)."""
     used = int(st.scal[L.SC_NTABLES])
     top = L.MAX_TABLES
-    upper = np.flatnonzero(st.table_level[:used] >= 2)
-    if upper.size:
-        e = st.tables[upper]
-        idx = _index_of(e)
-        ept = (st.table_kind[upper] == L.TABLE_EPT)[:, None]
-        level = st.table_level[upper][:, None]
-        pointer = np.where(ept, ((e & _U_RWX) != 0) & (((e & _U_PS) == 0) | (level == 4)), True)
-        if np.any(pointer & (idx >= used) & (idx < top)):
-            return True
+    if _dangling_tables(st, np.int64(used), np.int64(top)):
+        return True
     for col in (B.VMCS_COL_EPTP, B.VMCS_COL_SPPTP):
         idx = _index_of(st.vmcs[:, col])
         if np.any((idx >= used) & (idx < top)):
@@ -277,28 +482,32 @@ def dangling(st) -> bool:
 
 
 # ----------------------------------------------------------------------------- shards
+def _private(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` in cache lines of its own: small arrays that two shards write (counters
+    every row, exit fields every exit) would otherwise share lines (false sharing)."""
+    pad = 128 // a.itemsize
+    buf = np.zeros(a.size + 2 * pad, dtype=a.dtype)
+    out = buf[pad:pad + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
 class _Shard:
     """One shard's private part of the state, its rows in this piece and what it produced."""
 
-    def __init__(self, index: int, rows: np.ndarray, columns, buffers, touched_top: int, log_capacity: int,
-                 keep_log: bool, vcpus: int):
-        from .replay import TouchedPages
-
+    def __init__(self, index: int, rows: np.ndarray, columns, results, touched, log, keep_log: bool, vcpus: int):
         self.index = index
-        self.rows = rows
-        n = rows.shape[0]
-        self.columns = []
-        for i, c in enumerate(columns):
-            view = buffers.get(("col", index, i), n, c.dtype).view()
-            view.flags.writeable = False
-            self.columns.append(view)
-        self.results = tuple(buffers.get(("res", index, i), n, t) for i, t in
-                             enumerate((np.uint8, np.uint8, np.uint16)))
-        self.touched = TouchedPages(touched_top)
-        self.log = L.empty_exit_log(log_capacity)
+        self.rows = rows  # int32: the rows of the piece, in order
+        self.columns = columns  # the kernel's columns (read-only views), one entry per row
+        self.results = results
+        # The shard's touched set and exit log, kept from piece to piece by the runner (the
+        # touched set is OR-ed into the replay's after each piece: bits seen before are no harm).
+        self.touched = touched
+        self.log = log
+        log.n[0] = 0
         self.keep_log = keep_log  # False: only each vCPU's last exit row is kept (discarded log)
         self.last_exit = np.full(vcpus, -1, dtype=np.int64)  # positions in the shard
-        self.counters = np.zeros(L.CT_LEN, dtype=np.int64)
+        self.counters = _private(np.zeros(L.CT_LEN, dtype=np.int64))  # written every row
         self.chunk_size = 0  # tables it allocated in its last segment, then its chunks' size
         self.chunks: list[list[int]] = []  # [start, used] of each chunk of the pool, in order
         self.stashed: list[tuple] = []
@@ -320,7 +529,7 @@ class _Shard:
     def take_last_exits(self) -> np.ndarray:
         """Each vCPU's last exit row (of the piece) since the last call, -1 for none."""
         self.stash_log()
-        out = np.where(self.last_exit >= 0, self.rows[np.maximum(self.last_exit, 0)], -1)
+        out = np.where(self.last_exit >= 0, self.rows[np.maximum(self.last_exit, 0)].astype(np.int64), -1)
         self.last_exit[:] = -1
         return out
 
@@ -330,21 +539,60 @@ class _Shard:
         if not parts:
             return [a[:0].copy() for a in self.log[:-1]]
         cols = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-        cols[0] = self.rows[cols[0]]  # positions in the shard -> rows of the piece
+        cols[0] = self.rows[cols[0]].astype(np.int64)  # positions in the shard -> rows of the piece
         return cols
 
 
-class _Buffers:
-    """Arrays reused from batch to batch (fresh ones would be page-faulted in every batch)."""
+# The shards' buffers, flat: shard s's entries start at s * stride. The trace's columns in the
+# kernel's order, then the row index, then the results.
+_SMALL = ("size", "vcpu", "kind", "insn_len")  # the columns that may be constant (bit i: gather)
+_RESULTS = (np.uint8, np.uint8, np.uint16)
 
-    def __init__(self):
-        self._arrays: dict = {}
 
-    def get(self, key, n: int, dtype) -> np.ndarray:
-        a = self._arrays.get(key)
-        if a is None or a.shape[0] < n or a.dtype != np.dtype(dtype):
-            a = self._arrays[key] = np.empty(max(n, 1), dtype=dtype)
-        return a[:n]
+class _Layout:
+    """Flat per-shard buffers of one stride, reused by the next pieces that fit (of any replay:
+    fresh buffers would be page-faulted in, ~1 ms per 4 MiB, each time)."""
+
+    def __init__(self, shards: int, stride: int, dtypes):
+        self.shards = shards
+        self.stride = stride
+        self.dtypes = list(dtypes)
+        self.status = np.empty(GIBS, dtype=np.uint8)
+        self.flag_status = np.empty(GIBS, dtype=np.uint8)
+        size = shards * stride
+        self.rows = np.empty(size, dtype=np.int32)
+        self.columns = [np.empty(size, dtype=d) for d in dtypes]
+        self.results = [np.empty(size, dtype=d) for d in _RESULTS]
+        self.cand = np.empty(stride, dtype=np.int64)
+        self.cand_flags = np.empty(stride, dtype=np.uint8)
+        # Per small column: (value, rows filled with it per shard), or None: the buffer holds
+        # other things (a constant column is written once, not every piece).
+        self.filled: list = [None] * len(_SMALL)
+        self.nbytes = sum(a.nbytes for a in [self.rows, self.cand, self.cand_flags, *self.columns, *self.results])
+
+
+_LAYOUTS: list[_Layout] = []  # free layouts, largest last
+_LAYOUTS_LOCK = threading.Lock()
+KEEP_LAYOUTS = 2  # free layouts kept for later pieces (the others are dropped)
+KEEP_LAYOUT_BYTES = 256 << 20  # and at most this much memory in them
+
+
+def _take_layout(shards: int, n: int, dtypes) -> _Layout:
+    dtypes = list(dtypes)
+    with _LAYOUTS_LOCK:
+        for i, lay in enumerate(_LAYOUTS):
+            if lay.shards >= shards and lay.stride >= n and lay.dtypes == dtypes:
+                return _LAYOUTS.pop(i)
+    return _Layout(shards, n, dtypes)
+
+
+def _give_layout(lay: _Layout) -> None:
+    with _LAYOUTS_LOCK:
+        _LAYOUTS.append(lay)
+        _LAYOUTS.sort(key=lambda x: x.shards * x.stride)
+        del _LAYOUTS[:-KEEP_LAYOUTS]
+        while _LAYOUTS and sum(x.nbytes for x in _LAYOUTS) > KEEP_LAYOUT_BYTES:
+            _LAYOUTS.pop()  # the largest first: memory stays bounded once replays are done
 
 
 class ShardRunner:
@@ -353,69 +601,87 @@ class ShardRunner:
     def __init__(self, session, threads: int):
         self.session = session
         self.threads = threads
-        self.buffers = _Buffers()
         self.parallel_pieces = 0  # pieces that ran sharded (the others ran serially)
         self.segments = 0
         self.rounds = 0  # extra rounds of a segment, for shards that ran out of pool
         self.barriers = 0
+        self.hot_pieces = 0  # pieces run serially by the working-set rule (docs/parallel.md)
+        self._headroom = False  # whether the pool was grown for the shards' chunks
+        self._scratch: dict = {}  # shard index -> its touched set and exit log
 
     # ------------------------------------------------------------------ entry point
-    def run_piece(self, piece, outcome, exits, reason, keep: bool) -> None:
-        from .replay import kernel_columns
+    def run_piece(self, piece, outcome, exits, reason, keep: bool, first_rows: bool = True) -> None:
+        from .replay import _slice
 
         rep, vm = self.session, self.session.vm
         n = len(piece)
-        columns = kernel_columns(piece)
-        if n < max(MIN_PIECE_ROWS, 1) or self.threads < 2 or dangling(vm.state):
+        if n > MAX_PLAN_ROWS:  # shard positions are int32: a longer piece goes in parts (exact: no op between)
+            for a in range(0, n, MAX_PLAN_ROWS):
+                b = min(n, a + MAX_PLAN_ROWS)
+                self.run_piece(_slice(piece, a, b), outcome[a:b], exits[a:b], reason[a:b], keep)
+            return
+        if n < max(MIN_PIECE_ROWS, 1) or self.threads < 2:
+            rep._run_jit(piece, outcome, exits, reason)
+            return
+        if MIN_REGIONS and np.unique(_sample(piece.gpa, HOT_SAMPLE_ROWS) >> np.uint64(21)).shape[0] < MIN_REGIONS:
+            # A hot working set: its tables and maps stay in the caches, the serial replay runs
+            # at a few ns a row, and the planning alone costs about as much (docs/parallel.md).
+            self.hot_pieces += 1
+            rep._run_jit(piece, outcome, exits, reason)
+            return
+        if dangling(vm.state):
             rep._run_jit(piece, outcome, exits, reason)
             return
         with vm.mmu_lock:  # the shards fill region caches: a control-plane reset must clear them
             vm.caches_in_use()
-        bounds = self._bounds(piece.gpa)
-        if bounds is None:
+        plan = self._bounds(piece.gpa)
+        if plan is None:
             rep._run_jit(piece, outcome, exits, reason)
             return
-        st = vm.state
-        nshards = bounds.shape[0] + 1
-        status = gib_status(st)
-        flags = self.buffers.get("flags", n, np.uint8)
-        sid = self.buffers.get("sid", n, np.uint8)
-        cuts = [n * i // self.threads for i in range(self.threads + 1)]
-        self._map(lambda i: _classify(st, piece.gpa, piece.size, bounds, status, flags, sid, cuts[i], cuts[i + 1],
-                                      U_SPP), range(self.threads))
-        pending = np.flatnonzero(st.requests != 0)
-        for v in pending:
-            hit = np.flatnonzero(piece.vcpu == v)
-            if hit.size:
-                flags[hit[0]] |= F_STATIC
-        cand = np.flatnonzero(flags)
-        cand_flags = flags[cand]
-        if np.count_nonzero(cand_flags & F_STATIC) * max(MIN_SEGMENT_ROWS, 1) > n:
+        bounds, regions, edges = plan
+        if first_rows:
+            # GiBs the sample sees without an EPT level-2 table (a fresh VM): every row there is
+            # a barrier candidate until the first builds it. When their first rows all come
+            # early, those rows run serially first and the rest is planned without them.
+            status = gib_status(vm.state)
+            gibs = np.unique(regions >> np.uint64(9))
+            lacking = gibs[(status[gibs.astype(np.int64)] & G_EPT) != 0]
+            if lacking.size:
+                r = int(_first_rows_of(piece.gpa, lacking.astype(np.uint64), np.zeros(lacking.size, np.uint8),
+                                       np.int64(n // 8)))
+                if 0 <= r < n - 1:
+                    rep._run_jit(_slice(piece, 0, r + 1), outcome[:r + 1], exits[:r + 1], reason[:r + 1])
+                    self.barriers += 1
+                    self.run_piece(_slice(piece, r + 1, n), outcome[r + 1:], exits[r + 1:], reason[r + 1:], keep,
+                                   first_rows=False)
+                    return
+        if not self._headroom:
+            # Room in the pool for the shards' chunks beyond what the VM sized it for, made
+            # now, while growing it copies few tables (later it would copy them all).
+            self._headroom = True
+            st = vm.state
+            margin = int(table_margin(vm.vcpus))
+            vm.ensure_tables(int(st.tables.shape[0]) - int(st.scal[L.SC_NTABLES]) + HEADROOM * margin * self.threads)
+        lay = _take_layout(self.threads, n, [c.dtype for c in _kernel_columns(piece)])
+        try:
+            self._run_split(piece, outcome, exits, reason, keep, lay, bounds, regions, edges)
+        finally:
+            _give_layout(lay)
+
+    def _run_split(self, piece, outcome, exits, reason, keep, lay, bounds, regions, edges) -> None:
+        rep, vm = self.session, self.session.vm
+        n = len(piece)
+        shards = self._split(piece, lay, bounds, regions, edges)
+        if shards is None:
             rep._run_jit(piece, outcome, exits, reason)  # barriers everywhere: nothing to gain
             return
-        cand_gib = ((piece.gpa[cand] >> np.uint64(30)) & np.uint64(GIBS - 1)).astype(np.int64)
-        top = rep.touched.dir.shape[0] << rep.touched.shift
-        keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
-
-        for s in range(nshards):  # the buffers, before the threads fill them
-            self.buffers.get(("rows", s), n + 1, np.int64)
-            for i, c in enumerate(columns):
-                self.buffers.get(("col", s, i), n + 1, c.dtype)
-            for i, t in enumerate((np.uint8, np.uint8, np.uint16)):
-                self.buffers.get(("res", s, i), n, t)
-
-        def build(s):
-            out = self.buffers.get(("rows", s), n + 1, np.int64)
-            cols = [self.buffers.get(("col", s, i), n + 1, c.dtype) for i, c in enumerate(columns)]
-            rows = out[:_select(sid, np.uint8(s), out, *columns, *cols)]
-            return _Shard(s, rows, columns, self.buffers, top, rep._log.row.shape[0], keep_log, vm.vcpus)
-
-        shards = self._map(build, range(nshards))
+        shards, cand, cand_flags, status = shards
         self.parallel_pieces += 1
+        columns = [c for c in _kernel_columns(piece)]
         res = (outcome, exits, reason)
         pos, k = 0, 0
         while pos < n:
-            k = _next_barrier(cand, cand_flags, cand_gib, k, pos, status)
+            k = _next_barrier(cand, cand_flags, piece.gpa, k, pos, status)
             b = int(cand[k]) if k < cand.shape[0] else n
             if b - pos >= max(MIN_SEGMENT_ROWS, 1):
                 self._parallel(piece, columns, shards, res, keep, pos, b)
@@ -426,12 +692,132 @@ class ShardRunner:
                 if cand_flags[k] & (F_EPT | F_SPPT):
                     # It may have built its GiB's tables. (Statuses only ever go from lacking
                     # to present inside a piece: a stale "lacking" costs a barrier, no more.)
-                    status = gib_status(vm.state)
+                    status = gib_status(vm.state, status)
             elif pos < n:
                 self._serial(piece, columns, res, pos, n)
             pos = b + 1
         for sh in shards:
             merge_touched(rep.touched, sh.touched)
+
+    def _split(self, piece, lay, bounds, regions, edges):
+        """Classify the piece's rows and copy each into its shard, all threads at once, one
+        pass over the rows (_partition); None when barriers are everywhere."""
+        rep, vm = self.session, self.session.vm
+        st = vm.state
+        n = len(piece)
+        nshards = bounds.shape[0] + 1
+        columns = _kernel_columns(piece)
+        stride = lay.stride
+        status = gib_status(st, lay.status)
+        flag_status = lay.flag_status
+        flag_status[:] = status
+        # GiBs (those the sample sees) where no row can build SPPT paths: no per-row test there.
+        _clear_spp_free(st, np.unique(regions >> np.uint64(9)), flag_status, U_SPP)
+        threads = self.threads
+        cuts = [n * t // threads for t in range(threads + 1)]
+        counts = np.zeros((threads, nshards), dtype=np.int64)
+        info = np.zeros((threads, 1), dtype=np.int64)
+        out = lay.columns
+        # A small column is checked constant over the piece (then it is not copied).
+        maybe = range(len(_SMALL))
+
+        def part(t):
+            down = t % 2 == 0  # chunks 2j and 2j+1 meet at cuts[2j+1] (see _partition)
+            _partition(st, columns[0], columns[1], bounds, flag_status, U_SPP, np.int64(cuts[t]),
+                       np.int64(cuts[t + 1]), down, np.int64(stride), lay.rows, out[0], counts[t], lay.cand,
+                       lay.cand_flags, info[t])
+            if down and info[t, 0] > 1:  # flagged rows, last first: in order again
+                c = slice(cuts[t], cuts[t] + int(info[t, 0]))
+                lay.cand[c] = lay.cand[c][::-1].copy()
+                lay.cand_flags[c] = lay.cand_flags[c][::-1].copy()
+            return [_differs(columns[1 + i], np.int64(cuts[t]), np.int64(cuts[t + 1]), columns[1 + i][:1])
+                    for i in maybe]
+
+        differs = self._map(part, range(threads))
+        const = {i: int(columns[1 + i][0]) for j, i in enumerate(maybe) if not any(d[j] for d in differs)}
+        gathered = [i for i in range(len(_SMALL)) if i not in const]
+        total = counts.sum(axis=0)
+        # Where each shard's rows start: its part of the first pair of chunks (see _partition).
+        start = cuts[1] - counts[0]
+
+        def finish(s):  # the shard's parts (one per pair of chunks) made contiguous, its other columns gathered
+            base = s * stride
+            at = int(start[s] + counts[0, s] + (counts[1, s] if threads > 1 else 0))
+            for j in range(2, threads, 2):
+                c0 = int(counts[j, s])
+                c1 = int(counts[j + 1, s]) if j + 1 < threads else 0
+                src = cuts[j + 1] - c0
+                if c0 + c1 and at != src:
+                    for a in (lay.rows, out[0]):
+                        a[base + at:base + at + c0 + c1] = a[base + src:base + src + c0 + c1]
+                at += c0 + c1
+            m = int(total[s])
+            a = base + int(start[s])
+            for i in gathered:
+                _gather(out[1 + i][a:a + m], columns[1 + i], lay.rows[a:a + m], np.int64(m))
+
+        self._map(finish, range(nshards))
+        for i in range(len(_SMALL)):
+            if i not in const:
+                lay.filled[i] = None
+                continue
+            if lay.filled[i] is None or lay.filled[i][0] != const[i]:
+                lay.filled[i] = (const[i], [(0, 0)] * lay.shards)
+            done = lay.filled[i][1]
+            for s in range(nshards):  # rows [a, b) of the shard's part hold the value already
+                a, b = s * stride + int(start[s]), s * stride + int(start[s] + total[s])
+                if not (done[s][0] <= a and b <= done[s][1]):
+                    out[1 + i][a:b] = const[i]
+                    done[s] = (a, b) if not (a <= done[s][1] and done[s][0] <= b) else (
+                        min(a, done[s][0]), max(b, done[s][1]))
+        parts = [(cuts[t], cuts[t] + int(info[t, 0])) for t in range(threads) if info[t, 0]]
+        if len(parts) == 1:
+            cand, cand_flags = lay.cand[parts[0][0]:parts[0][1]], lay.cand_flags[parts[0][0]:parts[0][1]]
+        else:
+            cand = np.concatenate([lay.cand[a:b] for a, b in parts] or [lay.cand[:0]])
+            cand_flags = np.concatenate([lay.cand_flags[a:b] for a, b in parts] or [lay.cand_flags[:0]])
+        pending = np.flatnonzero(st.requests != 0)
+        if pending.size:  # each such vCPU's first row is a barrier
+            first = sorted({int(np.argmax(piece.vcpu == v)) for v in pending if np.any(piece.vcpu == v)})
+            if first:
+                at = np.searchsorted(cand, first)
+                there = np.array([i < cand.shape[0] and cand[i] == r for i, r in zip(at, first)], dtype=bool)
+                cand_flags = cand_flags.copy()
+                cand_flags[at[there]] |= F_STATIC
+                new = np.array(first, dtype=np.int64)[~there]
+                cand = np.insert(cand, at[~there], new)
+                cand_flags = np.insert(cand_flags, at[~there], np.uint8(F_STATIC))
+        if np.count_nonzero(cand_flags & F_STATIC) * max(MIN_SEGMENT_ROWS, 1) > n:
+            return None
+        top = rep.touched.dir.shape[0] << rep.touched.shift
+        keep_log = not (rep.on_exits is _discard() and rep.hooks is None)
+        self._plan_regions, self._plan_edges = regions, edges
+        shards = []
+        for s in range(nshards):
+            a, m = s * stride + int(start[s]), int(total[s])
+            cols = []
+            for c in out:
+                view = c[a:a + m].view()
+                view.flags.writeable = False
+                cols.append(view)
+            if s not in self._scratch:
+                from .replay import TouchedPages
+
+                self._scratch[s] = (TouchedPages(top), L.empty_exit_log(rep._log.row.shape[0]))
+            sh = _Shard(s, lay.rows[a:a + m], cols, tuple(r[a:a + m] for r in lay.results), *self._scratch[s],
+                        keep_log, vm.vcpus)
+            shards.append(sh)
+        return shards, cand, cand_flags, status
+
+    def _lacking(self, st, regions, edges) -> list[int]:
+        """Per shard, a guess of the tables its rows allocate: the sampled regions without an
+        EPT level-1 table, times the trees (the EPT and each SPPT tree) that may need one.
+        (Only the pool's layout before compaction depends on it, never a result.)"""
+        flags = np.zeros(regions.shape[0], dtype=np.uint8)
+        _regions_without_leaves(st, regions, flags)
+        trees = 1 + len(sppt_trees(st))
+        # A quarter more: the sample misses some regions (a chunk too large costs nothing).
+        return [int(flags[e0:e1].sum()) * trees * 5 // 4 for e0, e1 in zip(edges, edges[1:])]
 
     def _map(self, fn, items) -> list:
         """fn over items, the first on this thread, the others on the pool."""
@@ -444,11 +830,10 @@ class ShardRunner:
         return [first] + rest
 
     def _bounds(self, gpa: np.ndarray):
-        """Region boundaries splitting a sample of the rows into shards of equal weight, or None
-        when the largest shard would hold too much of the piece to gain anything."""
-        n = gpa.shape[0]
-        step = max(1, n // SAMPLE_ROWS)
-        regions, weight = np.unique(gpa[::step] >> np.uint64(21), return_counts=True)
+        """Region boundaries splitting a sample of the rows into shards of equal weight, with
+        the sampled regions (sorted) and each shard's range of them, or None when the largest
+        shard would hold too much of the piece to gain anything."""
+        regions, weight = np.unique(_sample(gpa) >> np.uint64(21), return_counts=True)
         total = int(weight.sum())
         cum = np.cumsum(weight)
         bounds = []
@@ -460,7 +845,7 @@ class ShardRunner:
         shares = [int(cum[e1 - 1] - (cum[e0 - 1] if e0 else 0)) for e0, e1 in zip(edges, edges[1:]) if e1 > e0]
         if not bounds or max(shares) * MIN_GAIN > total:
             return None
-        return np.array(bounds, dtype=np.uint64)
+        return np.array(bounds, dtype=np.uint64), regions, edges
 
     # ------------------------------------------------------------------ serial rows
     def _serial(self, piece, columns, res, a: int, b: int) -> None:
@@ -493,8 +878,8 @@ class ShardRunner:
         margin = int(table_margin(vm.vcpus))
         work = []
         for sh in shards:
-            p0 = int(np.searchsorted(sh.rows, a))
-            p1 = int(np.searchsorted(sh.rows, b))
+            p0 = int(np.searchsorted(sh.rows, np.int32(a)))  # (an int64 key would copy rows to int64)
+            p1 = int(np.searchsorted(sh.rows, np.int32(b)))
             if p1 > p0:
                 work.append([sh, p0, p1, p0])
         if not work:
@@ -504,12 +889,23 @@ class ShardRunner:
         nt0 = int(base.scal[L.SC_NTABLES])
         alloc = _Allocator(vm, nt0, margin)
         ran = [item[0] for item in work]
+        spans = [(item[1], item[2]) for item in work]
+        if GUESS_TABLES:
+            guess = self._lacking(base, self._plan_regions, self._plan_edges)
         for sh in ran:
-            sh.chunk_size = max(4 * margin, 2 * sh.chunk_size)
-        alloc.reserve(sum(sh.chunk_size for sh in ran) * RESERVE)
+            sh.chunk_size = max(4 * margin, guess[sh.index] if GUESS_TABLES else 2 * sh.chunk_size)
+        # The chunks come out of the pool's free room; it grows (a copy of every table) only
+        # when that room cannot give each shard a few accesses' worth: a serial replay grows
+        # it when the room runs out, so sharding should not grow it sooner.
+        want = sum(sh.chunk_size for sh in ran)
+        free = int(base.tables.shape[0]) - nt0 - margin
+        if want > free >= 2 * margin * len(ran):
+            for sh in ran:
+                sh.chunk_size = max(2 * margin, sh.chunk_size * free // want)
+        alloc.reserve(sum(sh.chunk_size for sh in ran))
         for sh in ran:
-            sh.scal = base.scal.copy()
-            sh.vmcs = base.vmcs.copy()
+            sh.scal = _private(base.scal)
+            sh.vmcs = _private(base.vmcs)
             sh.chunks = []
             alloc.chunk(sh, sh.chunk_size)
         errors = []
@@ -524,7 +920,7 @@ class ShardRunner:
             for item in stopped:
                 alloc.chunk(item[0], 2 * item[0].chunk_size)
             work = stopped
-        self._merge(piece, ran, nt0, alloc)  # after an error too: the pool stays well formed
+        self._merge(piece, ran, nt0, alloc, spans)  # after an error too: the pool stays well formed
         if errors:
             row, status, detail = min(errors)
             raise _failure(status, piece.first_row + row, detail)
@@ -541,8 +937,10 @@ class ShardRunner:
             out = [r[:p1] for r in sh.results]
             row = p0
             while True:
+                # A discarded log is not written (as serially): each vCPU's last exit row is then
+                # found from the results instead (_last_exit_rows, in _merge).
                 status, row, detail = replay_batch(sh.state, *cols, np.int64(0), np.int64(row), *out, sh.log,
-                                                   True, sh.counters, *sh.touched.arrays())
+                                                   sh.keep_log, sh.counters, *sh.touched.arrays())
                 if status == STATUS_DONE:
                     break
                 if status == STATUS_NEED_TABLES:
@@ -575,8 +973,11 @@ class ShardRunner:
         return stopped
 
     # ------------------------------------------------------------------ merge
-    def _merge(self, piece, shards, nt0: int, alloc) -> None:
+    def _merge(self, piece, shards, nt0: int, alloc, spans) -> None:
         rep, vm = self.session, self.session.vm
+        for sh, (p0, p1) in zip(shards, spans):
+            if not sh.keep_log:
+                _last_exit_rows(sh.results[1], sh.columns[2], np.int64(p0), np.int64(p1), sh.last_exit)
         for sh in shards:
             sh.close_chunk()
         _compact(vm, shards, nt0, alloc.next_free)
@@ -624,6 +1025,26 @@ class ShardRunner:
             done += m
 
 
+SAMPLE_RUN = 32  # the sample takes runs of consecutive rows: a cache line brings several
+
+
+def _sample(a: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """About ``rows`` (SAMPLE_ROWS) rows of ``a``, spread evenly over it in runs of SAMPLE_RUN."""
+    rows = SAMPLE_ROWS if rows is None else rows
+    n = a.shape[0]
+    if n <= rows:
+        return a
+    runs = max(1, rows // SAMPLE_RUN)
+    starts = np.arange(runs, dtype=np.int64) * ((n - SAMPLE_RUN) // runs)
+    return a[(starts[:, None] + np.arange(SAMPLE_RUN, dtype=np.int64)).ravel()]
+
+
+def _kernel_columns(piece):
+    from .replay import kernel_columns
+
+    return kernel_columns(piece)
+
+
 def _discard():
     from .replay import discard_exits
 
@@ -663,8 +1084,11 @@ class _Allocator:
             lock.acquire()
         try:
             pool = self.pool
-            if pool.tables.shape[0] - self.next_free < size:
-                return False
+            room = pool.tables.shape[0] - self.next_free
+            if room < size:
+                if lock is None or room < 2 * self.margin:
+                    return False
+                size = max(2 * self.margin, room // 2)  # room is short: half of it, some for the others
             start = self.next_free
             self.next_free = start + size
             pool.scal[L.SC_NTABLES] = self.next_free
@@ -697,14 +1121,57 @@ def _compact(vm, shards, nt0: int, end: int) -> None:
     if np.any(moved):
         remap = np.full(end - nt0, -1, dtype=np.int64)
         remap[src - nt0] = dst
-        s, d = src[moved], dst[moved]
-        st.tables[d] = st.tables[s]
-        st.table_kind[d] = st.table_kind[s]
-        st.table_level[d] = st.table_level[s]
+        runs, at = [], nt0  # (from, to, tables) per chunk: contiguous copies
+        for sh in shards:
+            for c0, used in sh.chunks:
+                if used and c0 != at:
+                    runs.append((c0, at, used))
+                at += used
+        _move_runs((st.tables, st.table_kind, st.table_level), runs)
         _relocate(st, remap, nt0, end)
     st.table_kind[new_end:end] = L.TABLE_FREE
     st.table_level[new_end:end] = 0
     st.scal[L.SC_NTABLES] = new_end
+
+
+def _memmove(a: np.ndarray, dst: int, src: int, m: int) -> None:
+    """a[dst:dst+m] = a[src:src+m] in place. numpy copies an overlapping source aside first
+    (a fresh array, page-faulted in): this copies blocks as long as the shift instead, each
+    clear of its own source, in the order that reads every block before it is overwritten."""
+    shift = abs(src - dst)
+    if shift == 0 or m == 0:
+        return
+    if shift >= m:
+        a[dst:dst + m] = a[src:src + m]
+        return
+    blocks = range(0, m, shift) if dst < src else reversed(range(0, m, shift))
+    for k in blocks:
+        e = min(m, k + shift)
+        a[dst + k:dst + e] = a[src + k:src + e]
+
+
+def _move_runs(arrays, runs) -> None:
+    """a[to:to+m] = a[from:from+m] for each run (from, to, m) of each array, as if all at once:
+    a run goes when its destination overlaps no source still to go (a plain memmove), and
+    where they form a cycle the smallest is first copied aside."""
+    def overlap(a0, n0, a1, n1):
+        return a0 < a1 + n1 and a1 < a0 + n0
+
+    pending, aside = list(runs), []
+    while pending:
+        for i, (s0, d, m) in enumerate(pending):
+            if not any(overlap(d, m, s1, m1) for j, (s1, _, m1) in enumerate(pending) if j != i):
+                for a in arrays:
+                    _memmove(a, d, s0, m)
+                del pending[i]
+                break
+        else:
+            i = min(range(len(pending)), key=lambda j: pending[j][2])
+            s0, d, m = pending.pop(i)
+            aside.append((d, m, [a[s0:s0 + m].copy() for a in arrays]))
+    for d, m, copies in aside:
+        for a, c in zip(arrays, copies):
+            a[d:d + m] = c
 
 
 def _relocate(st, remap: np.ndarray, nt0: int, end: int) -> None:

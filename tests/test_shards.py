@@ -30,12 +30,12 @@ EXAMPLES = S.EXAMPLES
 
 @contextlib.contextmanager
 def shard_everything():
-    saved = SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN, SH.SAMPLE_ROWS
-    SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN = 0, 0, 0.0
+    saved = SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN, SH.SAMPLE_ROWS, SH.MIN_REGIONS
+    SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN, SH.MIN_REGIONS = 0, 0, 0.0, 0
     try:
         yield
     finally:
-        SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN, SH.SAMPLE_ROWS = saved
+        SH.MIN_PIECE_ROWS, SH.MIN_SEGMENT_ROWS, SH.MIN_GAIN, SH.SAMPLE_ROWS, SH.MIN_REGIONS = saved
 
 
 class Runner(S.Runner):
@@ -342,7 +342,7 @@ def test_bench_threads_section():
     assert "one trace on shards" in format_parallel(result)
 
 
-def test_pool_rounds_and_hooks():
+def test_pool_rounds_and_hooks(monkeypatch):
     """Shards whose chunk of the pool runs out while the pool is full wait for another round
     (the pool grows between rounds); hook relevance is annotated on the merged exit log."""
     from sppjit.io.protect import ByteRanges, ranges_to_maps
@@ -351,6 +351,7 @@ def test_pool_rounds_and_hooks():
 
     rng = np.random.default_rng(11)
     n = 30000
+    saved_guess = SH.GUESS_TABLES
     gpa = (rng.integers(0, 3 << 18, n).astype(np.uint64) << np.uint64(12)) | rng.integers(0, 4096 - 8, n).astype(
         np.uint64)
     trace = {"gpa": gpa, "size": np.full(n, 8, dtype=np.uint16),
@@ -360,22 +361,177 @@ def test_pool_rounds_and_hooks():
     maps = ranges_to_maps(hooks)
     out = []
     saved = SH.RESERVE
+    runners = []
+
+    class Runner_(SH.ShardRunner):
+        def __init__(self, *a):
+            super().__init__(*a)
+            runners.append(self)
+
+    monkeypatch.setattr(SH, "ShardRunner", Runner_)
+    monkeypatch.setattr(SH, "HEADROOM", 0)  # no room made for the shards' chunks beforehand
     for threads in (1, 3):
         vm = VM(memory="3GiB", vcpus=2, table_capacity=16)
         vm.protect(maps.gfn, maps.access)
         with shard_everything():
-            SH.RESERVE = 1
+            SH.RESERVE, SH.GUESS_TABLES = 1, False  # first chunks the minimum: shards run out
             try:
                 res = replay(vm, trace, hooks=hooks, threads=threads, batch_size=8192)
                 session = Replay(vm, threads=threads)  # a second replay on the same state
                 again = [session.run(b) for b in __import__("sppjit.io.trace", fromlist=["x"]).open_trace(
                     trace, batch_size=8192)]
             finally:
-                SH.RESERVE = saved
+                SH.RESERVE, SH.GUESS_TABLES = saved, saved_guess
         out.append((res, again, session, canonical_state(vm)))
     (a, a2, _, sa), (b, b2, sb_session, sb) = out
     assert a.table.equals(b.table) and a.exits.equals(b.exits)
     assert "relevant" in b.exits.column_names and a.summary["hooks"] == b.summary["hooks"]
     assert all(x.equals(y) for x, y in zip(a2, b2))
     assert sa == sb
-    assert sb_session._shards.parallel_pieces > 0
+    assert sb_session._shards.parallel_pieces > 0 and sum(r.rounds for r in runners) > 0
+
+
+# ------------------------------------------------------------------------------ the partition pass
+def _runner(vm, threads):
+    from sppjit.replay import Replay
+
+    return Replay(vm, threads=threads)._shards
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_partition_gives_each_shard_its_rows_in_order(threads):
+    """One pass over the rows, shared by the shards (chunks meeting in pairs, moved together
+    afterwards): shard s gets exactly the rows whose region falls in its range, in trace order,
+    with their columns; a column constant but for one row is copied, not taken as constant."""
+    from sppjit.io.trace import open_trace
+    from sppjit.vm import VM
+
+    rng = np.random.default_rng(threads)
+    n = 50021  # odd: chunks of unequal length
+    gpa = (rng.integers(0, 1 << 19, n).astype(np.uint64) << np.uint64(12)) | rng.integers(0, 4000, n).astype(np.uint64)
+    size = np.full(n, 8, dtype=np.uint16)
+    size[n - 3] = 4  # constant but for a row near the end
+    kind = rng.integers(0, 3, n).astype(np.uint8)
+    vm = VM(memory="2GiB", vcpus=3)
+    batch = next(iter(open_trace({"gpa": gpa, "size": size, "kind": kind,
+                                  "vcpu": np.full(n, 2, dtype=np.uint16)}, batch_size=n)))
+    runner = _runner(vm, threads)
+    with shard_everything():
+        bounds, regions, edges = runner._bounds(batch.gpa)
+        lay = SH._take_layout(threads, n, [c.dtype for c in SH._kernel_columns(batch)])
+        shards, cand, cand_flags, _ = runner._split(batch, lay, bounds, regions, edges)
+    assert len(shards) == len(bounds) + 1 >= 2
+    sid = np.searchsorted(bounds, gpa >> np.uint64(21), side="right")
+    columns = SH._kernel_columns(batch)
+    for sh in shards:
+        rows = np.flatnonzero(sid == sh.index)
+        assert np.array_equal(sh.rows, rows)
+        for mine, whole in zip(sh.columns, columns):
+            assert mine.dtype == whole.dtype and np.array_equal(mine, whole[rows])
+    # Every row of a fresh VM is a candidate (no EPT level-2 table yet), in order.
+    assert np.array_equal(cand, np.arange(n)) and np.all(cand_flags & SH.F_EPT)
+    SH._give_layout(lay)
+
+
+def test_hot_working_set_runs_serially():
+    """A piece whose sampled rows fall in fewer than MIN_REGIONS regions is replayed serially
+    (the rule reads the rows only: the same trace takes the same path every run); one spread
+    over many regions is sharded; both equal the serial replay."""
+    from sppjit.vm import VM
+
+    rng = np.random.default_rng(5)
+    n = 1 << 16
+    hot = {"gpa": (rng.integers(0, 8 << 21, n).astype(np.uint64) & ~np.uint64(7))}
+    wide = {"gpa": (rng.integers(0, 1 << 31, n).astype(np.uint64) & ~np.uint64(7))}
+    for trace, sharded in ((hot, False), (wide, True)):
+        serial = VM(memory="2GiB").replay(trace)
+        vm = VM(memory="2GiB")
+        from sppjit.replay import Replay
+
+        session = Replay(vm, threads=2)
+        from sppjit.io.trace import open_trace
+
+        out = [session.run(b) for b in open_trace(trace, batch_size=n)]
+        r = session._shards
+        assert (r.parallel_pieces, r.hot_pieces) == ((1, 0) if sharded else (0, 1))
+        assert serial.table.equals(__import__("pyarrow").Table.from_batches(out))
+        assert serial.summary["exits"] == session.summary()["exits"]
+
+
+@pytest.mark.parametrize("profile", ["v4", "v12"])
+def test_spp_bit_in_a_gib_without_maps(profile):
+    """A GiB with no stored map skips the per-row SPPT test only when no EPT leaf in it has the
+    SPP bit: a leaf given bit 61 by hand (an SPPT miss builds SPPT tables shared by regions)
+    keeps its rows barriers, and the sharded replay equals the serial one."""
+    from sppjit.vm import VM
+
+    rng = np.random.default_rng(9)
+    n = 20000
+    gpa = (rng.integers(0, 1 << 19, n).astype(np.uint64) << np.uint64(12)) & np.uint64((1 << 31) - 1)
+    trace = {"gpa": gpa, "kind": np.ones(n, dtype=np.uint8)}
+    states = []
+    for threads in (1, 3):
+        vm = VM(memory="2GiB", profile=profile)
+        vm.init_spp()
+        vm.replay({"gpa": gpa[:2000]})  # map some pages
+        st_ = vm.state
+        g = int(gpa[5000]) >> 12  # a page mapped by then? map it first to be sure
+        vm.replay({"gpa": np.array([g << 12], dtype=np.uint64)})
+        t = int(st_.scal[L.SC_EPT_ROOT])
+        for level in (4, 3, 2):
+            t = _index(st_, int(vm.state.tables[t, (g >> (9 * (level - 1))) & 511]))
+        vm.state.tables[t, g & 511] |= np.uint64(B.PT64_SPP_MASK)
+        assert not SH._gib_spp_free(vm.state, np.uint64(g >> 18), np.uint64(B.PT64_SPP_MASK))
+        with shard_everything():
+            res = vm.replay(trace, threads=threads)
+        states.append((res, vm))
+    (a, va), (b, vb) = states
+    assert a.table.equals(b.table) and a.exits.equals(b.exits) and a.summary["exits"] == b.summary["exits"]
+    assert_same_state(va, vb, "after")
+
+
+def test_long_piece_planned_in_parts():
+    """A piece longer than MAX_PLAN_ROWS (shard positions are int32) is planned in parts."""
+    from sppjit.vm import VM
+
+    rng = np.random.default_rng(2)
+    trace = {"gpa": (rng.integers(0, 1 << 31, 5000).astype(np.uint64) & ~np.uint64(7))}
+    saved = SH.MAX_PLAN_ROWS
+    try:
+        SH.MAX_PLAN_ROWS = 1000
+        with shard_everything():
+            b = VM(memory="2GiB").replay(trace, threads=2)
+    finally:
+        SH.MAX_PLAN_ROWS = saved
+    a = VM(memory="2GiB").replay(trace)
+    assert a.table.equals(b.table) and a.summary["exits"] == b.summary["exits"]
+
+
+@pytest.mark.parametrize("vcpus", [1, 3])
+def test_discarded_log_keeps_last_exit_fields(vcpus):
+    """With the exit log discarded (`replay --summary`, the bench) the shards write no log:
+    each vCPU's last exit is found from the results, and the VMCS exit fields of every vCPU,
+    the counters and the whole state still equal the serial replay's."""
+    from sppjit.datasets import scenarios as D
+    from sppjit.io.trace import open_trace
+    from sppjit.replay import Replay, discard_exits
+    from sppjit.vm import VM
+
+    sc = D.make("guarded", 60000, seed=4, vcpus=vcpus)
+    runs = []
+    for threads in (1, 2, 3):
+        vm = VM(memory=sc.memory, vcpus=sc.vcpus)
+        vm.protect(sc.protect_gfn, sc.protect_access)
+        session = Replay(vm, on_exits=discard_exits, threads=threads)
+        with shard_everything():
+            for b in open_trace(sc.columns(), batch_size=20000):
+                session.run(b, keep=False)
+        runs.append((session, vm))
+    (a, va) = runs[0]
+    for b, vb in runs[1:]:
+        assert b._shards.parallel_pieces > 0
+        sa, sb = a.summary(), b.summary()
+        assert (sa["counts"], sa["exits"], sa["pages"], sa["tlb_flushes"]) == (
+            sb["counts"], sb["exits"], sb["pages"], sb["tlb_flushes"])
+        assert np.array_equal(va.state.vmcs, vb.state.vmcs)
+        assert_same_state(va, vb, f"threads={b.threads}")
