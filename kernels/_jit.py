@@ -21,7 +21,8 @@ def _prepare_cache() -> bool:
     numba keys a cached function on its own file only, but our kernels inline helpers from
     other modules and freeze sppjit.bits constants: a change there would leave stale machine
     code behind. So the cache is stamped with a digest of every file the kernels compile from,
-    and wiped when that digest changes. SPPJIT_NUMBA_CACHE=0 turns caching off; so does a
+    and wiped when that digest changes, with the compiled helpers of sppjit's own modules
+    (which inline kernels). SPPJIT_NUMBA_CACHE=0 turns caching off; so does a
     read-only install (numba would otherwise write to a shared user directory).
     """
     if os.environ.get("SPPJIT_NUMBA_CACHE", "1").lower() in ("0", "false", "no"):
@@ -50,9 +51,14 @@ def _prepare_cache() -> bool:
     except OSError:
         pass
     try:
-        for name in os.listdir(cache_dir):
-            if name.endswith((".nbi", ".nbc")):
-                os.remove(os.path.join(cache_dir, name))
+        # sppjit's own compiled helpers (sppjit/shards.py) inline kernels too: theirs go as well.
+        library_cache = os.path.join(os.path.dirname(os.path.abspath(B.__file__)), "__pycache__")
+        for directory in (cache_dir, library_cache):
+            if not os.path.isdir(directory):
+                continue
+            for name in os.listdir(directory):
+                if name.endswith((".nbi", ".nbc")):
+                    os.remove(os.path.join(directory, name))
         with open(stamp, "w") as f:
             f.write(digest)
     except OSError:

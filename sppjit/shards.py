@@ -1192,13 +1192,13 @@ def _relocate(st, remap: np.ndarray, nt0: int, end: int) -> None:
             st.tables[l2] = e
     # Region caches: payload (index << 4 | flags) for the EPT, the index itself for the SPPT.
     c = st.ept_cache
-    valid = c >= 0
+    valid = c != L.CACHE_INVALID
     idx = (c & L.CACHE_PAYLOAD_MASK) >> 4
     hit = valid & (idx >= nt0) & (idx < end)
     if np.any(hit):
         c[hit] = _with_index(c[hit], remap[idx[hit] - nt0], 4)
     s = st.sppt_cache
-    valid = s >= 0
+    valid = s != L.CACHE_INVALID
     idx = s & L.CACHE_PAYLOAD_MASK
     hit = valid & (idx >= nt0) & (idx < end)
     if np.any(hit):
