@@ -377,10 +377,17 @@ def run(job: Job, progress: Progress | None = None, *,
                                     one_slot=job.vm.memslots is None))
 
 
-def _top(batch) -> int:
+def _top(batch, memory: int) -> int:
     """One past the highest byte a batch accesses in RAM: a whole-VM trace's device accesses
-    (flags bit 0, sppjit.convert.physical.FLAG_DEVICE) are MMIO on purpose."""
+    (flags bit 0, sppjit.convert.physical.FLAG_DEVICE) are MMIO on purpose. 0 when no access
+    of the batch can end beyond ``memory`` (the trace check's gpa maximum tells, without a
+    pass over the batch): mmio_note only needs a top beyond memory."""
     import numpy as np
+
+    from .io.trace import MAX_ACCESS_SIZE
+
+    if batch.gpa_max is not None and batch.gpa_max + MAX_ACCESS_SIZE <= memory:
+        return 0
 
     ends = batch.gpa + batch.size
     names = batch.record_batch.schema.names
@@ -392,6 +399,11 @@ def _top(batch) -> int:
     return int(np.max(ends)) if len(ends) else 0
 
 
+def _memory_bytes(vm) -> int:
+    """One past the guest's highest memslot byte."""
+    return max(base + n for base, n in vm.config.memslots) << 12
+
+
 def mmio_note(summary: ReplaySummary, top: int, vm, *, one_slot: bool) -> str | None:
     """With memory as one slot from gfn 0 (no memslots file), accesses beyond it are MMIO:
     most likely the trace needs more memory. The note says how much would cover every
@@ -399,7 +411,7 @@ def mmio_note(summary: ReplaySummary, top: int, vm, *, one_slot: bool) -> str | 
     from .io.sizes import format_size
 
     mmio = summary.counts.mmio
-    memory = max(base + n for base, n in vm.config.memslots) << 12
+    memory = _memory_bytes(vm)
     if not one_slot or mmio == 0 or top <= memory:
         return None  # MMIO from a deleted memslot, not from too little memory
     mib = 1 << 20
@@ -432,9 +444,10 @@ def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progr
                 session.on_exits = exit_writer.write_batch
             out_writer = None
             one_slot = job.vm.memslots is None
+            memory = _memory_bytes(vm)
             for batch in reader:
                 if one_slot and len(batch):  # for the MMIO note (mmio_note)
-                    opened.top = max(opened.top, _top(batch))
+                    opened.top = max(opened.top, _top(batch, memory))
                 result = session.run(batch, keep=out is not None)
                 if out is not None:
                     if out_writer is None:  # the schema is the first result's

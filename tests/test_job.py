@@ -162,6 +162,16 @@ def test_accesses_beyond_memory_give_a_note_with_the_memory_that_covers_them(tmp
     assert result.note == ("1 access fell outside the guest's memory and was treated as MMIO; "
                            "--memory 10241MiB would cover them (or --memslots for a layout "
                            "with holes)")
+    # Over several batches the note's memory covers the highest access of any of them: batches
+    # wholly inside memory are not scanned, one that ends just inside it is.
+    four_gib = 4 << 30
+    gpa = np.array([0x1000, 0x2000, four_gib - 8, 0x3000, 0x2_8000_0000, 0x1_4000_0000], np.uint64)
+    pq.write_table(pa.table({"gpa": gpa, "size": np.array([8, 8, 8, 8, 8, 4096], np.uint16)}),
+                   tmp_path / "batches.parquet")
+    several = J.run(J.Job(inputs=J.JobInputs(trace=str(tmp_path / "batches.parquet")),
+                          batch_size=2))
+    assert several.summary.counts.mmio == 2
+    assert "--memory 10241MiB would cover them" in several.note
     slots = tmp_path / "slots.csv"
     slots.write_text("slot,base_gfn,npages\n0,0,1024\n")
     with_slots = J.run(J.Job(inputs=J.JobInputs(trace=str(tmp_path / "t.parquet")),

@@ -59,6 +59,7 @@ class TraceBatch:
     first_row: int  # 0-based row of the whole trace at which this batch starts
     insn_len: np.ndarray  # uint8: length of the accessing instruction, 0 when unknown
     vcpus_checked: int | None = None  # every vcpu was checked to be below this; None: 0..MAX_VCPU
+    gpa_max: int | None = None  # the largest gpa, when the check computed it (None: not known)
 
     def __len__(self) -> int:
         return len(self.gpa)
@@ -487,12 +488,13 @@ def _check_batch(batch: pa.RecordBatch, first_row: int, vcpus: int | None,
         column("seq", np.uint64, 0, 0, UINT64_MAX, "")
     insn_len = column("insn_len", np.uint8, 0, 0, MAX_INSN_LEN,
                       f"(an instruction is 1..{MAX_INSN_LEN} bytes; 0 = unknown)")
+    gpa_max = int(gpa.max()) if gpa is not None and len(gpa) else None
     if gpa is not None and size is not None:
-        _check_end(gpa, size, first_row, problems)
+        _check_end(gpa, size, first_row, problems, gpa_max)
     if problems:
         raise InputError("trace: " + min(problems, key=lambda bad: bad.row).message)
     return TraceBatch(gpa=gpa, size=size, vcpu=vcpu, kind=kind, record_batch=batch,
-                      first_row=first_row, insn_len=insn_len, vcpus_checked=vcpus)
+                      first_row=first_row, insn_len=insn_len, vcpus_checked=vcpus, gpa_max=gpa_max)
 
 
 def _beyond_vm(vcpus: int) -> str:
@@ -513,19 +515,23 @@ def check_vcpus(batch: TraceBatch, vcpus: int) -> None:
 BEYOND_SPACE = "ends beyond the 48-bit guest-physical space"
 
 
-def first_beyond(gpa: np.ndarray, size: np.ndarray) -> int:
+def first_beyond(gpa: np.ndarray, size: np.ndarray, gpa_max: int | None = None) -> int:
     """The index of the first access that ends beyond the 48-bit guest-physical space
-    (gpa + size > 2**48), or -1."""
-    if not len(gpa) or int(gpa.max()) <= GPA_LIMIT - MAX_ACCESS_SIZE:
+    (gpa + size > 2**48), or -1. ``gpa_max``: gpa.max(), when the caller has it."""
+    if not len(gpa):
+        return -1
+    if gpa_max is None:
+        gpa_max = int(gpa.max())
+    if gpa_max <= GPA_LIMIT - MAX_ACCESS_SIZE:
         return -1  # the common case: one pass, no temporary arrays
     beyond = gpa > np.uint64(GPA_LIMIT) - size.astype(np.uint64)
     return int(np.argmax(beyond)) if beyond.any() else -1
 
 
 def _check_end(gpa: np.ndarray, size: np.ndarray, first_row: int,
-               problems: list[BadValue]) -> None:
+               problems: list[BadValue], gpa_max: int | None) -> None:
     """Every access must end inside the 48-bit guest-physical space (gpa + size <= 2**48)."""
-    i = first_beyond(gpa, size)
+    i = first_beyond(gpa, size, gpa_max)
     if i >= 0:
         row = first_row + i
         problems.append(BadValue(row, f"access at row {row} {BEYOND_SPACE}"))
