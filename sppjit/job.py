@@ -425,6 +425,7 @@ def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progr
                       input_info: dict, config_extra: dict):
     from .io.atomic import Outputs
     from .io.output import TableWriter, write_json_atomic
+    from .io.readahead import ReadAhead
     from .provenance import generator_info
     from .replay import Replay, discard_exits
     from .summary import ReplaySummary
@@ -445,7 +446,9 @@ def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progr
             out_writer = None
             one_slot = job.vm.memslots is None
             memory = _memory_bytes(vm)
-            for batch in reader:
+            # The next batches are read and checked on another thread while this one replays.
+            batches = tables.enter_context(ReadAhead(reader))
+            for batch in batches:
                 if one_slot and len(batch):  # for the MMIO note (mmio_note)
                     opened.top = max(opened.top, _top(batch, memory))
                 result = session.run(batch, keep=out is not None)
