@@ -439,6 +439,24 @@ def _scatter(dst, rows, src, p0, p1):
         dst[rows[i]] = src[i]
 
 
+def _mark_lacking_numpy(st, root, present, bit, status, used):
+    """_mark_lacking's rule in numpy, for runs with NUMBA_DISABLE_JIT (the test suite's pass
+    over the kernels' Python bodies), where its loops over every GiB would take a second a
+    call. tests/test_shards.py checks the two agree."""
+    top = st.tables[root]
+    view = status.reshape(512, 512)
+    lacking = (top & present) == U0
+    view[lacking] |= bit
+    a = top & _U_ADDR
+    t = np.where(~lacking & (a >= _U_POOL), ((a - _U_POOL) >> U_PAGE_SHIFT).astype(np.int64), used)
+    inside = np.flatnonzero(t < used)
+    below = (st.tables[t[inside]] & present) == U0
+    view[inside] |= np.where(below, bit, np.uint8(0)).astype(np.uint8)
+
+
+_MARK_LACKING = _mark_lacking_numpy if numba.config.DISABLE_JIT else _mark_lacking
+
+
 # ----------------------------------------------------------------------------- table structure
 def gib_status(st, out: np.ndarray | None = None) -> np.ndarray:
     """G_EPT where the GiB has no EPT level-2 table yet, G_SPPT where some SPPT tree lacks one
@@ -446,9 +464,9 @@ def gib_status(st, out: np.ndarray | None = None) -> np.ndarray:
     status = np.zeros(GIBS, dtype=np.uint8) if out is None else out
     status[:] = 0
     used = np.int64(st.scal[L.SC_NTABLES])
-    _mark_lacking(st, np.int64(st.scal[L.SC_EPT_ROOT]), _U_RWX, np.uint8(G_EPT), status, used)
+    _MARK_LACKING(st, np.int64(st.scal[L.SC_EPT_ROOT]), _U_RWX, np.uint8(G_EPT), status, used)
     for root in sppt_trees(st):
-        _mark_lacking(st, np.int64(root), _U_SPPT_PRESENT, np.uint8(G_SPPT), status, used)
+        _MARK_LACKING(st, np.int64(root), _U_SPPT_PRESENT, np.uint8(G_SPPT), status, used)
     return status
 
 

@@ -535,3 +535,37 @@ def test_discarded_log_keeps_last_exit_fields(vcpus):
             sb["counts"], sb["exits"], sb["pages"], sb["tlb_flushes"])
         assert np.array_equal(va.state.vmcs, vb.state.vmcs)
         assert_same_state(va, vb, f"threads={b.threads}")
+
+
+@pytest.mark.parametrize("profile", ["v4", "v12"])
+def test_gib_status_numpy_rule_equals_the_compiled_one(profile):
+    """The numpy twin of _mark_lacking (taken when numba is off) marks the same GiBs, on a
+    fresh VM and on one whose EPT and SPPT trees have grown over several GiBs (huge pages
+    too): the lacking top-level entries and the lacking level-3 entries below present ones."""
+    from sppjit.vm import VM
+
+    for hugepages in (False, True):
+        vm = VM(memory="8GiB", vcpus=2, profile=profile, hugepages=hugepages)
+        fresh = SH.gib_status(vm.state).copy()
+        rng = np.random.default_rng(5)
+        gfn = np.sort(rng.choice(8 << 18, 300, replace=False)).astype(np.uint64)
+        vm.protect(gfn, rng.integers(0, 1 << 32, gfn.shape[0], dtype=np.uint64).astype(np.uint32))
+        gpa = rng.integers(0, (8 << 30) // 8, 5000, dtype=np.uint64) * np.uint64(8)
+        vm.replay({"gpa": np.concatenate([gfn << np.uint64(12), gpa]),
+                   "kind": np.ones(gfn.shape[0] + gpa.shape[0], np.uint8)})
+        st_ = vm.state
+        used = np.int64(st_.scal[L.SC_NTABLES])
+        roots = [(int(st_.scal[L.SC_EPT_ROOT]), SH._U_RWX, SH.G_EPT)]
+        roots += [(r, SH._U_SPPT_PRESENT, SH.G_SPPT) for r in SH.sppt_trees(st_)]
+        assert len(roots) > 1  # SPPT trees exist
+        partial = []
+        for root, present, bit in roots:
+            a = np.zeros(SH.GIBS, np.uint8)
+            b = np.zeros(SH.GIBS, np.uint8)
+            SH._mark_lacking(st_, np.int64(root), present, np.uint8(bit), a, used)
+            SH._mark_lacking_numpy(st_, np.int64(root), present, np.uint8(bit), b, used)
+            assert np.array_equal(a, b)
+            partial.append(bool(a.any() and not a.all()))  # some GiBs have their tables
+        # the EPT, and with 4 KiB pages an SPPT tree (huge pages stay writable: no SPPT)
+        assert partial[0] and (hugepages or any(partial[1:]))
+        assert not np.array_equal(fresh, SH.gib_status(st_))
