@@ -43,7 +43,7 @@ from .layout import (
     CF_SUBPAGE_CHECK,
     CHECK_FIRST,
 )
-from .mmu import cache_slot, hpa_table, level_index
+from .mmu import cache_slot, cache_tag, hpa_table, level_index
 
 _I_PROC = B.VMCS_COL_PROC
 _I_SEC = B.VMCS_COL_SECONDARY
@@ -111,7 +111,7 @@ def hardware_check(st, v, first, last, kind):
     gfn = first >> U_PAGE_SHIFT
     region = np.int64(gfn >> np.uint64(9))
     cacheable = region < CACHE_REGION_LIMIT
-    tag = (region + 1) << _TAG_SHIFT
+    tag = cache_tag(region) << _TAG_SHIFT
     slot = cache_slot(st.ept_cache.shape[0], np.uint64(region))
     t = hpa_table(st, st.vmcs[v, _I_EPTP])
     cum = U_RWX
@@ -193,7 +193,7 @@ def fast_check(st, v, first, last, kind):
     region = gfn >> np.uint64(9)
     slot = region & np.uint64(st.ept_cache.shape[0] - 1)
     c = st.ept_cache[slot]
-    if (c >> _TAG_SHIFT) != np.int64(region + U1):  # another region's walk, or none (0)
+    if (c >> _TAG_SHIFT) != cache_tag(region):  # another region's walk, or none (0)
         return FAST_UNKNOWN, U0
     t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
     huge = (c & 8) != 0
@@ -217,7 +217,7 @@ def fast_check(st, v, first, last, kind):
     if kind == B.ACCESS_WRITE and not huge and (e & U_SPP) != U0 and (cum & U_R) != U0 and spp_enabled(st, v):
         # SPP-eligible: the vector decides (a missing path or odd bits: the full check).
         s = st.sppt_cache[v, slot]
-        if (s >> _TAG_SHIFT) != np.int64(region + U1):
+        if (s >> _TAG_SHIFT) != cache_tag(region):
             return FAST_UNKNOWN, U0
         vec = st.tables[np.uint64(s) & _U_PAYLOAD, gfn & _U_511]
         if (vec & U_SPPT_LEAF_RSVD) != U0:

@@ -150,9 +150,16 @@ def cache_slot(cache_len, region):
 
 
 @inline
+def cache_tag(region):
+    """The tag of ``region``'s cache entries (kernels.layout): the region + 1, so that 0 is
+    an empty entry."""
+    return np.int64(region) + np.int64(1)
+
+
+@inline
 def cache_lookup(c, region):
     """The payload of cache entry ``c`` if it is tagged with ``region``, else -1."""
-    if (c >> _TAG_SHIFT) != np.int64(region) + 1:
+    if (c >> _TAG_SHIFT) != cache_tag(region):
         return -1
     return c & _PAYLOAD
 

@@ -57,6 +57,7 @@ from .layout import (
 from .mmu import (
     RESUME,
     access_map_of,
+    cache_tag,
     ept_leaf,
     kvm_exit_spp_code,
     kvm_map_gfn_common,
@@ -222,14 +223,14 @@ def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touch
     region = gfn >> np.uint64(9)
     slot = region & cache_mask
     c = st.ept_cache[slot]
-    if (c >> _TAG_SHIFT) != np.int64(region + U1):
+    if (c >> _TAG_SHIFT) != cache_tag(region):
         return
     index = region & _U_511 if (c & 8) != 0 else gfn & _U_511
     t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
     prefetch(tables_base + (t * np.uint64(512) + index) * np.uint64(8))
     if write:
         s = st.sppt_cache[v, slot]
-        if (s >> _TAG_SHIFT) == np.int64(region + U1):
+        if (s >> _TAG_SHIFT) == cache_tag(region):
             prefetch(tables_base + ((np.uint64(s) & _U_PAYLOAD) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
 
 

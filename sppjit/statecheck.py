@@ -163,7 +163,7 @@ def _caches(st) -> str:
         c = cache
         # (-1 is how releases before the zeroed caches saved an empty entry: their files load)
         valid = (c != L.CACHE_INVALID) & (c != _OLD_CACHE_INVALID)
-        region = (c >> L.CACHE_TAG_SHIFT) - 1
+        region = (c >> L.CACHE_TAG_SHIFT) - 1  # the tag is the region + 1 (kernels.mmu.cache_tag)
         payload = c & L.CACHE_PAYLOAD_MASK
         table = payload >> 4 if kind == L.TABLE_EPT else payload
         slot = np.arange(entries, dtype=np.int64)[None, :]
