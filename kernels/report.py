@@ -117,6 +117,26 @@ def _find(table, key, base, span, mask):
         h = (h + 1) & mask
 
 
+@inline
+def _page_slot(page_hot, p, r, pbase, pspan, pmask):
+    """(row of page ``p``, 1 if it was new in the hash table else 0), its first row set to
+    ``r`` when it is new."""
+    slot, new = _find(page_hot, p, pbase, pspan, pmask)
+    hashed = np.int64(0)
+    if new:
+        page_hot[slot, P_FIRST] = r
+        if slot >= pspan:
+            hashed = np.int64(1)
+    return slot, hashed
+
+
+@inline
+def _page_access(page_hot, slot, r, k):
+    """An access of kind ``k`` at row ``r`` to the page in row ``slot``."""
+    page_hot[slot, P_LAST] = r
+    page_hot[slot, P_READS + k] += 1
+
+
 @kernel
 def check_columns(gpa, size, kind, outcome, kinds, outcomes, gpa_limit):
     """Whether some row has a size outside 1..4096, a kind or an outcome beyond its codes, or
@@ -217,22 +237,14 @@ def accumulate(gpa, size, kind, outcome, nexits, first, erow, egpa, ekind, erel,
         if p0 == last_page:
             slot0 = last_pslot
         else:
-            slot0, new = _find(page_hot, p0, pbase, pspan, pmask)
-            if new:
-                page_hot[slot0, P_FIRST] = r
-                if slot0 >= pspan:
-                    pages += 1
-        page_hot[slot0, P_LAST] = r
-        page_hot[slot0, P_READS + k] += 1
+            slot0, hashed = _page_slot(page_hot, p0, r, pbase, pspan, pmask)
+            pages += hashed
+        _page_access(page_hot, slot0, r, k)
         slot1 = slot0
         if p1 != p0:
-            slot1, new = _find(page_hot, p1, pbase, pspan, pmask)
-            if new:
-                page_hot[slot1, P_FIRST] = r
-                if slot1 >= pspan:
-                    pages += 1
-            page_hot[slot1, P_LAST] = r
-            page_hot[slot1, P_READS + k] += 1
+            slot1, hashed = _page_slot(page_hot, p1, r, pbase, pspan, pmask)
+            pages += hashed
+            _page_access(page_hot, slot1, r, k)
         last_page, last_pslot = p1, slot1
 
         # ---- every sub-page its bytes write

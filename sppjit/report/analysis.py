@@ -745,13 +745,18 @@ class _KernelTables:
             out.append(column.to_numpy(zero_copy_only=True))
         return out
 
-    def pages(self):
-        """(keys, sums[_PAGE_SUMS, n], first rows, last rows), sorted by key."""
-        K, hot, cold = self.K, self.page_hot, self.page_cold
-        used = hot[:, 0] != 0  # column 0: the key plus one
+    @staticmethod
+    def _used_in_order(hot, cold):
+        """The rows of a table that hold a key (column 0: the key plus one), by key."""
+        used = hot[:, 0] != 0
         hot, cold = hot[used], cold[used]
         order = np.argsort(hot[:, 0])
-        hot, cold = hot[order], cold[order]
+        return hot[order], cold[order]
+
+    def pages(self):
+        """(keys, sums[_PAGE_SUMS, n], first rows, last rows), sorted by key."""
+        K = self.K
+        hot, cold = self._used_in_order(self.page_hot, self.page_cold)
         sums = np.empty((len(_PAGE_SUMS), hot.shape[0]), dtype=np.int64)
         sums[_P["reads"]:_P["fetches"] + 1] = hot[:, K.P_READS:K.P_READS + 3].T
         sums[_P[KINDS[0]]:_P[KINDS[-1]] + 1] = cold[:, :len(KINDS)].T
@@ -764,11 +769,8 @@ class _KernelTables:
 
     def subpages(self):
         """(keys, sums[_SUBPAGE_SUMS, n]), sorted by key."""
-        K, hot, cold = self.K, self.sub_hot, self.sub_cold
-        used = hot[:, 0] != 0
-        hot, cold = hot[used], cold[used]
-        order = np.argsort(hot[:, 0])
-        hot, cold = hot[order], cold[order]
+        K = self.K
+        hot, cold = self._used_in_order(self.sub_hot, self.sub_cold)
         sums = np.empty((len(_SUBPAGE_SUMS), hot.shape[0]), dtype=np.int64)
         sums[0] = hot[:, K.S_WRITES]
         sums[1] = cold[:, K.SC_VIOLATIONS]
