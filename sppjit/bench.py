@@ -838,21 +838,32 @@ def run_fleet_bench(scenario: str = FLEET_SCENARIO, accesses: int = FLEET_ACCESS
             warm = client.run(F.warm_worker)  # every worker at once, as a fleet's first jobs
             result["warm_seconds"] = time.perf_counter() - t
             result["worker_warm_seconds"] = sorted(warm.values())
-            serial, runs, plain = [], [], []
+            # The fleet's own tasks (each trace's jobs together), run one after another here.
+            per_task = F.default_jobs_per_task(len(tasks), workers)
+            groups = [[tasks[i].job for i in part] for part in F.task_groups(tasks, per_task)]
+            serial, grouped, runs, apart, plain = [], [], [], [], []
             for _ in range(repeat):  # interleaved, so that a noisy minute hits all alike
                 plain.append(_plain_processes(tasks, workers))
                 t = time.perf_counter()
                 rows = [F.fleet_row(task, J.run(task.job).summary.to_dict()) for task in tasks]
                 serial.append((time.perf_counter() - t, rows))
                 t = time.perf_counter()
+                for jobs in groups:
+                    J.run_many(jobs)
+                grouped.append(time.perf_counter() - t)
+                t = time.perf_counter()
                 run = F.fleet(manifest, scheduler=client)
                 runs.append((time.perf_counter() - t, run))
+                t = time.perf_counter()
+                run = F.fleet(manifest, scheduler=client, jobs_per_task=1)
+                apart.append((time.perf_counter() - t, run))
     expect = timeless(serial[0][1])
-    for _seconds, run in runs:
+    for _seconds, run in runs + apart:
         if timeless(run.table.to_pylist()) != expect or run.errors:
             raise RuntimeError("a fleet's rows differ from the serial jobs'")
     serial_s = min(s for s, _ in serial)
     fleet_s, best = min(runs, key=lambda r: r[0])
+    apart_s = min(s for s, _ in apart)
     busy: dict = {}
     for task in best.document["tasks"]:
         busy[task["pid"]] = busy.get(task["pid"], 0.0) + task["seconds"]
@@ -860,6 +871,12 @@ def run_fleet_bench(scenario: str = FLEET_SCENARIO, accesses: int = FLEET_ACCESS
     result.update({
         "serial_seconds": serial_s, "ideal_seconds": ideal, "fleet_seconds": fleet_s,
         "fleet_over_ideal": fleet_s / ideal, "speedup": serial_s / fleet_s,
+        "jobs_per_task": per_task,
+        # the fleet's tasks (a trace's jobs together, reading it once) one after another here
+        "serial_grouped_seconds": min(grouped),
+        "fleet_over_grouped_ideal": fleet_s / (min(grouped) / workers),
+        # the same fleet with a task per job: each job reads its trace
+        "fleet_apart_seconds": apart_s, "fleet_apart_over_ideal": apart_s / ideal,
         "worker_busy_seconds": sorted(busy.values()),
         # the workers' jobs against the same jobs here: above 1, the cores gave less than
         # one job each (other tenants, two vCPUs sharing a core), not Dask
@@ -888,7 +905,12 @@ def format_fleet_bench(result: dict) -> str:
         f"serial sum        {result['serial_seconds']:8.2f} s  (the jobs one after the other, here)",
         f"ideal             {result['ideal_seconds']:8.2f} s  (serial sum / {result['workers']})",
         f"fleet             {result['fleet_seconds']:8.2f} s  {result['fleet_over_ideal']:.2f}x the "
-        f"ideal, {result['speedup']:.2f}x the serial sum",
+        f"ideal, {result['speedup']:.2f}x the serial sum ({result['jobs_per_task']} jobs of a "
+        "trace a task)",
+        f"  its tasks here  {result['serial_grouped_seconds']:8.2f} s  (one after the other: the "
+        f"fleet takes {result['fleet_over_grouped_ideal']:.2f}x their sum / {result['workers']})",
+        f"a task per job    {result['fleet_apart_seconds']:8.2f} s  "
+        f"{result['fleet_apart_over_ideal']:.2f}x the ideal",
         f"  workers busy    {busy} s ({result['job_slowdown']:.2f}x the serial sum); scheduling "
         f"and gathering {result['scheduling_seconds']:.2f} s",
         f"cluster start     {result['cluster_start_seconds']:8.2f} s; warm-up {result['warm_seconds']:.2f} s "

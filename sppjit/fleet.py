@@ -9,6 +9,12 @@ table, a row per (trace, configuration) with the columns of ``sppjit sweep``'s t
 - Tasks ship job descriptions (``Job.to_dict``: plain JSON data), never arrays or compiled
   functions: a worker reads its trace from the path, on its own machine or a shared file
   system, and compiles or loads the kernels itself.
+- A task runs the jobs of one trace together (``task_groups``, ``run_tasks``,
+  sppjit.job.run_many): the trace is read, checked and hashed once and each batch replayed
+  by every configuration in turn, as a sweep does on one machine. By default a task takes
+  as many of a trace's jobs as leave two tasks per worker thread (``default_jobs_per_task``:
+  compare's three configurations of a trace on two workers); ``jobs_per_task=1`` gives each
+  job a task of its own.
 - ``warm_worker`` runs once per worker process before its first job: numba's kernels are
   loaded from the on-disk cache, or compiled and cached by ONE process per cache directory
   while the others wait on a file lock (docs/fleet.md §4): no N-fold compile storm, and no
@@ -18,7 +24,8 @@ table, a row per (trace, configuration) with the columns of ``sppjit sweep``'s t
   mid-task is Dask's to retry (``distributed.scheduler.allowed-failures`` times) on another
   worker: a job is idempotent (it writes its outputs under names fixed by the manifest, each
   to a temporary name renamed when complete, sppjit.io.atomic), and each row is the result of
-  exactly one future, so no row is lost or duplicated.
+  exactly one future (a retried task runs all its jobs again), so no row is lost or
+  duplicated.
 
 Every row equals, but for the timing columns, the row of the same trace and configuration in
 ``sppjit sweep`` and the summary of ``sppjit replay`` with the same settings
@@ -430,20 +437,36 @@ def run_task(job: dict) -> dict:
     """Run one fleet job on a worker (``job``: Job.to_dict()): its summary (the contract's
     JSON) and the paths written, or the error line; with the worker's host, process and
     seconds (warm-up apart)."""
-    from .job import Job, run
+    return run_tasks([job])[0]
+
+
+def run_tasks(jobs: list[dict]) -> list[dict]:
+    """Run fleet jobs on a worker, each trace they share read once (sppjit.job.run_many): a
+    dict each, as run_task gives; ``seconds`` is the job's share of the call (the jobs of a
+    trace replay batch by batch in turn, so no job has a wall clock of its own)."""
+    from .job import Job, run_many
 
     warm = warm_worker()
     started = time.perf_counter()
-    out = {"summary": None, "written": [], "note": None, "error": None,
-           "host": socket.gethostname(), "pid": os.getpid(), "warm_seconds": warm}
-    try:
-        result = run(Job.from_dict(job))
-        out.update(summary=result.summary.to_dict(), written=list(result.written),
-                   note=result.note)
-    except Exception as exc:  # the row records it; the other jobs go on
-        out["error"] = error_line(exc)
-    out["seconds"] = time.perf_counter() - started
-    return out
+    outs, parsed = [], {}
+    for k, job in enumerate(jobs):
+        outs.append({"summary": None, "written": [], "note": None, "error": None,
+                     "host": socket.gethostname(), "pid": os.getpid(),
+                     "warm_seconds": warm if k == 0 else 0.0})
+        try:
+            parsed[k] = Job.from_dict(job)
+        except Exception as exc:  # noqa: BLE001 - the row records it; the other jobs go on
+            outs[k]["error"] = error_line(exc)
+    for k, result in zip(parsed, run_many(list(parsed.values()))):
+        if isinstance(result, BaseException):
+            outs[k]["error"] = error_line(result)
+        else:
+            outs[k].update(summary=result.summary.to_dict(), written=list(result.written),
+                           note=result.note)
+    share = (time.perf_counter() - started) / max(1, len(jobs))
+    for out in outs:
+        out["seconds"] = share
+    return outs
 
 
 # ----------------------------------------------------------------------------- the fleet
@@ -537,6 +560,7 @@ def local_cluster(workers: int | None = None):
 
 def fleet(manifest, *, scheduler=None, workers: int | None = None, outdir: str | None = None,
           engine: str | None = None, batch_size: int | None = None, base: str | None = None,
+          jobs_per_task: int | None = None,
           progress: Callable[[int, int, dict], None] | None = None) -> FleetResult:
     """Run every (trace, configuration) of ``manifest`` as a job on a Dask cluster; see the
     module docstring.
@@ -545,39 +569,47 @@ def fleet(manifest, *, scheduler=None, workers: int | None = None, outdir: str |
     distributed.Client (an existing cluster); else ``workers`` processes (default: the
     cores) in a LocalCluster started for this fleet and closed after it. ``outdir``: the
     directory of the rows' summaries and exit logs (plan). ``engine`` and ``batch_size``
-    override the manifest's. ``progress(done, total, row)`` is called as rows complete.
+    override the manifest's. ``jobs_per_task``: at most this many jobs of one trace run
+    together in a task, reading the trace once (task_groups; default
+    default_jobs_per_task). ``progress(done, total, row)`` is called as rows complete.
     InputError for a bad manifest, before any job runs; a failing job fails its row only.
     """
     started = time.perf_counter()
     tasks = plan(manifest, outdir=outdir, base=base, engine=engine, batch_size=batch_size)
+    if jobs_per_task is not None:
+        task_groups([], jobs_per_task)  # a bad value: before the cluster starts
     distributed = _dask()
-    from dask.base import tokenize
-
     outcomes: list[dict | None] = [None] * len(tasks)
     with _client(scheduler, workers) as (client, cluster):
         connected = time.perf_counter()
         jobs = [t.job.to_dict() for t in tasks]
-        # Keys fixed by the job and the row: a retried task keeps its key, and so its row.
-        keys = [f"sppjit-fleet-{t.name}-{tokenize(t.name, job)}" for t, job in zip(tasks, jobs)]
-        futures = [client.submit(run_task, job, key=key, pure=False)
-                   for job, key in zip(jobs, keys)]
-        index = {f.key: i for i, f in enumerate(futures)}
+        threads = sum(client.nthreads().values()) or 1
+        if jobs_per_task is None:
+            jobs_per_task = default_jobs_per_task(len(tasks), threads)
+        parts = task_groups(tasks, jobs_per_task)
+        # Keys fixed by the jobs and their rows: a retried task keeps its key, and so its rows.
+        futures = [client.submit(run_tasks, [jobs[i] for i in part],
+                                 key=_task_key(tasks, jobs, part), pure=False) for part in parts]
+        index = {f.key: part for f, part in zip(futures, parts)}
         done = 0
         try:
             for future in distributed.as_completed(futures):
-                i = index[future.key]
+                part = index[future.key]
                 try:
-                    outcomes[i] = future.result()
+                    results = future.result()
                 except Exception as exc:  # the task itself never raises: its worker died
-                    outcomes[i] = {"summary": None, "error": _lost(exc)}
-                done += 1
-                if progress is not None:
-                    progress(done, len(tasks), _row(tasks[i], outcomes[i]))
+                    results = [{"summary": None, "error": _lost(exc)} for _ in part]
+                for i, outcome in zip(part, results):
+                    outcomes[i] = outcome
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(tasks), _row(tasks[i], outcome))
         finally:
             for future in futures:
                 future.release()
         workers_seen = len(client.nthreads())
     finished = time.perf_counter()
+    task_of = {i: k for k, part in enumerate(parts) for i in part}
     rows = [_row(t, o) for t, o in zip(tasks, outcomes)]
     summaries = {t.name: o["summary"] for t, o in zip(tasks, outcomes) if o["summary"]}
     errors = {t.name: o["error"] for t, o in zip(tasks, outcomes) if o["error"]}
@@ -588,15 +620,46 @@ def fleet(manifest, *, scheduler=None, workers: int | None = None, outdir: str |
         "cluster": {**cluster, "workers_seen": workers_seen},
         "seconds": {"start": connected - started, "run": finished - connected,
                     "total": finished - started},
-        "tasks": [{"name": t.name, "host": o.get("host"), "pid": o.get("pid"),
-                   "seconds": o.get("seconds"), "warm_seconds": o.get("warm_seconds"),
-                   "written": o.get("written", []), "note": o.get("note")}
-                  for t, o in zip(tasks, outcomes)],
+        "jobs_per_task": jobs_per_task,
+        # a row per job; "task": the index of the Dask task that ran it (with the other
+        # jobs of its trace, task_groups), "seconds": its share of that task
+        "tasks": [{"name": t.name, "task": task_of[i], "host": o.get("host"),
+                   "pid": o.get("pid"), "seconds": o.get("seconds"),
+                   "warm_seconds": o.get("warm_seconds"), "written": o.get("written", []),
+                   "note": o.get("note")}
+                  for i, (t, o) in enumerate(zip(tasks, outcomes))],
         "rows": rows,
         "summaries": summaries,
     }
     return FleetResult(table=pa.Table.from_pylist(rows, schema=table_schema()), tasks=tasks,
                        summaries=summaries, errors=errors, document=document)
+
+
+def default_jobs_per_task(jobs: int, threads: int) -> int:
+    """Jobs of one trace a task runs together, by default: as many as still leave two tasks
+    for each of the cluster's worker threads (so that no worker idles while another has a
+    queue), which on 2 workers puts compare's three configurations of a trace in one task."""
+    return max(1, -(-jobs // (2 * max(1, threads))))
+
+
+def task_groups(tasks: list[FleetTask], per_task: int) -> list[list[int]]:
+    """The fleet's tasks as lists of row indices: the rows of each trace, in manifest order,
+    cut into runs of at most ``per_task`` (the trace's first row decides its place)."""
+    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
+        raise InputError(f"jobs per task must be a positive number, not {per_task!r}")
+    by_trace: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_trace.setdefault(t.job.inputs.trace, []).append(i)
+    return [rows[k:k + per_task] for rows in by_trace.values()
+            for k in range(0, len(rows), per_task)]
+
+
+def _task_key(tasks: list[FleetTask], jobs: list[dict], part: list[int]) -> str:
+    """The task's key: its first row's name, its size, a token of its jobs (unique)."""
+    from dask.base import tokenize
+
+    first = tasks[part[0]].name
+    return f"sppjit-fleet-{first}-{len(part)}-{tokenize(first, [jobs[i] for i in part])}"
 
 
 def _row(task: FleetTask, outcome: dict) -> dict:
@@ -642,5 +705,6 @@ def format_fleet(document: dict, written: list[str] | None = None) -> str:
 # ``sppjit.fleet(...)`` calls fleet(); the module's other names stay reachable.
 make_callable(__name__, "fleet")
 
-__all__ = ["FleetResult", "FleetTask", "MANIFEST_COLUMNS", "fleet", "fleet_row", "plan",
-           "read_manifest", "run_task", "table_schema", "warm_worker"]
+__all__ = ["FleetResult", "FleetTask", "MANIFEST_COLUMNS", "default_jobs_per_task", "fleet",
+           "fleet_row", "plan", "read_manifest", "run_task", "run_tasks", "table_schema",
+           "task_groups", "warm_worker"]

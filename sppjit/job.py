@@ -297,6 +297,10 @@ class _Opened:
     top: int = 0  # one past the highest byte the trace accessed
 
 
+def _batch_size(job: Job) -> int:
+    return job.batch_size or default_batch_size(job.engine)
+
+
 def _open(job: Job, name: _Names) -> _Opened:
     """Read and check every input, build the VM and place the protection (each reader
     raises InputError naming the file, column and row)."""
@@ -308,7 +312,7 @@ def _open(job: Job, name: _Names) -> _Opened:
     from .vm import VM
 
     spec, inputs = job.vm, job.inputs
-    batch_size = job.batch_size or default_batch_size(job.engine)
+    batch_size = _batch_size(job)
     # The memory and vCPUs the trace records (sppjit generate) are the defaults: a trace
     # replayed on a smaller VM than it was made for would give wrong answers with exit 0.
     schema = open_trace(inputs.trace, batch_size=batch_size).schema
@@ -353,28 +357,108 @@ def run(job: Job, progress: Progress | None = None, *,
         names: Mapping[str, str] | None = None) -> JobResult:
     """Check, replay and write the job's outputs, all or nothing; see the module docstring.
     ``progress(rows_done, rows_total)`` is called after every batch."""
-    from .io.formats import trace_format
+    from .io.readahead import ReadAhead
     from .provenance import BackgroundDigests
 
     name = _Names(names)
     _check_options(job, name)
     # The inputs are hashed for the summary on another thread, from now on: a large trace
     # takes about as long to hash as to replay, and the reading and checks below overlap it.
-    inputs = job.inputs
-    digests = BackgroundDigests({"trace": inputs.trace, "protect": inputs.protection,
-                                 "ops": inputs.timeline, "memslots": job.vm.memslots_file,
-                                 **{p: getattr(inputs, p) for p in WHOLE_VM_PROTECTION_FILES
-                                    if getattr(inputs, p) is not None}})
+    digests = BackgroundDigests(_digested(job))
     opened = _open(job, name)
-    summary, written = _replay_and_write(
-        job, opened, name, digests=digests, progress=progress,
-        input_info={"path": inputs.trace, "format": trace_format(inputs.trace)},
-        config_extra={"engine": job.engine, "protection": opened.protection_info,
-                      "memslots_file": job.vm.memslots_file, "ops_file": inputs.timeline,
-                      "vm_from": opened.vm_from})
-    return JobResult(summary=summary, written=tuple(written),
-                     note=mmio_note(summary, opened.top, opened.vm,
-                                    one_slot=job.vm.memslots is None))
+    with _JobRun(job, opened, name) as one:
+        # The next batches are read and checked on another thread while this one replays.
+        with ReadAhead(opened.reader) as batches:
+            for batch in batches:
+                one.step(batch)
+                if progress is not None:
+                    progress(one.session.rows, opened.reader.num_rows)
+        return one.finish(digests.result())
+
+
+def run_many(jobs: list[Job], *, names: Mapping[str, str] | None = None) -> list:
+    """Run several jobs, reading each trace they share once: what ``run`` gives for each
+    job (its JobResult, or the exception it raises), in the order of ``jobs``.
+
+    Jobs that replay the same trace with the same batch size on the same number of vCPUs
+    (what the reader checks the rows against) form a group: each batch is read and checked
+    once, then replayed by every job of the group in turn, on this thread (a fleet's worker
+    runs the configurations of one trace so: sppjit.fleet). The jobs still fail one by one,
+    as each would alone: a job's bad option or protection file, or its VM entry failure,
+    fails that job only (its outputs are rolled back, as run's are); a bad row of the trace
+    fails every job of the group still replaying, with the error each would give. Every
+    input file is hashed once, on one thread. An interrupt rolls back every unfinished job
+    and is raised."""
+    from .io.readahead import ReadAhead
+    from .provenance import BackgroundDigests
+
+    name = _Names(names)
+    results: list = [None] * len(jobs)
+    digested = [_digested(job) for job in jobs]
+    digests = BackgroundDigests({path: path for files in digested for path in files.values()
+                                 if path is not None})
+    groups: dict[tuple, list[int]] = {}
+    opened: dict[int, _Opened] = {}
+    for k, job in enumerate(jobs):
+        try:
+            _check_options(job, name)
+            opened[k] = _open(job, name)
+        except Exception as exc:  # noqa: BLE001 - that job's failure, as run(job) raises it
+            results[k] = exc
+            continue
+        key = (os.path.realpath(job.inputs.trace), _batch_size(job), opened[k].vm.config.vcpus)
+        groups.setdefault(key, []).append(k)
+    for members in groups.values():
+        runs: dict[int, _JobRun] = {}
+        try:
+            for k in members:
+                try:
+                    runs[k] = _JobRun(jobs[k], opened[k], name)
+                except Exception as exc:  # noqa: BLE001 - an output it cannot open
+                    results[k] = exc
+            if runs:
+                with ReadAhead(opened[members[0]].reader) as batches:
+                    for batch in batches:
+                        for k in list(runs):
+                            try:
+                                runs[k].step(batch)
+                            except Exception as exc:  # noqa: BLE001 - this job fails alone
+                                runs.pop(k).fail(exc)
+                                results[k] = exc
+                        if not runs:
+                            break
+        except Exception as exc:  # noqa: BLE001 - the trace itself: every job still replaying
+            for k in list(runs):
+                runs.pop(k).fail(exc)
+                results[k] = exc
+        except BaseException as exc:
+            for each in runs.values():
+                each.fail(exc)
+            raise
+        pending = list(runs)
+        while pending:
+            k = pending.pop(0)
+            files = digests.result()
+            try:
+                results[k] = runs[k].finish({label: files[path] for label, path
+                                             in digested[k].items() if path is not None})
+            except Exception as exc:  # noqa: BLE001 - rolled back by finish
+                results[k] = exc
+            except BaseException as exc:
+                for later in pending:
+                    runs[later].fail(exc)
+                raise
+    digests.result()  # the thread ends before the call returns
+    return results
+
+
+def _digested(job: Job) -> dict[str, str | None]:
+    """The job's input files the summary records digests of, by label."""
+    inputs = job.inputs
+    return {"trace": inputs.trace, "protect": inputs.protection, "ops": inputs.timeline,
+            "memslots": job.vm.memslots_file,
+            **{p: getattr(inputs, p) for p in WHOLE_VM_PROTECTION_FILES
+               if getattr(inputs, p) is not None}}
 
 
 def _top(batch, memory: int) -> int:
@@ -421,58 +505,108 @@ def mmio_note(summary: ReplaySummary, top: int, vm, *, one_slot: bool) -> str | 
             "would cover them (or --memslots for a layout with holes)")
 
 
-def _replay_and_write(job: Job, opened: _Opened, name: _Names, *, digests, progress,
-                      input_info: dict, config_extra: dict):
-    from .io.atomic import Outputs
-    from .io.output import TableWriter, write_json_atomic
-    from .io.readahead import ReadAhead
-    from .provenance import generator_info
-    from .replay import Replay, discard_exits
-    from .summary import ReplaySummary
+class _JobRun:
+    """One job's replay session and outputs, fed a batch at a time: ``run`` drives one over
+    its own reader, ``run_many`` several over one reading of their trace. Its files are
+    published by ``finish`` into an Outputs of its own (entered only while it publishes, so
+    that the runs of a group keep apart), all of them or, when the job fails, none."""
 
-    out, exits = job.outputs.results, job.outputs.exit_log
-    summary_path, state_path = job.outputs.summary, job.outputs.saved_state
-    reader, vm = opened.reader, opened.vm
-    with contextlib.ExitStack() as stack:
-        outputs = stack.enter_context(Outputs())
-        with contextlib.ExitStack() as tables:
-            session = Replay(vm, engine=job.engine, on_exits=discard_exits,
-                             hooks=opened.hooks, ops=list(opened.timeline), threads=job.threads)
-            if exits is not None:
-                tables.push(outputs.track(exits))  # before the writer: runs after its exit
-                exit_writer = tables.enter_context(
-                    TableWriter(exits, session.exit_schema, option=name("exit_log")))
-                session.on_exits = exit_writer.write_batch
-            out_writer = None
-            one_slot = job.vm.memslots is None
-            memory = _memory_bytes(vm)
-            # The next batches are read and checked on another thread while this one replays.
-            batches = tables.enter_context(ReadAhead(reader))
-            for batch in batches:
-                if one_slot and len(batch):  # for the MMIO note (mmio_note)
-                    opened.top = max(opened.top, _top(batch, memory))
-                result = session.run(batch, keep=out is not None)
-                if out is not None:
-                    if out_writer is None:  # the schema is the first result's
-                        tables.push(outputs.track(out))
-                        out_writer = tables.enter_context(
-                            TableWriter(out, result.schema, option=name("results")))
-                    out_writer.write_batch(result)
-                if progress is not None:
-                    progress(session.rows, reader.num_rows)
+    def __init__(self, job: Job, opened: _Opened, name: _Names):
+        from .io.atomic import Outputs
+        from .io.output import TableWriter
+        from .replay import Replay, discard_exits
+
+        self.job, self.opened, self.name = job, opened, name
+        self.outputs = Outputs()
+        self.tables = contextlib.ExitStack()  # the output tables' writers
+        self._ended = False
+        self._one_slot = job.vm.memslots is None
+        self._memory = _memory_bytes(opened.vm)
+        self._results = None  # the per-access results' writer, opened by the first batch
+        self.session = Replay(opened.vm, engine=job.engine, on_exits=discard_exits,
+                              hooks=opened.hooks, ops=list(opened.timeline), threads=job.threads)
+        exits = job.outputs.exit_log
+        if exits is not None:
+            try:
+                self.tables.push(self.outputs.track(exits))  # runs after the writer's exit
+                writer = self.tables.enter_context(
+                    TableWriter(exits, self.session.exit_schema, option=name("exit_log")))
+            except BaseException as exc:
+                self.fail(exc)
+                raise
+            self.session.on_exits = writer.write_batch
+
+    def __enter__(self) -> _JobRun:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if not self._ended:
+            self.fail(error if error is not None else RuntimeError("the run did not finish"))
+
+    def step(self, batch) -> None:
+        """Replay one batch, writing its per-access results if the job keeps them."""
+        from .io.output import TableWriter
+
+        out = self.job.outputs.results
+        if self._one_slot and len(batch):  # for the MMIO note (mmio_note)
+            self.opened.top = max(self.opened.top, _top(batch, self._memory))
+        result = self.session.run(batch, keep=out is not None)
+        if out is not None:
+            if self._results is None:  # the schema is the first result's
+                self.tables.push(self.outputs.track(out))
+                self._results = self.tables.enter_context(
+                    TableWriter(out, result.schema, option=self.name("results")))
+            self._results.write_batch(result)
+
+    def finish(self, digests: dict[str, str] | None) -> JobResult:
+        """Publish the outputs (tables, saved state, summary) and give the job's result;
+        on any failure none of them is left."""
+        from .io.formats import trace_format
+        from .io.output import write_json_atomic
+        from .provenance import generator_info
+        from .summary import ReplaySummary
+
+        job, opened, session = self.job, self.opened, self.session
+        outputs, paths = self.outputs, job.outputs
+        try:
             if session.rows == 0:
                 raise InputError("trace: no rows")
-        summary = session.summary(input_info, digests.result() if digests else None,
-                                  generator_info(reader.schema))
-        summary["config"].update(config_extra)
-        if state_path is not None:
-            from .savestate import save_state
+            with outputs.current():
+                self.tables.close()  # the writers publish their tables
+                summary = session.summary(
+                    {"path": job.inputs.trace, "format": trace_format(job.inputs.trace)},
+                    digests, generator_info(opened.reader.schema))
+                summary["config"].update({
+                    "engine": job.engine, "protection": opened.protection_info,
+                    "memslots_file": job.vm.memslots_file, "ops_file": job.inputs.timeline,
+                    "vm_from": opened.vm_from})
+                if paths.saved_state is not None:
+                    from .savestate import save_state
 
-            save_state(vm, state_path)
-            outputs.add(state_path)
-        if summary_path is not None:
-            write_json_atomic(summary_path, summary)
-            outputs.add(summary_path)
-        written = [path for path in (out, exits, state_path, summary_path)
+                    save_state(opened.vm, paths.saved_state)
+                    outputs.add(paths.saved_state)
+                if paths.summary is not None:
+                    write_json_atomic(paths.summary, summary)
+                    outputs.add(paths.summary)
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        self._ended = True
+        outputs.end(failed=False)
+        written = [path for path in (paths.results, paths.exit_log, paths.saved_state,
+                                     paths.summary)
                    if path is not None and path in outputs.committed]
-    return ReplaySummary.from_dict(summary), written
+        typed = ReplaySummary.from_dict(summary)
+        return JobResult(summary=typed, written=tuple(written),
+                         note=mmio_note(typed, opened.top, opened.vm,
+                                        one_slot=self._one_slot))
+
+    def fail(self, error: BaseException) -> None:
+        """Drop every output: the writers' temporaries, anything already published."""
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            self.tables.__exit__(type(error), error, error.__traceback__)
+        finally:
+            self.outputs.end(failed=True)

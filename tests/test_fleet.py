@@ -173,6 +173,31 @@ def test_rows_equal_the_serial_jobs_and_the_sweeps(files, inproc):
     assert result.table.schema.names[:2] == list(F.ROW_KEY_COLUMNS)
 
 
+def test_the_jobs_of_a_trace_share_a_task_and_give_the_rows_of_a_task_each(files, inproc):
+    """By default the in-process client's 2 threads get 8 jobs as 4 tasks of one trace's 2
+    configurations (each trace read once per task); one job a task gives the same rows."""
+    grouped = F.fleet(files / "crossed.json", scheduler=inproc)
+    apart = F.fleet(files / "crossed.json", scheduler=inproc, jobs_per_task=1)
+    assert grouped.document["jobs_per_task"] == 2 and apart.document["jobs_per_task"] == 1
+    assert [t["task"] for t in grouped.document["tasks"]] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [t["task"] for t in apart.document["tasks"]] == list(range(8))
+    assert [timeless(r) for r in grouped.table.to_pylist()] == [
+        timeless(r) for r in apart.table.to_pylist()]
+    with pytest.raises(InputError, match="jobs per task must be a positive number"):
+        F.fleet(files / "crossed.json", scheduler=inproc, jobs_per_task=0)
+
+
+def test_task_groups_cut_each_traces_rows_in_manifest_order():
+    tasks = [F.FleetTask(name, None, J.Job(inputs=J.JobInputs(trace=f"/t/{name}.parquet")))
+             for name in ("a", "b", "a", "c", "a", "b")]
+    assert F.task_groups(tasks, 2) == [[0, 2], [4], [1, 5], [3]]
+    assert F.task_groups(tasks, 3) == [[0, 2, 4], [1, 5], [3]]
+    assert F.task_groups(tasks, 1) == [[0], [2], [4], [1], [5], [3]]
+    # two tasks per worker thread, at least one job each
+    assert [F.default_jobs_per_task(12, t) for t in (1, 2, 4, 6, 64)] == [6, 3, 2, 1, 1]
+    assert F.default_jobs_per_task(1, 2) == 1
+
+
 def test_a_failing_job_fails_its_row_only(files, inproc):
     manifest = [{"trace": str(files / "bad.parquet")},
                 {"trace": str(files / "hand.parquet"), "vcpus": 2},
@@ -280,9 +305,10 @@ def test_local_cluster_end_to_end_through_the_command_line(files, cluster, tmp_p
         assert cluster.scheduler.http_server.address == "127.0.0.1"
     out = tmp_path / "fleet.parquet"
     result = runner.invoke(cli.app, ["fleet", str(files / "crossed.json"), "--scheduler",
-                                     address, "--out", str(out), "--json"])
+                                     address, "--out", str(out), "--json", "--jobs-per-task", "3"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
+    assert [t["task"] for t in document["tasks"]] == [0, 0, 0, 1, 2, 2, 2, 3]
     assert {t["pid"] for t in document["tasks"]} <= pids  # run by the workers, not here
     tasks = F.plan(files / "crossed.json")
     assert [timeless(r) for r in pq.read_table(out).to_pylist()] == [
@@ -350,6 +376,12 @@ def test_bench_fleet_through_the_command_line(cluster, tmp_path, monkeypatch):
     assert (doc["traces"], doc["workers"], doc["jobs"]) == (B.FLEET_TRACES, 2, 3 * B.FLEET_TRACES)
     assert doc["ideal_seconds"] == pytest.approx(doc["serial_seconds"] / 2)
     assert doc["fleet_over_ideal"] == pytest.approx(doc["fleet_seconds"] / doc["ideal_seconds"])
+    # the fleet ran compare's 3 configurations of a trace in one task; also a task per job
+    assert doc["jobs_per_task"] == 3
+    assert doc["fleet_over_grouped_ideal"] == pytest.approx(
+        doc["fleet_seconds"] / (doc["serial_grouped_seconds"] / 2))
+    assert doc["fleet_apart_over_ideal"] == pytest.approx(
+        doc["fleet_apart_seconds"] / doc["ideal_seconds"])
     # the jobs ran on the workers, each of which warmed once
     assert len(doc["worker_warm_seconds"]) == 2 and 1 <= len(doc["worker_busy_seconds"]) <= 2
     assert doc["scheduling_seconds"] == pytest.approx(doc["fleet_seconds"] - max(doc["worker_busy_seconds"]))

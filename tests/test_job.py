@@ -285,3 +285,129 @@ def test_byte_range_rows_are_named_as_the_file_gives_them(files, tmp_path):
                           vm=J.VmSpec(memory="16MiB", vcpus=2)))
         with pytest.raises(InputError, match="gfn 0x9000 at row 2 is outside every memslot"):
             compare(str(files / "t.parquet"), protect, memory="16MiB", vcpus=2)
+
+
+# ------------------------------------------------------------------------------ run_many
+
+def _configs(files, out_root, names):
+    """Jobs of the same trace under several configurations, each writing every output."""
+    base = job_in(files, out_root / names[0])
+    vms = {"v4": J.VmSpec(vcpus=2), "v12": J.VmSpec(vcpus=2, profile="v12"),
+           "page": J.VmSpec(vcpus=2, granularity="page"),
+           "huge": J.VmSpec(vcpus=2, profile="v12", hugepages=True, subpage_check="first")}
+    jobs = []
+    for name in names:
+        one = job_in(files, out_root / name)
+        jobs.append(J.Job(inputs=base.inputs, vm=vms[name], outputs=one.outputs,
+                          batch_size=base.batch_size))
+    return jobs
+
+
+def _same_outputs(a_dir, b_dir) -> None:
+    for name in ("r.parquet", "e.arrow"):
+        assert (a_dir / name).read_bytes() == (b_dir / name).read_bytes(), name
+    docs = [json.loads((d / "s.json").read_text()) for d in (a_dir, b_dir)]
+    for doc in docs:
+        for key in ReplaySummary.TIMINGS:
+            doc.pop(key)
+    assert docs[0] == docs[1]
+    with np.load(a_dir / "st.npz") as a, np.load(b_dir / "st.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_run_many_gives_each_job_what_run_gives_it(files, tmp_path, monkeypatch):
+    """Four configurations of one trace, read once (in batches of 700, so the jobs take
+    turns batch by batch): every output file and summary is the job's own run's; each
+    input file is hashed once."""
+    from sppjit import provenance
+
+    names = ["v4", "v12", "page", "huge"]
+    alone = [J.run(job) for job in _configs(files, tmp_path / "alone", names)]
+    hashed = []
+    real = provenance.file_digest
+    monkeypatch.setattr(provenance, "file_digest", lambda path: hashed.append(path) or real(path))
+    together = J.run_many(_configs(files, tmp_path / "together", names))
+    assert sorted(hashed) == sorted({str(files / n) for n in ("t.parquet", "maps.csv",
+                                                               "ops.csv")})
+    for name, a, b in zip(names, alone, together):
+        assert isinstance(b, J.JobResult), b
+        assert a.summary.without_timings() == b.summary.without_timings(), name
+        assert b.written == tuple(str(tmp_path / "together" / name / n)
+                                  for n in ("r.parquet", "e.arrow", "st.npz", "s.json"))
+        assert a.note == b.note
+        _same_outputs(tmp_path / "alone" / name, tmp_path / "together" / name)
+    # the configurations differ: the test would not see a job given another's results
+    assert len({json.dumps(r.summary.to_dict()["exits"]) for r in alone}) > 1
+
+
+def test_run_many_fails_jobs_one_by_one_as_run_does(files, tmp_path):
+    """A missing protection file fails its job at the start, a vCPU count below the trace's
+    fails its job (read apart from the others: its reader checks fewer vCPUs), a timeline
+    op's EFAULT stops one job in the middle: each gets run's own error and leaves no output,
+    the others complete with run's results."""
+    good = _configs(files, tmp_path / "g", ["v4", "page"])
+    missing = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet"),
+                                       protection=str(files / "nope.csv")),
+                    vm=J.VmSpec(vcpus=2), outputs=job_in(files, tmp_path / "m").outputs,
+                    batch_size=700)
+    one_vcpu = J.Job(inputs=good[0].inputs, vm=J.VmSpec(vcpus=1),
+                     outputs=job_in(files, tmp_path / "o").outputs, batch_size=700)
+    # at row 1600 (the third batch) a set_subpages on a gfn in no memslot: EFAULT
+    (tmp_path / "efault.csv").write_text(f"at,op,gfn,npages,access\n1600,set_subpages,{1 << 30},1,0\n")
+    efault = J.Job(inputs=J.JobInputs(trace=str(files / "t.parquet"),
+                                      protection=str(files / "maps.csv"),
+                                      timeline=str(tmp_path / "efault.csv")),
+                  vm=J.VmSpec(vcpus=2), outputs=job_in(files, tmp_path / "x").outputs,
+                  batch_size=700)
+    jobs = [missing, good[0], one_vcpu, efault, good[1]]
+    results = J.run_many(jobs)
+    for job, result in zip(jobs, results):
+        try:
+            expected = J.run(job)
+        except Exception as exc:  # noqa: BLE001 - the oracle's error
+            assert type(result) is type(exc) and str(result) == str(exc)
+            out_dir = os.path.dirname(job.outputs.summary)
+            assert os.listdir(out_dir) == [], out_dir
+        else:
+            assert result.summary.without_timings() == expected.summary.without_timings()
+    assert [isinstance(r, J.JobResult) for r in results] == [False, True, False, False, True]
+
+
+def test_run_many_a_bad_row_fails_every_job_and_restores_older_files(files, tmp_path):
+    """A bad row in the third batch: every job of the trace fails with the error its run
+    gives, none leaves an output, and the files that were there before are back."""
+    columns = S.make("guarded", 3000, seed=5).columns()
+    columns["vcpu"] = columns["vcpu"].copy()
+    columns["vcpu"][2500] = 5
+    pq.write_table(pa.table(columns), tmp_path / "bad.parquet")
+    jobs = [J.Job(inputs=J.JobInputs(trace=str(tmp_path / "bad.parquet")), vm=job.vm,
+                  outputs=job.outputs, batch_size=1000)
+            for job in _configs(files, tmp_path / "out", ["v4", "v12"])]
+    (tmp_path / "out" / "v4" / "s.json").write_text("older\n")
+    results = J.run_many(jobs)
+    with pytest.raises(InputError) as alone:
+        J.run(jobs[1])
+    assert [str(r) for r in results] == [str(alone.value)] * 2 and "2500" in str(alone.value)
+    assert os.listdir(tmp_path / "out" / "v4") == ["s.json"]
+    assert (tmp_path / "out" / "v4" / "s.json").read_text() == "older\n"
+    assert os.listdir(tmp_path / "out" / "v12") == []
+
+
+def test_run_many_interrupted_rolls_every_job_back(files, tmp_path, monkeypatch):
+    from sppjit.replay import Replay
+
+    calls = []
+    real = Replay.run
+
+    def interrupted(self, batch, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the first job's third batch
+            raise KeyboardInterrupt
+        return real(self, batch, **kwargs)
+
+    monkeypatch.setattr(Replay, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        J.run_many(_configs(files, tmp_path / "out", ["v4", "v12"]))
+    assert os.listdir(tmp_path / "out" / "v4") == [] == os.listdir(tmp_path / "out" / "v12")

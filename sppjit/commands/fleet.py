@@ -40,6 +40,10 @@ def fleet(
     workers: Annotated[int | None, typer.Option(
         "--workers", metavar="N", min=1, max=1024, show_default="the cores",
         help="Worker processes of a local cluster started for this fleet.")] = None,
+    jobs_per_task: Annotated[int | None, typer.Option(
+        "--jobs-per-task", metavar="N", min=1, show_default="two tasks per worker thread",
+        help="At most N jobs of one trace run together in one task, reading the trace "
+             "once; 1: a task per job.")] = None,
     out: Annotated[str | None, typer.Option(
         "--out", metavar="TABLE", rich_help_panel=PANEL_OUTPUT,
         help="The table, a row per job (.parquet or .arrow).")] = None,
@@ -52,12 +56,13 @@ def fleet(
         help="Print the table and every job's summary as JSON instead of the table.")] = False,
     no_progress: NoProgressOpt = False,
 ) -> None:
-    run_fleet(manifest=manifest, scheduler=scheduler, workers=workers, out=out,
-              outdir=outdir, json_out=json_out, progress=wanted(no_progress))
+    run_fleet(manifest=manifest, scheduler=scheduler, workers=workers,
+              jobs_per_task=jobs_per_task, out=out, outdir=outdir, json_out=json_out,
+              progress=wanted(no_progress))
 
 
 def run_fleet(*, manifest: str, scheduler: str | None = None, workers: int | None = None,
-              out: str | None = None, outdir: str | None = None,
+              jobs_per_task: int | None = None, out: str | None = None, outdir: str | None = None,
               json_out: bool = False, progress: bool = False) -> dict:
     """The fleet command without typer: check, run, write, print; returns the document."""
     from sppjit.fleet import fleet as run
@@ -74,7 +79,7 @@ def run_fleet(*, manifest: str, scheduler: str | None = None, workers: int | Non
     with Shown(progress) as shown:
         jobs = shown.rows("fleet", "jobs")
         result = run(manifest, scheduler=scheduler, workers=workers, outdir=outdir,
-                     progress=lambda done, total, row: jobs(done, total))
+                     jobs_per_task=jobs_per_task, progress=lambda done, total, row: jobs(done, total))
     written = []
     if out is not None:  # written whole under a temporary name, then renamed
         with TableWriter(out, result.table.schema, option="--out") as writer:

@@ -160,15 +160,31 @@ class Outputs:
 
     def __exit__(self, kind, error, traceback) -> None:
         _current.reset(self._token)
-        if kind is None and signals.received() is None:
+        self.end(failed=kind is not None)
+
+    def end(self, *, failed: bool) -> None:
+        """Keep what was published (the old files kept aside are dropped) or, ``failed`` or
+        after a signal, put every path back as it was. ``__exit__`` calls it; an Outputs
+        that is never entered (several runs at once, each publishing inside its own
+        ``current()``) is ended this way."""
+        if not failed and signals.received() is None:
             for kept in self._kept.values():
                 if kept is not None:
                     remove_quietly(kept)
             self._kept.clear()
             return
         self.roll_back()
-        if kind is None:
+        if not failed:
             signals.raise_received()
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[Outputs]:
+        """Publish into this Outputs inside the block, whichever Outputs is entered."""
+        token = _current.set(self)
+        try:
+            yield self
+        finally:
+            _current.reset(token)
 
     def roll_back(self) -> None:
         """Put every path back as it was before this Outputs was opened."""
