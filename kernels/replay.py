@@ -39,11 +39,13 @@ from .hardware import (
     FAST_VIOLATION,
     fast_check,
     hardware_check,
+    view_hit,
 )
 from .layout import (
     CACHE_PAYLOAD_MASK,
     CACHE_TAG_SHIFT,
     CF_GRANULARITY,
+    CF_SUBPAGE_CHECK,
     CT_ACCESSES,
     CT_EXIT_KIND,
     CT_EXITS,
@@ -64,6 +66,7 @@ from .mmu import (
     map_block_of,
     memslot_of,
     serve_requests,
+    view_forget_region,
 )
 
 STATUS_DONE = 0
@@ -174,6 +177,12 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, keep_l
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
         write_exit_fields(st, v, reason, qual, first, insn)
         ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
+        if res == RESUME or ek == B.EXIT_KIND_MMIO:
+            # The handlers that change a leaf or a vector (a fault-in, an SPPT miss, a
+            # write-protect fault, R/X re-installed, an MMIO entry installed) change them in
+            # this region only; the others (refused writes, MMIO emulation, an SPPT
+            # misconfiguration) change no table.
+            view_forget_region(st, first >> U_PAGE_SHIFT)
         log_exit(log, keep_log, v, row, first, reason, qual, ek, user, insn)
         counters[CT_EXIT_KIND + ek] += 1
         nexits += 1
@@ -229,6 +238,12 @@ def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touch
     t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
     prefetch(tables_base + (t * np.uint64(512) + index) * np.uint64(8))
     if write:
+        if st.write_view.shape[1] != 0:
+            # The write view's entry, which decides the write when the page has been written
+            # before (kernels.hardware.view_hit).
+            prefetch(np.uint64(st.write_view.ctypes.data)
+                     + ((np.uint64(v) * np.uint64(st.write_view.shape[1]) + slot) * np.uint64(512)
+                        + (gfn & _U_511)) * np.uint64(4))
         s = st.sppt_cache[v, slot]
         if (s >> _TAG_SHIFT) == cache_tag(region):
             prefetch(tables_base + ((np.uint64(s) & _U_PAYLOAD) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
@@ -350,6 +365,11 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
     # (keep_log is not a parameter: 31 arguments would make CPython pass them as *args, which
     # numba cannot inline.)
     keep_log = log_limit != _NO_LOG_LIMIT
+    # The write view (kernels.layout): an allowed write is one load of it, whatever protects
+    # its page (fast_check's two paths, leaf W or the SPP vector, are a random branch on a
+    # randomly protected guest). It holds only what fast_check allowed, so a hit is its answer.
+    view_on = st.write_view.shape[1] != 0
+    check = st.cfg[CF_SUBPAGE_CHECK]
     page_ahead_prev = _NO_PAGE
     while ru < end:
         ahead = ru + _U_PREFETCH_DISTANCE
@@ -370,6 +390,11 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
         if not (gfn == memo_gfn and ((memo_cum >> k) & U1) != U0):
             v = np.int64(vcpu[ru])
             last = first + np.uint64(size[ru]) - U1
+            if view_on and k == np.uint64(B.ACCESS_WRITE) and view_hit(st, v, first, last, check, cache_mask):
+                if not mark_touched(touched_dir, touched_words, touched_n, gfn):
+                    return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum  # nothing done yet: see below
+                ru += U1  # allowed (the memo stays: it is still true)
+                continue
             code, qual = fast_check(st, v, first, last, k)
             if code != FAST_ALLOWED:
                 # The three exits whose handling is known in advance, taken in place (see
