@@ -41,8 +41,11 @@ from .layout import (
     CACHE_PAYLOAD_MASK,
     CACHE_REGION_LIMIT,
     CACHE_TAG_SHIFT,
+    CF_GRANULARITY,
     CF_SUBPAGE_CHECK,
     CHECK_FIRST,
+    GRAN_PAGE,
+    SC_SPP_ACTIVE,
 )
 from .mmu import cache_slot, cache_tag, hpa_table, level_index, set_ept_cache, set_sppt_cache, vector_to_map
 
@@ -178,8 +181,10 @@ def view_need(first, last, check):
 @inline
 def view_fill(st, v, slot, gfn, allowed):
     """Record that vCPU v may write the sub-pages ``allowed`` of ``gfn`` (fast_check has just
-    established it from the caches, the live leaf and the live vector)."""
-    if st.write_view.shape[1] != 0:
+    established it from the caches, the live leaf and the live vector). Only where the replay
+    uses the view (kernels.replay.fast_rows: SPP active, sub-page granularity); the view's
+    entries do not depend on that, so a VM switching mode keeps a valid view."""
+    if st.write_view.shape[1] != 0 and st.scal[SC_SPP_ACTIVE] != 0 and st.cfg[CF_GRANULARITY] != GRAN_PAGE:
         st.write_view[np.uint64(v), slot, gfn & _U_511] = np.uint32(allowed)
 
 

@@ -171,9 +171,10 @@ def cache_lookup(c, region):
 #    row was filled (so a cache entry that changes, or goes, takes its rows with it: set_ept_cache);
 # 2. an entry the SPP vector decided exists only while sppt_cache[v, slot] holds the value it
 #    held then (set_sppt_cache), so entries the walk's W decided survive an SPPT reset.
-# Any other change of a leaf or a vector is KVM's exit handling, confined to the faulting
-# gfn's region (view_forget_region, kernels.replay.slow_piece), or the control plane, which
-# resets every cache (sppjit.vm.VM.invalidate_caches).
+# Any other change of a leaf or a vector is KVM's exit handling, confined to the faulting gfn
+# (view_forget_gfn) or, for an SPPT miss, its 2 MiB region (view_forget_region; see
+# kernels.replay.slow_piece), or the control plane, which resets every cache
+# (sppjit.vm.VM.invalidate_caches).
 @inline
 def view_forget_slot(st, slot):
     """Every vCPU's write view of region-cache entry ``slot`` (kernels.layout: none in a VM
@@ -209,6 +210,17 @@ def view_forget_region(st, gfn):
     slot = cache_slot(st.ept_cache.shape[0], region)
     if (st.ept_cache[slot] >> _TAG_SHIFT) == cache_tag(region):
         view_forget_slot(st, slot)
+
+
+@inline
+def view_forget_gfn(st, gfn):
+    """Forget every vCPU's view of one gfn, after KVM's handler changed its leaf or its
+    vectors and nothing else (kernels.replay.slow_piece)."""
+    region = gfn >> np.uint64(9)
+    slot = cache_slot(st.ept_cache.shape[0], region)
+    if st.write_view.shape[1] != 0 and (st.ept_cache[slot] >> _TAG_SHIFT) == cache_tag(region):
+        for v in range(st.write_view.shape[0]):
+            st.write_view[v, slot, gfn & _U_511] = 0
 
 
 @inline

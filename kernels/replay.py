@@ -66,6 +66,7 @@ from .mmu import (
     map_block_of,
     memslot_of,
     serve_requests,
+    view_forget_gfn,
     view_forget_region,
 )
 
@@ -177,12 +178,17 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, keep_l
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
         write_exit_fields(st, v, reason, qual, first, insn)
         ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
-        if res == RESUME or ek == B.EXIT_KIND_MMIO:
-            # The handlers that change a leaf or a vector (a fault-in, an SPPT miss, a
-            # write-protect fault, R/X re-installed, an MMIO entry installed) change them in
-            # this region only; the others (refused writes, MMIO emulation, an SPPT
-            # misconfiguration) change no table.
+        # What the handler changed, forgotten by the write view (kernels.mmu, its rules). An
+        # SPPT miss builds vectors: v4 this gfn's, v12 those of its whole 2 MiB block. The
+        # other handlers that change a table (a fault-in, a write-protect fault, R/X
+        # re-installed, an MMIO entry installed) write this gfn's leaf and, v4, its vectors;
+        # a table they create or a 2 MiB leaf they map resets the region's cache entry, and
+        # its view with it. Refused writes, MMIO emulation and an SPPT misconfiguration
+        # change no table.
+        if ek == B.EXIT_KIND_SPP_MISS:
             view_forget_region(st, first >> U_PAGE_SHIFT)
+        elif res == RESUME or ek == B.EXIT_KIND_MMIO:
+            view_forget_gfn(st, first >> U_PAGE_SHIFT)
         log_exit(log, keep_log, v, row, first, reason, qual, ek, user, insn)
         counters[CT_EXIT_KIND + ek] += 1
         nexits += 1
@@ -238,7 +244,7 @@ def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touch
     t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
     prefetch(tables_base + (t * np.uint64(512) + index) * np.uint64(8))
     if write:
-        if st.write_view.shape[1] != 0:
+        if not maps and st.write_view.shape[1] != 0:
             # The write view's entry, which decides the write when the page has been written
             # before (kernels.hardware.view_hit).
             prefetch(np.uint64(st.write_view.ctypes.data)
@@ -368,7 +374,10 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
     # The write view (kernels.layout): an allowed write is one load of it, whatever protects
     # its page (fast_check's two paths, leaf W or the SPP vector, are a random branch on a
     # randomly protected guest). It holds only what fast_check allowed, so a hit is its answer.
-    view_on = st.write_view.shape[1] != 0
+    # Used, and filled, only where SPP decides writes (SPP active, sub-page granularity):
+    # elsewhere fast_check has one path, and the view would add a second random line to a
+    # row's reads (uniform: 0.6x).
+    view_on = spp_active and exits_inline == EXITS_INLINE_SPP and st.write_view.shape[1] != 0
     check = st.cfg[CF_SUBPAGE_CHECK]
     page_ahead_prev = _NO_PAGE
     while ru < end:
