@@ -41,11 +41,8 @@ from .layout import (
     CACHE_PAYLOAD_MASK,
     CACHE_REGION_LIMIT,
     CACHE_TAG_SHIFT,
-    CF_GRANULARITY,
     CF_SUBPAGE_CHECK,
     CHECK_FIRST,
-    GRAN_PAGE,
-    SC_SPP_ACTIVE,
 )
 from .mmu import cache_slot, cache_tag, hpa_table, level_index, set_ept_cache, set_sppt_cache, vector_to_map
 
@@ -181,11 +178,9 @@ def view_need(first, last, check):
 @inline
 def view_fill(st, v, slot, gfn, allowed):
     """Record that vCPU v may write the sub-pages ``allowed`` of ``gfn`` (fast_check has just
-    established it from the caches, the live leaf and the live vector). Only where the replay
-    uses the view (kernels.replay.fast_rows: SPP active, sub-page granularity); the view's
-    entries do not depend on that, so a VM switching mode keeps a valid view."""
-    if st.write_view.shape[1] != 0 and st.scal[SC_SPP_ACTIVE] != 0 and st.cfg[CF_GRANULARITY] != GRAN_PAGE:
-        st.write_view[np.uint64(v), slot, gfn & _U_511] = np.uint32(allowed)
+    established it from the caches, the live leaf and the live vector). The caller knows the
+    view is not empty."""
+    st.write_view[np.uint64(v), slot, gfn & _U_511] = np.uint32(allowed)
 
 
 @inline
@@ -218,6 +213,12 @@ FAST_NOT_PRESENT = 4
 
 @inline
 def fast_check(st, v, first, last, kind):
+    """fast_check_fill, filling no write view."""
+    return fast_check_fill(st, v, first, last, kind, False)
+
+
+@inline
+def fast_check_fill(st, v, first, last, kind, fill):
     """What hardware_check would answer for bytes first..last of one page, read from the
     region caches: (FAST_ALLOWED, cumulative R/W/X of the walk, or 0 when the SPP vector
     allowed the write), (FAST_VIOLATION or above, qualification) or (FAST_UNKNOWN, 0).
@@ -226,6 +227,11 @@ def fast_check(st, v, first, last, kind):
     entry above the leaf), and the leaf and the SPP vector are read live, so an answer given
     here is exactly hardware_check's. Anything that could be a fault-in, a misconfiguration or
     an SPPT miss is FAST_UNKNOWN.
+
+    With ``fill`` (the replay's fast loop, where it uses the view: the view is not empty), a
+    write it allows on a 4 KiB leaf is recorded in the write view. A parameter, not a test of
+    the state here: a constant False drops the code from the other callers, and the fast
+    loop decides it once.
     """
     # Unsigned indices throughout: numba then emits no negative-index wraparound code.
     gfn = first >> U_PAGE_SHIFT
@@ -252,7 +258,7 @@ def fast_check(st, v, first, last, kind):
         return FAST_UNKNOWN, U0
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):
-        if kind == B.ACCESS_WRITE and not huge:
+        if fill and kind == B.ACCESS_WRITE and not huge:
             view_fill(st, v, slot, gfn, FULL_ACCESS_U32)
         return FAST_ALLOWED, cum
     if kind == B.ACCESS_WRITE and not huge and (e & U_SPP) != U0 and (cum & U_R) != U0 and spp_enabled(st, v):
@@ -265,7 +271,8 @@ def fast_check(st, v, first, last, kind):
             return FAST_UNKNOWN, U0
         need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
         if (vec & need) == need:
-            view_fill(st, v, slot, gfn, vector_to_map(vec))
+            if fill:
+                view_fill(st, v, slot, gfn, vector_to_map(vec))
             return FAST_ALLOWED, U0
         if (e & U_W) == U0:
             return FAST_SPP_VIOLATION, ept_violation_qual(kind, cum)

@@ -186,18 +186,23 @@ def view_forget_slot(st, slot):
 @inline
 def set_ept_cache(st, slot, value):
     """ept_cache[slot] = value, forgetting the view rows filled under the old value (rule 1);
-    writing the value it holds keeps them (a walk that refills its own entry)."""
-    if st.ept_cache[slot] != value:
+    writing the value it holds keeps them (a walk that refills its own entry), and an empty
+    entry has none (so a VM's first walk of a region touches no page of the view)."""
+    old = st.ept_cache[slot]
+    if old != value:
         st.ept_cache[slot] = value
-        view_forget_slot(st, slot)
+        if old != CACHE_INVALID:
+            view_forget_slot(st, slot)
 
 
 @inline
 def set_sppt_cache(st, v, slot, value):
-    """sppt_cache[v, slot] = value, forgetting vCPU v's view rows of the slot (rule 2)."""
-    if st.sppt_cache[v, slot] != value:
+    """sppt_cache[v, slot] = value, forgetting vCPU v's view rows of the slot filled under the
+    old value (rule 2; an empty entry has none)."""
+    old = st.sppt_cache[v, slot]
+    if old != value:
         st.sppt_cache[v, slot] = value
-        if st.write_view.shape[1] != 0:
+        if old != CACHE_INVALID and st.write_view.shape[1] != 0:
             st.write_view[v, slot, :] = 0
 
 

@@ -25,6 +25,7 @@ from sppjit.kernels.mmu import map_to_vector, vector_to_map
 from sppjit.statecheck import check_state, check_write_view, write_rights
 
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
+from test_equivalence import assert_results_equal, assert_states_equal  # noqa: E402
 
 
 def _without_view(vm) -> None:
@@ -99,8 +100,6 @@ def test_view_matches_the_tables_after_every_change(scn):
     without = S.Runner(scn.vm, "jit")
     _without_view(without.vm)
     rb = _drive(without, scn, lambda where: None)
-    from test_equivalence import assert_results_equal, assert_states_equal
-
     assert len(ra) == len(rb)
     for p, (a, b) in enumerate(zip(ra, rb)):
         assert_results_equal(a, b, f"phase {p}, view on / off")
