@@ -44,7 +44,15 @@ from .layout import (
     CF_SUBPAGE_CHECK,
     CHECK_FIRST,
 )
-from .mmu import cache_slot, cache_tag, hpa_table, level_index, set_ept_cache, set_sppt_cache, vector_to_map
+from .mmu import (
+    cache_slot,
+    cache_tag,
+    hpa_table,
+    level_index,
+    set_ept_cache,
+    set_sppt_cache,
+    vector_to_map,
+)
 
 _I_PROC = B.VMCS_COL_PROC
 _I_SEC = B.VMCS_COL_SECONDARY

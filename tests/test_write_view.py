@@ -17,6 +17,7 @@ import contextlib
 import numpy as np
 import pytest
 from hypothesis import event, given, settings
+from test_equivalence import assert_results_equal, assert_states_equal
 
 import sppjit.replay as R
 from sppjit import bits as B
@@ -25,7 +26,6 @@ from sppjit.kernels.mmu import map_to_vector, vector_to_map
 from sppjit.statecheck import check_state, check_write_view, write_rights
 
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
-from test_equivalence import assert_results_equal, assert_states_equal  # noqa: E402
 
 
 def _without_view(vm) -> None:
@@ -128,8 +128,9 @@ def _writes(rng, n, vcpus, pages=1024):
 @pytest.mark.parametrize("profile", ["v4", "v12"])
 @pytest.mark.parametrize("subpage_check", ["all", "first"])
 def test_view_fills_and_stays_exact_across_batches_and_operations(checked, profile, subpage_check):
-    """Random writes, in batches, with set_subpages, zaps, remaps and a memslot deletion between
-    them and in the middle of a trace: the view fills (it is used), and every check holds."""
+    """Random writes in batches, with set_subpages between them, and set_subpages, a zap and a
+    remap in the middle of a trace: the view fills (it is used), and every check holds (the
+    property test above adds pokes, memslot deletions, huge pages, requests and more vCPUs)."""
     rng = np.random.default_rng(7)
     vm = _guarded_vm(profile=profile, subpage_check=subpage_check)
     R.replay(vm, _writes(rng, 3000, 2), batch_size=512)
