@@ -378,13 +378,15 @@ class VM:
         """Zero the write view (kernels.layout). Its rows are non-zero only under region-cache
         entries in use (kernels.mmu, rule 1), so only those are written: a VM's first replay
         touches the view's pages it needs, a reset touches no others. A state set from outside
-        is zeroed whole."""
+        is zeroed whole, when it is not already (a loaded state's view is a fresh one: reading
+        its untouched pages costs no memory, writing them would)."""
         st = self.state
         view = st.write_view
         if view.shape[1] == 0:
             return
         if self._view_foreign:
-            view.fill(0)
+            if view.any():
+                view.fill(0)
             self._view_foreign = False
             return
         used = np.flatnonzero(st.ept_cache != L.CACHE_INVALID)
