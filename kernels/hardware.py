@@ -12,6 +12,7 @@ import numpy as np
 from sppjit import bits as B
 
 from ._jit import (
+    FULL_ACCESS_U32,
     U0,
     U1,
     U_ADDR_RSVD,
@@ -43,7 +44,15 @@ from .layout import (
     CF_SUBPAGE_CHECK,
     CHECK_FIRST,
 )
-from .mmu import cache_slot, cache_tag, hpa_table, level_index
+from .mmu import (
+    cache_slot,
+    cache_tag,
+    hpa_table,
+    level_index,
+    set_ept_cache,
+    set_sppt_cache,
+    vector_to_map,
+)
 
 _I_PROC = B.VMCS_COL_PROC
 _I_SEC = B.VMCS_COL_SECONDARY
@@ -128,7 +137,7 @@ def hardware_check(st, v, first, last, kind):
             return B.EXIT_REASON_EPT_MISCONFIG, U0
         if is_leaf:
             if cacheable and lvl == 2:
-                st.ept_cache[slot] = tag | (t << 4) | 8 | np.int64(cum)
+                set_ept_cache(st, slot, tag | (t << 4) | 8 | np.int64(cum))
             leaf = e
             level = lvl
             cum &= e & U_RWX
@@ -136,7 +145,7 @@ def hardware_check(st, v, first, last, kind):
         cum &= e & U_RWX
         t = hpa_table(st, e)
         if lvl == 2 and cacheable and t >= 0:
-            st.ept_cache[slot] = tag | (t << 4) | np.int64(cum)
+            set_ept_cache(st, slot, tag | (t << 4) | np.int64(cum))
     if access_allowed(cum, kind):
         return 0, U0
     if (
@@ -155,7 +164,7 @@ def hardware_check(st, v, first, last, kind):
                 return B.EXIT_REASON_SPP, U0
             s = hpa_table(st, e)
         if cacheable and s >= 0:
-            st.sppt_cache[v, slot] = tag | s
+            set_sppt_cache(st, v, slot, tag | s)
         vec = U0 if s < 0 else st.tables[s, level_index(first, 1)]
         if (vec & U_SPPT_LEAF_RSVD) != U0:
             return B.EXIT_REASON_SPP, U0
@@ -163,6 +172,39 @@ def hardware_check(st, v, first, last, kind):
         if (vec & need) == need:
             return 0, U0
     return B.EXIT_REASON_EPT_VIOLATION, ept_violation_qual(kind, cum)
+
+
+@inline
+def view_need(first, last, check):
+    """The write-view bits (sub-pages, kernels.layout) a write to bytes first..last of one page
+    needs: subpage_mask's rule, in the u32 encoding."""
+    lo = (first >> U_SUBPAGE_SHIFT) & U_SUBPAGE_INDEX_MASK
+    hi = lo if check == CHECK_FIRST else (last >> U_SUBPAGE_SHIFT) & U_SUBPAGE_INDEX_MASK
+    return (U1 << (hi + U1)) - (U1 << lo)  # bits lo..hi; hi + 1 <= 32, so no 64-bit shift
+
+
+@inline
+def view_fill(st, v, slot, gfn, allowed):
+    """Record that vCPU v may write the sub-pages ``allowed`` of ``gfn`` (fast_check has just
+    established it from the caches, the live leaf and the live vector). The caller knows the
+    view is not empty."""
+    st.write_view[np.uint64(v), slot, gfn & _U_511] = np.uint32(allowed)
+
+
+@inline
+def view_hit(st, v, first, last, check, cache_mask):
+    """Whether the write view allows vCPU v's write to bytes first..last of one page: the
+    region's cache entry is this region's (the view's rows belong to it, kernels.mmu rule 1)
+    and the entry holds every sub-page the write needs (0, unknown, holds none). When it
+    does, fast_check would answer FAST_ALLOWED: the view is only filled from that answer and
+    forgotten with anything it was derived from. The caller knows the view is not empty."""
+    gfn = first >> U_PAGE_SHIFT
+    region = gfn >> np.uint64(9)
+    slot = region & cache_mask
+    if (st.ept_cache[slot] >> _TAG_SHIFT) != cache_tag(region):
+        return False
+    need = view_need(first, last, check)
+    return (np.uint64(st.write_view[np.uint64(v), slot, gfn & _U_511]) & need) == need
 
 
 FAST_UNKNOWN = 0  # the caches cannot tell: do the full hardware_check
@@ -179,6 +221,12 @@ FAST_NOT_PRESENT = 4
 
 @inline
 def fast_check(st, v, first, last, kind):
+    """fast_check_fill, filling no write view."""
+    return fast_check_fill(st, v, first, last, kind, False)
+
+
+@inline
+def fast_check_fill(st, v, first, last, kind, fill):
     """What hardware_check would answer for bytes first..last of one page, read from the
     region caches: (FAST_ALLOWED, cumulative R/W/X of the walk, or 0 when the SPP vector
     allowed the write), (FAST_VIOLATION or above, qualification) or (FAST_UNKNOWN, 0).
@@ -187,6 +235,11 @@ def fast_check(st, v, first, last, kind):
     entry above the leaf), and the leaf and the SPP vector are read live, so an answer given
     here is exactly hardware_check's. Anything that could be a fault-in, a misconfiguration or
     an SPPT miss is FAST_UNKNOWN.
+
+    With ``fill`` (the replay's fast loop, where it uses the view: the view is not empty), a
+    write it allows on a 4 KiB leaf is recorded in the write view. A parameter, not a test of
+    the state here: a constant False drops the code from the other callers, and the fast
+    loop decides it once.
     """
     # Unsigned indices throughout: numba then emits no negative-index wraparound code.
     gfn = first >> U_PAGE_SHIFT
@@ -213,6 +266,8 @@ def fast_check(st, v, first, last, kind):
         return FAST_UNKNOWN, U0
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):
+        if fill and kind == B.ACCESS_WRITE and not huge:
+            view_fill(st, v, slot, gfn, FULL_ACCESS_U32)
         return FAST_ALLOWED, cum
     if kind == B.ACCESS_WRITE and not huge and (e & U_SPP) != U0 and (cum & U_R) != U0 and spp_enabled(st, v):
         # SPP-eligible: the vector decides (a missing path or odd bits: the full check).
@@ -224,6 +279,8 @@ def fast_check(st, v, first, last, kind):
             return FAST_UNKNOWN, U0
         need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
         if (vec & need) == need:
+            if fill:
+                view_fill(st, v, slot, gfn, vector_to_map(vec))
             return FAST_ALLOWED, U0
         if (e & U_W) == U0:
             return FAST_SPP_VIOLATION, ept_violation_qual(kind, cum)

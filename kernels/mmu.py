@@ -164,10 +164,74 @@ def cache_lookup(c, region):
     return c & _PAYLOAD
 
 
+# The write view (kernels.layout) caches what the walk, the leaf and the SPP vector answer for
+# a write, which the region caches do not (they hold table indices; the leaf and the vector
+# are read live). Its rows obey two rules that make every invalidation below local:
+# 1. view[:, slot] is non-zero only while ept_cache[slot] holds the value it held when the
+#    row was filled (so a cache entry that changes, or goes, takes its rows with it: set_ept_cache);
+# 2. an entry the SPP vector decided exists only while sppt_cache[v, slot] holds the value it
+#    held then (set_sppt_cache), so entries the walk's W decided survive an SPPT reset.
+# Any other change of a leaf or a vector is KVM's exit handling, confined to the faulting gfn
+# (view_forget_gfn) or, for an SPPT miss, its 2 MiB region (view_forget_region; see
+# kernels.replay.slow_piece), or the control plane, which resets every cache
+# (sppjit.vm.VM.invalidate_caches).
+@inline
+def view_forget_slot(st, slot):
+    """Every vCPU's write view of region-cache entry ``slot`` (kernels.layout: none in a VM
+    whose view is empty)."""
+    if st.write_view.shape[1] != 0:
+        st.write_view[:, slot, :] = 0
+
+
+@inline
+def set_ept_cache(st, slot, value):
+    """ept_cache[slot] = value, forgetting the view rows filled under the old value (rule 1);
+    writing the value it holds keeps them (a walk that refills its own entry), and an empty
+    entry has none (so a VM's first walk of a region touches no page of the view)."""
+    old = st.ept_cache[slot]
+    if old != value:
+        st.ept_cache[slot] = value
+        if old != CACHE_INVALID:
+            view_forget_slot(st, slot)
+
+
+@inline
+def set_sppt_cache(st, v, slot, value):
+    """sppt_cache[v, slot] = value, forgetting vCPU v's view rows of the slot filled under the
+    old value (rule 2; an empty entry has none)."""
+    old = st.sppt_cache[v, slot]
+    if old != value:
+        st.sppt_cache[v, slot] = value
+        if old != CACHE_INVALID and st.write_view.shape[1] != 0:
+            st.write_view[v, slot, :] = 0
+
+
+@inline
+def view_forget_region(st, gfn):
+    """Forget every vCPU's view of gfn's 2 MiB region, after KVM's handler changed a leaf or a
+    vector in it (the caches of the walk above stay valid). Rows of another region sharing
+    the entry are that region's, and stay."""
+    region = gfn >> np.uint64(9)
+    slot = cache_slot(st.ept_cache.shape[0], region)
+    if (st.ept_cache[slot] >> _TAG_SHIFT) == cache_tag(region):
+        view_forget_slot(st, slot)
+
+
+@inline
+def view_forget_gfn(st, gfn):
+    """Forget every vCPU's view of one gfn, after KVM's handler changed its leaf or its
+    vectors and nothing else (kernels.replay.slow_piece)."""
+    region = gfn >> np.uint64(9)
+    slot = cache_slot(st.ept_cache.shape[0], region)
+    if st.write_view.shape[1] != 0 and (st.ept_cache[slot] >> _TAG_SHIFT) == cache_tag(region):
+        for v in range(st.write_view.shape[0]):
+            st.write_view[v, slot, gfn & _U_511] = 0
+
+
 @inline
 def invalidate_region(st, gfn):
     """Forget the cached walk of gfn's region (whatever region the entry holds now: harmless)."""
-    st.ept_cache[cache_slot(st.ept_cache.shape[0], gfn >> np.uint64(9))] = CACHE_INVALID
+    set_ept_cache(st, cache_slot(st.ept_cache.shape[0], gfn >> np.uint64(9)), CACHE_INVALID)
 
 
 # ------------------------------------------------------------------ memslots and access maps
@@ -247,6 +311,18 @@ def map_to_vector(m):
     x = (x | (x << np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
     x = (x | (x << np.uint64(2))) & np.uint64(0x3333333333333333)
     x = (x | (x << np.uint64(1))) & np.uint64(0x5555555555555555)
+    return x
+
+
+@inline
+def vector_to_map(vec):
+    """The inverse of map_to_vector: SPP vector bit 2i -> u32 bit i (the odd bits dropped)."""
+    x = vec & np.uint64(0x5555555555555555)
+    x = (x | (x >> np.uint64(1))) & np.uint64(0x3333333333333333)
+    x = (x | (x >> np.uint64(2))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    x = (x | (x >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+    x = (x | (x >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+    x = (x | (x >> np.uint64(16))) & np.uint64(0x00000000FFFFFFFF)
     return x
 
 
@@ -501,7 +577,7 @@ def spp_flush_sppt(st, gfn):
         st.tables[t, i] = e & ~U_SPPT_PRESENT
         r = cache_slot(st.sppt_cache.shape[1], gfn >> np.uint64(9))
         for v in range(st.sppt_cache.shape[0]):
-            st.sppt_cache[v, r] = CACHE_INVALID
+            set_sppt_cache(st, v, r, CACHE_INVALID)
 
 
 @inline
@@ -705,11 +781,12 @@ def invalidate_span(st, gfn, lvl):
         return
     span = np.int64(1 << (9 * (lvl - 2)))
     if span >= st.ept_cache.shape[0]:
-        st.ept_cache[:] = CACHE_INVALID
+        for r in range(st.ept_cache.shape[0]):
+            set_ept_cache(st, r, CACHE_INVALID)  # the view rows of the entries in use only
         return
     r0 = np.int64(gfn >> np.uint64(9)) & ~(span - 1)
     for r in range(r0, r0 + span):
-        st.ept_cache[cache_slot(st.ept_cache.shape[0], np.uint64(r))] = CACHE_INVALID
+        set_ept_cache(st, cache_slot(st.ept_cache.shape[0], np.uint64(r)), CACHE_INVALID)
 
 
 @inline
@@ -825,7 +902,7 @@ def serve_requests(st, v):
         st.vmcs[v, _I_SEC] |= U_SEC_SPP
         st.scal[SC_TLB_FLUSHES] += 1
         for r in range(st.sppt_cache.shape[1]):
-            st.sppt_cache[v, r] = CACHE_INVALID
+            set_sppt_cache(st, v, r, CACHE_INVALID)  # and the view rows the old SPPT decided
     sec = st.vmcs[v, _I_SEC]
     if (st.vmcs[v, _I_PROC] & U_PROC_ACTIVATE_SECONDARY) == U0:
         sec = U0

@@ -38,12 +38,15 @@ from .hardware import (
     FAST_UNKNOWN,
     FAST_VIOLATION,
     fast_check,
+    fast_check_fill,
     hardware_check,
+    view_hit,
 )
 from .layout import (
     CACHE_PAYLOAD_MASK,
     CACHE_TAG_SHIFT,
     CF_GRANULARITY,
+    CF_SUBPAGE_CHECK,
     CT_ACCESSES,
     CT_EXIT_KIND,
     CT_EXITS,
@@ -64,6 +67,8 @@ from .mmu import (
     map_block_of,
     memslot_of,
     serve_requests,
+    view_forget_gfn,
+    view_forget_region,
 )
 
 STATUS_DONE = 0
@@ -174,6 +179,17 @@ def slow_piece(st, v, first, plast, k, row, insn, known_qual, taken, log, keep_l
             return nexits, reason_last, B.OUTCOME_ALLOWED, True
         write_exit_fields(st, v, reason, qual, first, insn)
         ek, user, res = kvm_handle_exit(st, v, reason, qual, first, k)
+        # What the handler changed, forgotten by the write view (kernels.mmu, its rules). An
+        # SPPT miss builds vectors: v4 this gfn's, v12 those of its whole 2 MiB block. The
+        # other handlers that change a table (a fault-in, a write-protect fault, R/X
+        # re-installed, an MMIO entry installed) write this gfn's leaf and, v4, its vectors;
+        # a table they create or a 2 MiB leaf they map resets the region's cache entry, and
+        # its view with it. Refused writes, MMIO emulation and an SPPT misconfiguration
+        # change no table.
+        if ek == B.EXIT_KIND_SPP_MISS:
+            view_forget_region(st, first >> U_PAGE_SHIFT)
+        elif res == RESUME or ek == B.EXIT_KIND_MMIO:
+            view_forget_gfn(st, first >> U_PAGE_SHIFT)
         log_exit(log, keep_log, v, row, first, reason, qual, ek, user, insn)
         counters[CT_EXIT_KIND + ek] += 1
         nexits += 1
@@ -229,6 +245,12 @@ def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touch
     t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
     prefetch(tables_base + (t * np.uint64(512) + index) * np.uint64(8))
     if write:
+        if not maps and st.write_view.shape[1] != 0:
+            # The write view's entry, which decides the write when the page has been written
+            # before (kernels.hardware.view_hit).
+            prefetch(np.uint64(st.write_view.ctypes.data)
+                     + ((np.uint64(v) * np.uint64(st.write_view.shape[1]) + slot) * np.uint64(512)
+                        + (gfn & _U_511)) * np.uint64(4))
         s = st.sppt_cache[v, slot]
         if (s >> _TAG_SHIFT) == cache_tag(region):
             prefetch(tables_base + ((np.uint64(s) & _U_PAYLOAD) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
@@ -335,21 +357,24 @@ def mark_touched(touched_dir, touched_words, touched_n, gfn):
 
 @inline
 def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
-              touched_words, touched_n, ru, end, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
+              touched_words, touched_n, ru, end, view_on, memo_gfn, memo_cum, prefetching, pending, spp_active,
               exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base):
     """replay_batch's inner loop: rows ru..end-1 while the caches decide them. Returns (the
     first row it could not finish, fast_check's code and qualification for it, the exits it
     already took for that row, the memo) or, having run them all, (end, FAST_UNKNOWN, 0, 0,
     the memo).
 
-    A function so that replay_batch can have two copies of it: the second one, with the
-    prefetching, the request test and the in-place exits switched off by constants, is 5-10%
-    faster on hot and sequential traces (less code in the loop, better laid out) and adds
+    A function so that replay_batch can have copies of it: one with the prefetching, the
+    request test and the in-place exits switched off by constants, 5-10% faster on hot and
+    sequential traces (less code in the loop, better laid out), and one with ``view_on``, the
+    write view, constant True (in the others the constant False drops its code). They add
     little compile time (the in-place exits are not duplicated).
     """
-    # (keep_log is not a parameter: 31 arguments would make CPython pass them as *args, which
-    # numba cannot inline.)
+    # (keep_log and the row count are not parameters: 31 arguments would make CPython pass
+    # them as *args, which numba cannot inline.)
     keep_log = log_limit != _NO_LOG_LIMIT
+    nu = np.uint64(gpa.shape[0])
+    check = st.cfg[CF_SUBPAGE_CHECK]
     page_ahead_prev = _NO_PAGE
     while ru < end:
         ahead = ru + _U_PREFETCH_DISTANCE
@@ -370,7 +395,12 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
         if not (gfn == memo_gfn and ((memo_cum >> k) & U1) != U0):
             v = np.int64(vcpu[ru])
             last = first + np.uint64(size[ru]) - U1
-            code, qual = fast_check(st, v, first, last, k)
+            if view_on and k == np.uint64(B.ACCESS_WRITE) and view_hit(st, v, first, last, check, cache_mask):
+                if not mark_touched(touched_dir, touched_words, touched_n, gfn):
+                    return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum  # nothing done yet: see below
+                ru += U1  # allowed (the memo stays: it is still true)
+                continue
+            code, qual = fast_check_fill(st, v, first, last, k, view_on)
             if code != FAST_ALLOWED:
                 # The three exits whose handling is known in advance, taken in place (see
                 # replay_batch); anything else, and a nearly full log, is the outer loop's.
@@ -408,7 +438,7 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
                     return ru, code, qual, 0, memo_gfn, memo_cum
                 if not take_fault_in(st, log, keep_log, counters, v, row, gfn, first, qual, insn):
                     return ru, code, qual, 0, memo_gfn, memo_cum
-                code, qual = fast_check(st, v, first, last, k)  # the guest's retry
+                code, qual = fast_check_fill(st, v, first, last, k, view_on)  # the guest's retry
                 if code != FAST_ALLOWED:
                     return ru, code, qual, 1, memo_gfn, memo_cum  # the outer loop goes on from the retry
                 # The allowed row's tail, written out again: falling through to the one
@@ -450,6 +480,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
     tables_base = np.uint64(st.tables.ctypes.data)  # the pool is never reallocated in here
     touched_base = np.uint64(touched_words.ctypes.data)
     cache_mask = np.uint64(st.ept_cache.shape[0] - 1)
+    view_rows = st.write_view.shape[1] != 0  # a VM over the view's budget, or a shard, has none
     # Prefetch hints: SPP vectors only in a VM with SPP active, anything only once the tables
     # outgrow the core's caches. Both are re-read after each slow row, where KVM's rules run.
     spp_active = st.scal[SC_SPP_ACTIVE] != 0
@@ -496,10 +527,22 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
         # stopping (a stop would replay the row from the start): the pool's room is checked
         # here (the inner loop allocates nothing), the log's at each exit.
         faults_inline = st.tables.shape[0] - st.scal[SC_NTABLES] >= margin
-        if prefetching or pending or spp_active:
+        if spp_active and exits_inline == EXITS_INLINE_SPP and view_rows:
+            # The write view (kernels.layout): an allowed write is one load of it, whatever
+            # protects its page (fast_check's two paths, leaf W or the SPP vector, are a random
+            # branch on a randomly protected guest); it holds only what fast_check allowed, so
+            # a hit is its answer. Only where SPP decides writes (SPP active, sub-page
+            # granularity): elsewhere fast_check has one path, and the view would add a second
+            # random line to a row's reads (uniform: 0.6x). A copy of its own, the view a
+            # constant: the copy below without it is as fast as before the view existed.
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
                 st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
-                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, prefetching, pending, spp_active,
+                touched_words, touched_n, ru, preset, True, memo_gfn, memo_cum, prefetching, pending, True,
+                EXITS_INLINE_SPP, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base)
+        elif prefetching or pending or spp_active:
+            ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
+                st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
+                touched_words, touched_n, ru, preset, False, memo_gfn, memo_cum, prefetching, pending, spp_active,
                 exits_inline, spp_exit_code, log_limit, faults_inline, tables_base, cache_mask, touched_base)
         else:
             # A small pool, no request pending, SPP off: the loop with no prefetching, no request
@@ -508,7 +551,7 @@ def replay_batch(st, gpa, size, vcpu, kind, insn_len, row0, start, outcome, exit
             # violation.
             ru, code, qual, carried, memo_gfn, memo_cum = fast_rows(
                 st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_reason, log, counters, touched_dir,
-                touched_words, touched_n, ru, preset, nu, memo_gfn, memo_cum, False, False, False, EXITS_INLINE_NONE,
+                touched_words, touched_n, ru, preset, False, memo_gfn, memo_cum, False, False, False, EXITS_INLINE_NONE,
                 spp_exit_code, log_limit, False, tables_base, cache_mask, touched_base)
         if ru > run_start:
             count_fast_rows(counters, kind, np.int64(run_start), np.int64(ru))

@@ -34,6 +34,9 @@ _POOL_FIELDS = {
 _POOL_FILL = {"map_nodes": L.MAP_NONE, "map_blocks": L.FULL_SPP_ACCESS}  # spare rows; others 0
 # Caches of walks: not part of what a VM is. Saved empty; a loaded state starts with them empty.
 _CACHE_FIELDS = ("ept_cache", "sppt_cache")
+# Derived from the rest and sized by the budget of this sppjit (kernels.layout): not saved at
+# all; a loaded state gets an empty one (files from before it existed load as they did).
+_DERIVED_FIELDS = ("write_view",)
 
 
 def state_arrays(vm) -> dict[str, np.ndarray]:
@@ -44,6 +47,8 @@ def state_arrays(vm) -> dict[str, np.ndarray]:
     st = vm.state
     arrays = {}
     for name in L.State._fields:
+        if name in _DERIVED_FIELDS:
+            continue
         value = getattr(st, name)
         if name in _POOL_FIELDS:
             value = value[: int(st.scal[_POOL_FIELDS[name]])]
@@ -146,8 +151,10 @@ def _check_config_types(config) -> None:
 
 def _restore(fresh: L.State, arrays: dict[str, np.ndarray], path: str) -> L.State:
     """A State from the saved arrays, checked field by field against a fresh VM's."""
-    fields = {}
+    fields = {name: getattr(fresh, name) for name in _DERIVED_FIELDS}  # the fresh VM's, empty
     for name in L.State._fields:
+        if name in _DERIVED_FIELDS:
+            continue
         if name not in arrays:
             raise InputError(f"state: {path} lacks the array '{name}'")
         saved, like = arrays[name], getattr(fresh, name)
@@ -173,7 +180,7 @@ def _restore(fresh: L.State, arrays: dict[str, np.ndarray], path: str) -> L.Stat
         grown[:used] = saved
         fields[name] = grown
     for name in L.State._fields:
-        if name not in _POOL_FIELDS:
+        if name not in _POOL_FIELDS and name not in _DERIVED_FIELDS:
             fields[name] = np.array(fields[name], copy=True)  # writable, owned
     if not np.array_equal(fields["cfg"], fresh.cfg):
         raise InputError(f"state: {path}: its settings array does not match its config")

@@ -903,6 +903,10 @@ class ShardRunner:
         if not work:
             return
         self.segments += 1
+        # Shards run with no write view (regions that share a cache entry would race on its
+        # rows, which unlike the caches' single words is not benign): the VM's is zeroed
+        # first, so that nothing the shards change can leave it stale for the barrier rows.
+        vm.forget_write_view()
         base = vm.state
         nt0 = int(base.scal[L.SC_NTABLES])
         alloc = _Allocator(vm, nt0, margin)
@@ -1119,7 +1123,8 @@ class _Allocator:
         sh.scal[L.SC_NTABLES] = start
         end = start + size
         sh.state = pool._replace(tables=pool.tables[:end], table_kind=pool.table_kind[:end],
-                                 table_level=pool.table_level[:end], scal=sh.scal, vmcs=sh.vmcs)
+                                 table_level=pool.table_level[:end], scal=sh.scal, vmcs=sh.vmcs,
+                                 write_view=pool.write_view[:, :0])  # none (ShardRunner.run)
         return True
 
 

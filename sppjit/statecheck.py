@@ -179,13 +179,64 @@ def _caches(st) -> str:
     return ""
 
 
+def _view_shape(st) -> str:
+    view = st.write_view
+    entries = st.ept_cache.shape[0]
+    if view.dtype != np.uint32 or view.shape not in ((st.vmcs.shape[0], entries, 512), (st.vmcs.shape[0], 0, 512)):
+        return f"write_view has shape {view.shape} (vCPUs, {entries} or 0, 512)"
+    return ""
+
+
+def write_rights(st, vcpu: int, gfn: int) -> int:
+    """The sub-pages of ``gfn`` a write by ``vcpu`` is allowed to, from the real tables (the
+    reference engine's hardware check of a one-byte write to each): the write view's entry
+    encoding (kernels.layout), 0 when none is allowed."""
+    from .reference import hardware_check
+
+    gpa = gfn << B.PAGE_SHIFT
+    rights = 0
+    for j in range(B.SUBPAGES_PER_PAGE):
+        first = gpa + (j << B.SUBPAGE_SHIFT)
+        if hardware_check(st, vcpu, first, first, B.ACCESS_WRITE) is None:
+            rights |= 1 << j
+    return rights
+
+
+def check_write_view(st) -> str:
+    """The write view held against the tables: the first entry that is not what they say, as
+    one line, or "". Every non-zero entry (vCPU v, cache entry i, gfn index g) must sit under
+    an ept_cache entry in use (whose region it describes: kernels.mmu, rule 1), equal
+    write_rights of that vCPU and gfn, and, unless it is the whole page, sit under an
+    sppt_cache entry of that region too (rule 2). Costs a hardware check per sub-page of
+    each entry: for tests and inspection, not for loading (a loaded view is empty)."""
+    problem = _view_shape(st)
+    if problem or st.write_view.shape[1] == 0:
+        return problem
+    vs, slots, idx = np.nonzero(st.write_view)
+    for v, slot, i in zip(vs.tolist(), slots.tolist(), idx.tolist()):
+        entry = int(st.write_view[v, slot, i])
+        c = int(st.ept_cache[slot])
+        where = f"write_view[{v}, {slot}, {i}] = {entry:#010x}"
+        if c in (L.CACHE_INVALID, _OLD_CACHE_INVALID):
+            return f"{where} under an empty ept_cache entry"
+        region = (c >> L.CACHE_TAG_SHIFT) - 1
+        gfn = (region << 9) | i
+        if entry != B.FULL_SPP_ACCESS and (int(st.sppt_cache[v, slot]) >> L.CACHE_TAG_SHIFT) - 1 != region:
+            return f"{where} (gfn {gfn:#x}) decided by an SPP vector, under no sppt_cache entry of its region"
+        want = write_rights(st, v, gfn)
+        if entry != want:
+            return f"{where}: gfn {gfn:#x} allows vCPU {v} to write sub-pages {want:#010x}"
+    return ""
+
+
 def check_state(st: L.State, config) -> str:
     """The first thing in ``st`` that the kernels could not trust, as one line; "" if none.
 
     ``st`` has the dtypes and shapes of a fresh VM of ``config`` (savestate._restore) and its
     pools hold at least the entries their counters say."""
     for check in (lambda: _scalars(st, config), lambda: _vcpus(st), lambda: _memslots(st, config),
-                  lambda: _pointers(st), lambda: _maps(st, config), lambda: _caches(st)):
+                  lambda: _pointers(st), lambda: _maps(st, config), lambda: _caches(st),
+                  lambda: check_write_view(st)):
         problem = check()
         if problem:
             return problem

@@ -312,6 +312,7 @@ class VM:
             raise InputError(f"table_capacity must be 1..{MAX_INITIAL_TABLES}, not {table_capacity}")
         self.state = L.empty_state(int(vcpus), slots, int(table_capacity), cfg)
         self._caches_clean = True  # empty_state's caches hold no walk
+        self._view_foreign = False
         st = self.state
         root = K.alloc_table(st, L.TABLE_EPT, 4)
         st.scal[L.SC_EPT_ROOT] = root
@@ -327,9 +328,11 @@ class VM:
 
     @state.setter
     def state(self, value: L.State) -> None:
-        # A state from elsewhere (grown pools, a loaded save) may hold cached walks.
+        # A state from elsewhere (grown pools, a loaded save) may hold cached walks, and a
+        # write view that does not keep kernels.mmu's rules.
         self._state = value
         self._caches_clean = False
+        self._view_foreign = True
 
     def caches_in_use(self) -> None:
         """Say that a replay kernel is about to run on this state: it may fill the region
@@ -366,9 +369,29 @@ class VM:
         otherwise pay milliseconds of memset on every control-plane call."""
         if self._caches_clean:
             return
+        self.forget_write_view()
         self.state.ept_cache.fill(L.CACHE_INVALID)
         self.state.sppt_cache.fill(L.CACHE_INVALID)
         self._caches_clean = True
+
+    def forget_write_view(self) -> None:
+        """Zero the write view (kernels.layout). Its rows are non-zero only under region-cache
+        entries in use (kernels.mmu, rule 1), so only those are written: a VM's first replay
+        touches the view's pages it needs, a reset touches no others. A state set from outside
+        is zeroed whole, when it is not already (a loaded state's view is a fresh one: reading
+        its untouched pages costs no memory, writing them would)."""
+        st = self.state
+        view = st.write_view
+        if view.shape[1] == 0:
+            return
+        if self._view_foreign:
+            if view.any():
+                view.fill(0)
+            self._view_foreign = False
+            return
+        used = np.flatnonzero(st.ept_cache != L.CACHE_INVALID)
+        if used.size:
+            view[:, used] = 0
 
     def ensure_tables(self, extra: int) -> None:
         """Grow the table pool so that ``extra`` more tables fit (indices, hence addresses, stay).
