@@ -313,6 +313,7 @@ class VM:
         self.state = L.empty_state(int(vcpus), slots, int(table_capacity), cfg)
         self._caches_clean = True  # empty_state's caches hold no walk
         self._view_foreign = False
+        self._view_used = False  # no replay filled the view since it was last zeroed
         st = self.state
         root = K.alloc_table(st, L.TABLE_EPT, 4)
         st.scal[L.SC_EPT_ROOT] = root
@@ -338,6 +339,11 @@ class VM:
         """Say that a replay kernel is about to run on this state: it may fill the region
         caches, so the next invalidate_caches must reset them (sppjit.replay calls this)."""
         self._caches_clean = False
+        # The replay fills the write view only with SPP active in sub-page granularity
+        # (kernels.replay), and only the control plane turns SPP on: otherwise the view stays
+        # zero, and forget_write_view need not write it (a sharded segment forgets it first).
+        if self.state.scal[L.SC_SPP_ACTIVE] and self.config.granularity == "spp":
+            self._view_used = True
 
     @property
     def vcpus(self) -> int:
@@ -382,8 +388,9 @@ class VM:
         its untouched pages costs no memory, writing them would)."""
         st = self.state
         view = st.write_view
-        if view.shape[1] == 0:
+        if view.shape[1] == 0 or not (self._view_used or self._view_foreign):
             return
+        self._view_used = False
         if self._view_foreign:
             if view.any():
                 view.fill(0)
