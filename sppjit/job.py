@@ -436,9 +436,9 @@ def run_many(jobs: list[Job], *, names: Mapping[str, str] | None = None) -> list
                 each.fail(exc)
             raise
         pending = list(runs)
+        files = digests.result() if pending else {}
         while pending:
             k = pending.pop(0)
-            files = digests.result()
             try:
                 results[k] = runs[k].finish({label: files[path] for label, path
                                              in digested[k].items() if path is not None})
