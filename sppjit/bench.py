@@ -291,23 +291,41 @@ def _write_e2e_traces(directory: str, scenario: str, accesses: int, seed: int) -
     return paths
 
 
+# The command as _run_cli's child runs it: sppjit's main, then the child's own peak RSS
+# written to the file named first (wait4's rusage would count this process's resident set
+# too: sppjit.rss). Imports nothing before main that the command does not import itself.
+_CLI_CHILD = """\
+import atexit, sys
+def _peak():
+    from sppjit.rss import own_peak_rss
+    with open(sys.argv[1], "w") as f:
+        f.write(str(own_peak_rss()))
+atexit.register(_peak)
+from sppjit.cli import main
+main(sys.argv[2:])
+"""
+
+
 def _run_cli(args: list[str]) -> tuple[float, int, str]:
     """Run ``sppjit`` in a child process: (wall seconds, its own peak RSS in bytes, stdout)."""
     import subprocess
     import sys
     import tempfile
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory(prefix="sppjit-peak-") as d:
+        peak = os.path.join(d, "peak")
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "sppjit.cli", *args], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not all children's
+        proc = subprocess.Popen([sys.executable, "-c", _CLI_CHILD, peak, *args], stdout=out, stderr=err)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             raise RuntimeError(f"sppjit {' '.join(args)} failed: {err.read().decode().strip()}")
-        return wall, usage.ru_maxrss * 1024, out.read().decode()
+        with open(peak) as f:
+            return wall, int(f.read()), out.read().decode()
 
 
 def run_end_to_end(

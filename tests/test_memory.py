@@ -21,6 +21,7 @@ CHILD = r"""
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 import numpy as np, sppjit
+from sppjit.rss import own_peak_rss
 kw = json.loads(sys.argv[1])
 out = {}
 for engine in ("jit", "reference"):
@@ -35,7 +36,7 @@ for engine in ("jit", "reference"):
     res = vm.replay({"gpa": gpa, "kind": np.ones(gpa.size, np.uint8)}, engine=engine)
     out[engine] = {"summary": {k: res.summary[k] for k in ("counts", "exits", "pages")},
                    "outcome": res.table["outcome"].to_pylist(), "gfns": int(gfns.size), "protected": int(prot.size)}
-out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+out["maxrss_mib"] = own_peak_rss() >> 20  # the child's own peak (sppjit.rss)
 print(json.dumps(out))
 """
 

@@ -485,13 +485,14 @@ def test_numbers_too_large(tmp_path, args):
 
 
 _GENERATE_RSS = """
-import resource, sys
+import sys
 from sppjit.cli import main
+from sppjit.rss import own_peak_rss
 try:
     main(["generate", "uniform", "--accesses", sys.argv[1], "--out", sys.argv[2]])
 except SystemExit as exit:
     assert exit.code == 0, exit.code
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+print(own_peak_rss() // 1024)  # KiB, this process's own (not the test process's: sppjit.rss)
 """
 
 
