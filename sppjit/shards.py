@@ -245,6 +245,18 @@ def _row_flags(st, gpa, size, status, spp, r):
     return f
 
 
+@numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True, _nrt=False)
+def _note_barrier(st, gpa, size, status, spp, r, cand, cand_flags, k):
+    """Append row r to the barrier candidates (cand[k], cand_flags[k]) when it has flags;
+    returns the new count. Rare, or (a GiB's first piece) every row: the test predicts well."""
+    f = _row_flags(st, gpa, size, status, spp, r)
+    if f != 0:
+        cand[k] = np.int64(r)
+        cand_flags[k] = f
+        k += 1
+    return k
+
+
 @_njit
 def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, ogpa, counts, cand, cand_flags,
                info):
@@ -269,11 +281,7 @@ def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, o
         d1 = np.int64(stride) + at
         r = np.uint64(r0)
         while r < np.uint64(r1):
-            f = _row_flags(st, gpa, size, status, spp, r)
-            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
-                cand[k] = np.int64(r)
-                cand_flags[k] = f
-                k += 1
+            k = _note_barrier(st, gpa, size, status, spp, r, cand, cand_flags, k)
             g = gpa[r]
             s = np.int64((g >> _U21) >= b)
             d = np.uint64(d0 + s * (d1 - d0))
@@ -291,11 +299,7 @@ def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, o
         r = np.uint64(r1)
         while r > np.uint64(r0):
             r -= _U1
-            f = _row_flags(st, gpa, size, status, spp, r)
-            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
-                cand[k] = np.int64(r)
-                cand_flags[k] = f
-                k += 1
+            k = _note_barrier(st, gpa, size, status, spp, r, cand, cand_flags, k)
             g = gpa[r]
             s = np.int64((g >> _U21) >= b)
             d0 -= 1 - s
@@ -310,11 +314,7 @@ def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, o
             counts[i] = np.int64(i) * np.int64(stride) + at  # the cursors, first
         for j in range(n):
             r = np.uint64(first + step * j)
-            f = _row_flags(st, gpa, size, status, spp, r)
-            if f != 0:  # rare, or (a GiB's first piece) every row: predictable
-                cand[k] = np.int64(r)
-                cand_flags[k] = f
-                k += 1
+            k = _note_barrier(st, gpa, size, status, spp, r, cand, cand_flags, k)
             g = gpa[r]
             region = g >> _U21
             s = 0
