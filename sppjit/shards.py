@@ -35,6 +35,7 @@ import numpy as np
 
 from . import bits as B
 from .errors import InputError, VmEntryError
+from .io.trace import MAX_ACCESS_SIZE
 from .kernels import layout as L
 from .kernels._jit import NUMBA_CACHE, U0, U_PAGE_SHIFT, U_SPP
 from .kernels.mmu import ENTRY_FAILURE_MESSAGES, hpa_table, stored_map
@@ -61,6 +62,9 @@ SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
 RESERVE = 2  # a stalled shard's next chunk, times this, is how much the pool grows between rounds
 HEADROOM = 8  # room made in the pool for each shard's chunks, in accesses' worth (table_margin)
 GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
+# A shard's exit log doubles when a segment fills it, up to this many rows (40 MB): a segment's
+# exits are then merged from the shard's own buffer, not from copies of its full logs.
+LOG_ROWS_LIMIT = 1 << 20
 
 # Row flags of the partition pass.
 F_STATIC = 1  # always a barrier (spans two regions; a vCPU's first row with requests pending)
@@ -434,6 +438,95 @@ def _last_rows(rows, vcpus, n, last):
 
 
 @_njit
+def _merge_logs(cursor, end, src, first_row, dst, dst_n):
+    """Merge the shards' exit logs, each in row order, into the replay's log ``dst`` (its
+    ``dst_n[0]`` rows filled) until it is full or every source is used up. ``src[s]`` is shard
+    s's log as (positions in the shard, the shard's rows of the piece, then the other ExitLog
+    columns), its entries ``cursor[s]`` to ``end[s]`` still to go. A row's exits all come from
+    one shard, in piece order, so taking the lowest row each time is the stable sort by row.
+    Linear, and it reads the shards' own buffers: a stable argsort and a gather of every
+    column cost ~10x this on guarded's 14% refused writes."""
+    d_row, d_vcpu, d_gpa, d_reason, d_qual, d_kind, d_user, d_insn = dst
+    j = dst_n[0]
+    cap = d_row.shape[0]
+    k = cursor.shape[0]
+    while j < cap:
+        best = -1
+        low = np.int64(0)
+        nxt = np.int64(-1)  # the lowest next row of the other shards
+        for s in range(k):
+            if cursor[s] < end[s]:
+                pos, rows = src[s][0], src[s][1]
+                r = np.int64(rows[pos[cursor[s]]])
+                if best < 0 or r < low:
+                    if best >= 0:
+                        nxt = low
+                    best, low = s, r
+                elif nxt < 0 or r < nxt:
+                    nxt = r
+        if best < 0:
+            break
+        pos, rows, vcpu, gpa, reason, qual, kind, user, insn = src[best]
+        i = cursor[best]
+        stop = end[best]
+        # The run of this shard's exits below every other shard's next row goes in one go (at
+        # least one exit: a stuck merge is impossible even if two shards claimed one row).
+        while i < stop and j < cap:
+            r = np.int64(rows[pos[i]])
+            if i > cursor[best] and nxt >= 0 and r >= nxt:
+                break
+            d_row[j] = r + first_row
+            d_vcpu[j] = vcpu[i]
+            d_gpa[j] = gpa[i]
+            d_reason[j] = reason[i]
+            d_qual[j] = qual[i]
+            d_kind[j] = kind[i]
+            d_user[j] = user[i]
+            d_insn[j] = insn[i]
+            i += 1
+            j += 1
+        cursor[best] = i
+    dst_n[0] = j
+
+
+@_njit
+def _merge_two(cursor, end, a, b, first_row, dst, dst_n):
+    """_merge_logs for two shards (the common case), with each source's arrays named: the
+    shards' rows alternate every exit or two, and indexing a tuple of sources at run time
+    costs ~15 ns an exit where this costs a few."""
+    pa, ra, va, ga, rsa, qa, ka, ua, ia = a
+    pb, rb, vb, gb, rsb, qb, kb, ub, ib = b
+    d_row, d_vcpu, d_gpa, d_reason, d_qual, d_kind, d_user, d_insn = dst
+    i, ea, m, eb = cursor[0], end[0], cursor[1], end[1]
+    j = dst_n[0]
+    cap = d_row.shape[0]
+    while j < cap and (i < ea or m < eb):
+        if m >= eb or (i < ea and np.int64(ra[pa[i]]) < np.int64(rb[pb[m]])):
+            d_row[j] = np.int64(ra[pa[i]]) + first_row
+            d_vcpu[j] = va[i]
+            d_gpa[j] = ga[i]
+            d_reason[j] = rsa[i]
+            d_qual[j] = qa[i]
+            d_kind[j] = ka[i]
+            d_user[j] = ua[i]
+            d_insn[j] = ia[i]
+            i += 1
+        else:
+            d_row[j] = np.int64(rb[pb[m]]) + first_row
+            d_vcpu[j] = vb[m]
+            d_gpa[j] = gb[m]
+            d_reason[j] = rsb[m]
+            d_qual[j] = qb[m]
+            d_kind[j] = kb[m]
+            d_user[j] = ub[m]
+            d_insn[j] = ib[m]
+            m += 1
+        j += 1
+    cursor[0], cursor[1] = i, m
+    dst_n[0] = j
+
+
+@_njit
 def _scatter(dst, rows, src, p0, p1):
     for i in range(p0, p1):
         dst[rows[i]] = src[i]
@@ -529,6 +622,7 @@ class _Shard:
         self.chunk_size = 0  # tables it allocated in its last segment, then its chunks' size
         self.chunks: list[list[int]] = []  # [start, used] of each chunk of the pool, in order
         self.stashed: list[tuple] = []
+        self.grown = None  # a larger log taken since (the runner keeps it for the next pieces)
 
     def close_chunk(self) -> None:
         """Record how much of the current chunk of the pool the shard used."""
@@ -537,6 +631,7 @@ class _Shard:
             c[1] = int(self.scal[L.SC_NTABLES]) - c[0]
 
     def stash_log(self) -> None:
+        """The shard's log is full (STATUS_NEED_LOG): keep its rows aside and go on."""
         n = int(self.log.n[0])
         if n:
             _last_rows(self.log.row, self.log.vcpu, n, self.last_exit)
@@ -546,19 +641,29 @@ class _Shard:
 
     def take_last_exits(self) -> np.ndarray:
         """Each vCPU's last exit row (of the piece) since the last call, -1 for none."""
-        self.stash_log()
+        n = int(self.log.n[0])
+        if n:  # the rows still in the log (take_log hands them on)
+            _last_rows(self.log.row, self.log.vcpu, n, self.last_exit)
         out = np.where(self.last_exit >= 0, self.rows[np.maximum(self.last_exit, 0)].astype(np.int64), -1)
         self.last_exit[:] = -1
         return out
 
-    def take_log(self) -> list[np.ndarray]:
-        self.stash_log()
-        parts, self.stashed = self.stashed, []
-        if not parts:
-            return [a[:0].copy() for a in self.log[:-1]]
-        cols = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-        cols[0] = self.rows[cols[0]].astype(np.int64)  # positions in the shard -> rows of the piece
-        return cols
+    def take_log(self) -> tuple:
+        """The exit log since the last call as _merge_logs reads it: (positions in the shard,
+        the shard's rows, the other ExitLog columns). The log's own buffers when it never
+        filled (valid until the shard runs again), else one copy of all its parts; a log that
+        filled is doubled for the next segments (LOG_ROWS_LIMIT at most), so that it need not."""
+        n = int(self.log.n[0])
+        self.log.n[0] = 0
+        current = tuple(a[:n] for a in self.log[:-1])
+        if self.stashed:
+            parts, self.stashed = self.stashed + [current], []
+            current = tuple(np.concatenate([p[i] for p in parts]) for i in range(len(current)))
+            cap = self.log.row.shape[0]
+            if cap < LOG_ROWS_LIMIT:
+                self.log = L.empty_exit_log(min(LOG_ROWS_LIMIT, 2 * cap))
+                self.grown = self.log
+        return (current[0], self.rows) + current[1:]
 
 
 # The shards' buffers, flat: shard s's entries start at s * stride. The trace's columns in the
@@ -623,6 +728,7 @@ class ShardRunner:
         self.segments = 0
         self.rounds = 0  # extra rounds of a segment, for shards that ran out of pool
         self.barriers = 0
+        self.view_segments = 0  # segments whose shards shared the VM's write view
         self.hot_pieces = 0  # pieces run serially by the working-set rule (docs/parallel.md)
         self._headroom = False  # whether the pool was grown for the shards' chunks
         self._scratch: dict = {}  # shard index -> its touched set and exit log
@@ -827,6 +933,21 @@ class ShardRunner:
             shards.append(sh)
         return shards, cand, cand_flags, status
 
+    def _view_shared(self, piece) -> bool:
+        """Whether the shards may use the VM's write view: when no two regions of the piece
+        share a region-cache entry (every region below the caches' size: all RAM of a guest
+        of up to 512 GiB, the usual case). Each shard then writes only the view rows of its
+        own regions' entries, as it writes only their cache entries. Where regions share an
+        entry, two shards would race on its row of 512 entries, which unlike the caches'
+        single words is not benign: the shards then run without a view."""
+        st = self.session.vm.state
+        entries = st.write_view.shape[1]
+        if entries == 0 or entries != st.ept_cache.shape[0]:
+            return False
+        top = piece.gpa_max if piece.gpa_max is not None else int(piece.gpa.max())
+        last = (top + MAX_ACCESS_SIZE) // (B.PAGE_SIZE * B.PAGES_PER_2M)  # a crossing row's second piece too
+        return last < min(entries, L.CACHE_REGION_LIMIT)
+
     def _lacking(self, st, regions, edges) -> list[int]:
         """Per shard, a guess of the tables its rows allocate: the sampled regions without an
         EPT level-1 table, times the trees (the EPT and each SPPT tree) that may need one.
@@ -903,13 +1024,15 @@ class ShardRunner:
         if not work:
             return
         self.segments += 1
-        # Shards run with no write view (regions that share a cache entry would race on its
-        # rows, which unlike the caches' single words is not benign): the VM's is zeroed
-        # first, so that nothing the shards change can leave it stale for the barrier rows.
-        vm.forget_write_view()
         base = vm.state
         nt0 = int(base.scal[L.SC_NTABLES])
         alloc = _Allocator(vm, nt0, margin)
+        alloc.view = self._view_shared(piece)
+        self.view_segments += alloc.view
+        if not alloc.view:
+            # Shards run with no write view: the VM's is zeroed first, so that nothing the
+            # shards change can leave it stale for the barrier rows.
+            vm.forget_write_view()
         ran = [item[0] for item in work]
         spans = [(item[1], item[2]) for item in work]
         if GUESS_TABLES:
@@ -1028,23 +1151,22 @@ class ShardRunner:
         if not shards[0].keep_log:
             return
         # Exits: in row order (a row's exits come from one shard, in piece order).
-        logs = [sh.take_log() for sh in shards]
-        cols = [np.concatenate([lg[i] for lg in logs]) for i in range(len(logs[0]))]
-        order = np.argsort(cols[0], kind="stable")
-        cols = [c[order] for c in cols]
-        cols[0] = cols[0] + piece.first_row
+        src = tuple(sh.take_log() for sh in shards)
+        for sh in shards:
+            if sh.grown is not None:
+                self._scratch[sh.index] = (sh.touched, sh.grown)
+                sh.grown = None
+        end = np.array([part[0].shape[0] for part in src], dtype=np.int64)
+        cursor = np.zeros_like(end)
         log = rep._log
-        total, done = cols[0].shape[0], 0
-        while done < total:
-            j = int(log.n[0])
-            if j == log.row.shape[0]:
-                rep._flush_log()
-                j = 0
-            m = min(total - done, log.row.shape[0] - j)
-            for dst, src in zip(log[:-1], cols):
-                dst[j:j + m] = src[done:done + m]
-            log.n[0] = j + m
-            done += m
+        while True:
+            if len(src) == 2:
+                _merge_two(cursor, end, src[0], src[1], np.int64(piece.first_row), tuple(log[:-1]), log.n)
+            else:
+                _merge_logs(cursor, end, src, np.int64(piece.first_row), tuple(log[:-1]), log.n)
+            if np.array_equal(cursor, end):
+                break
+            rep._flush_log()  # the replay's log is full: hand it on, then go on merging
 
 
 SAMPLE_RUN = 32  # the sample takes runs of consecutive rows: a cache line brings several
@@ -1091,6 +1213,7 @@ class _Allocator:
         self.vm = vm
         self.next_free = nt0
         self.margin = margin
+        self.view = False  # whether the shards share the VM's write view (ShardRunner._view_shared)
 
     def reserve(self, extra: int) -> None:
         """Room for ``extra`` more tables beyond the chunks handed out (main thread only)."""
@@ -1124,7 +1247,7 @@ class _Allocator:
         end = start + size
         sh.state = pool._replace(tables=pool.tables[:end], table_kind=pool.table_kind[:end],
                                  table_level=pool.table_level[:end], scal=sh.scal, vmcs=sh.vmcs,
-                                 write_view=pool.write_view[:, :0])  # none (ShardRunner.run)
+                                 write_view=pool.write_view if self.view else pool.write_view[:, :0])
         return True
 
 
@@ -1218,14 +1341,20 @@ def _relocate(st, remap: np.ndarray, nt0: int, end: int) -> None:
     valid = c != L.CACHE_INVALID
     idx = (c & L.CACHE_PAYLOAD_MASK) >> 4
     hit = valid & (idx >= nt0) & (idx < end)
+    view = st.write_view.shape[1] != 0
     if np.any(hit):
         c[hit] = _with_index(c[hit], remap[idx[hit] - nt0], 4)
+        if view:  # a view row goes with the cache entry it was filled under (kernels.mmu, rule 1)
+            st.write_view[:, np.flatnonzero(hit), :] = 0
     s = st.sppt_cache
     valid = s != L.CACHE_INVALID
     idx = s & L.CACHE_PAYLOAD_MASK
     hit = valid & (idx >= nt0) & (idx < end)
     if np.any(hit):
         s[hit] = _with_index(s[hit], remap[idx[hit] - nt0], 0)
+        if view:  # and its vector-decided entries with the vCPU's SPPT cache entry (rule 2)
+            v, slot = np.nonzero(hit)
+            st.write_view[v, slot, :] = 0
 
 
 def _with_index(entries: np.ndarray, new: np.ndarray, shift: int) -> np.ndarray:

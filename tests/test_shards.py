@@ -22,6 +22,7 @@ import sppjit.shards as SH
 from sppjit import bits as B
 from sppjit.errors import InputError, SppError, VmEntryError
 from sppjit.kernels import layout as L
+from sppjit.statecheck import check_write_view
 
 import strategies as S  # noqa: E402  (tests/ on sys.path: conftest.py)
 
@@ -45,6 +46,7 @@ class Runner(S.Runner):
         super().__init__(spec, engine, batch_size)
         self.threads = threads
         self.sharded = 0
+        self.view_segments = 0
 
     def replay(self, phase):
         import pyarrow as pa
@@ -64,6 +66,9 @@ class Runner(S.Runner):
                                           summary=session.summary())
                 if session._shards is not None:
                     self.sharded += session._shards.parallel_pieces
+                    self.view_segments += session._shards.view_segments
+                # The write view the shards shared (or left zero) holds against the tables.
+                assert check_write_view(self.vm.state) == ""
             except (ModelLivelock, VmEntryError, InputError, SppError) as exc:
                 res.error = (type(exc).__name__, str(exc))
         res.warnings = tuple(type(w.message).__name__ for w in caught)
@@ -252,6 +257,75 @@ def test_sharding_happens():
             assert_results_equal(a.replay(phase), b.replay(phase), "big")
             assert_same_state(a.vm, b.vm, "big")
     assert b.sharded >= 2
+    assert b.view_segments >= 1  # the shards shared the write view, and it held (Runner.replay)
+
+
+@pytest.mark.parametrize("capacity,threads", [(97, 2), (97, 3), (4096, 2)])
+def test_exit_log_merged_across_flushes(capacity, threads, monkeypatch):
+    """The shards' logs are merged into the replay's in row order even when the replay's log
+    fills in the middle of a merge and the shards' own logs were handed on several times in a
+    segment (logs of a few rows: the merge stops, the log is flushed, the merge goes on)."""
+    import pyarrow as pa
+
+    import sppjit.replay as R
+    from sppjit.io.trace import open_trace
+    from sppjit.replay import Replay, ReplayResult
+    from sppjit.summary import ReplaySummary
+    from sppjit.vm import VM
+
+    monkeypatch.setattr(R, "EXIT_LOG_CAPACITY", capacity)
+    rng = np.random.default_rng(5)
+    n = 40000
+    gpa = (rng.integers(0, 3 << 18, n).astype(np.uint64) << np.uint64(12)) | rng.integers(0, 4096 - 8, n).astype(
+        np.uint64)
+    trace = {"gpa": gpa, "size": np.full(n, 8, dtype=np.uint16),
+             "vcpu": rng.integers(0, 3, n).astype(np.uint16), "kind": rng.integers(0, 3, n).astype(np.uint8)}
+    out = []
+    for n_threads in (1, threads):
+        vm = VM(memory="3GiB", vcpus=3)
+        gfns = np.unique(gpa[::7] >> np.uint64(12))
+        vm.protect(gfns, np.full(gfns.shape[0], 0x5555_0000, dtype=np.uint32))
+        with shard_everything():
+            session = Replay(vm, threads=n_threads)
+            table = pa.Table.from_batches([session.run(b) for b in open_trace(trace, batch_size=16384)])
+            res = ReplayResult(table=table, exits=session.exit_table(), summary=session.summary())
+            assert n_threads == 1 or session._shards.parallel_pieces > 0
+            if n_threads > 1 and capacity < 1000:  # the shards' logs filled, then grew
+                assert max(log.row.shape[0] for _, log in session._shards._scratch.values()) > capacity
+        out.append((res, canonical_state(vm)))
+    (a, sa), (b, sb) = out
+    assert a.exits.num_rows > 8 * capacity  # the merge crossed flushes
+    assert a.table.equals(b.table) and a.exits.equals(b.exits)
+    timeless = [{k: v for k, v in r.summary.items() if k not in ReplaySummary.TIMINGS} for r in (a, b)]
+    assert timeless[0] == timeless[1] and sa == sb
+
+
+def test_write_view_shared_only_where_no_regions_share_a_cache_entry():
+    """The shards use the VM's write view only when every region a piece reaches (a crossing
+    row's second piece included) has a region-cache entry of its own; a row beyond them (an
+    MMIO address past the memslots, whose region shares an entry with one of RAM) or a VM
+    without a view makes them run without it."""
+    from sppjit.io.trace import open_trace
+    from sppjit.vm import VM
+
+    vm = VM(memory="64MiB", vcpus=2)
+    vm.protect(np.arange(4, dtype=np.uint64), np.full(4, 0x5555_0000, dtype=np.uint32))
+    runner = _runner(vm, 2)
+    entries = vm.state.ept_cache.shape[0]
+    assert vm.state.write_view.shape[1] == entries == 32  # one entry per 2 MiB region
+
+    def piece(top):
+        gpa = np.array([0, top], dtype=np.uint64)
+        return next(iter(open_trace({"gpa": gpa, "size": np.full(2, 8, dtype=np.uint16)})))
+
+    region = 2 << 20
+    assert runner._view_shared(piece(entries * region - 4096 - 1))
+    assert not runner._view_shared(piece(entries * region - 4096))  # its last byte may reach region 32
+    assert not runner._view_shared(piece(1 << 40))
+    runner_bare = _runner(VM(memory="64MiB", vcpus=2), 2)
+    runner_bare.session.vm.state = runner_bare.session.vm.state._replace(
+        write_view=np.zeros((2, 0, 512), dtype=np.uint32))
+    assert not runner_bare._view_shared(piece(0))
 
 
 @pytest.mark.parametrize("profile", ["v4", "v12"])
