@@ -437,6 +437,27 @@ def _last_rows(rows, vcpus, n, last):
         last[vcpus[j]] = rows[j]
 
 
+@numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True, _nrt=False)
+def _copy_exits(src, i, e, dst, j, first_row):
+    """Exits i..e-1 of one shard's log (as _merge_logs reads it) to dst from j on, as many as
+    fit; returns (i, j) after them."""
+    pos, rows, vcpu, gpa, reason, qual, kind, user, insn = src
+    d_row, d_vcpu, d_gpa, d_reason, d_qual, d_kind, d_user, d_insn = dst
+    cap = d_row.shape[0]
+    while j < cap and i < e:
+        d_row[j] = np.int64(rows[pos[i]]) + first_row
+        d_vcpu[j] = vcpu[i]
+        d_gpa[j] = gpa[i]
+        d_reason[j] = reason[i]
+        d_qual[j] = qual[i]
+        d_kind[j] = kind[i]
+        d_user[j] = user[i]
+        d_insn[j] = insn[i]
+        i += 1
+        j += 1
+    return i, j
+
+
 @_njit
 def _merge_logs(cursor, end, src, first_row, dst, dst_n):
     """Merge the shards' exit logs, each in row order, into the replay's log ``dst`` (its
@@ -444,11 +465,9 @@ def _merge_logs(cursor, end, src, first_row, dst, dst_n):
     s's log as (positions in the shard, the shard's rows of the piece, then the other ExitLog
     columns), its entries ``cursor[s]`` to ``end[s]`` still to go. A row's exits all come from
     one shard, in piece order, so taking the lowest row each time is the stable sort by row.
-    Linear, and it reads the shards' own buffers: a stable argsort and a gather of every
-    column cost ~10x this on guarded's 14% refused writes."""
-    d_row, d_vcpu, d_gpa, d_reason, d_qual, d_kind, d_user, d_insn = dst
+    Linear, and it reads the shards' own buffers: no argsort, no copy of whole logs."""
     j = dst_n[0]
-    cap = d_row.shape[0]
+    cap = dst[0].shape[0]
     k = cursor.shape[0]
     while j < cap:
         best = -1
@@ -466,70 +485,58 @@ def _merge_logs(cursor, end, src, first_row, dst, dst_n):
                     nxt = r
         if best < 0:
             break
-        pos, rows, vcpu, gpa, reason, qual, kind, user, insn = src[best]
-        i = cursor[best]
-        stop = end[best]
+        pos, rows = src[best][0], src[best][1]
         # The run of this shard's exits below every other shard's next row goes in one go (at
         # least one exit: a stuck merge is impossible even if two shards claimed one row).
-        while i < stop and j < cap:
-            r = np.int64(rows[pos[i]])
-            if i > cursor[best] and nxt >= 0 and r >= nxt:
-                break
-            d_row[j] = r + first_row
-            d_vcpu[j] = vcpu[i]
-            d_gpa[j] = gpa[i]
-            d_reason[j] = reason[i]
-            d_qual[j] = qual[i]
-            d_kind[j] = kind[i]
-            d_user[j] = user[i]
-            d_insn[j] = insn[i]
-            i += 1
-            j += 1
+        stop = cursor[best] + 1
+        while stop < end[best] and (nxt < 0 or np.int64(rows[pos[stop]]) < nxt):
+            stop += 1
+        i, j = _copy_exits(src[best], cursor[best], stop, dst, j, first_row)
         cursor[best] = i
     dst_n[0] = j
 
 
 @_njit
 def _merge_two(cursor, end, a, b, first_row, dst, dst_n):
-    """_merge_logs for two shards (the common case), with each source's arrays named: the
-    shards' rows alternate every exit or two, and indexing a tuple of sources at run time
-    costs ~15 ns an exit where this costs a few."""
+    """_merge_logs for two shards (the common case), with each source's arrays named. The
+    shards' rows alternate every exit or two, at random: while both have exits left, every
+    column is chosen by a select rather than a branch (alone, 10 ns an exit against 13 with a
+    branch; indexing a tuple of sources at run time cost more still)."""
     pa, ra, va, ga, rsa, qa, ka, ua, ia = a
     pb, rb, vb, gb, rsb, qb, kb, ub, ib = b
     d_row, d_vcpu, d_gpa, d_reason, d_qual, d_kind, d_user, d_insn = dst
     i, ea, m, eb = cursor[0], end[0], cursor[1], end[1]
     j = dst_n[0]
     cap = d_row.shape[0]
-    while j < cap and (i < ea or m < eb):
-        if m >= eb or (i < ea and np.int64(ra[pa[i]]) < np.int64(rb[pb[m]])):
-            d_row[j] = np.int64(ra[pa[i]]) + first_row
-            d_vcpu[j] = va[i]
-            d_gpa[j] = ga[i]
-            d_reason[j] = rsa[i]
-            d_qual[j] = qa[i]
-            d_kind[j] = ka[i]
-            d_user[j] = ua[i]
-            d_insn[j] = ia[i]
-            i += 1
-        else:
-            d_row[j] = np.int64(rb[pb[m]]) + first_row
-            d_vcpu[j] = vb[m]
-            d_gpa[j] = gb[m]
-            d_reason[j] = rsb[m]
-            d_qual[j] = qb[m]
-            d_kind[j] = kb[m]
-            d_user[j] = ub[m]
-            d_insn[j] = ib[m]
-            m += 1
+    while j < cap and i < ea and m < eb:
+        xa = np.int64(ra[pa[i]])
+        xb = np.int64(rb[pb[m]])
+        t = xa < xb
+        d_row[j] = (xa if t else xb) + first_row
+        d_vcpu[j] = va[i] if t else vb[m]
+        d_gpa[j] = ga[i] if t else gb[m]
+        d_reason[j] = rsa[i] if t else rsb[m]
+        d_qual[j] = qa[i] if t else qb[m]
+        d_kind[j] = ka[i] if t else kb[m]
+        d_user[j] = ua[i] if t else ub[m]
+        d_insn[j] = ia[i] if t else ib[m]
+        i += np.int64(t)
+        m += np.int64(not t)
         j += 1
+    i, j = _copy_exits(a, i, ea, dst, j, first_row)  # one shard's exits left, at most
+    m, j = _copy_exits(b, m, eb, dst, j, first_row)
     cursor[0], cursor[1] = i, m
     dst_n[0] = j
 
 
 @_njit
-def _scatter(dst, rows, src, p0, p1):
+def _scatter(d0, d1, d2, rows, s0, s1, s2, p0, p1):
+    """The three result columns of a shard's positions p0..p1-1 into their rows."""
     for i in range(p0, p1):
-        dst[rows[i]] = src[i]
+        r = rows[i]
+        d0[r] = s0[i]
+        d1[r] = s1[i]
+        d2[r] = s2[i]
 
 
 def _mark_lacking_numpy(st, root, present, bit, status, used):
@@ -1103,8 +1110,7 @@ class ShardRunner:
                         errors.append((int(sh.rows[row]), int(status), int(detail)))
                     return
             if res is not None:
-                for dst, src in zip(res, sh.results):
-                    _scatter(dst, sh.rows, src, first, p1)
+                _scatter(*res, sh.rows, *sh.results, np.int64(first), np.int64(p1))
 
         if len(work) == 1:
             one(work[0])
@@ -1166,6 +1172,8 @@ class ShardRunner:
                 _merge_logs(cursor, end, src, np.int64(piece.first_row), tuple(log[:-1]), log.n)
             if np.array_equal(cursor, end):
                 break
+            if int(log.n[0]) < log.row.shape[0]:
+                raise RuntimeError("sppjit internal error: the shards' exit logs stopped merging")
             rep._flush_log()  # the replay's log is full: hand it on, then go on merging
 
 
