@@ -261,14 +261,27 @@ def _note_barrier(st, gpa, size, status, spp, r, cand, cand_flags, k):
     return k
 
 
+@numba.njit(inline="always", cache=NUMBA_CACHE, nogil=True, _nrt=False)
+def _put_row(rows, ogpa, osize, ovcpu, okind, oinsn, d, r, g, size, vcpu, kind, insn):
+    """Row r (its gpa ``g`` already loaded) into position d of its shard's buffers."""
+    rows[d] = np.int32(r)
+    ogpa[d] = g
+    osize[d] = size[r]
+    ovcpu[d] = vcpu[r]
+    okind[d] = kind[r]
+    oinsn[d] = insn[r]
+
+
 @_njit
-def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, ogpa, counts, cand, cand_flags,
-               info):
+def _partition(st, gpa, size, vcpu, kind, insn, bounds, status, spp, r0, r1, down, stride, rows, ogpa, osize,
+               ovcpu, okind, oinsn, counts, cand, cand_flags, info):
     """One chunk of a piece (rows r0..r1-1) in one pass: each row's barrier flags (the flagged
     rows and their flags into cand / cand_flags from index r0 on, in the pass's order) and
     each row into its shard's part of the flat buffers (shard s's at s * stride): its index
-    into ``rows``, its address into ``ogpa`` (the other columns are gathered afterwards, or
-    are constant). ``down`` False: the chunk's rows of a shard go to positions r0, r0+1, ...
+    into ``rows``, its columns into ``ogpa`` .. ``oinsn`` (copied here, while the row is in
+    hand: on a trace whose small columns all vary, as real ones do, a gather of each
+    afterwards made two shards 1.17-1.27x the serial replay where this gives 1.41-1.44x;
+    with constant ones the two cost the same). ``down`` False: the chunk's rows of a shard go to positions r0, r0+1, ...
     of its part; True: the pass runs from the last row to the first and they end at r1 - 1,
     in order. So an even chunk (down) and the odd one after it meet at their boundary and
     need no moving afterwards. Out: counts[s] the chunk's rows of shard s, info[0] its
@@ -289,8 +302,7 @@ def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, o
             g = gpa[r]
             s = np.int64((g >> _U21) >= b)
             d = np.uint64(d0 + s * (d1 - d0))
-            rows[d] = np.int32(r)
-            ogpa[d] = g
+            _put_row(rows, ogpa, osize, ovcpu, okind, oinsn, d, r, g, size, vcpu, kind, insn)
             d0 += 1 - s
             d1 += s
             r += _U1
@@ -309,8 +321,7 @@ def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, o
             d0 -= 1 - s
             d1 -= s
             d = np.uint64(d0 + s * (d1 - d0))
-            rows[d] = np.int32(r)
-            ogpa[d] = g
+            _put_row(rows, ogpa, osize, ovcpu, okind, oinsn, d, r, g, size, vcpu, kind, insn)
         counts[0] = at - d0
         counts[1] = np.int64(stride) + at - d1
     else:
@@ -328,35 +339,10 @@ def _partition(st, gpa, size, bounds, status, spp, r0, r1, down, stride, rows, o
             if down:
                 d -= 1
             counts[s] = d + 1 - np.int64(down)
-            rows[d] = np.int32(r)
-            ogpa[d] = g
+            _put_row(rows, ogpa, osize, ovcpu, okind, oinsn, d, r, g, size, vcpu, kind, insn)
         for i in range(nb + 1):
             counts[i] = (counts[i] - np.int64(i) * np.int64(stride) - at) * step
     info[0] = k - np.int64(r0)
-
-
-@_njit
-def _differs(a, r0, r1, value):
-    """Whether some of a[r0..r1-1] differs from value[0]: blocks the compiler vectorizes, and
-    the first block with a difference ends it."""
-    v = value[0]
-    i = np.uint64(r0)
-    end = np.uint64(r1)
-    while i < end:
-        stop = min(end, i + np.uint64(4096))
-        acc = v ^ v
-        while i < stop:
-            acc |= a[i] ^ v
-            i += _U1
-        if acc != 0:
-            return True
-    return False
-
-
-@_njit
-def _gather(dst, src, rows, n):
-    for i in range(n):
-        dst[i] = src[rows[i]]
 
 
 @_njit
@@ -675,7 +661,6 @@ class _Shard:
 
 # The shards' buffers, flat: shard s's entries start at s * stride. The trace's columns in the
 # kernel's order, then the row index, then the results.
-_SMALL = ("size", "vcpu", "kind", "insn_len")  # the columns that may be constant (bit i: gather)
 _RESULTS = (np.uint8, np.uint8, np.uint16)
 
 
@@ -695,9 +680,6 @@ class _Layout:
         self.results = [np.empty(size, dtype=d) for d in _RESULTS]
         self.cand = np.empty(stride, dtype=np.int64)
         self.cand_flags = np.empty(stride, dtype=np.uint8)
-        # Per small column: (value, rows filled with it per shard), or None: the buffer holds
-        # other things (a constant column is written once, not every piece).
-        self.filled: list = [None] * len(_SMALL)
         self.nbytes = sum(a.nbytes for a in [self.rows, self.cand, self.cand_flags, *self.columns, *self.results])
 
 
@@ -849,58 +831,34 @@ class ShardRunner:
         counts = np.zeros((threads, nshards), dtype=np.int64)
         info = np.zeros((threads, 1), dtype=np.int64)
         out = lay.columns
-        # A small column is checked constant over the piece (then it is not copied).
-        maybe = range(len(_SMALL))
 
         def part(t):
             down = t % 2 == 0  # chunks 2j and 2j+1 meet at cuts[2j+1] (see _partition)
-            _partition(st, columns[0], columns[1], bounds, flag_status, U_SPP, np.int64(cuts[t]),
-                       np.int64(cuts[t + 1]), down, np.int64(stride), lay.rows, out[0], counts[t], lay.cand,
-                       lay.cand_flags, info[t])
+            _partition(st, *columns, bounds, flag_status, U_SPP, np.int64(cuts[t]), np.int64(cuts[t + 1]), down,
+                       np.int64(stride), lay.rows, *out, counts[t], lay.cand, lay.cand_flags, info[t])
             if down and info[t, 0] > 1:  # flagged rows, last first: in order again
                 c = slice(cuts[t], cuts[t] + int(info[t, 0]))
                 lay.cand[c] = lay.cand[c][::-1].copy()
                 lay.cand_flags[c] = lay.cand_flags[c][::-1].copy()
-            return [_differs(columns[1 + i], np.int64(cuts[t]), np.int64(cuts[t + 1]), columns[1 + i][:1])
-                    for i in maybe]
 
-        differs = self._map(part, range(threads))
-        const = {i: int(columns[1 + i][0]) for j, i in enumerate(maybe) if not any(d[j] for d in differs)}
-        gathered = [i for i in range(len(_SMALL)) if i not in const]
+        self._map(part, range(threads))
         total = counts.sum(axis=0)
         # Where each shard's rows start: its part of the first pair of chunks (see _partition).
         start = cuts[1] - counts[0]
+        if threads > 2:
+            def finish(s):  # the shard's parts (one per pair of chunks) made contiguous
+                base = s * stride
+                at = int(start[s] + counts[0, s] + counts[1, s])
+                for j in range(2, threads, 2):
+                    c0 = int(counts[j, s])
+                    c1 = int(counts[j + 1, s]) if j + 1 < threads else 0
+                    src = cuts[j + 1] - c0
+                    if c0 + c1 and at != src:
+                        for a in (lay.rows, *out):
+                            a[base + at:base + at + c0 + c1] = a[base + src:base + src + c0 + c1]
+                    at += c0 + c1
 
-        def finish(s):  # the shard's parts (one per pair of chunks) made contiguous, its other columns gathered
-            base = s * stride
-            at = int(start[s] + counts[0, s] + (counts[1, s] if threads > 1 else 0))
-            for j in range(2, threads, 2):
-                c0 = int(counts[j, s])
-                c1 = int(counts[j + 1, s]) if j + 1 < threads else 0
-                src = cuts[j + 1] - c0
-                if c0 + c1 and at != src:
-                    for a in (lay.rows, out[0]):
-                        a[base + at:base + at + c0 + c1] = a[base + src:base + src + c0 + c1]
-                at += c0 + c1
-            m = int(total[s])
-            a = base + int(start[s])
-            for i in gathered:
-                _gather(out[1 + i][a:a + m], columns[1 + i], lay.rows[a:a + m], np.int64(m))
-
-        self._map(finish, range(nshards))
-        for i in range(len(_SMALL)):
-            if i not in const:
-                lay.filled[i] = None
-                continue
-            if lay.filled[i] is None or lay.filled[i][0] != const[i]:
-                lay.filled[i] = (const[i], [(0, 0)] * lay.shards)
-            done = lay.filled[i][1]
-            for s in range(nshards):  # rows [a, b) of the shard's part hold the value already
-                a, b = s * stride + int(start[s]), s * stride + int(start[s] + total[s])
-                if not (done[s][0] <= a and b <= done[s][1]):
-                    out[1 + i][a:b] = const[i]
-                    done[s] = (a, b) if not (a <= done[s][1] and done[s][0] <= b) else (
-                        min(a, done[s][0]), max(b, done[s][1]))
+            self._map(finish, range(nshards))
         parts = [(cuts[t], cuts[t] + int(info[t, 0])) for t in range(threads) if info[t, 0]]
         if len(parts) == 1:
             cand, cand_flags = lay.cand[parts[0][0]:parts[0][1]], lay.cand_flags[parts[0][0]:parts[0][1]]

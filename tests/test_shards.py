@@ -476,7 +476,7 @@ def _runner(vm, threads):
 def test_partition_gives_each_shard_its_rows_in_order(threads):
     """One pass over the rows, shared by the shards (chunks meeting in pairs, moved together
     afterwards): shard s gets exactly the rows whose region falls in its range, in trace order,
-    with their columns; a column constant but for one row is copied, not taken as constant."""
+    with all their columns (one constant but for a row near the end among them)."""
     from sppjit.io.trace import open_trace
     from sppjit.vm import VM
 
