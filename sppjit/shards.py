@@ -281,11 +281,11 @@ def _partition(st, gpa, size, vcpu, kind, insn, bounds, status, spp, r0, r1, dow
     into ``rows``, its columns into ``ogpa`` .. ``oinsn`` (copied here, while the row is in
     hand: on a trace whose small columns all vary, as real ones do, a gather of each
     afterwards made two shards 1.17-1.27x the serial replay where this gives 1.41-1.44x;
-    with constant ones the two cost the same). ``down`` False: the chunk's rows of a shard go to positions r0, r0+1, ...
-    of its part; True: the pass runs from the last row to the first and they end at r1 - 1,
-    in order. So an even chunk (down) and the odd one after it meet at their boundary and
-    need no moving afterwards. Out: counts[s] the chunk's rows of shard s, info[0] its
-    flagged rows."""
+    with constant ones the two cost the same). ``down`` False: the chunk's rows of a shard
+    go to positions r0, r0+1, ... of its part; True: the pass runs from the last row to the
+    first and they end at r1 - 1, in order. So an even chunk (down) and the odd one after it
+    meet at their boundary and need no moving afterwards. Out: counts[s] the chunk's rows of
+    shard s, info[0] its flagged rows."""
     nb = bounds.shape[0]
     k = np.int64(r0)
     n = np.int64(r1) - np.int64(r0)
