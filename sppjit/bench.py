@@ -621,30 +621,43 @@ def machine_parallelism(threads: int, nbytes: int = 1 << 25, repeat: int = 3) ->
 
 def _sharded_replays(scenario, batch_size: int, repeat: int, threads: int) -> dict:
     """One trace replayed serially and on ``threads`` shards (docs/parallel.md), in memory and
-    interleaved, best of ``repeat`` each, as `sppjit replay --summary` runs (exits counted, the
-    log dropped); the figures must match (RuntimeError otherwise)."""
+    interleaved, best of ``repeat`` each, two ways: as `sppjit replay --summary` runs (exits
+    counted, the log dropped), and as ``vm.replay`` does (every result column and the exit
+    log kept). The figures, and the tables of the second, must match (RuntimeError
+    otherwise)."""
+    import pyarrow as pa
+
     from .io.trace import open_trace
     from .replay import Replay, discard_exits
 
     cols = scenario.columns()
-    best: dict[int, float] = {}
+    best: dict[tuple, float] = {}
     figures: dict[int, tuple] = {}
+    tables: dict[int, tuple] = {}
     stats = {}
     for _ in range(repeat):
         for t in (1, threads):
             session = Replay(_vm_for(scenario), "jit", on_exits=discard_exits, threads=t)
             for batch in open_trace(cols, batch_size=batch_size):
                 session.run(batch, keep=False)
-            best[t] = min(best.get(t, float("inf")), session.seconds)
+            best[t, "counts"] = min(best.get((t, "counts"), float("inf")), session.seconds)
             figures[t] = _figures(session.summary()) + (session.summary()["tlb_flushes"],)
             if session._shards is not None:
                 r = session._shards
                 stats = {"sharded_pieces": r.parallel_pieces, "hot_pieces": r.hot_pieces, "segments": r.segments,
                          "barriers": r.barriers}
+            session = Replay(_vm_for(scenario), "jit", threads=t)
+            results = [session.run(batch) for batch in open_trace(cols, batch_size=batch_size)]
+            tables[t] = (pa.Table.from_batches(results), session.exit_table())
+            best[t, "table"] = min(best.get((t, "table"), float("inf")), session.seconds)
     if figures[1] != figures[threads]:
         raise RuntimeError(f"{scenario.name}: the sharded replay's figures differ from the serial one's")
-    return {"threads": threads, "serial_seconds": best[1], "sharded_seconds": best[threads],
-            "speedup": best[1] / best[threads], **stats}
+    if not all(a.equals(b) for a, b in zip(tables[1], tables[threads])):
+        raise RuntimeError(f"{scenario.name}: the sharded replay's results or exit log differ from the serial one's")
+    return {"threads": threads, "serial_seconds": best[1, "counts"], "sharded_seconds": best[threads, "counts"],
+            "speedup": best[1, "counts"] / best[threads, "counts"],
+            "table_serial_seconds": best[1, "table"], "table_sharded_seconds": best[threads, "table"],
+            "table_speedup": best[1, "table"] / best[threads, "table"], **stats}
 
 
 def _figures(summary: dict) -> tuple:
@@ -726,13 +739,16 @@ def format_parallel(result: dict) -> str:
                 f"{s['sweep_seconds']:>9.3f} {s['sweep_1_thread_speedup']:>9.2f}x "
                 f"{s['sweep_speedup']:>6.2f}x {s['replays_per_second'] / 1e6:>9.1f}"
             )
-    rows.append("one trace on shards (replay --threads N, in memory, the serial replay in the same run):")
+    rows.append("one trace on shards (replay --threads N, in memory, the serial replay in the same run): "
+                "counts only, as 'replay --summary'; table: every result column and the exit log kept, "
+                "as vm.replay")
     rows.append(f"{'scenario':<12} {'threads':>7} {'serial s':>9} {'sharded s':>10} {'x':>7} "
-                f"{'segments':>9} {'barriers':>9} {'hot':>4}")
+                f"{'x table':>8} {'segments':>9} {'barriers':>9} {'hot':>4}")
     for name, entry in result["scenarios"].items():
         s = entry["shards"]
+        table = f"{s['table_speedup']:>7.2f}x" if "table_speedup" in s else f"{'-':>8}"
         rows.append(f"{name:<12} {s['threads']:>7} {s['serial_seconds']:>9.3f} {s['sharded_seconds']:>10.3f} "
-                    f"{s['speedup']:>6.2f}x {s.get('segments', 0):>9} {s.get('barriers', 0):>9} "
+                    f"{s['speedup']:>6.2f}x {table} {s.get('segments', 0):>9} {s.get('barriers', 0):>9} "
                     f"{s.get('hot_pieces', 0):>4}")
     return "\n".join(rows)
 

@@ -62,8 +62,8 @@ SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
 RESERVE = 2  # a stalled shard's next chunk, times this, is how much the pool grows between rounds
 HEADROOM = 8  # room made in the pool for each shard's chunks, in accesses' worth (table_margin)
 GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
-# A shard's exit log doubles when a segment fills it, up to this many rows (40 MB): a segment's
-# exits are then merged from the shard's own buffer, not from copies of its full logs.
+# A shard's exit log doubles when it fills, its rows kept, up to this many rows (40 MB): a
+# segment's exits are then merged from the shard's own buffer, not from copies of its logs.
 LOG_ROWS_LIMIT = 1 << 20
 
 # Row flags of the partition pass.
@@ -624,8 +624,18 @@ class _Shard:
             c[1] = int(self.scal[L.SC_NTABLES]) - c[0]
 
     def stash_log(self) -> None:
-        """The shard's log is full (STATUS_NEED_LOG): keep its rows aside and go on."""
+        """The shard's log is full (STATUS_NEED_LOG): double it, its rows kept in place (the
+        runner keeps the larger log for later pieces), or at LOG_ROWS_LIMIT keep its rows
+        aside and go on."""
         n = int(self.log.n[0])
+        cap = self.log.row.shape[0]
+        if self.keep_log and cap < LOG_ROWS_LIMIT:
+            log = L.empty_exit_log(min(LOG_ROWS_LIMIT, 2 * cap))
+            for dst, src in zip(log[:-1], self.log[:-1]):
+                dst[:n] = src[:n]
+            log.n[0] = n
+            self.log = self.grown = log
+            return
         if n:
             _last_rows(self.log.row, self.log.vcpu, n, self.last_exit)
             if self.keep_log:
@@ -643,19 +653,14 @@ class _Shard:
 
     def take_log(self) -> tuple:
         """The exit log since the last call as _merge_logs reads it: (positions in the shard,
-        the shard's rows, the other ExitLog columns). The log's own buffers when it never
-        filled (valid until the shard runs again), else one copy of all its parts; a log that
-        filled is doubled for the next segments (LOG_ROWS_LIMIT at most), so that it need not."""
+        the shard's rows, the other ExitLog columns). The log's own buffers (valid until the
+        shard runs again), or one copy of all its parts once it filled at LOG_ROWS_LIMIT."""
         n = int(self.log.n[0])
         self.log.n[0] = 0
         current = tuple(a[:n] for a in self.log[:-1])
         if self.stashed:
             parts, self.stashed = self.stashed + [current], []
             current = tuple(np.concatenate([p[i] for p in parts]) for i in range(len(current)))
-            cap = self.log.row.shape[0]
-            if cap < LOG_ROWS_LIMIT:
-                self.log = L.empty_exit_log(min(LOG_ROWS_LIMIT, 2 * cap))
-                self.grown = self.log
         return (current[0], self.rows) + current[1:]
 
 

@@ -260,11 +260,13 @@ def test_sharding_happens():
     assert b.view_segments >= 1  # the shards shared the write view, and it held (Runner.replay)
 
 
-@pytest.mark.parametrize("capacity,threads", [(97, 2), (97, 3), (4096, 2)])
-def test_exit_log_merged_across_flushes(capacity, threads, monkeypatch):
+@pytest.mark.parametrize("capacity,threads,limit", [(97, 2, 1 << 20), (97, 3, 1 << 20), (97, 2, 200),
+                                                    (97, 3, 200), (4096, 2, 1 << 20)])
+def test_exit_log_merged_across_flushes(capacity, threads, limit, monkeypatch):
     """The shards' logs are merged into the replay's in row order even when the replay's log
-    fills in the middle of a merge and the shards' own logs were handed on several times in a
-    segment (logs of a few rows: the merge stops, the log is flushed, the merge goes on)."""
+    fills in the middle of a merge and the shards' own logs filled in a segment (logs of a few
+    rows: the merge stops, the log is flushed, the merge goes on; a shard's log doubles, or,
+    at its limit, is kept aside part by part)."""
     import pyarrow as pa
 
     import sppjit.replay as R
@@ -274,12 +276,14 @@ def test_exit_log_merged_across_flushes(capacity, threads, monkeypatch):
     from sppjit.vm import VM
 
     monkeypatch.setattr(R, "EXIT_LOG_CAPACITY", capacity)
+    monkeypatch.setattr(SH, "LOG_ROWS_LIMIT", limit)
     rng = np.random.default_rng(5)
     n = 40000
     gpa = (rng.integers(0, 3 << 18, n).astype(np.uint64) << np.uint64(12)) | rng.integers(0, 4096 - 8, n).astype(
         np.uint64)
     trace = {"gpa": gpa, "size": np.full(n, 8, dtype=np.uint16),
-             "vcpu": rng.integers(0, 3, n).astype(np.uint16), "kind": rng.integers(0, 3, n).astype(np.uint8)}
+             "vcpu": rng.integers(0, 3, n).astype(np.uint16), "kind": rng.integers(0, 3, n).astype(np.uint8),
+             "insn_len": rng.integers(1, 16, n).astype(np.uint8)}
     out = []
     for n_threads in (1, threads):
         vm = VM(memory="3GiB", vcpus=3)
@@ -291,7 +295,8 @@ def test_exit_log_merged_across_flushes(capacity, threads, monkeypatch):
             res = ReplayResult(table=table, exits=session.exit_table(), summary=session.summary())
             assert n_threads == 1 or session._shards.parallel_pieces > 0
             if n_threads > 1 and capacity < 1000:  # the shards' logs filled, then grew
-                assert max(log.row.shape[0] for _, log in session._shards._scratch.values()) > capacity
+                grown = max(log.row.shape[0] for _, log in session._shards._scratch.values())
+                assert grown > capacity and grown <= max(limit, capacity)
         out.append((res, canonical_state(vm)))
     (a, sa), (b, sb) = out
     assert a.exits.num_rows > 8 * capacity  # the merge crossed flushes
@@ -413,7 +418,28 @@ def test_bench_threads_section():
     result = run_parallel(["guarded"], accesses=20000, repeat=1, threads=2)
     s = result["scenarios"]["guarded"]["shards"]
     assert s["threads"] == 2 and s["serial_seconds"] > 0 and s["sharded_seconds"] > 0
-    assert "one trace on shards" in format_parallel(result)
+    assert s["table_serial_seconds"] > 0 and s["table_sharded_seconds"] > 0
+    assert s["table_speedup"] == s["table_serial_seconds"] / s["table_sharded_seconds"]
+    text = format_parallel(result)
+    assert "one trace on shards" in text and f"{s['table_speedup']:.2f}x" in text
+
+
+def test_bench_shards_refuses_a_table_that_differs(monkeypatch):
+    """The bench's table figures are of equal tables: a sharded replay whose results differed
+    from the serial one's would be an error, not a timing."""
+    import sppjit.bench as BN
+    from sppjit.datasets import scenarios
+
+    real = SH.ShardRunner.run_piece
+
+    def off_by_one(self, piece, outcome, exits, reason, keep, first_rows=True):
+        real(self, piece, outcome, exits, reason, keep, first_rows)
+        if keep and len(outcome):
+            outcome[0] ^= 1
+
+    monkeypatch.setattr(SH.ShardRunner, "run_piece", off_by_one)
+    with pytest.raises(RuntimeError, match="results or exit log differ"):
+        BN._sharded_replays(scenarios.make("uniform", 5000, 0), 1 << 20, 1, 2)
 
 
 def test_pool_rounds_and_hooks(monkeypatch):
