@@ -87,20 +87,17 @@ def kernel_columns(batch: TraceBatch) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def exit_batch(log: L.ExitLog, n: int) -> pa.RecordBatch:
-    """The first ``n`` rows of an exit log as an Arrow batch (copies: the log is reused)."""
+def exit_batch(log: L.ExitLog, n: int, copy: bool = True) -> pa.RecordBatch:
+    """The first ``n`` rows of an exit log as an Arrow batch: copies (the log is reused), or,
+    with ``copy`` False, the log's own arrays (a log made for this batch alone)."""
     kinds = _KIND_NAMES.take(pa.array(log.kind[:n]))  # codes -> strings, in C++
+
+    def column(a):
+        return pa.array(a[:n].copy() if copy else a[:n])
+
     return pa.RecordBatch.from_arrays(
-        [
-            pa.array(log.row[:n].copy()),
-            pa.array(log.vcpu[:n].copy()),
-            pa.array(log.gpa[:n].copy()),
-            pa.array(log.reason[:n].copy()),
-            pa.array(log.qual[:n].copy()),
-            kinds,
-            pa.array(log.user[:n].copy()),
-            pa.array(log.insn_len[:n].copy()),
-        ],
+        [column(log.row), column(log.vcpu), column(log.gpa), column(log.reason), column(log.qual), kinds,
+         column(log.user), column(log.insn_len)],
         schema=EXIT_SCHEMA,
     )
 
@@ -266,16 +263,20 @@ class Replay:
         if n and self.on_exits is discard_exits and self.hooks is None:
             self._log.n[0] = 0
         elif n:
-            rb = exit_batch(self._log, n)
-            if self.hooks is not None:
-                b = self._batch
-                i = self._log.row[:n] - b.first_row
-                rb = self.hooks.annotate(rb, b.gpa[i], b.size[i], b.kind[i])
-            if self.on_exits is not None:
-                self.on_exits(rb)
-            else:
-                self._exit_batches.append(rb)
+            self.emit_exits(exit_batch(self._log, n), self._log.row[:n])
             self._log.n[0] = 0
+
+    def emit_exits(self, rb: pa.RecordBatch, rows: np.ndarray) -> None:
+        """Hand on exit-log rows of the current batch (their trace ``rows``), after any the
+        log holds: annotated with hook relevance when hooks are set."""
+        if self.hooks is not None:
+            b = self._batch
+            i = rows - b.first_row
+            rb = self.hooks.annotate(rb, b.gpa[i], b.size[i], b.kind[i])
+        if self.on_exits is not None:
+            self.on_exits(rb)
+        else:
+            self._exit_batches.append(rb)
 
     def exit_table(self) -> pa.Table:
         self._flush_log()

@@ -62,8 +62,9 @@ SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
 RESERVE = 2  # a stalled shard's next chunk, times this, is how much the pool grows between rounds
 HEADROOM = 8  # room made in the pool for each shard's chunks, in accesses' worth (table_margin)
 GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
-# A shard's exit log doubles when it fills, its rows kept, up to this many rows (40 MB): a
-# segment's exits are then merged from the shard's own buffer, not from copies of its logs.
+# The rows of a shard's exit log (40 bytes each, mapped only as they are written): a segment's
+# exits are merged from the shard's own buffer, and only a segment with more (exits on every
+# row of a batch larger than a Mi rows) hands some aside on the way.
 LOG_ROWS_LIMIT = 1 << 20
 
 # Row flags of the partition pass.
@@ -615,7 +616,6 @@ class _Shard:
         self.chunk_size = 0  # tables it allocated in its last segment, then its chunks' size
         self.chunks: list[list[int]] = []  # [start, used] of each chunk of the pool, in order
         self.stashed: list[tuple] = []
-        self.grown = None  # a larger log taken since (the runner keeps it for the next pieces)
 
     def close_chunk(self) -> None:
         """Record how much of the current chunk of the pool the shard used."""
@@ -624,18 +624,9 @@ class _Shard:
             c[1] = int(self.scal[L.SC_NTABLES]) - c[0]
 
     def stash_log(self) -> None:
-        """The shard's log is full (STATUS_NEED_LOG): double it, its rows kept in place (the
-        runner keeps the larger log for later pieces), or at LOG_ROWS_LIMIT keep its rows
-        aside and go on."""
+        """The shard's log is full (STATUS_NEED_LOG, rare: it holds LOG_ROWS_LIMIT rows): keep
+        its rows aside and go on."""
         n = int(self.log.n[0])
-        cap = self.log.row.shape[0]
-        if self.keep_log and cap < LOG_ROWS_LIMIT:
-            log = L.empty_exit_log(min(LOG_ROWS_LIMIT, 2 * cap))
-            for dst, src in zip(log[:-1], self.log[:-1]):
-                dst[:n] = src[:n]
-            log.n[0] = n
-            self.log = self.grown = log
-            return
         if n:
             _last_rows(self.log.row, self.log.vcpu, n, self.last_exit)
             if self.keep_log:
@@ -654,7 +645,7 @@ class _Shard:
     def take_log(self) -> tuple:
         """The exit log since the last call as _merge_logs reads it: (positions in the shard,
         the shard's rows, the other ExitLog columns). The log's own buffers (valid until the
-        shard runs again), or one copy of all its parts once it filled at LOG_ROWS_LIMIT."""
+        shard runs again), or one copy of all its parts when it filled."""
         n = int(self.log.n[0])
         self.log.n[0] = 0
         current = tuple(a[:n] for a in self.log[:-1])
@@ -897,7 +888,8 @@ class ShardRunner:
             if s not in self._scratch:
                 from .replay import TouchedPages
 
-                self._scratch[s] = (TouchedPages(top), L.empty_exit_log(rep._log.row.shape[0]))
+                # np.zeros: only the rows a segment writes are ever mapped (~40 bytes a row)
+                self._scratch[s] = (TouchedPages(top), L.empty_exit_log(max(LOG_ROWS_LIMIT, rep._log.row.shape[0])))
             sh = _Shard(s, lay.rows[a:a + m], cols, tuple(r[a:a + m] for r in lay.results), *self._scratch[s],
                         keep_log, vm.vcpus)
             shards.append(sh)
@@ -1121,23 +1113,24 @@ class ShardRunner:
             return
         # Exits: in row order (a row's exits come from one shard, in piece order).
         src = tuple(sh.take_log() for sh in shards)
-        for sh in shards:
-            if sh.grown is not None:
-                self._scratch[sh.index] = (sh.touched, sh.grown)
-                sh.grown = None
         end = np.array([part[0].shape[0] for part in src], dtype=np.int64)
+        total = int(end.sum())
+        if total == 0:
+            return
         cursor = np.zeros_like(end)
-        log = rep._log
-        while True:
-            if len(src) == 2:
-                _merge_two(cursor, end, src[0], src[1], np.int64(piece.first_row), tuple(log[:-1]), log.n)
-            else:
-                _merge_logs(cursor, end, src, np.int64(piece.first_row), tuple(log[:-1]), log.n)
-            if np.array_equal(cursor, end):
-                break
-            if int(log.n[0]) < log.row.shape[0]:
-                raise RuntimeError("sppjit internal error: the shards' exit logs stopped merging")
-            rep._flush_log()  # the replay's log is full: hand it on, then go on merging
+        # Merged into a log of the segment's size, which becomes the exit batch itself (no copy
+        # into the replay's log, then out of it), after the exits the replay's log holds.
+        out = L.empty_exit_log(total)
+        if len(src) == 2:
+            _merge_two(cursor, end, src[0], src[1], np.int64(piece.first_row), tuple(out[:-1]), out.n)
+        else:
+            _merge_logs(cursor, end, src, np.int64(piece.first_row), tuple(out[:-1]), out.n)
+        if not np.array_equal(cursor, end) or int(out.n[0]) != total:
+            raise RuntimeError("sppjit internal error: the shards' exit logs did not merge")
+        from .replay import exit_batch
+
+        rep._flush_log()
+        rep.emit_exits(exit_batch(out, total, copy=False), out.row)
 
 
 SAMPLE_RUN = 32  # the sample takes runs of consecutive rows: a cache line brings several
