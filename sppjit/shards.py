@@ -447,8 +447,9 @@ def _copy_exits(src, i, e, dst, j, first_row):
 
 @_njit
 def _merge_logs(cursor, end, src, first_row, dst, dst_n):
-    """Merge the shards' exit logs, each in row order, into the replay's log ``dst`` (its
-    ``dst_n[0]`` rows filled) until it is full or every source is used up. ``src[s]`` is shard
+    """Merge the shards' exit logs, each in row order, into the log ``dst`` (its ``dst_n[0]``
+    rows filled; ShardRunner._merge gives one with room for them all) until it is full or
+    every source is used up. ``src[s]`` is shard
     s's log as (positions in the shard, the shard's rows of the piece, then the other ExitLog
     columns), its entries ``cursor[s]`` to ``end[s]`` still to go. A row's exits all come from
     one shard, in piece order, so taking the lowest row each time is the stable sort by row.
