@@ -746,9 +746,9 @@ def format_parallel(result: dict) -> str:
                 f"{'x table':>8} {'segments':>9} {'barriers':>9} {'hot':>4}")
     for name, entry in result["scenarios"].items():
         s = entry["shards"]
-        table = f"{s['table_speedup']:>7.2f}x" if "table_speedup" in s else f"{'-':>8}"
         rows.append(f"{name:<12} {s['threads']:>7} {s['serial_seconds']:>9.3f} {s['sharded_seconds']:>10.3f} "
-                    f"{s['speedup']:>6.2f}x {table} {s.get('segments', 0):>9} {s.get('barriers', 0):>9} "
+                    f"{s['speedup']:>6.2f}x {s['table_speedup']:>7.2f}x {s.get('segments', 0):>9} "
+                    f"{s.get('barriers', 0):>9} "
                     f"{s.get('hot_pieces', 0):>4}")
     return "\n".join(rows)
 
