@@ -204,15 +204,19 @@ CT_LEN = 17
 ExitLog = namedtuple("ExitLog", ["row", "vcpu", "gpa", "reason", "qual", "kind", "user", "insn_len", "n"])
 
 
-def empty_exit_log(capacity: int) -> ExitLog:
+def empty_exit_log(capacity: int, zeroed: bool = True) -> ExitLog:
+    """An exit log with room for ``capacity`` rows. Zeroed, its pages are mapped only as rows
+    are written (a log with room to spare costs nothing); not zeroed, for a log that will be
+    filled whole (zeroing memory the allocator recycles would cost a pass over it)."""
+    make = np.zeros if zeroed else np.empty
     return ExitLog(
-        row=np.zeros(capacity, dtype=np.int64),
-        vcpu=np.zeros(capacity, dtype=np.uint16),
-        gpa=np.zeros(capacity, dtype=np.uint64),
-        reason=np.zeros(capacity, dtype=np.uint16),
-        qual=np.zeros(capacity, dtype=np.uint64),
-        kind=np.zeros(capacity, dtype=np.uint8),
-        user=np.zeros(capacity, dtype=np.uint16),
-        insn_len=np.zeros(capacity, dtype=np.uint8),
+        row=make(capacity, dtype=np.int64),
+        vcpu=make(capacity, dtype=np.uint16),
+        gpa=make(capacity, dtype=np.uint64),
+        reason=make(capacity, dtype=np.uint16),
+        qual=make(capacity, dtype=np.uint64),
+        kind=make(capacity, dtype=np.uint8),
+        user=make(capacity, dtype=np.uint16),
+        insn_len=make(capacity, dtype=np.uint8),
         n=np.zeros(1, dtype=np.int64),
     )

@@ -1020,7 +1020,7 @@ class ShardRunner:
         while work:
             # A shard that failed stops; the others go on (one that waited for room may fail on
             # an earlier row, whose error the serial replay would raise).
-            stopped = self._round(work, alloc, errors, res if keep else None)
+            stopped = self._round(work, alloc, errors)
             if not stopped:
                 break
             alloc.reserve(sum(2 * item[0].chunk_size for item in stopped) * RESERVE)
@@ -1029,18 +1029,20 @@ class ShardRunner:
                 alloc.chunk(item[0], 2 * item[0].chunk_size)
             work = stopped
         self._merge(piece, ran, nt0, alloc, spans)  # after an error too: the pool stays well formed
+        if not errors:
+            self._output(piece, ran, spans, res if keep else None, a, b)
         if errors:
             row, status, detail = min(errors)
             raise _failure(status, piece.first_row + row, detail)
 
-    def _round(self, work, alloc, errors, res):
+    def _round(self, work, alloc, errors):
         """Run every shard of ``work`` to its segment's end (or until the pool is full) in
         parallel; returns the items that stopped for room in the pool."""
         stopped = []
         lock = threading.Lock()
 
         def one(item):
-            sh, p0, p1, first = item
+            sh, p0, p1, _ = item
             cols = [c[:p1] for c in sh.columns]
             out = [r[:p1] for r in sh.results]
             row = p0
@@ -1065,8 +1067,6 @@ class ShardRunner:
                     with lock:
                         errors.append((int(sh.rows[row]), int(status), int(detail)))
                     return
-            if res is not None:
-                _scatter(*res, sh.rows, *sh.results, np.int64(first), np.int64(p1))
 
         if len(work) == 1:
             one(work[0])
@@ -1110,28 +1110,60 @@ class ShardRunner:
             owner[better] = i
         for v in np.flatnonzero(owner >= 0):
             st.vmcs[v] = shards[int(owner[v])].vmcs[v]
-        if not shards[0].keep_log:
-            return
-        # Exits: in row order (a row's exits come from one shard, in piece order).
-        src = tuple(sh.take_log() for sh in shards)
-        end = np.array([part[0].shape[0] for part in src], dtype=np.int64)
-        total = int(end.sum())
-        if total == 0:
-            return
-        cursor = np.zeros_like(end)
-        # Merged into a log of the segment's size, which becomes the exit batch itself (no copy
-        # into the replay's log, then out of it), after the exits the replay's log holds.
-        out = L.empty_exit_log(total)
-        if len(src) == 2:
-            _merge_two(cursor, end, src[0], src[1], np.int64(piece.first_row), tuple(out[:-1]), out.n)
-        else:
-            _merge_logs(cursor, end, src, np.int64(piece.first_row), tuple(out[:-1]), out.n)
-        if not np.array_equal(cursor, end) or int(out.n[0]) != total:
-            raise RuntimeError("sppjit internal error: the shards' exit logs did not merge")
-        from .replay import exit_batch
 
-        rep._flush_log()
-        rep.emit_exits(exit_batch(out, total, copy=False), out.row)
+    # ------------------------------------------------------------------ output
+    def _output(self, piece, shards, spans, res, a: int, b: int) -> None:
+        """The segment's result columns (``res``, None when the results are not kept) and its
+        exits, on every thread at once: thread t takes the rows of its part of a..b-1 from
+        every shard. Split by row, no two threads write the same cache line of a result column
+        (split by shard, as the rows of two shards interleave, they would write every line
+        both), and each part's exits, merged in row order, become an exit batch of their own,
+        handed on in row order after the exits the replay's log already holds (those of the
+        barrier rows before the segment)."""
+        rep = self.session
+        keep_log = shards[0].keep_log
+        if res is None and not keep_log:
+            return
+        parts = self.threads
+        cuts = np.array([a + (b - a) * t // parts for t in range(parts + 1)], dtype=np.int32)
+        # Per shard, the positions of its rows at each cut (its rows of a..b-1 are p0..p1-1).
+        at = [np.clip(np.searchsorted(sh.rows, cuts), p0, p1) for sh, (p0, p1) in zip(shards, spans)]
+        src = tuple(sh.take_log() for sh in shards) if keep_log else ()
+        # Per shard, its exits at each cut: those of the positions before it (the log holds
+        # positions, in order).
+        log_at = [np.searchsorted(part[0], pos) for part, pos in zip(src, at)]
+        first_row = np.int64(piece.first_row)
+
+        def part(t):
+            if res is not None:
+                for sh, pos in zip(shards, at):
+                    _scatter(*res, sh.rows, *sh.results, np.int64(pos[t]), np.int64(pos[t + 1]))
+            if not keep_log:
+                return None
+            cursor = np.array([c[t] for c in log_at], dtype=np.int64)
+            end = np.array([c[t + 1] for c in log_at], dtype=np.int64)
+            total = int((end - cursor).sum())
+            if total == 0:
+                return None
+            # Merged into a log of the part's size, which becomes the exit batch itself (no copy
+            # into the replay's log, then out of it); the merge writes every row.
+            out = L.empty_exit_log(total, zeroed=False)
+            if len(src) == 2:
+                _merge_two(cursor, end, src[0], src[1], first_row, tuple(out[:-1]), out.n)
+            else:
+                _merge_logs(cursor, end, src, first_row, tuple(out[:-1]), out.n)
+            if not np.array_equal(cursor, end) or int(out.n[0]) != total:
+                raise RuntimeError("sppjit internal error: the shards' exit logs did not merge")
+            from .replay import exit_batch
+
+            return exit_batch(out, total, copy=False), out.row
+
+        batches = self._map(part, range(parts))
+        if keep_log:
+            rep._flush_log()
+            for made in batches:
+                if made is not None:
+                    rep.emit_exits(*made)
 
 
 SAMPLE_RUN = 32  # the sample takes runs of consecutive rows: a cache line brings several
