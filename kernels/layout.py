@@ -204,11 +204,11 @@ CT_LEN = 17
 ExitLog = namedtuple("ExitLog", ["row", "vcpu", "gpa", "reason", "qual", "kind", "user", "insn_len", "n"])
 
 
-def empty_exit_log(capacity: int, zeroed: bool = True) -> ExitLog:
-    """An exit log with room for ``capacity`` rows. Zeroed, its pages are mapped only as rows
-    are written (a log with room to spare costs nothing); not zeroed, for a log that will be
-    filled whole (zeroing memory the allocator recycles would cost a pass over it)."""
-    make = np.zeros if zeroed else np.empty
+def empty_exit_log(capacity: int, make=np.zeros) -> ExitLog:
+    """An exit log with room for ``capacity`` rows, its columns made by ``make(n, dtype)``:
+    np.zeros maps their pages only as rows are written (a log with room to spare costs
+    nothing); np.empty, for a log that will be filled whole (zeroing memory the allocator
+    recycles would cost a pass over it)."""
     return ExitLog(
         row=make(capacity, dtype=np.int64),
         vcpu=make(capacity, dtype=np.uint16),

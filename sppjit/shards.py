@@ -1133,30 +1133,35 @@ class ShardRunner:
         # positions, in order).
         log_at = [np.searchsorted(part[0], pos) for part, pos in zip(src, at)]
         first_row = np.int64(piece.first_row)
+        if keep_log:
+            # Each part's exits start where the earlier parts' end, in one log of the
+            # segment's size allocated here: threads that map memory would wait on each
+            # other's page faults. Its slices become the exit batches themselves (no copy into
+            # the replay's log, then out of it); the merge writes every row.
+            lo = np.array(log_at, dtype=np.int64).reshape(len(src), parts + 1)
+            counts = (lo[:, 1:] - lo[:, :-1]).sum(axis=0)
+            offset = np.concatenate([[0], np.cumsum(counts)])
+            log = L.empty_exit_log(int(offset[-1]), make=np.empty)
 
         def part(t):
             if res is not None:
                 for sh, pos in zip(shards, at):
                     _scatter(*res, sh.rows, *sh.results, np.int64(pos[t]), np.int64(pos[t + 1]))
-            if not keep_log:
+            if not keep_log or counts[t] == 0:
                 return None
-            cursor = np.array([c[t] for c in log_at], dtype=np.int64)
-            end = np.array([c[t + 1] for c in log_at], dtype=np.int64)
-            total = int((end - cursor).sum())
-            if total == 0:
-                return None
-            # Merged into a log of the part's size, which becomes the exit batch itself (no copy
-            # into the replay's log, then out of it); the merge writes every row.
-            out = L.empty_exit_log(total, zeroed=False)
+            cursor, end = lo[:, t].copy(), lo[:, t + 1].copy()
+            j0, j1 = int(offset[t]), int(offset[t + 1])
+            out = tuple(c[j0:j1] for c in log[:-1])
+            filled = np.zeros(1, dtype=np.int64)
             if len(src) == 2:
-                _merge_two(cursor, end, src[0], src[1], first_row, tuple(out[:-1]), out.n)
+                _merge_two(cursor, end, src[0], src[1], first_row, out, filled)
             else:
-                _merge_logs(cursor, end, src, first_row, tuple(out[:-1]), out.n)
-            if not np.array_equal(cursor, end) or int(out.n[0]) != total:
+                _merge_logs(cursor, end, src, first_row, out, filled)
+            if not np.array_equal(cursor, end) or int(filled[0]) != j1 - j0:
                 raise RuntimeError("sppjit internal error: the shards' exit logs did not merge")
             from .replay import exit_batch
 
-            return exit_batch(out, total, copy=False), out.row
+            return exit_batch(L.ExitLog(*out, filled), j1 - j0, copy=False), out[0]
 
         batches = self._map(part, range(parts))
         if keep_log:
