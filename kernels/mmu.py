@@ -174,7 +174,9 @@ def cache_lookup(c, region):
 # Any other change of a leaf or a vector is KVM's exit handling, confined to the faulting gfn
 # (view_forget_gfn) or, for an SPPT miss, its 2 MiB region (view_forget_region; see
 # kernels.replay.slow_piece), or the control plane, which resets every cache
-# (sppjit.vm.VM.invalidate_caches).
+# (sppjit.vm.VM.invalidate_caches). The one change of an entry that keeps its rows is a
+# sharded segment's compaction (sppjit.shards._relocate): it moves tables whole, so an entry
+# rewritten to a table's new index still names the same leaves and vectors.
 @inline
 def view_forget_slot(st, slot):
     """Every vCPU's write view of region-cache entry ``slot`` (kernels.layout: none in a VM

@@ -1343,20 +1343,18 @@ def _relocate(st, remap: np.ndarray, nt0: int, end: int) -> None:
     valid = c != L.CACHE_INVALID
     idx = (c & L.CACHE_PAYLOAD_MASK) >> 4
     hit = valid & (idx >= nt0) & (idx < end)
-    view = st.write_view.shape[1] != 0
+    # The write view's rows stay: a moved table keeps every entry, so a row filled under the
+    # old cache entry describes the same leaves and vectors under the new one (the one change
+    # of an entry's value that keeps its meaning; zeroing the rows would map their pages
+    # and make the next segment refill them).
     if np.any(hit):
         c[hit] = _with_index(c[hit], remap[idx[hit] - nt0], 4)
-        if view:  # a view row goes with the cache entry it was filled under (kernels.mmu, rule 1)
-            st.write_view[:, np.flatnonzero(hit), :] = 0
     s = st.sppt_cache
     valid = s != L.CACHE_INVALID
     idx = s & L.CACHE_PAYLOAD_MASK
     hit = valid & (idx >= nt0) & (idx < end)
     if np.any(hit):
         s[hit] = _with_index(s[hit], remap[idx[hit] - nt0], 0)
-        if view:  # and its vector-decided entries with the vCPU's SPPT cache entry (rule 2)
-            v, slot = np.nonzero(hit)
-            st.write_view[v, slot, :] = 0
 
 
 def _with_index(entries: np.ndarray, new: np.ndarray, shift: int) -> np.ndarray:

@@ -245,9 +245,24 @@ def test_drawn_scenarios_equal_serial(scn, threads, oracle):
     check(scn, oracle, threads)
 
 
-def test_sharding_happens():
+def test_sharding_happens(monkeypatch):
     """The property tests above would pass with a runner that never shards: make sure it does,
-    with barriers and several segments, on a trace of every kind of row."""
+    with barriers and several segments, on a trace of every kind of row; and that compaction
+    moves tables whose cache entries have write-view rows, which it keeps (Runner.replay
+    holds the view against the tables after every replay)."""
+    relocate, kept = SH._relocate, []
+
+    def counting(st_, remap, nt0, end):
+        slots = np.flatnonzero(((st_.ept_cache & L.CACHE_PAYLOAD_MASK) >> 4 >= nt0)
+                               & ((st_.ept_cache & L.CACHE_PAYLOAD_MASK) >> 4 < end)
+                               & (st_.ept_cache != L.CACHE_INVALID))
+        before = st_.write_view[:, slots, :].copy()
+        relocate(st_, remap, nt0, end)
+        if before.any():
+            assert np.array_equal(st_.write_view[:, slots, :], before)
+            kept.append(int(np.count_nonzero(before)))
+
+    monkeypatch.setattr(SH, "_relocate", counting)
     scn = S.big_scenario(S.VmSpec(memslots=((0, 3 << 18),), vcpus=3, profile="v4"), seed=7)
     a = Runner(scn.vm, "jit", 1)
     b = Runner(scn.vm, "jit", 3)
@@ -258,6 +273,7 @@ def test_sharding_happens():
             assert_same_state(a.vm, b.vm, "big")
     assert b.sharded >= 2
     assert b.view_segments >= 1  # the shards shared the write view, and it held (Runner.replay)
+    assert kept  # rows under moved tables' entries were kept, and held
 
 
 @pytest.mark.parametrize("capacity,threads,limit", [(97, 2, 1 << 20), (97, 3, 1 << 20), (97, 2, 200),
