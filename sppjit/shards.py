@@ -1348,13 +1348,21 @@ def _relocate(st, remap: np.ndarray, nt0: int, end: int) -> None:
     # of an entry's value that keeps its meaning; zeroing the rows would map their pages
     # and make the next segment refill them).
     if np.any(hit):
-        c[hit] = _with_index(c[hit], remap[idx[hit] - nt0], 4)
+        new = remap[idx[hit] - nt0]
+        c[hit] = _with_index(c[hit], new, 4)
+        gone = np.flatnonzero(hit)[new < 0]  # entries left empty: an empty entry has no rows (rule 1)
+        if gone.size and st.write_view.shape[1] != 0:
+            st.write_view[:, gone, :] = 0
     s = st.sppt_cache
     valid = s != L.CACHE_INVALID
     idx = s & L.CACHE_PAYLOAD_MASK
     hit = valid & (idx >= nt0) & (idx < end)
     if np.any(hit):
-        s[hit] = _with_index(s[hit], remap[idx[hit] - nt0], 0)
+        new = remap[idx[hit] - nt0]
+        s[hit] = _with_index(s[hit], new, 0)
+        v, slot = np.nonzero(hit)
+        if st.write_view.shape[1] != 0 and np.any(new < 0):  # and their vector-decided entries (rule 2)
+            st.write_view[v[new < 0], slot[new < 0], :] = 0
 
 
 def _with_index(entries: np.ndarray, new: np.ndarray, shift: int) -> np.ndarray:
