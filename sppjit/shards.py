@@ -1360,9 +1360,10 @@ def _relocate(st, remap: np.ndarray, nt0: int, end: int) -> None:
     if np.any(hit):
         new = remap[idx[hit] - nt0]
         s[hit] = _with_index(s[hit], new, 0)
-        v, slot = np.nonzero(hit)
-        if st.write_view.shape[1] != 0 and np.any(new < 0):  # and their vector-decided entries (rule 2)
-            st.write_view[v[new < 0], slot[new < 0], :] = 0
+        lost = new < 0
+        if st.write_view.shape[1] != 0 and np.any(lost):  # and their vector-decided entries (rule 2)
+            v, slot = np.nonzero(hit)
+            st.write_view[v[lost], slot[lost], :] = 0
 
 
 def _with_index(entries: np.ndarray, new: np.ndarray, shift: int) -> np.ndarray:
