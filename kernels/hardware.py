@@ -43,6 +43,7 @@ from .layout import (
     CACHE_TAG_SHIFT,
     CF_SUBPAGE_CHECK,
     CHECK_FIRST,
+    WRITE_VIEW_REFUSAL_SHIFT,
 )
 from .mmu import (
     cache_slot,
@@ -65,6 +66,7 @@ _TAG_SHIFT = np.int64(CACHE_TAG_SHIFT)
 _U_TABLE_INDEX = np.uint64(CACHE_PAYLOAD_MASK >> 4)  # a pool index in a payload, above its 4 flag bits
 _U_PAYLOAD = np.uint64(CACHE_PAYLOAD_MASK)
 _U_EVEN = np.uint64(0x5555555555555555)
+_U_REFUSAL_SHIFT = np.uint64(WRITE_VIEW_REFUSAL_SHIFT)
 _U_FAST_MASK = np.uint64(B.VMX_EPT_READABLE_MASK | B.VMX_EPT_MT_MASK | B.EPT_ADDR_RESERVED_MASK)
 _U_FAST_WANT = np.uint64(B.VMX_EPT_READABLE_MASK | (B.MEMTYPE_WB << B.VMX_EPT_MT_EPTE_SHIFT))
 
@@ -184,27 +186,34 @@ def view_need(first, last, check):
 
 
 @inline
-def view_fill(st, v, slot, gfn, allowed):
-    """Record that vCPU v may write the sub-pages ``allowed`` of ``gfn`` (fast_check has just
-    established it from the caches, the live leaf and the live vector). The caller knows the
-    view is not empty."""
-    st.write_view[np.uint64(v), slot, gfn & _U_511] = np.uint32(allowed)
+def view_fill(st, v, slot, gfn, allowed, refusal):
+    """Record that vCPU v may write the sub-pages ``allowed`` of ``gfn`` and, with ``refusal``
+    non-zero, that a write to any other sub-page is a sub-page violation of that qualification
+    (fast_check has just established both from the caches, the live leaf and the live vector).
+    The caller knows the view is not empty."""
+    st.write_view[np.uint64(v), slot, gfn & _U_511] = np.uint64(allowed) | (refusal << _U_REFUSAL_SHIFT)
 
 
 @inline
-def view_hit(st, v, first, last, check, cache_mask):
-    """Whether the write view allows vCPU v's write to bytes first..last of one page: the
-    region's cache entry is this region's (the view's rows belong to it, kernels.mmu rule 1)
-    and the entry holds every sub-page the write needs (0, unknown, holds none). When it
-    does, fast_check would answer FAST_ALLOWED: the view is only filled from that answer and
-    forgotten with anything it was derived from. The caller knows the view is not empty."""
+def view_word(st, v, first, cache_mask):
+    """vCPU v's write-view word (kernels.layout) for the page of ``first``, or 0 (unknown) when
+    the region's cache entry is not this region's (the view's rows belong to the entry's
+    region, kernels.mmu rule 1). A word is only filled from fast_check's answer and forgotten
+    with anything it was derived from, so what it says is fast_check's answer. The caller
+    knows the view is not empty."""
     gfn = first >> U_PAGE_SHIFT
     region = gfn >> np.uint64(9)
     slot = region & cache_mask
     if (st.ept_cache[slot] >> _TAG_SHIFT) != cache_tag(region):
-        return False
-    need = view_need(first, last, check)
-    return (np.uint64(st.write_view[np.uint64(v), slot, gfn & _U_511]) & need) == need
+        return U0
+    return st.write_view[np.uint64(v), slot, gfn & _U_511]
+
+
+@inline
+def view_refusal(word):
+    """The qualification of the sub-page violation a view word records for the writes it does
+    not allow, or 0 (unknown: fast_check decides)."""
+    return word >> _U_REFUSAL_SHIFT
 
 
 FAST_UNKNOWN = 0  # the caches cannot tell: do the full hardware_check
@@ -267,7 +276,7 @@ def fast_check_fill(st, v, first, last, kind, fill):
     cum = np.uint64(c & 7) & e
     if access_allowed(cum, kind):
         if fill and kind == B.ACCESS_WRITE and not huge:
-            view_fill(st, v, slot, gfn, FULL_ACCESS_U32)
+            view_fill(st, v, slot, gfn, FULL_ACCESS_U32, U0)
         return FAST_ALLOWED, cum
     if kind == B.ACCESS_WRITE and not huge and (e & U_SPP) != U0 and (cum & U_R) != U0 and spp_enabled(st, v):
         # SPP-eligible: the vector decides (a missing path or odd bits: the full check).
@@ -278,10 +287,13 @@ def fast_check_fill(st, v, first, last, kind, fill):
         if (vec & U_SPPT_LEAF_RSVD) != U0:
             return FAST_UNKNOWN, U0
         need = subpage_mask(first, last, st.cfg[CF_SUBPAGE_CHECK])
+        # With W clear in the leaf, every write the vector refuses is a sub-page violation of
+        # one qualification: the view records it beside the allowed sub-pages.
+        refusal = ept_violation_qual(kind, cum) if (e & U_W) == U0 else U0
+        if fill:
+            view_fill(st, v, slot, gfn, vector_to_map(vec), refusal)
         if (vec & need) == need:
-            if fill:
-                view_fill(st, v, slot, gfn, vector_to_map(vec))
             return FAST_ALLOWED, U0
-        if (e & U_W) == U0:
-            return FAST_SPP_VIOLATION, ept_violation_qual(kind, cum)
+        if refusal != U0:
+            return FAST_SPP_VIOLATION, refusal
     return FAST_VIOLATION, ept_violation_qual(kind, cum)

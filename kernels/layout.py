@@ -69,15 +69,19 @@ MAX_TABLES = 1 << 32  # pool indices fit the caches' payloads
 MAX_CACHE_ENTRIES = 1 << 18
 CACHE_BUDGET_ENTRIES = 1 << 23
 
-# The write view (State.write_view, kernels.hardware.view_hit): per vCPU, per region-cache
-# entry, per gfn of the region, the u32 set of sub-pages a write is allowed to (bit j =
-# sub-page j), 0 = unknown. It lets an allowed write be one load with no branch on whether its
-# page is protected. It is derived (a cache of the EPT walk, the leaf and the SPP vector), so
-# it is never saved; it exists only while vcpus * entries rows of 2 KiB fit WRITE_VIEW_BUDGET
-# (else its shape is (vcpus, 0, 512) and the kernels skip it).
-# An entry is KVM's access-map encoding of the answer: FULL_SPP_ACCESS when the walk's W allows
-# the whole page, the SPP vector's write bits when it decides.
-WRITE_VIEW_BUDGET = 64 << 20
+# The write view (State.write_view, kernels.hardware.view_word): per vCPU, per region-cache
+# entry, per gfn of the region, one uint64 word, 0 = unknown. Its low half is the u32 set of
+# sub-pages a write is allowed to (bit j = sub-page j): KVM's access-map encoding, FULL_SPP_ACCESS
+# when the walk's W allows the whole page, the SPP vector's write bits when the vector decides.
+# Its high half, when non-zero, is the exit qualification of the sub-page violation any other
+# write to the page takes (a 4 KiB leaf with the SPP bit and W clear, whose vector decides).
+# So an allowed write and a refused one are each one load, with no branch on whether or how
+# the page is protected. It is derived (a cache of the EPT walk, the leaf and the SPP vector),
+# so it is never saved; it exists only while vcpus * entries rows of WRITE_VIEW_ROW_BYTES fit
+# WRITE_VIEW_BUDGET (else its shape is (vcpus, 0, 512) and the kernels skip it).
+WRITE_VIEW_ROW_BYTES = 512 * 8
+WRITE_VIEW_BUDGET = 128 << 20
+WRITE_VIEW_REFUSAL_SHIFT = 32
 
 # Access maps (KVM's subpage_wp_info) are sparse, allocated when a region is first protected:
 # map_dir has one entry per GiB (2**MAP_DIR_SHIFT gfns) below the top of the highest memslot,
@@ -107,7 +111,7 @@ State = namedtuple(
         "map_blocks",  # uint32[block capacity, 512]: the regions' maps (FULL_SPP_ACCESS = unprotected)
         "ept_cache",  # int64[entries]: tagged; payload the table holding the region's EPT leaves << 4 | flags
         "sppt_cache",  # int64[vcpus, entries]: tagged; payload the vCPU's SPPT level-1 table of the region
-        "write_view",  # uint32[vcpus, entries or 0, 512]: sub-pages a write may touch, 0 unknown (above)
+        "write_view",  # uint64[vcpus, entries or 0, 512]: sub-pages a write may touch | refusal << 32 (above)
     ],
 )
 
@@ -126,12 +130,12 @@ def cache_entries(memslots, vcpus: int = 1) -> int:
 
 def write_view_entries(vcpus: int, entries: int) -> int:
     """Rows per vCPU of the write view: every cache entry, or 0 (no view) over the budget."""
-    return entries if int(vcpus) * int(entries) * 512 * 4 <= WRITE_VIEW_BUDGET else 0
+    return entries if int(vcpus) * int(entries) * WRITE_VIEW_ROW_BYTES <= WRITE_VIEW_BUDGET else 0
 
 
 def empty_write_view(vcpus: int, entries: int) -> np.ndarray:
     # np.zeros: the system maps its pages on first touch, so a view no write reaches costs nothing.
-    return np.zeros((int(vcpus), write_view_entries(vcpus, entries), 512), dtype=np.uint32)
+    return np.zeros((int(vcpus), write_view_entries(vcpus, entries), 512), dtype=np.uint64)
 
 
 def map_dir_len(memslots) -> int:

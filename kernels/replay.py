@@ -40,7 +40,9 @@ from .hardware import (
     fast_check,
     fast_check_fill,
     hardware_check,
-    view_hit,
+    view_need,
+    view_refusal,
+    view_word,
 )
 from .layout import (
     CACHE_PAYLOAD_MASK,
@@ -247,10 +249,10 @@ def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touch
     if write:
         if not maps and st.write_view.shape[1] != 0:
             # The write view's entry, which decides the write when the page has been written
-            # before (kernels.hardware.view_hit).
+            # before, allowed or refused (kernels.hardware.view_word).
             prefetch(np.uint64(st.write_view.ctypes.data)
                      + ((np.uint64(v) * np.uint64(st.write_view.shape[1]) + slot) * np.uint64(512)
-                        + (gfn & _U_511)) * np.uint64(4))
+                        + (gfn & _U_511)) * np.uint64(8))
         s = st.sppt_cache[v, slot]
         if (s >> _TAG_SHIFT) == cache_tag(region):
             prefetch(tables_base + ((np.uint64(s) & _U_PAYLOAD) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
@@ -395,12 +397,20 @@ def fast_rows(st, gpa, size, vcpu, kind, insn_len, row0, outcome, exits, exit_re
         if not (gfn == memo_gfn and ((memo_cum >> k) & U1) != U0):
             v = np.int64(vcpu[ru])
             last = first + np.uint64(size[ru]) - U1
-            if view_on and k == np.uint64(B.ACCESS_WRITE) and view_hit(st, v, first, last, check, cache_mask):
-                if not mark_touched(touched_dir, touched_words, touched_n, gfn):
-                    return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum  # nothing done yet: see below
-                ru += U1  # allowed (the memo stays: it is still true)
-                continue
-            code, qual = fast_check_fill(st, v, first, last, k, view_on)
+            refusal = U0
+            if view_on and k == np.uint64(B.ACCESS_WRITE):
+                word = view_word(st, v, first, cache_mask)
+                need = view_need(first, last, check)
+                if (word & need) == need:
+                    if not mark_touched(touched_dir, touched_words, touched_n, gfn):
+                        return ru, FAST_UNKNOWN, U0, 0, memo_gfn, memo_cum  # nothing done yet: see below
+                    ru += U1  # allowed (the memo stays: it is still true)
+                    continue
+                refusal = view_refusal(word)
+            if view_on and refusal != U0:
+                code, qual = FAST_SPP_VIOLATION, refusal  # what fast_check would answer
+            else:
+                code, qual = fast_check_fill(st, v, first, last, k, view_on)
             if code != FAST_ALLOWED:
                 # The three exits whose handling is known in advance, taken in place (see
                 # replay_batch); anything else, and a nearly full log, is the outer loop's.

@@ -182,33 +182,71 @@ def _caches(st) -> str:
 def _view_shape(st) -> str:
     view = st.write_view
     entries = st.ept_cache.shape[0]
-    if view.dtype != np.uint32 or view.shape not in ((st.vmcs.shape[0], entries, 512), (st.vmcs.shape[0], 0, 512)):
+    if view.dtype != np.uint64 or view.shape not in ((st.vmcs.shape[0], entries, 512), (st.vmcs.shape[0], 0, 512)):
         return f"write_view has shape {view.shape} (vCPUs, {entries} or 0, 512)"
     return ""
 
 
 def write_rights(st, vcpu: int, gfn: int) -> int:
     """The sub-pages of ``gfn`` a write by ``vcpu`` is allowed to, from the real tables (the
-    reference engine's hardware check of a one-byte write to each): the write view's entry
-    encoding (kernels.layout), 0 when none is allowed."""
+    reference engine's hardware check of a one-byte write to each): the write view's low
+    half (kernels.layout), 0 when none is allowed."""
+    return _write_answers(st, vcpu, gfn)[0]
+
+
+def _write_answers(st, vcpu: int, gfn: int) -> tuple[int, set]:
+    """(write_rights, the set of (reason, qualification) of the refused sub-pages' exits)."""
     from .reference import hardware_check
 
     gpa = gfn << B.PAGE_SHIFT
-    rights = 0
+    rights, refused = 0, set()
     for j in range(B.SUBPAGES_PER_PAGE):
         first = gpa + (j << B.SUBPAGE_SHIFT)
-        if hardware_check(st, vcpu, first, first, B.ACCESS_WRITE) is None:
+        exit_ = hardware_check(st, vcpu, first, first, B.ACCESS_WRITE)
+        if exit_ is None:
             rights |= 1 << j
-    return rights
+        else:
+            refused.add((exit_.reason, exit_.qualification))
+    return rights, refused
+
+
+def _leaf_4k(st, vcpu: int, gfn: int) -> int:
+    """gfn's 4 KiB EPT leaf as vCPU ``vcpu``'s walk reaches it, or 0 (none, or a larger page)."""
+    from .reference import _read
+
+    gpa = gfn << B.PAGE_SHIFT
+    table = int(st.vmcs[vcpu, B.VMCS_COL_EPTP]) & B.PT64_BASE_ADDR_MASK
+    for level in (4, 3, 2):
+        entry = _read(st, table, B.level_index(gpa, level))
+        if not entry & B.VMX_EPT_RWX_MASK or entry & B.PT_PAGE_SIZE_MASK:
+            return 0
+        table = entry & B.PT64_BASE_ADDR_MASK
+    return _read(st, table, B.level_index(gpa, 1))
+
+
+def _refusal_problem(st, vcpu: int, gfn: int, refusal: int, refused: set) -> str:
+    """Why a view word's refusal (its high half) is not what the tables say, or "": every
+    refused sub-page must exit with that qualification, as the sub-page violation KVM's handler
+    sees in it (a 4 KiB leaf with the SPP bit set and W clear), in SPP granularity."""
+    if int(st.cfg[L.CF_GRANULARITY]) == L.GRAN_PAGE:
+        return "records a refusal in page granularity"
+    if refused and refused != {(B.EXIT_REASON_EPT_VIOLATION, refusal)}:
+        return f"records refusals {refusal:#x}, where the refused sub-pages exit with {sorted(refused)}"
+    leaf = _leaf_4k(st, vcpu, gfn)
+    if not leaf & B.PT64_SPP_MASK or leaf & B.VMX_EPT_WRITABLE_MASK:
+        return f"records refusals {refusal:#x}, where the leaf {leaf:#x} makes no sub-page violation"
+    return ""
 
 
 def check_write_view(st) -> str:
     """The write view held against the tables: the first entry that is not what they say, as
     one line, or "". Every non-zero entry (vCPU v, cache entry i, gfn index g) must sit under
-    an ept_cache entry in use (whose region it describes: kernels.mmu, rule 1), equal
-    write_rights of that vCPU and gfn, and, unless it is the whole page, sit under an
-    sppt_cache entry of that region too (rule 2). Costs a hardware check per sub-page of
-    each entry: for tests and inspection, not for loading (a loaded view is empty)."""
+    an ept_cache entry in use (whose region it describes: kernels.mmu, rule 1), hold in its
+    low half write_rights of that vCPU and gfn, in its high half nothing or the qualification
+    of the sub-page violation every other write exits with, and, unless it is the whole page
+    and nothing else, sit under an sppt_cache entry of that region too (rule 2). Costs a
+    hardware check per sub-page of each entry: for tests and inspection, not for loading (a
+    loaded view is empty)."""
     problem = _view_shape(st)
     if problem or st.write_view.shape[1] == 0:
         return problem
@@ -216,16 +254,21 @@ def check_write_view(st) -> str:
     for v, slot, i in zip(vs.tolist(), slots.tolist(), idx.tolist()):
         entry = int(st.write_view[v, slot, i])
         c = int(st.ept_cache[slot])
-        where = f"write_view[{v}, {slot}, {i}] = {entry:#010x}"
+        where = f"write_view[{v}, {slot}, {i}] = {entry:#018x}"
         if c in (L.CACHE_INVALID, _OLD_CACHE_INVALID):
             return f"{where} under an empty ept_cache entry"
         region = (c >> L.CACHE_TAG_SHIFT) - 1
         gfn = (region << 9) | i
         if entry != B.FULL_SPP_ACCESS and (int(st.sppt_cache[v, slot]) >> L.CACHE_TAG_SHIFT) - 1 != region:
             return f"{where} (gfn {gfn:#x}) decided by an SPP vector, under no sppt_cache entry of its region"
-        want = write_rights(st, v, gfn)
-        if entry != want:
+        want, refused = _write_answers(st, v, gfn)
+        if entry & 0xFFFFFFFF != want:
             return f"{where}: gfn {gfn:#x} allows vCPU {v} to write sub-pages {want:#010x}"
+        refusal = entry >> L.WRITE_VIEW_REFUSAL_SHIFT
+        if refusal:
+            problem = _refusal_problem(st, v, gfn, refusal, refused)
+            if problem:
+                return f"{where} (gfn {gfn:#x}) {problem}"
     return ""
 
 

@@ -167,6 +167,30 @@ def test_a_stale_entry_is_refused(checked):
     assert "under an empty ept_cache entry" in check_write_view(vm.state)
 
 
+def test_refused_writes_are_recorded_beside_the_rights(checked):
+    """A write the SPP vector refuses on a 4 KiB leaf with W clear records, in the high half of
+    its page's word, the qualification of its sub-page violation, so that the next refused
+    write to the page is decided by the same load as an allowed one (the property test above
+    holds such replays against the view switched off); a wrong qualification is named."""
+    rng = np.random.default_rng(11)
+    vm = _guarded_vm()
+    result = R.replay(vm, _writes(rng, 4000, 2))
+    assert result.summary["exits"]["spp_violation"] > 200
+    st = vm.state
+    refusals = st.write_view >> np.uint64(L.WRITE_VIEW_REFUSAL_SHIFT)
+    assert np.count_nonzero(refusals) > 100
+    v, slot, i = (int(x) for x in np.argwhere(refusals != 0)[0])
+    q = int(refusals[v, slot, i])
+    # a write (bit 1), the walk's R and X (bits 3 and 5: the leaf has W clear), the GLA bits
+    assert q == (2 | ((B.VMX_EPT_READABLE_MASK | B.VMX_EPT_EXECUTABLE_MASK) << B.EPT_VIOLATION_RWX_SHIFT)
+                 | B.EPT_VIOLATION_GLA_VALID | B.EPT_VIOLATION_GLA_TRANSLATED)
+    assert check_write_view(st) == ""
+    st.write_view[v, slot, i] ^= np.uint64(1 << (L.WRITE_VIEW_REFUSAL_SHIFT + 4))  # the qualification's W bit
+    assert "records refusals" in check_write_view(st)
+    st.write_view[v, slot, i] = np.uint64(int(st.write_view[v, slot, i]) & 0xFFFFFFFF)  # no refusal: still true
+    assert check_write_view(st) == ""
+
+
 def test_write_rights_are_the_map_or_the_whole_page():
     """write_rights, the checker's oracle, on pages whose answer is known: a protected page's
     rights are its map, an unprotected page's all sub-pages, an unmapped page's none."""
@@ -198,8 +222,9 @@ def test_view_is_skipped_when_empty_and_results_are_the_same():
 
 def test_budget_leaves_a_big_vm_without_view():
     assert L.write_view_entries(1, 1 << 10) == 1 << 10
-    assert L.write_view_entries(2, L.WRITE_VIEW_BUDGET // 4096) == L.WRITE_VIEW_BUDGET // 4096
-    assert L.write_view_entries(2, L.WRITE_VIEW_BUDGET // 4096 * 2) == 0
+    most = L.WRITE_VIEW_BUDGET // L.WRITE_VIEW_ROW_BYTES // 2  # two vCPUs' rows
+    assert L.write_view_entries(2, most) == most
+    assert L.write_view_entries(2, most + 1) == 0
     st = L.empty_state(4, [(0, 1 << 27)], 4, np.zeros(L.CF_LEN, np.int64))  # 512 GiB, 4 vCPUs
     assert st.write_view.shape == (4, 0, 512)
 
