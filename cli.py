@@ -1,5 +1,5 @@
 """The sppjit command line (typer): ``sppjit replay``, ``compare``, ``generate``, ``convert``,
-``inspect``, ``report``, ``bench`` and ``sweep``.
+``inspect``, ``report``, ``bench``, ``sweep``, ``fleet`` and ``serve``.
 
 Each command lives in its own module under sppjit/commands/ and is mounted here. Errors are
 mapped to exit codes in ONE place, ``SppjitGroup.main``, which both the ``sppjit`` entry point
@@ -59,6 +59,7 @@ from sppjit.commands import generate as _generate  # noqa: E402
 from sppjit.commands import inspect as _inspect  # noqa: E402
 from sppjit.commands import replay as _replay  # noqa: E402
 from sppjit.commands import report as _report  # noqa: E402
+from sppjit.commands import serve as _serve  # noqa: E402
 from sppjit.commands import sweep as _sweep  # noqa: E402
 from sppjit.errors import ERRNO_NAMES, InputError, SppError, Terminated, VmEntryError  # noqa: E402
 from sppjit.io import signals  # noqa: E402
@@ -273,12 +274,20 @@ app.command("report", no_args_is_help=True, help=_report.HELP,
 app.command("bench", help=_bench.HELP, epilog=_bench.EPILOG)(_bench.bench)
 app.command("sweep", no_args_is_help=True, help=_sweep.HELP, epilog=_sweep.EPILOG)(_sweep.sweep)
 app.command("fleet", no_args_is_help=True, help=_fleet.HELP, epilog=_fleet.EPILOG)(_fleet.fleet)
+app.command("serve", help=_serve.HELP, epilog=_serve.EPILOG)(_serve.serve)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The ``sppjit`` entry point: run the app and exit with its code."""
+    """Run the app and exit with its code (the ``sppjit`` program, once sppjit.launcher has
+    decided that the command runs in this process)."""
     command = typer.main.get_command(app)
     command.main(args=argv, prog_name=PROG, standalone_mode=True)
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run the app on ``argv`` and return its exit code, as ``sppjit ARGV`` would end (a
+    resident server runs its clients' commands with this)."""
+    return typer.main.get_command(app).main(args=list(argv), prog_name=PROG, standalone_mode=False)
 
 
 if __name__ == "__main__":

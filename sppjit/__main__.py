@@ -1,6 +1,6 @@
-"""``python -m sppjit``: the ``sppjit`` command, for an environment without its script."""
+"""``python -m sppjit``: the ``sppjit`` program, for an environment without its script."""
 
-from sppjit.cli import main
+from sppjit.launcher import main
 
 if __name__ == "__main__":
     main()

@@ -50,6 +50,12 @@ def test_end_to_end_on_a_user_trace(user_trace, tmp_path):
     assert set(r["digests"]) == {"trace", "protect"}
     for phase in ("imports", "kernel_cache_load", "read_and_check", "digest", "job"):
         assert r["phases"][phase] > 0
+    # the same command run by a resident server, against its own replay loop
+    sv = r["served"]
+    assert 0 < sv["replay_loop_seconds"] < sv["wall_seconds"]
+    assert sv["wall_over_loop_and_interpreter"] == pytest.approx(
+        sv["wall_seconds"] / (sv["replay_loop_seconds"] + r["interpreter_seconds"]))
+    assert "served by a resident 'sppjit serve'" in result.output
     assert format_end_to_end_file(r).splitlines()[0] in result.output
 
 

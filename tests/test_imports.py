@@ -53,9 +53,11 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> set[
 
 
 def library_files() -> list[Path]:
-    # sppjit/__main__.py is `python -m sppjit`: the command line itself, not the library.
+    # sppjit/__main__.py (`python -m sppjit`) and sppjit/launcher.py (the `sppjit` program's
+    # entry point, kept out of sppjit.commands so that a forwarded command does not import
+    # typer) are the command line itself, not the library.
     files = [p for p in (ROOT / "sppjit").rglob("*.py")
-             if "commands" not in p.parts and p.name != "__main__.py"]
+             if "commands" not in p.parts and p.name not in ("__main__.py", "launcher.py")]
     files += list((ROOT / "kernels").rglob("*.py")) + list((ROOT / "datasets").rglob("*.py"))
     return sorted(files)
 
