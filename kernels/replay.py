@@ -221,11 +221,19 @@ _U_PREFETCH_DISTANCE = np.uint64(PREFETCH_DISTANCE)
 @inline
 def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touched_base, maps):
     """Hint the cache about what a later access to page ``gfn`` will read: its byte of the
-    touched bitmap, its EPT leaf (found through the region cache) and, for a write, its SPP
-    vector (when the region has an SPPT leaf table for that vCPU: only regions with protected
-    pages do) and, with ``maps`` (the page baseline, where a refused write is told from other
-    exits by it: is_write_protect_exit), its stored access map. Leaves out what the caches
-    hold no walk for."""
+    touched bitmap and, for a write in a VM with a write view (and no ``maps``), its word of
+    the view; otherwise its EPT leaf (found through the region cache) and, for a write, its
+    SPP vector (when the region has an SPPT leaf table for that vCPU: only regions with
+    protected pages do) and, with ``maps`` (the page baseline, where a refused write is told
+    from other exits by it: is_write_protect_exit), its stored access map. Leaves out what the
+    caches hold no walk for.
+
+    With the view, only its word: it decides every write to a page written before (allowed
+    or refused, kernels.hardware.view_word), and a page's first write, which needs the leaf
+    and the vector, is rare on any trace that writes a page more than once. Prefetching the
+    leaf and the vector as well cost `guarded` about 10% (three lines a row instead of one,
+    and the SPPT cache read that finds the vector), and every write refused 25%.
+    """
     if maps and write:
         # map_dir and map_nodes are small (a word per GiB, per 2 MiB region); the map blocks,
         # 2 KiB per protected region, are the read that misses.
@@ -243,16 +251,15 @@ def prefetch_leaf(st, tables_base, cache_mask, gfn, v, write, touched_dir, touch
     c = st.ept_cache[slot]
     if (c >> _TAG_SHIFT) != cache_tag(region):
         return
+    if write and not maps and st.write_view.shape[1] != 0:
+        prefetch(np.uint64(st.write_view.ctypes.data)
+                 + ((np.uint64(v) * np.uint64(st.write_view.shape[1]) + slot) * np.uint64(512)
+                    + (gfn & _U_511)) * np.uint64(8))
+        return
     index = region & _U_511 if (c & 8) != 0 else gfn & _U_511
     t = (np.uint64(c) >> np.uint64(4)) & _U_TABLE_INDEX
     prefetch(tables_base + (t * np.uint64(512) + index) * np.uint64(8))
     if write:
-        if not maps and st.write_view.shape[1] != 0:
-            # The write view's entry, which decides the write when the page has been written
-            # before, allowed or refused (kernels.hardware.view_word).
-            prefetch(np.uint64(st.write_view.ctypes.data)
-                     + ((np.uint64(v) * np.uint64(st.write_view.shape[1]) + slot) * np.uint64(512)
-                        + (gfn & _U_511)) * np.uint64(8))
         s = st.sppt_cache[v, slot]
         if (s >> _TAG_SHIFT) == cache_tag(region):
             prefetch(tables_base + ((np.uint64(s) & _U_PAYLOAD) * np.uint64(512) + (gfn & _U_511)) * np.uint64(8))
