@@ -377,6 +377,9 @@ def run_end_to_end(
                         "peak_rss_bytes": rss,
                     }
                 )
+        # The target's measure on the Arrow trace: `sppjit replay --summary`, started cold
+        # and served by a resident process, against the replay loop plus the interpreter.
+        result["summary_only"] = run_end_to_end_file(paths["arrow"], repeat=repeat, workdir=d)
     return result
 
 
@@ -599,6 +602,8 @@ def format_end_to_end(result: dict) -> str:
             f"{r['format']:<8} {r['outputs']:<22} {r['wall_seconds']:>8.2f} {r['rows_per_second'] / 1e6:>12.1f} M "
             f"{r['replay_rows_per_second'] / 1e6:>14.1f} M {r['peak_rss_bytes'] / 2**20:>8.0f} MiB"
         )
+    if "summary_only" in result:
+        rows.append(format_end_to_end_file(result["summary_only"]))
     return "\n".join(rows)
 
 

@@ -50,7 +50,11 @@ def test_end_to_end_bench_small(tmp_path):
         ("arrow", "summary+exits"), ("arrow", "summary+exits+results"),
         ("parquet", "summary+exits"), ("parquet", "summary+exits+results")]
     assert all(r["peak_rss_bytes"] > 0 and r["rows_per_second"] > 0 for r in result["runs"])
-    assert "end to end" in format_end_to_end(result)
+    # the target's measure on the generated Arrow trace, cold and served
+    target = result["summary_only"]
+    assert target["rows"] == 20_000 and target["served"]["replay_loop_seconds"] > 0
+    text = format_end_to_end(result)
+    assert "end to end" in text and "served by a resident 'sppjit serve'" in text
     assert list(tmp_path.iterdir()) == []  # the temporary traces are gone
 
 

@@ -56,7 +56,7 @@ def bench(
         help="Instead: generate a trace (--accesses, default 100M, first --scenario, default "
              f"{BENCH_END_TO_END_SCENARIO}) as uncompressed Parquet and Arrow IPC in a "
              "temporary directory and replay it through the command line, reporting rows/s "
-             "and peak RSS.")] = False,
+             "and peak RSS; then, on the Arrow trace, what --trace reports.")] = False,
     workdir: Annotated[str | None, typer.Option(
         "--workdir", metavar="DIR", help="Where --end-to-end writes its traces (needs ~50 bytes "
              "per row).")] = None,
@@ -64,7 +64,8 @@ def bench(
         "--trace", metavar="FILE",
         help="With --end-to-end: time 'sppjit replay FILE --summary' on this trace instead of "
              "a generated one (VM defaults), against its replay loop plus the interpreter's "
-             "start-up, and show where the wall clock goes.")] = None,
+             "start-up, started cold and served by a resident 'sppjit serve', and show where "
+             "the wall clock goes.")] = None,
     protect: Annotated[str | None, typer.Option(
         "--protect", metavar="FILE", help="With --end-to-end --trace: the protection to "
              "replay it with.")] = None,
