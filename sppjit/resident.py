@@ -45,6 +45,7 @@ REFUSED = b"r"
 _HEADER = struct.Struct(">cI")
 _MAX_REQUEST = 1 << 24  # a command line, its directory and settings: far below this
 _BACKLOG = 64  # clients waiting while a command runs
+REQUEST_TIMEOUT = 10.0  # seconds a client has to send its request once connected
 # The client's settings a command reads: SPPJIT_DEBUG and the like, and the width a table or
 # a help text is laid out for.
 _FORWARDED_ENV = ("COLUMNS", "NO_COLOR")
@@ -265,10 +266,13 @@ def _refuse(conn: socket.socket, reason: str) -> None:
 
 def _serve_one(conn: socket.socket, run: Callable[[list[str]], int], version: str) -> tuple[bool, int | None]:
     """One connection: (whether the server should stop, the command's exit code or None)."""
+    # A client that connects and sends nothing must not hold up the ones waiting behind it.
+    conn.settimeout(REQUEST_TIMEOUT)
     try:
         frame = _recv(conn, limit=_MAX_REQUEST)
-    except OSError:
+    except OSError:  # socket.timeout included
         return False, None
+    conn.settimeout(None)
     if frame is None or frame[0] != REQUEST:
         return False, None
     try:

@@ -188,6 +188,18 @@ def test_a_malformed_request_is_refused_and_serving_goes_on(server):
     assert _forward(server.path, ["--version"])[0] == 0
 
 
+def test_a_silent_client_does_not_hold_up_the_others(server, monkeypatch):
+    """A connection that never sends its request is dropped after REQUEST_TIMEOUT; the next
+    client is served. (The timeout is made short here; nothing waits on a clock but the
+    server's own socket timeout.)"""
+    monkeypatch.setattr(resident, "REQUEST_TIMEOUT", 0.2)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(server.path)
+        code, out, _ = _forward(server.path, ["--version"])
+        assert (code, out) == (0, f"sppjit {__version__}\n")
+        assert silent.recv(1) == b""  # the server closed the silent one without an answer
+
+
 def test_a_client_gone_mid_command_leaves_the_server_serving(server, tmp_path):
     """A client that closes its connection at once: its command still runs to its end (its
     output goes nowhere), and the next client is served."""
