@@ -297,11 +297,14 @@ def _serve_one(conn: socket.socket, run: Callable[[list[str]], int], version: st
     if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv) and isinstance(cwd, str)):
         _refuse(conn, "the request has no command line or directory")
         return False, None
-    if not os.path.isdir(cwd):
+    if not (os.path.isdir(cwd) and os.access(cwd, os.X_OK)):
         _refuse(conn, f"the client's directory {cwd} is not one the server can enter")
         return False, None
     with _as_client(conn, request):
-        code = run(argv)
+        try:
+            code = run(argv)
+        except SystemExit as exc:  # a command that exits on its own: its code, as the program's
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     with contextlib.suppress(OSError):
         _send(conn, EXIT, json.dumps({"code": code}).encode())
     return False, code

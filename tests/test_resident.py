@@ -153,6 +153,27 @@ def test_the_clients_settings_apply_and_the_servers_come_back(server, tmp_path, 
     assert dict(os.environ) == before
 
 
+def test_a_command_that_exits_on_its_own_gives_its_code():
+    d = _short_dir()
+    path = os.path.join(d, "s.sock")
+    ready = threading.Event()
+
+    def run(argv):
+        sys.exit(int(argv[0]))
+
+    t = threading.Thread(target=resident.serve, args=(path, run, __version__), kwargs={"ready": ready.set},
+                         daemon=True)
+    t.start()
+    assert ready.wait(timeout=60)
+    try:
+        assert _forward(path, ["7"])[0] == 7
+        assert _forward(path, ["0"])[0] == 0  # and the server is still there
+    finally:
+        resident.stop(path)
+        t.join(timeout=60)
+        shutil.rmtree(d)
+
+
 def test_no_server_or_another_version_runs_the_command_here(tmp_path):
     d = _short_dir()
     try:
