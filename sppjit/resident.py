@@ -131,6 +131,8 @@ def forward(path: str, argv: Sequence[str], version: str, *, stdout=None, stderr
     command's exit code, or None when no server ran it (none answers at ``path``, or it is an
     other version of sppjit): the caller then runs the command itself, having been told why
     on ``stderr``."""
+    if (stdout is None and sys.stdout is None) or (stderr is None and sys.stderr is None):
+        return None  # started with a standard stream closed: the command itself says so
     out = stdout if stdout is not None else sys.stdout.buffer
     err = stderr if stderr is not None else sys.stderr.buffer
 
@@ -138,7 +140,12 @@ def forward(path: str, argv: Sequence[str], version: str, *, stdout=None, stderr
         err.write(f"sppjit: note: {text}; running the command in this process\n".encode())
         err.flush()
 
-    request = {"protocol": PROTOCOL, "version": version, "argv": list(argv), "cwd": os.getcwd(),
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:  # the working directory was removed: the server could not enter it
+        note(f"the working directory is gone ({exc.strerror or exc})")
+        return None
+    request = {"protocol": PROTOCOL, "version": version, "argv": list(argv), "cwd": cwd,
                "env": _client_env()}
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

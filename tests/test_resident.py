@@ -193,6 +193,28 @@ def test_no_server_or_another_version_runs_the_command_here(tmp_path):
         other.close()
 
 
+def test_what_the_client_cannot_send_runs_here(server, tmp_path, monkeypatch):
+    """A working directory that was removed, or a standard stream that is closed: the
+    command runs in the client's process, which says what is wrong, in the usual way."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    code, out, err = _forward(server.path, ["--version"])
+    assert code is None and out == "" and "the working directory is gone" in err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdout", None)
+    assert resident.forward(server.path, ["--version"], __version__) is None
+    assert server.codes == []
+
+
+def test_an_argument_that_is_not_utf8_is_the_commands_error(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = os.fsdecode(b"t\xff.parquet")  # a file name in another encoding (a lone surrogate)
+    code, out, err = _forward(server.path, ["replay", bad])
+    assert code == 2 and out == "" and err.startswith("sppjit: error: argument is not valid UTF-8")
+
+
 def test_a_malformed_request_is_refused_and_serving_goes_on(server):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(server.path)
