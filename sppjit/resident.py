@@ -160,6 +160,7 @@ def forward(path: str, argv: Sequence[str], version: str, *, stdout=None, stderr
             note(f"no sppjit server answers at {path} ({exc.strerror or exc})")
             return None
         started = False
+        out_closed = False
         while True:
             try:
                 frame = _recv(sock)
@@ -179,10 +180,33 @@ def forward(path: str, argv: Sequence[str], version: str, *, stdout=None, stderr
                 return None
             started = True
             if channel == EXIT:
-                return int(json.loads(payload)["code"])
+                code = int(json.loads(payload)["code"])
+                if out_closed:  # as the program itself ends when its standard output is closed
+                    err.write(b"sppjit: error: standard output was closed (broken pipe)\n")
+                    err.flush()
+                    return code or 1
+                return code
+            if channel == STDOUT and out_closed:
+                continue
             stream = out if channel == STDOUT else err
-            stream.write(payload)
-            stream.flush()
+            try:
+                stream.write(payload)
+                stream.flush()
+            except BrokenPipeError:
+                if channel != STDOUT:
+                    raise
+                out_closed = True  # the rest of the output goes nowhere; the command runs on
+                if stdout is None:
+                    _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Standard output was closed under us: send what is still buffered nowhere, so that
+    Python's last flush at exit does not print a second message."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
 
 
 def stop(path: str) -> bool:

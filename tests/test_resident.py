@@ -208,6 +208,26 @@ def test_what_the_client_cannot_send_runs_here(server, tmp_path, monkeypatch):
     assert server.codes == []
 
 
+class _ClosedPipe(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, data):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_standard_output_ends_the_client_as_the_program_ends(server, tmp_path):
+    """`sppjit ... | head`: the client drops the rest of the output, says so in one line and
+    exits 1, as the program does in place; the command ran to its end on the server."""
+    err = io.BytesIO()
+    out = tmp_path / "t.parquet"
+    code = resident.forward(server.path, ["generate", "hotset", "--accesses", "100", "--out", str(out)],
+                            __version__, stdout=_ClosedPipe(), stderr=err)
+    assert code == 1
+    assert err.getvalue().decode().splitlines() == ["sppjit: error: standard output was closed (broken pipe)"]
+    assert server.codes == [0] and pq.read_table(out).num_rows == 100
+
+
 def test_an_argument_that_is_not_utf8_is_the_commands_error(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = os.fsdecode(b"t\xff.parquet")  # a file name in another encoding (a lone surrogate)
