@@ -63,6 +63,7 @@ from sppjit.commands import serve as _serve  # noqa: E402
 from sppjit.commands import sweep as _sweep  # noqa: E402
 from sppjit.errors import ERRNO_NAMES, InputError, SppError, Terminated, VmEntryError  # noqa: E402
 from sppjit.io import signals  # noqa: E402
+from sppjit.io.closed import stdout_to_devnull  # noqa: E402
 
 PROG = "sppjit"
 EXIT_OK = 0
@@ -111,17 +112,6 @@ def _not_utf8(args: Sequence[str]) -> str | None:
         except UnicodeEncodeError:
             return os.fsencode(arg).decode("utf-8", errors="backslashreplace")
     return None
-
-
-def _stdout_gone() -> None:
-    """Standard output was closed under us: send what is still buffered nowhere, so that
-    Python's last flush at exit does not print a second message."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-    except OSError:
-        pass
 
 
 def _usage_message(exc: Any) -> str:
@@ -204,7 +194,7 @@ class SppjitGroup(TyperGroup):
         except Terminated as exc:
             return _interrupted(exc.signum)
         except (BrokenPipeError, _StdoutClosed):
-            _stdout_gone()
+            stdout_to_devnull()
             _fail("error", "standard output was closed (broken pipe)")
             return EXIT_INTERNAL
         except OSError as exc:

@@ -33,6 +33,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
+from sppjit.io.closed import stdout_to_devnull
+
 PROTOCOL = 1
 ENV_SERVER = "SPPJIT_SERVER"
 
@@ -197,16 +199,7 @@ def forward(path: str, argv: Sequence[str], version: str, *, stdout=None, stderr
                     raise
                 out_closed = True  # the rest of the output goes nowhere; the command runs on
                 if stdout is None:
-                    _stdout_to_devnull()
-
-
-def _stdout_to_devnull() -> None:
-    """Standard output was closed under us: send what is still buffered nowhere, so that
-    Python's last flush at exit does not print a second message."""
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
+                    stdout_to_devnull()
 
 
 def stop(path: str) -> bool:

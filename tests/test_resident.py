@@ -346,3 +346,12 @@ def test_sppjit_serve_and_a_client_as_processes(tmp_path):
             server.kill()
             server.wait()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_client_side_imports_nothing_heavy():
+    """What a forwarded command loads before it sends itself: the standard library and sppjit's
+    light modules, none of numba, numpy, pyarrow or typer (the second a command saves)."""
+    probe = ("import sys, sppjit.launcher, sppjit.resident; "
+             "print(' '.join(m for m in ('numba', 'numpy', 'pyarrow', 'typer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
