@@ -63,7 +63,7 @@ from sppjit.commands import serve as _serve  # noqa: E402
 from sppjit.commands import sweep as _sweep  # noqa: E402
 from sppjit.errors import ERRNO_NAMES, InputError, SppError, Terminated, VmEntryError  # noqa: E402
 from sppjit.io import signals  # noqa: E402
-from sppjit.io.closed import stdout_to_devnull  # noqa: E402
+from sppjit.io.closed import STDOUT_CLOSED, stdout_to_devnull  # noqa: E402
 
 PROG = "sppjit"
 EXIT_OK = 0
@@ -195,7 +195,7 @@ class SppjitGroup(TyperGroup):
             return _interrupted(exc.signum)
         except (BrokenPipeError, _StdoutClosed):
             stdout_to_devnull()
-            _fail("error", "standard output was closed (broken pipe)")
+            _fail("error", STDOUT_CLOSED)
             return EXIT_INTERNAL
         except OSError as exc:
             # The environment, not sppjit: a full disk, a permission denied on write, ...

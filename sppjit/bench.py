@@ -474,11 +474,13 @@ def _run_served(args: list[str], socket_path: str) -> float:
     import subprocess
     import sys
 
-    env = {**os.environ, "SPPJIT_SERVER": socket_path}
+    from . import resident
+
+    env = {**os.environ, resident.ENV_SERVER: socket_path}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "sppjit", *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    if proc.returncode != 0 or "running the command in this process" in proc.stderr:
+    if proc.returncode != 0 or resident.RUNNING_HERE in proc.stderr:
         raise RuntimeError(f"the served sppjit {' '.join(args)} failed: {proc.stderr.strip()[-400:]}")
     return wall
 

@@ -11,6 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sppjit.resident import ENV_SERVER, forward
+
 # Commands that stay here: the server itself, and any command line that reads standard input
 # ('-' as a file), which the server does not have.
 _LOCAL_COMMANDS = ("serve",)
@@ -25,10 +27,9 @@ def forwardable(argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    server = os.environ.get("SPPJIT_SERVER")
+    server = os.environ.get(ENV_SERVER)
     if server and forwardable(args):
         from sppjit import __version__
-        from sppjit.resident import forward
 
         code = forward(server, args, __version__)
         if code is not None:

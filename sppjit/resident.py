@@ -33,7 +33,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
-from sppjit.io.closed import stdout_to_devnull
+from sppjit.io.closed import STDOUT_CLOSED, stdout_to_devnull
 
 PROTOCOL = 1
 ENV_SERVER = "SPPJIT_SERVER"
@@ -51,6 +51,8 @@ REQUEST_TIMEOUT = 10.0  # seconds a client has to send its request once connecte
 # The client's settings a command reads: SPPJIT_DEBUG and the like, and the width a table or
 # a help text is laid out for.
 _FORWARDED_ENV = ("COLUMNS", "NO_COLOR")
+# What the client's note ends with when it runs the command itself.
+RUNNING_HERE = "running the command in this process"
 
 
 class ServerError(OSError):
@@ -118,9 +120,18 @@ def _text_stream(sock: socket.socket, channel: bytes) -> io.TextIOWrapper:
 
 
 # ----------------------------------------------------------------------------- the client
+def _setting(key: str) -> bool:
+    """Whether an environment variable is one of sppjit's settings (SPPJIT_*, but the server's
+    address, which is the client's business)."""
+    return key.startswith("SPPJIT_") and key != ENV_SERVER
+
+
+def _forwarded(key: str) -> bool:
+    return _setting(key) or key in _FORWARDED_ENV
+
+
 def _client_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith("SPPJIT_") and k != ENV_SERVER}
-    env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
+    env = {k: v for k, v in os.environ.items() if _forwarded(k)}
     if "COLUMNS" not in env:
         with contextlib.suppress(OSError, ValueError):
             env["COLUMNS"] = str(os.get_terminal_size(sys.stdout.fileno()).columns)
@@ -139,7 +150,7 @@ def forward(path: str, argv: Sequence[str], version: str, *, stdout=None, stderr
     err = stderr if stderr is not None else sys.stderr.buffer
 
     def note(text: str) -> None:
-        err.write(f"sppjit: note: {text}; running the command in this process\n".encode())
+        err.write(f"sppjit: note: {text}; {RUNNING_HERE}\n".encode())
         err.flush()
 
     try:
@@ -184,7 +195,7 @@ def forward(path: str, argv: Sequence[str], version: str, *, stdout=None, stderr
             if channel == EXIT:
                 code = int(json.loads(payload)["code"])
                 if out_closed:  # as the program itself ends when its standard output is closed
-                    err.write(b"sppjit: error: standard output was closed (broken pipe)\n")
+                    err.write(f"sppjit: error: {STDOUT_CLOSED}\n".encode())
                     err.flush()
                     return code or 1
                 return code
@@ -262,13 +273,13 @@ def _as_client(conn: socket.socket, request: dict) -> Iterator[None]:
     standard output and error going back to it. Everything restored after."""
     saved_cwd, saved_env = os.getcwd(), dict(os.environ)
     env = {k: v for k, v in request.get("env", {}).items()
-           if isinstance(k, str) and isinstance(v, str) and (k.startswith("SPPJIT_") or k in _FORWARDED_ENV)}
+           if isinstance(k, str) and isinstance(v, str) and _forwarded(k)}
     saved_streams = sys.stdout, sys.stderr
     out, err = _text_stream(conn, STDOUT), _text_stream(conn, STDERR)
     try:
         os.chdir(request["cwd"])
         for k in list(os.environ):
-            if k.startswith("SPPJIT_") and k != ENV_SERVER:
+            if _setting(k):
                 del os.environ[k]
         os.environ.update(env)
         sys.stdout, sys.stderr = out, err

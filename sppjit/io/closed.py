@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 
+# The one line a run prints then (after "sppjit: error: "), exit code 1.
+STDOUT_CLOSED = "standard output was closed (broken pipe)"
+
 
 def stdout_to_devnull() -> None:
     """Send what is still buffered for standard output nowhere, so that Python's last flush
