@@ -5,11 +5,38 @@ saved with numpy, shipped to a worker, and handed to any kernel. Sizes that grow
 pool) are replaced by the control plane between kernel calls; kernels never reallocate.
 """
 
+import mmap
 from collections import namedtuple
 
 import numpy as np
 
 from sppjit.bits import FULL_SPP_ACCESS
+
+# Arrays of at least this many bytes that must start zero, and may be mostly never touched (the
+# table pool, the region caches, the write view), come from lazy_zeros.
+LAZY_ZEROS_MIN_BYTES = 1 << 20
+_HUGE_PAGE_MIN_BYTES = 4 << 20  # numpy's own threshold for asking for transparent huge pages
+
+
+def lazy_zeros(shape, dtype) -> np.ndarray:
+    """np.zeros whose pages the system maps on first touch, always.
+
+    np.zeros is lazy only when the allocator takes fresh memory from the system: when it
+    recycles memory a Python object freed (a second VM in the same process, a sweep's next
+    configuration, a worker's next job), calloc writes zeros over all of it, and each page it
+    had handed back faults in again (on the development VM, 10-25 us a page: a 256 MiB pool
+    reserved for a large guest would cost a second). A private anonymous mapping is zero and
+    unmapped until touched, whatever came before; it is unmapped when the array goes."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < LAZY_ZEROS_MIN_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
+        return np.zeros(shape, dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # -1: anonymous; private: a fork copies it
+    if nbytes >= _HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)  # as numpy asks for its own large arrays
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
 
 # Indices into State.scal (int64): the scalar part of the state.
 SC_NTABLES = 0  # table-pool entries in use
@@ -54,7 +81,7 @@ REQ_ENTRY_CHECK = 2  # the VMCS was written from outside: re-run the VM-entry ch
 # number of entries; region r lives in entry r & (entries - 1), tagged with r + 1:
 # entry = (r + 1) << CACHE_TAG_SHIFT | payload. 0 (CACHE_INVALID) means "walk the tables", and
 # so does a tag that is not the region asked for. Empty is 0 so that a VM's caches come from
-# np.zeros, whose pages the system maps on first touch: creating a 1 TiB, 8-vCPU VM costs no
+# lazy_zeros, whose pages the system maps on first touch: creating a 1 TiB, 8-vCPU VM costs no
 # 18 MB fill. See kernels/replay.py.
 CACHE_INVALID = 0
 CACHE_TAG_SHIFT = 36  # payloads (a pool index << 4 | flags) stay below 2**36
@@ -134,8 +161,8 @@ def write_view_entries(vcpus: int, entries: int) -> int:
 
 
 def empty_write_view(vcpus: int, entries: int) -> np.ndarray:
-    # np.zeros: the system maps its pages on first touch, so a view no write reaches costs nothing.
-    return np.zeros((int(vcpus), write_view_entries(vcpus, entries), 512), dtype=np.uint64)
+    # Its pages are mapped on first touch (lazy_zeros): a view no write reaches costs nothing.
+    return lazy_zeros((int(vcpus), write_view_entries(vcpus, entries), 512), np.uint64)
 
 
 def map_dir_len(memslots) -> int:
@@ -154,9 +181,9 @@ def empty_state(vcpus: int, memslots, table_capacity: int, cfg: np.ndarray, map_
     scal[SC_NVCPUS] = vcpus
     scal[SC_SHARED_SPPT_ROOT] = -1
     return State(
-        tables=np.zeros((table_capacity, 512), dtype=np.uint64),
-        table_kind=np.zeros(table_capacity, dtype=np.uint8),
-        table_level=np.zeros(table_capacity, dtype=np.uint8),
+        tables=lazy_zeros((table_capacity, 512), np.uint64),
+        table_kind=lazy_zeros(table_capacity, np.uint8),
+        table_level=lazy_zeros(table_capacity, np.uint8),
         scal=scal,
         cfg=cfg,
         vmcs=np.zeros((vcpus, VMCS_NFIELDS), dtype=np.uint64),
@@ -167,8 +194,8 @@ def empty_state(vcpus: int, memslots, table_capacity: int, cfg: np.ndarray, map_
         map_dir=np.full(map_dir_len(memslots), MAP_NONE, dtype=np.int64),
         map_nodes=np.full((map_capacity, 512), MAP_NONE, dtype=np.int64),
         map_blocks=np.full((map_capacity, 512), FULL_SPP_ACCESS, dtype=np.uint32),
-        ept_cache=np.zeros(entries, dtype=np.int64),  # CACHE_INVALID
-        sppt_cache=np.zeros((vcpus, entries), dtype=np.int64),
+        ept_cache=lazy_zeros(entries, np.int64),  # CACHE_INVALID
+        sppt_cache=lazy_zeros((vcpus, entries), np.int64),
         write_view=empty_write_view(vcpus, entries),
     )
 
@@ -208,11 +235,14 @@ CT_LEN = 17
 ExitLog = namedtuple("ExitLog", ["row", "vcpu", "gpa", "reason", "qual", "kind", "user", "insn_len", "n"])
 
 
-def empty_exit_log(capacity: int, make=np.zeros) -> ExitLog:
-    """An exit log with room for ``capacity`` rows, its columns made by ``make(n, dtype)``:
-    np.zeros maps their pages only as rows are written (a log with room to spare costs
-    nothing); np.empty, for a log that will be filled whole (zeroing memory the allocator
-    recycles would cost a pass over it)."""
+def empty_exit_log(capacity: int, make=np.empty) -> ExitLog:
+    """An exit log with room for ``capacity`` rows, its columns made by ``make(n, dtype)``.
+
+    np.empty by default: only rows below ``n`` are ever read, and np.zeros is not free. The
+    allocator recycles freed memory, and zeroing that means writing every page of the log,
+    faulting each back in when it had been handed back to the system (on the development
+    VM, a shard's 32 MiB log took 0.1-0.2 s that way in one run in three). Memory np.empty
+    takes is mapped only as rows are written, whichever way the allocator found it."""
     return ExitLog(
         row=make(capacity, dtype=np.int64),
         vcpu=make(capacity, dtype=np.uint16),

@@ -113,7 +113,7 @@ class TouchedPages:
 
         self.shift, self.block = TOUCHED_SHIFT, TOUCHED_BLOCK_WORDS
         self.dir = np.full(-(-int(top) >> TOUCHED_SHIFT), -1, dtype=np.int64)
-        self.words = np.zeros(max(1, min(capacity, self.dir.shape[0])) * self.block, dtype=np.uint64)
+        self.words = L.lazy_zeros(max(1, min(capacity, self.dir.shape[0])) * self.block, np.uint64)
         self.n = np.zeros(1, dtype=np.int64)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,7 +124,7 @@ class TouchedPages:
         used = int(self.n[0]) * self.block
         if self.words.shape[0] - used >= extra * self.block:
             return
-        words = np.zeros(max(2 * self.words.shape[0], used + extra * self.block), dtype=np.uint64)
+        words = L.lazy_zeros(max(2 * self.words.shape[0], used + extra * self.block), np.uint64)
         words[:used] = self.words[:used]
         self.words = words
 
@@ -368,7 +368,9 @@ class Replay:
         if keep:
             return np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint16)  # all filled
         if self._scratch is None or self._scratch[0].shape[0] < n:
-            self._scratch = (np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.zeros(n, np.uint16))
+            # np.empty: every row is written before it is read (the kernels preset theirs), and
+            # zeroing recycled memory would cost a pass over it (kernels.layout.empty_exit_log).
+            self._scratch = (np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint16))
         return tuple(a[:n] for a in self._scratch)
 
     def _apply_due_ops(self, row: int) -> None:

@@ -62,7 +62,7 @@ SAMPLE_ROWS = 1 << 13  # rows sampled to place the shard boundaries
 RESERVE = 2  # a stalled shard's next chunk, times this, is how much the pool grows between rounds
 HEADROOM = 8  # room made in the pool for each shard's chunks, in accesses' worth (table_margin)
 GUESS_TABLES = True  # a shard's first chunk of a piece fits the sampled regions that lack tables
-# The rows of a shard's exit log (40 bytes each, mapped only as they are written): a segment's
+# The rows of a shard's exit log (32 bytes each, mapped only as they are written): a segment's
 # exits are merged from the shard's own buffer, and only a segment with more (exits on every
 # row of a batch larger than a Mi rows) hands some aside on the way.
 LOG_ROWS_LIMIT = 1 << 20
@@ -889,7 +889,7 @@ class ShardRunner:
             if s not in self._scratch:
                 from .replay import TouchedPages
 
-                # np.zeros: only the rows a segment writes are ever mapped (~40 bytes a row)
+                # Only the rows a segment writes are ever mapped (32 bytes a row: empty_exit_log)
                 self._scratch[s] = (TouchedPages(top), L.empty_exit_log(max(LOG_ROWS_LIMIT, rep._log.row.shape[0])))
             sh = _Shard(s, lay.rows[a:a + m], cols, tuple(r[a:a + m] for r in lay.results), *self._scratch[s],
                         keep_log, vm.vcpus)
@@ -1141,7 +1141,7 @@ class ShardRunner:
             lo = np.array(log_at, dtype=np.int64).reshape(len(src), parts + 1)
             counts = (lo[:, 1:] - lo[:, :-1]).sum(axis=0)
             offset = np.concatenate([[0], np.cumsum(counts)])
-            log = L.empty_exit_log(int(offset[-1]), make=np.empty)
+            log = L.empty_exit_log(int(offset[-1]))
 
         def part(t):
             if res is not None:

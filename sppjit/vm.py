@@ -43,7 +43,7 @@ from .kernels import mmu as K
 DEFAULT_TABLE_CAPACITY = 1024
 # The pool starts with room for the EPT tables that map every memslot at 4 KiB (one level-1
 # table per 2 MiB, plus the levels above), so a guest touching all its memory never waits for
-# the pool to be copied. np.zeros only reserves the memory: pages count once a table is used.
+# the pool to be copied. L.lazy_zeros only reserves the memory: pages count once a table is used.
 MAX_INITIAL_TABLES = 1 << 16  # 256 MiB reserved at most
 
 
@@ -414,11 +414,11 @@ class VM:
             new_cap = max(2 * cap, used + extra)
             if new_cap > L.MAX_TABLES:
                 raise MemoryError(f"the table pool would exceed {L.MAX_TABLES} tables")
-            tables = np.zeros((new_cap, B.PT_ENTRIES), dtype=np.uint64)
+            tables = L.lazy_zeros((new_cap, B.PT_ENTRIES), np.uint64)
             tables[:used] = st.tables[:used]
-            kind = np.zeros(new_cap, dtype=np.uint8)
+            kind = L.lazy_zeros(new_cap, np.uint8)
             kind[:used] = st.table_kind[:used]
-            level = np.zeros(new_cap, dtype=np.uint8)
+            level = L.lazy_zeros(new_cap, np.uint8)
             level[:used] = st.table_level[:used]
             self._state = st._replace(tables=tables, table_kind=kind, table_level=level)  # same caches
 
