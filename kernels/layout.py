@@ -235,22 +235,22 @@ CT_LEN = 17
 ExitLog = namedtuple("ExitLog", ["row", "vcpu", "gpa", "reason", "qual", "kind", "user", "insn_len", "n"])
 
 
-def empty_exit_log(capacity: int, make=np.empty) -> ExitLog:
-    """An exit log with room for ``capacity`` rows, its columns made by ``make(n, dtype)``.
+def empty_exit_log(capacity: int) -> ExitLog:
+    """An exit log with room for ``capacity`` rows.
 
-    np.empty by default: only rows below ``n`` are ever read, and np.zeros is not free. The
-    allocator recycles freed memory, and zeroing that means writing every page of the log,
-    faulting each back in when it had been handed back to the system (on the development
-    VM, a shard's 32 MiB log took 0.1-0.2 s that way in one run in three). Memory np.empty
-    takes is mapped only as rows are written, whichever way the allocator found it."""
+    np.empty: only rows below ``n`` are ever read, and np.zeros is not free. Where the
+    allocator recycles freed memory, zeroing means writing every page of the log, faulting
+    each back in when it had been handed back to the system (on the development VM, a shard's
+    32 MiB log took 0.1-0.2 s that way in one run in three). np.empty writes nothing: a log
+    costs the rows written into it."""
     return ExitLog(
-        row=make(capacity, dtype=np.int64),
-        vcpu=make(capacity, dtype=np.uint16),
-        gpa=make(capacity, dtype=np.uint64),
-        reason=make(capacity, dtype=np.uint16),
-        qual=make(capacity, dtype=np.uint64),
-        kind=make(capacity, dtype=np.uint8),
-        user=make(capacity, dtype=np.uint16),
-        insn_len=make(capacity, dtype=np.uint8),
+        row=np.empty(capacity, dtype=np.int64),
+        vcpu=np.empty(capacity, dtype=np.uint16),
+        gpa=np.empty(capacity, dtype=np.uint64),
+        reason=np.empty(capacity, dtype=np.uint16),
+        qual=np.empty(capacity, dtype=np.uint64),
+        kind=np.empty(capacity, dtype=np.uint8),
+        user=np.empty(capacity, dtype=np.uint16),
+        insn_len=np.empty(capacity, dtype=np.uint8),
         n=np.zeros(1, dtype=np.int64),
     )
